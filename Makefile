@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates the venv.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test clean
+
+venv: $(STAMP)
+
+# pip, not uv: pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dpfl simulate --out runs/default
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

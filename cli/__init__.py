@@ -1,0 +1,1 @@
+"""The ``dpfl`` command line."""

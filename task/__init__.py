@@ -1,0 +1,1 @@
+"""The learning task: models, data sets, partitions and checkpoints."""

@@ -1,0 +1,90 @@
+"""Model checkpoints that carry their own architecture description.
+
+A checkpoint is one ``torch.save`` file holding the model name and constructor
+arguments, the data set it was trained for, the weights, and, for a compressed
+model, the description of the layers compression replaced. Anything that reads a
+model (``dpfl compress``, ``dpfl deploy``) rebuilds it from that alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpfl.errors import UsageError
+from dpfl.task.models import build_model
+
+CHECKPOINT_FORMAT = "dpfl-checkpoint-v1"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything ``build_model`` needs to rebuild a model."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    width: int
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, self.num_classes, self.in_channels, self.image_size, self.width)
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    dataset: str
+    state_dict: dict[str, torch.Tensor]
+    # Layer replacements made by dpfl.compression (empty for an uncompressed model).
+    compression: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> nn.Module:
+        model = self.spec.build()
+        if self.compression:
+            from dpfl.compression.surgery import restore_structure
+
+            restore_structure(model, self.compression)
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": asdict(checkpoint.spec),
+        "dataset": checkpoint.dataset,
+        "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
+        "compression": checkpoint.compression,
+        "extra": checkpoint.extra,
+    }
+    # Write then rename, so an interrupted save never leaves a half-written file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"checkpoint {str(path)!r} is not a dpfl checkpoint ({err.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {str(path)!r} is not a dpfl checkpoint ({CHECKPOINT_FORMAT})")
+    return Checkpoint(
+        spec=ModelSpec(**payload["model"]),
+        dataset=payload["dataset"],
+        state_dict=payload["state_dict"],
+        compression=payload.get("compression") or {},
+        extra=payload.get("extra") or {},
+    )

@@ -1,0 +1,141 @@
+"""Data sets by name.
+
+``digits`` (scikit-learn's bundled 8x8 handwritten digits) needs no download and is
+the default. The torchvision data sets are read from ``data_dir`` (and downloaded
+there when ``download`` is set, for users who are online); ``imagefolder`` reads a
+user's own images from ``data_dir/train`` and ``data_dir/test``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from dpfl.errors import UsageError
+
+# Held-out share of the digits data and the seed of that split: fixed, so that every
+# run (and every node of a deployment) evaluates on the same test set.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+# (torchvision class name, channels, classes, native size, mean, std)
+TORCHVISION_DATASETS = {
+    "cifar10": ("CIFAR10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ("MNIST", 1, 10, 28, (0.1307,), (0.3081,)),
+    "fashion-mnist": ("FashionMNIST", 1, 10, 28, (0.2860,), (0.3530,)),
+}
+DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "imagefolder")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A train/test pair with what a model needs to know about its inputs."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def load_dataset(
+    name: str, data_dir: str | None = None, image_size: int = 0, download: bool = False
+) -> TaskData:
+    """Load a data set by name; ``image_size`` 0 keeps the native size."""
+    if image_size < 0:
+        raise UsageError(f"image size must be >= 0 (0 = native), got {image_size}")
+    if name == "digits":
+        return _load_digits(image_size)
+    if name in TORCHVISION_DATASETS:
+        return _load_torchvision(name, _existing_dir(data_dir, name, create=download), image_size, download)
+    if name == "imagefolder":
+        return _load_imagefolder(_existing_dir(data_dir, name, create=False), image_size)
+    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def _existing_dir(data_dir: str | None, name: str, create: bool) -> Path:
+    if not data_dir:
+        raise UsageError(f"dataset {name!r} needs --data-dir (the folder that holds it)")
+    path = Path(data_dir).expanduser()
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise UsageError(f"data directory {str(path)!r} does not exist")
+    return path
+
+
+def _load_digits(image_size: int) -> TaskData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 16.0
+    labels = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
+    mean, std = float(x_train.mean()), float(x_train.std())
+    size = image_size or images.shape[-1]
+
+    def to_tensor(x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy((x - mean) / std).unsqueeze(1)
+        if size != t.shape[-1]:
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        return t.contiguous()
+
+    return TaskData(
+        name="digits",
+        train=TensorDataset(to_tensor(x_train), torch.from_numpy(y_train)),
+        test=TensorDataset(to_tensor(x_test), torch.from_numpy(y_test)),
+        train_labels=y_train,
+        num_classes=10,
+        in_channels=1,
+        image_size=size,
+    )
+
+
+def _image_transform(size: int, native: int, mean: tuple, std: tuple):
+    from torchvision import transforms
+
+    steps = [] if size == native else [transforms.Resize((size, size))]
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def _load_torchvision(name: str, root: Path, image_size: int, download: bool) -> TaskData:
+    import torchvision
+
+    class_name, channels, classes, native, mean, std = TORCHVISION_DATASETS[name]
+    cls = getattr(torchvision.datasets, class_name)
+    size = image_size or native
+    transform = _image_transform(size, native, mean, std)
+    try:
+        train = cls(str(root), train=True, transform=transform, download=download)
+        test = cls(str(root), train=False, transform=transform, download=download)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+        raise UsageError(
+            f"{name} not found in {str(root)!r} ({err}); pass --download to fetch it"
+        ) from None
+    return TaskData(name, train, test, np.asarray(train.targets), classes, channels, size)
+
+
+def _load_imagefolder(root: Path, image_size: int) -> TaskData:
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UsageError(f"imagefolder needs {str(root / split)!r} (one subfolder per class)")
+    size = image_size or 32
+    transform = _image_transform(size, -1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    train = ImageFolder(str(root / "train"), transform=transform)
+    test = ImageFolder(str(root / "test"), transform=transform)
+    if train.classes != test.classes:
+        raise UsageError(f"imagefolder: train classes {train.classes} differ from test classes {test.classes}")
+    return TaskData("imagefolder", train, test, np.asarray(train.targets), len(train.classes), 3, size)
