@@ -11,7 +11,6 @@ venv: $(STAMP)
 # pip, not uv: pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
