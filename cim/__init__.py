@@ -1,0 +1,7 @@
+"""Simulated compute-in-memory edge device: bit-sliced memristive crossbars with
+parasitic wire resistance, naive and Manhattan Distance Mapping (MDM) of weights.
+
+``device`` holds the tile physics parameters, ``circuit`` the crossbar solvers,
+``mapping`` the placement of weights on tiles, ``engine`` bit-serial products and
+their distortion, ``model`` whole-model analog inference, ``report`` the deploy study.
+"""

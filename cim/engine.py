@@ -1,0 +1,183 @@
+"""Bit-serial matrix products on programmed tiles, and the distortion they suffer.
+
+Two ways to run a layer on its tiles:
+
+* :func:`simulate_matmul`: every binary input bit-plane is a read cycle solved as a
+  circuit (the converged fixed point of :mod:`dpfl.cim.circuit`); column currents are
+  decoded slice by slice and shift-added over bit-planes. It also measures the
+  non-ideality factor NF = (I_ideal - I_real) / I_ideal per column and read cycle.
+* :func:`effective_weights`: the fast model. Per tile, a map of how much of its ideal
+  current each cell keeps on average (calibrated with the circuit solve on random
+  bit-planes at the layer's measured per-input bit density) scales the conductances;
+  decoding those gives a distorted integer weight matrix, so a whole layer is one
+  ordinary matrix product. The distortion is spatial (it depends on where each cell
+  sits) but no longer on the individual input pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dpfl.cim.circuit import ideal_cell_currents, solve_fixed_point
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.mapping import Tile
+
+# Cells solved per chunk of read cycles (batch x rows x columns): bounds the solver's
+# memory (a few (B, R, C) buffers) at ~100 MB in float64.
+CELLS_PER_CHUNK = 2**21
+# The fast model of parasitics: single precision keeps a tile's currents to ~1e-6,
+# far below the distortion being measured, at twice the speed of double precision.
+SIMULATION_DTYPE = torch.float32
+
+
+@dataclass
+class Distortion:
+    """Pooled NF over (read cycle, mapped column) pairs whose ideal current is not zero."""
+
+    nf_sum: float = 0.0
+    count: int = 0
+    tile_nf: list[float] = field(default_factory=list)
+
+    @property
+    def nf(self) -> float:
+        return self.nf_sum / self.count if self.count else 0.0
+
+    def add(self, other: "Distortion") -> None:
+        self.nf_sum += other.nf_sum
+        self.count += other.count
+        self.tile_nf.extend(other.tile_nf)
+
+
+def _chunks(total: int, tile: Tile):
+    step = max(1, CELLS_PER_CHUNK // tile.conductance.numel())
+    return ((start, min(start + step, total)) for start in range(0, total, step))
+
+
+def _adc(currents: torch.Tensor, device: CrossbarDevice) -> torch.Tensor:
+    """Uniform ADC over [0, full scale], full scale = every cell of the column on."""
+    if device.adc_bits is None:
+        return currents
+    full_scale = device.tile_size * device.g_on * device.read_voltage
+    levels = 2**device.adc_bits - 1
+    return torch.round(currents.clamp(0, full_scale) / full_scale * levels) * (full_scale / levels)
+
+
+def _decode(tile: Tile, column_currents: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """Integer-unit outputs (B, num_outputs) from physical column currents (B, T)."""
+    columns = tile.used_columns
+    contributions = column_currents[:, columns].double() * tile.column_weight[columns]
+    out = torch.zeros(column_currents.shape[0], num_outputs, dtype=torch.float64)
+    return out.index_add_(1, tile.column_output[columns], contributions)
+
+
+def _tile_voltages(tile: Tile, planes: torch.Tensor, device: CrossbarDevice, dtype: torch.dtype) -> torch.Tensor:
+    """Physical input voltages (B, T) from binary planes over the tile's used rows (B, n_rows)."""
+    voltages = torch.zeros(planes.shape[0], tile.conductance.shape[0], dtype=dtype)
+    voltages[:, tile.used_rows] = planes.to(dtype) * device.read_voltage
+    return voltages
+
+
+def _solve_tile(
+    tile: Tile, planes: torch.Tensor, device: CrossbarDevice, num_outputs: int,
+    dtype: torch.dtype, cell_loss: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Distortion]:
+    """Decoded outputs (B, num_outputs) of binary planes (B, n_rows) and their NF.
+
+    If given, ``cell_loss`` (T, T) accumulates the current each cell loses to parasitics.
+    """
+    conductance = tile.conductance.to(dtype)
+    columns = tile.used_columns
+    outputs = torch.empty(planes.shape[0], num_outputs, dtype=torch.float64)
+    distortion = Distortion()
+    for start, stop in _chunks(planes.shape[0], tile):
+        voltages = _tile_voltages(tile, planes[start:stop], device, dtype)
+        real = solve_fixed_point(conductance, voltages, device.r_wordline, device.r_bitline)
+        ideal = ideal_cell_currents(conductance, voltages)
+        if cell_loss is not None:
+            cell_loss += (ideal - real).sum(0).double()
+        real_columns, ideal_columns = real.sum(1), ideal.sum(1)
+        outputs[start:stop] = _decode(tile, _adc(real_columns, device), num_outputs)
+        ideal_used = ideal_columns[:, columns].double()
+        lit = ideal_used > 0
+        nf = (ideal_used - real_columns[:, columns].double())[lit] / ideal_used[lit]
+        distortion.nf_sum += float(nf.sum())
+        distortion.count += int(lit.sum())
+    distortion.tile_nf.append(distortion.nf)
+    return outputs, distortion
+
+
+def _bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Binary planes (bits, N, K) of non-negative integers (N, K), plane 0 least significant."""
+    return (x[None] >> torch.arange(bits)[:, None, None]) & 1
+
+
+def simulate_matmul(
+    tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
+    dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Distortion]:
+    """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
+
+    Negative inputs are a second pass with the magnitudes of the negative part,
+    subtracted digitally. Identical bit-planes are solved once. ``cell_loss`` maps tile
+    indices to (T, T) accumulators of the current each cell loses.
+    """
+    bits = device.activation_bits
+    result = torch.zeros(x.shape[0], num_outputs, dtype=torch.float64)
+    distortion = Distortion()
+    significance = 2.0 ** torch.arange(bits, dtype=torch.float64)
+    for sign, part in ((1.0, x.clamp_min(0)), (-1.0, (-x).clamp_min(0))):
+        if not part.any():
+            continue
+        for index, tile in enumerate(tiles):
+            planes = _bit_planes(part[:, tile.row_input[tile.used_rows]], bits)
+            unique, inverse = torch.unique(planes.reshape(-1, planes.shape[-1]), dim=0, return_inverse=True)
+            outputs, tile_distortion = _solve_tile(
+                tile, unique, device, num_outputs, dtype, None if cell_loss is None else cell_loss.get(index)
+            )
+            per_plane = outputs[inverse].reshape(bits, x.shape[0], num_outputs)
+            result += sign * torch.einsum("b,bno->no", significance, per_plane)
+            distortion.add(tile_distortion)
+    return result, distortion
+
+
+def attenuation_map(
+    tile: Tile, row_density: torch.Tensor, device: CrossbarDevice, samples: int,
+    generator: torch.Generator, dtype: torch.dtype = SIMULATION_DTYPE,
+) -> torch.Tensor:
+    """Share of its ideal current each cell keeps (T, T), averaged over random read cycles.
+
+    Each used row's bit is 1 with its measured probability ``row_density[input]``.
+    Cells that never see a voltage keep a factor of 1.
+    """
+    density = row_density[tile.row_input[tile.used_rows]].double()
+    planes = torch.bernoulli(density.expand(samples, -1), generator=generator)
+    conductance = tile.conductance.to(dtype)
+    real_sum = torch.zeros_like(tile.conductance)
+    ideal_sum = torch.zeros_like(tile.conductance)
+    for start, stop in _chunks(samples, tile):
+        voltages = _tile_voltages(tile, planes[start:stop], device, dtype)
+        real_sum += solve_fixed_point(conductance, voltages, device.r_wordline, device.r_bitline).sum(0).double()
+        ideal_sum += ideal_cell_currents(conductance, voltages).sum(0).double()
+    return torch.where(ideal_sum > 0, real_sum / ideal_sum.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+
+
+def effective_weights(
+    tiles: list[Tile], attenuation: list[torch.Tensor] | None, num_outputs: int, num_inputs: int,
+    device: CrossbarDevice,
+) -> torch.Tensor:
+    """Integer-unit weights (O, K) the tiles realise when each cell's conductance is
+    scaled by its attenuation (``None``: ideal wires, which decodes back to ``Q``)."""
+    weights = torch.zeros(num_outputs, num_inputs, dtype=torch.float64)
+    for index, tile in enumerate(tiles):
+        rows, columns = tile.used_rows, tile.used_columns
+        conductance = tile.conductance if attenuation is None else tile.conductance * attenuation[index]
+        per_column = conductance[rows][:, columns] * device.read_voltage * tile.column_weight[columns]
+        per_output = torch.zeros(rows.numel(), num_outputs, dtype=torch.float64)
+        per_output.index_add_(1, tile.column_output[columns], per_column)
+        weights[:, tile.row_input[rows]] += per_output.T
+    return weights
+
+
+__all__ = ["Distortion", "attenuation_map", "effective_weights", "simulate_matmul"]

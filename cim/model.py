@@ -1,0 +1,203 @@
+"""Running a whole ``nn.Module`` on simulated crossbars.
+
+Every ``Conv2d`` (as im2col: unfolded patches times the flattened kernel) and every
+``Linear`` is replaced by a :class:`CrossbarLayer` that quantises its input to unsigned
+``activation_bits`` integers (a signed input is two passes), multiplies on the tiles
+and rescales. Grouped and depthwise convolutions become block-diagonal matrices whose
+all-zero off-diagonal tiles are never programmed. Normalisation, activations, pooling
+and residual additions stay in the digital periphery.
+
+Modes: ``exact`` solves the circuit for every input bit-plane (small models, tests);
+``fast`` uses the calibrated per-tile attenuation maps (:func:`effective_weights`);
+``ideal`` is the quantised model on ideal crossbars (the digital reference).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.engine import attenuation_map, effective_weights, simulate_matmul
+from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
+from dpfl.errors import UsageError
+
+MODES = ("fast", "exact")
+# Normalisation layers own parameters but run in the digital periphery.
+DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+# Random read cycles per tile for the attenuation maps of the fast mode.
+ATTENUATION_SAMPLES = 64
+
+
+def mappable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
+    """The Conv2d and Linear layers of ``model`` by name; one-line error for anything
+    else that holds weights the mapper cannot place."""
+    layers: dict[str, nn.Conv2d | nn.Linear] = {}
+    for name, module in model.named_modules():
+        label = f"layer {name or '<model>'!r} ({type(module).__name__})"
+        if isinstance(module, nn.Conv2d):
+            _conv_padding(module, label)
+            layers[name] = module
+        elif isinstance(module, nn.Linear):
+            layers[name] = module
+        elif isinstance(module, nn.MultiheadAttention):
+            raise UsageError(f"{label}: attention multiplies activations by activations, which a programmed crossbar cannot do")
+        elif not isinstance(module, DIGITAL_LAYERS) and list(module.parameters(recurse=False)):
+            owned = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            raise UsageError(
+                f"{label}: holds parameters ({owned}) that are not Conv2d or Linear weights; "
+                "only Conv2d and Linear layers can be mapped onto crossbars"
+            )
+    if not layers:
+        raise UsageError("the model has no Conv2d or Linear layer to map onto crossbars")
+    return layers
+
+
+def _conv_padding(conv: nn.Conv2d, label: str) -> tuple[int, int]:
+    if conv.padding_mode != "zeros":
+        raise UsageError(f"{label}: padding mode {conv.padding_mode!r} is not supported; only zero padding maps to im2col")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise UsageError(f"{label}: asymmetric 'same' padding is not supported; use explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+def weight_matrix(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """The (outputs, inputs) matrix the crossbars hold; block-diagonal for grouped convs."""
+    weight = layer.weight.detach().double()
+    if isinstance(layer, nn.Linear):
+        return weight
+    outputs, per_group = weight.shape[0], weight[0].numel()
+    groups = layer.groups
+    matrix = torch.zeros(outputs, per_group * groups, dtype=torch.float64)
+    outputs_per_group = outputs // groups
+    for g in range(groups):
+        rows = slice(g * outputs_per_group, (g + 1) * outputs_per_group)
+        matrix[rows, g * per_group : (g + 1) * per_group] = weight[rows].reshape(outputs_per_group, per_group)
+    return matrix
+
+
+def layer_patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input vectors as rows (N·L, K): im2col patches for a conv."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, layer.in_features)
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, _conv_padding(layer, ""), layer.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@dataclass
+class InputStatistics:
+    """What calibration data says about a layer's input."""
+
+    scale: float  # step of the integer activation grid
+    row_density: torch.Tensor  # (K,) how often each input bit is 1 over all bit-planes
+    sample: torch.Tensor  # (S, K) integer input vectors kept for distortion reports
+
+
+def quantise_activations(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    top = 2**bits - 1
+    return torch.round(x.double() / scale).clamp(-top, top).to(torch.int64)
+
+
+def calibrate(
+    model: nn.Module, images: torch.Tensor, device: CrossbarDevice, sample_size: int, generator: torch.Generator
+) -> dict[str, InputStatistics]:
+    """Input statistics of every mappable layer on calibration ``images`` (digital model)."""
+    layers = mappable_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args[0].detach()))
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    statistics = {}
+    bits = device.activation_bits
+    for name, layer in layers.items():
+        patches = layer_patches(layer, captured[name])
+        scale = float(patches.abs().max()) / (2**bits - 1) or 1.0
+        integers = quantise_activations(patches, scale, bits).abs()
+        shifts = torch.arange(bits)
+        density = ((integers[:, :, None] >> shifts) & 1).double().mean(dim=(0, 2))
+        pick = torch.randperm(integers.shape[0], generator=generator)[:sample_size]
+        statistics[name] = InputStatistics(scale, density, quantise_activations(patches[pick], scale, bits))
+    return statistics
+
+
+class CrossbarLayer(nn.Module):
+    """A Conv2d or Linear whose matrix product runs on simulated crossbar tiles."""
+
+    def __init__(
+        self, layer: nn.Conv2d | nn.Linear, statistics: InputStatistics, device: CrossbarDevice,
+        mapping: str, mode: str, generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.layer, self.device, self.mode = layer, device, mode
+        self.input_scale = statistics.scale
+        q, self.weight_step = quantise_weights(weight_matrix(layer), device.weight_bits)
+        self.q = q
+        self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density)
+        if mode == "fast":
+            attenuation = [
+                attenuation_map(tile, statistics.row_density, device, ATTENUATION_SAMPLES, generator)
+                for tile in self.tiles
+            ]
+            self.effective = effective_weights(self.tiles, attenuation, q.shape[0], q.shape[1], device)
+        elif mode == "ideal":
+            self.effective = q.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        integers = quantise_activations(layer_patches(layer, x), self.input_scale, self.device.activation_bits)
+        if self.mode == "exact":
+            products, _ = simulate_matmul(self.tiles, integers, self.q.shape[0], self.device)
+        else:
+            products = integers.double() @ self.effective.T
+        y = (products * self.weight_step * self.input_scale).to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias
+        if isinstance(layer, nn.Linear):
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        batch = x.shape[0]
+        height, width = _conv_output_size(layer, x.shape[-2:])
+        return y.reshape(batch, height * width, -1).transpose(1, 2).reshape(batch, -1, height, width)
+
+
+def _conv_output_size(conv: nn.Conv2d, size: torch.Size) -> tuple[int, int]:
+    padding = _conv_padding(conv, "")
+    return tuple(
+        (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
+        for d in range(2)
+    )
+
+
+def to_crossbars(
+    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice,
+    mapping: str, mode: str, seed: int = 0,
+) -> nn.Module:
+    """A copy of ``model`` whose Conv2d/Linear layers run on crossbars (``mode``:
+    ``fast``, ``exact``, or ``ideal`` for the quantised digital reference)."""
+    analog = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for name, layer in mappable_layers(analog).items():
+        replacement = CrossbarLayer(layer, statistics[name], device, mapping, mode, generator)
+        if not name:  # the model is a single layer
+            return replacement
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(analog.get_submodule(parent_name), attribute, replacement)
+    return analog
+
+
+__all__ = ["MODES", "CrossbarLayer", "InputStatistics", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]
