@@ -1,0 +1,85 @@
+"""A node's own data: its partition of the run's data set, found from its node config.
+
+In simulation Flower sets ``partition-id`` and ``num-partitions``; the node then
+partitions the data set named in the run config with the run's seed, so every node
+computes the same split. A deployed node may instead be given ``data-file``: a file
+holding only its own partition (written by :func:`export_partition`), so that it
+never sees the others' data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from dpfl.errors import UsageError
+from dpfl.settings import RunSettings
+from dpfl.task.checkpoint import ModelSpec
+from dpfl.task.data import TaskData, load_dataset
+from dpfl.task.partition import partition_indices
+
+
+@dataclass(frozen=True)
+class ClientPartition:
+    dataset: Dataset
+    spec: ModelSpec
+
+
+@lru_cache(maxsize=2)
+def cached_dataset(name: str, data_dir: str, image_size: int) -> TaskData:
+    """The data set, loaded once per process (a simulation reuses its processes)."""
+    return load_dataset(name, data_dir or None, image_size)
+
+
+def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
+    return ModelSpec(settings.model, data.num_classes, data.in_channels, data.image_size, settings.model_width)
+
+
+@lru_cache(maxsize=8)
+def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientPartition:
+    if not 0 <= partition_id < num_partitions:
+        raise UsageError(f"partition-id {partition_id} must be in [0, {num_partitions})")
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    parts = partition_indices(
+        data.train_labels, num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed
+    )
+    return ClientPartition(Subset(data.train, parts[partition_id].tolist()), model_spec(settings, data))
+
+
+@lru_cache(maxsize=2)
+def _partition_file(path: str, settings: RunSettings) -> ClientPartition:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"data-file {path!r} does not exist")
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    x, y = payload["x"], payload["y"]
+    spec = ModelSpec(settings.model, int(payload["num-classes"]), x.shape[1], x.shape[-1], settings.model_width)
+    return ClientPartition(TensorDataset(x, y), spec)
+
+
+def load_client_partition(settings: RunSettings, node_config: Mapping[str, Any]) -> ClientPartition:
+    if "data-file" in node_config:
+        return _partition_file(str(node_config["data-file"]), settings)
+    try:
+        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as err:
+        raise UsageError(f"node config needs {err.args[0]!r} (or 'data-file')") from None
+    return _partition(settings, partition_id, num_partitions)
+
+
+def export_partition(settings: RunSettings, partition_id: int, num_partitions: int, path: str | Path) -> int:
+    """Write one node's partition as a ``data-file``; return its number of samples."""
+    part = _partition(settings, partition_id, num_partitions)
+    xs, ys = zip(*(part.dataset[i] for i in range(len(part.dataset))))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"x": torch.stack(xs), "y": torch.as_tensor(ys), "num-classes": part.spec.num_classes, "dataset": settings.dataset},
+        path,
+    )
+    return len(xs)

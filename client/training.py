@@ -1,0 +1,90 @@
+"""Local training and the client's half of client-level DP, in plain PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dpfl.privacy.clipping import flat_clip
+from dpfl.privacy.noise import add_gaussian_noise
+from dpfl.strategies.base import LocalUpdateRule, Tensors
+
+
+@dataclass
+class PrivateUpdate:
+    update: Tensors  # the clipped (and, with client-side noise, noised) private part
+    norm_before_clip: float
+    train_loss: float
+    steps: int
+
+
+def cycle_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Iterator:
+    """Mini-batches over reshuffled passes of the data, endlessly; a last partial batch is a batch."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    while True:
+        yield from loader
+
+
+def local_sgd(
+    model: nn.Module,
+    batches: Iterator,
+    rule: LocalUpdateRule,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+) -> float:
+    """Take exactly ``steps`` SGD steps along the rule's direction; return the mean loss.
+
+    Momentum is 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
+    total_loss = 0.0
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        optimizer.zero_grad(set_to_none=False)
+        total_loss += rule.compute_gradient(model, inputs, targets)
+        for param in model.parameters():
+            if param.grad is None:  # a parameter the loss does not reach still moves along c
+                param.grad = torch.zeros_like(param)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        rule.direction(model)
+        optimizer.step()
+    return total_loss / max(steps, 1)
+
+
+def train_private_update(
+    model: nn.Module,
+    dataset: Dataset,
+    rule: LocalUpdateRule,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    grad_clip: float,
+    clip_norm: float,
+    client_noise_std: float,
+    generator: torch.Generator,
+) -> PrivateUpdate:
+    """Train from the model's current weights x and return the clipped private part of Δ."""
+    start = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    loss = local_sgd(
+        model, cycle_batches(dataset, batch_size, generator), rule, steps, lr, weight_decay, grad_clip
+    )
+    end = model.state_dict()
+    delta = {name: start[name] - end[name].detach() for name in start}
+    public = rule.public_part(steps, lr)
+    private = delta if public is None else {name: delta[name] - public[name] for name in delta}
+    clipped, norm = flat_clip(private, clip_norm)
+    return PrivateUpdate(
+        update=add_gaussian_noise(clipped, client_noise_std, generator),
+        norm_before_clip=norm,
+        train_loss=loss,
+        steps=steps,
+    )

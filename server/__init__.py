@@ -1,0 +1,1 @@
+"""The server side: the ServerApp, central evaluation and the run's records."""

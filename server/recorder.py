@@ -1,0 +1,67 @@
+"""What a run leaves under its output folder.
+
+``metrics.jsonl`` (one JSON object per round, flushed as it is written, so a
+watcher can follow it), ``config.json`` (the run settings, resolved noise
+multiplier and K), ``final_model.pt`` (a ``dpfl.task.checkpoint`` file) and
+``summary.json`` (outcome, final and best accuracy, ε spent, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+FINAL_MODEL_FILE = "final_model.pt"
+
+
+class RunRecorder:
+    def __init__(self, out_dir: str | Path, config: dict[str, Any]) -> None:
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        self._metrics = (self.out_dir / METRICS_FILE).open("w")
+        self.started = time.time()
+        self._last = self.started
+        self.rounds: list[dict[str, Any]] = []
+
+    def record_round(self, row: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        row = {**row, "round-time": now - self._last, "wall-time": now - self.started}
+        self._last = now
+        self.rounds.append(row)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        return row
+
+    def finish(
+        self, spec: ModelSpec, dataset: str, state_dict: dict[str, torch.Tensor], outcome: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        self._metrics.close()
+        trained = [r for r in self.rounds if r["round"] > 0]
+        final = self.rounds[-1] if self.rounds else {}
+        summary = {
+            "outcome": outcome,
+            "rounds-completed": len(trained),
+            "final-accuracy": final.get("accuracy"),
+            "best-accuracy": max((r["accuracy"] for r in self.rounds), default=None),
+            "epsilon": final.get("epsilon", 0.0),
+            "delta": self.config["delta"],
+            "wall-time": time.time() - self.started,
+            **extra,
+        }
+        save_checkpoint(
+            self.out_dir / FINAL_MODEL_FILE,
+            Checkpoint(spec=spec, dataset=dataset, state_dict=state_dict, extra={"summary": summary}),
+        )
+        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,147 @@
+"""The run configuration: one validated place for every run-config key.
+
+``[tool.flwr.app.config]`` in pyproject.toml lists the same keys with the same
+defaults (a test keeps them equal), so ``flwr run .`` and ``dpfl simulate`` start
+from one configuration. Keys are Flower's kebab-case; attributes are snake_case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dpfl.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # Federation
+    num_server_rounds: int = 60
+    num_clients: int = 100
+    strategy: str = "dp-fedpgn"
+    # Task
+    model: str = "resnet10"
+    model_width: int = 8
+    dataset: str = "digits"
+    data_dir: str = ""
+    image_size: int = 0
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    # Client-level DP
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0
+    max_epsilon: float = 10.0
+    clip_norm: float = 1.0
+    sample_rate: float = 0.3
+    delta: float = 1e-5
+    noise_placement: str = "server"
+    # Local training
+    lr: float = 0.1
+    lr_decay: float = 0.998
+    local_epochs: int = 1
+    batch_size: int = 16
+    weight_decay: float = 1e-3
+    grad_clip: float = 10.0
+    gamma: float = 0.2
+    # Bookkeeping
+    seed: int = 0
+    out_dir: str = "runs/latest"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build from Flower's run config (kebab-case keys); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise UsageError(f"unknown run-config key {key!r}; known keys: {', '.join(cls.keys())}")
+            values[name] = _coerce(key, value, type(getattr(cls, name)))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def validate(self) -> None:
+        from dpfl.privacy.noise import NOISE_PLACEMENTS
+        from dpfl.task.data import DATASET_NAMES
+        from dpfl.task.models import MODEL_BUILDERS
+        from dpfl.task.partition import PARTITION_SCHEMES
+
+        _at_least("num-server-rounds", self.num_server_rounds, 1)
+        _at_least("num-clients", self.num_clients, 1)
+        _one_of("model", self.model, MODEL_BUILDERS)
+        _one_of("dataset", self.dataset, DATASET_NAMES)
+        _one_of("partition", self.partition, PARTITION_SCHEMES)
+        _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)
+        _positive("dirichlet-alpha", self.dirichlet_alpha)
+        if self.target_epsilon == 0:
+            _positive("noise-multiplier", self.noise_multiplier)
+        else:
+            _positive("target-epsilon", self.target_epsilon)
+        if self.max_epsilon < 0:
+            raise UsageError(f"max-epsilon must be > 0 (or 0 for no budget), got {self.max_epsilon}")
+        _positive("clip-norm", self.clip_norm)
+        if not 0 < self.sample_rate <= 1:
+            raise UsageError(f"sample-rate must be in (0, 1], got {self.sample_rate}")
+        if not 0 < self.delta < 1:
+            raise UsageError(f"delta must be in (0, 1), got {self.delta}")
+        _positive("lr", self.lr)
+        if not 0 < self.lr_decay <= 1:
+            raise UsageError(f"lr-decay must be in (0, 1], got {self.lr_decay}")
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        if self.weight_decay < 0:
+            raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        _positive("grad-clip", self.grad_clip)
+        if not 0 < self.gamma <= 1:
+            raise UsageError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.image_size < 0:
+            raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
+
+    def local_steps(self, train_size: int) -> int:
+        """K, the public number of local steps: local epochs over a nominal client's data.
+
+        K must not depend on a client's own data size: the server adds the public
+        part (1−γ)Kηc back for every client, and a per-client K would leak who took
+        part. Every client takes exactly K steps (cycling over its data).
+        """
+        nominal_size = math.ceil(train_size / self.num_clients)
+        return self.local_epochs * math.ceil(nominal_size / self.batch_size)
+
+    @property
+    def budget(self) -> float:
+        """The ε budget; infinite when ``max-epsilon`` is 0."""
+        return self.max_epsilon or math.inf
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be {kind.__name__}, got {value!r}") from None
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise UsageError(f"{key} must be > 0, got {value}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise UsageError(f"{key} must be >= {low}, got {value}")
+
+
+def _one_of(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise UsageError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")

@@ -1,0 +1,85 @@
+"""DP-FedPGN: a first-order global gradient-norm penalty (Liu et al. 2025).
+
+Each local step moves along d = γ·g + (1−γ)·c, with c the previous global step per
+local step, c = (x_{t−1} − x_t)/(K·η). The c-part of the client's update,
+(1−γ)·K·η·c, is public (it is built from released models only), so it is removed
+before clipping and added back by the server: only u = Δ − (1−γ)Kηc is clipped
+and noised, and it is γ times smaller than a FedAvg update. Momentum must be 0
+and K, η the round's public values for that removal to be exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors
+
+GLOBAL_DIRECTION_KEY = "global-direction"
+
+
+def public_part(global_direction: Tensors, gamma: float, steps: int, lr: float) -> Tensors:
+    """(1−γ)·K·η·c: what K steps along d = γg + (1−γ)c move along c."""
+    scale = (1 - gamma) * steps * lr
+    return {name: scale * c for name, c in global_direction.items()}
+
+
+class FedPGNLocalUpdate(LocalUpdateRule):
+    """Mix the local gradient with the global direction: d = γ·g + (1−γ)·c."""
+
+    def __init__(self, config: Mapping[str, Any], records: Mapping[str, Tensors]) -> None:
+        super().__init__(config, records)
+        self.gamma = float(config["gamma"])
+        self.global_direction = records[GLOBAL_DIRECTION_KEY]
+
+    def direction(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.grad.mul_(self.gamma).add_(self.global_direction[name], alpha=1 - self.gamma)
+
+    def public_part(self, steps: int, lr: float) -> Tensors:
+        return public_part(self.global_direction, self.gamma, steps, lr)
+
+
+class DPFedPGN(ClientLevelDPStrategy):
+    name = "dp-fedpgn"
+    description = "DP-FedPGN: local steps mix the gradient with the last global step; only the private part is noised"
+    local_update_rule = FedPGNLocalUpdate
+
+    def __init__(self, *, gamma: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gamma = gamma
+        self.global_direction: Tensors | None = None  # c; zeros before the first round
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> DPFedPGN:
+        return cls(gamma=settings.gamma, **cls._common_kwargs(settings, noise_multiplier, local_steps))
+
+    def _direction_like(self) -> Tensors:
+        if self.global_direction is None:
+            assert self.global_arrays is not None
+            self.global_direction = {k: torch.zeros_like(v) for k, v in self.global_arrays.to_torch_state_dict().items()}
+        return self.global_direction
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        return {"gamma": self.gamma}
+
+    def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
+        return {GLOBAL_DIRECTION_KEY: ArrayRecord(self._direction_like())}
+
+    def public_update(self, server_round: int, like: Tensors) -> Tensors:
+        return public_part(self._direction_like(), self.gamma, self.local_steps, self.round_lr(server_round))
+
+    def after_aggregate(self, server_round: int, mean_delta: Tensors) -> None:
+        step = self.local_steps * self.round_lr(server_round)
+        self.global_direction = {name: t / step for name, t in mean_delta.items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "global-direction": self.global_direction}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.gamma = float(state["gamma"])
+        self.global_direction = state["global-direction"]
