@@ -29,6 +29,8 @@ from pathlib import Path
 
 PROG = "dpfl-docker"
 SUPERLINK_PORT = 8000
+# compose.insecure.yml sets it for every container at once.
+INSECURE = os.environ.get("DPFL_INSECURE") == "1"
 # Loopback inside a SuperNode container: its ClientApp subprocess is the only client.
 SUPERNODE_RUNTIME_ADDRESS = ("127.0.0.1", 9094)
 
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     link = roles.add_parser("superlink", help="run the SuperLink")
     link.add_argument("--certs", default="/certs", help="folder with ca.crt, server.crt, server.key")
     link.add_argument("--state-dir", default="/var/lib/dpfl", help="folder for the SuperLink database")
-    link.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode auth (local debugging)")
+    link.add_argument("--insecure", action="store_true", default=INSECURE, help="no TLS and no SuperNode auth (local debugging)")
     link.set_defaults(run=run_superlink)
 
     node = roles.add_parser("supernode", help="run one SuperNode")
@@ -64,22 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--data-file", default="/data/partition.pt", help="this node's partition")
     node.add_argument("--certs", default="/certs", help="folder with ca.crt, auth.key, runtime.crt, runtime.key")
     node.add_argument("--connect-timeout", type=float, default=float(os.environ.get("DPFL_CONNECT_TIMEOUT", 30)))
-    node.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode auth (local debugging)")
+    node.add_argument("--insecure", action="store_true", default=INSECURE, help="no TLS and no SuperNode auth (local debugging)")
     node.set_defaults(run=run_supernode)
 
     reg = roles.add_parser("register", help="register SuperNode public keys with the SuperLink")
     reg.add_argument("--superlink", required=True, help="SuperLink Control API address, host:port")
     reg.add_argument("--certs", default="/certs", help="folder with ca.crt and one <name>.pub per SuperNode")
     reg.add_argument("--connect-timeout", type=float, default=float(os.environ.get("DPFL_CONNECT_TIMEOUT", 30)))
-    reg.add_argument("--insecure", action="store_true", help="SuperNode auth is off: nothing to register")
+    reg.add_argument("--insecure", action="store_true", default=INSECURE, help="SuperNode auth is off: nothing to register")
     reg.set_defaults(run=run_register)
 
     part = roles.add_parser("partition", help="write one node's partition of a data set")
     part.add_argument("--partition-id", type=int, required=True)
     part.add_argument("--num-partitions", type=int, required=True)
+    # Named as the run-config keys they match.
     part.add_argument("--dataset", default="digits")
-    part.add_argument("--scheme", default="iid", help="iid or dirichlet")
-    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    part.add_argument("--data-dir", default="", help="folder holding a torchvision or imagefolder data set")
+    part.add_argument("--partition", default="iid", help="iid or dirichlet")
+    part.add_argument("--dirichlet-alpha", type=float, default=0.5)
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--out", default="/data/partition.pt")
     part.set_defaults(run=run_partition)
@@ -198,33 +202,29 @@ def run_partition(args: argparse.Namespace) -> int:
             f"got {args.partition_id}"
         )
     out = Path(args.out)
-    meta = {
-        "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": args.seed,
-        "partition-id": args.partition_id, "num-partitions": args.num_partitions,
+    run_config = {
+        "dataset": args.dataset, "data-dir": args.data_dir, "partition": args.partition,
+        "dirichlet-alpha": args.dirichlet_alpha, "seed": args.seed,
     }
+    meta = {**run_config, "partition-id": args.partition_id, "num-partitions": args.num_partitions}
     meta_file = out.with_suffix(".json")
     if out.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
         print(f"{PROG} partition: {out} already holds partition {args.partition_id}", flush=True)
         return 0
 
-    import torch
-
+    from dpfl.client.data import export_partition
     from dpfl.errors import UsageError
-    from dpfl.task.data import load_dataset
-    from dpfl.task.partition import partition_indices
+    from dpfl.settings import RunSettings
 
     try:
-        data = load_dataset(args.dataset)
-        parts = partition_indices(data.train_labels, args.num_partitions, args.scheme, args.alpha, args.seed)
+        # The same split a simulation of this run config would make.
+        settings = RunSettings.from_run_config(run_config)
+        count = export_partition(settings, args.partition_id, args.num_partitions, out.with_suffix(".tmp"))
     except UsageError as err:
         raise InputError(str(err)) from None
-    idx = torch.as_tensor(parts[args.partition_id])
-    x, y = data.train[idx]  # a TensorDataset indexes all its tensors at once
-    tmp = out.with_suffix(".tmp")
-    torch.save({"x": x.clone(), "y": y.clone()}, tmp)
-    tmp.replace(out)
+    out.with_suffix(".tmp").replace(out)
     meta_file.write_text(json.dumps(meta) + "\n")
-    print(f"{PROG} partition: wrote {len(idx)} {args.dataset} samples (partition {args.partition_id} "
+    print(f"{PROG} partition: wrote {count} {args.dataset} samples (partition {args.partition_id} "
           f"of {args.num_partitions}) to {out}", flush=True)
     return 0
 
