@@ -18,8 +18,8 @@ from dpfl.errors import UsageError
 @dataclass(frozen=True)
 class RunSettings:
     # Federation
-    num_server_rounds: int = 60
-    num_clients: int = 100
+    num_server_rounds: int = 40
+    num_clients: int = 400
     strategy: str = "dp-fedpgn"
     # Task
     model: str = "resnet10"
@@ -31,14 +31,14 @@ class RunSettings:
     dirichlet_alpha: float = 0.5
     # Client-level DP
     noise_multiplier: float = 1.0
-    target_epsilon: float = 0.0
+    target_epsilon: float = 9.0
     max_epsilon: float = 10.0
-    clip_norm: float = 1.0
-    sample_rate: float = 0.3
+    clip_norm: float = 0.2
+    sample_rate: float = 0.25
     delta: float = 1e-5
     noise_placement: str = "server"
     # Local training
-    lr: float = 0.1
+    lr: float = 0.3
     lr_decay: float = 0.998
     local_epochs: int = 1
     batch_size: int = 16

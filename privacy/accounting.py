@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,6 +54,15 @@ def epsilon_of_history(
     history: History, delta: float, orders: Sequence[float] = DEFAULT_ORDERS, refine: bool = True
 ) -> tuple[float, float]:
     """(ε, best RDP order) after the rounds in ``history`` at ``delta``."""
+    return _epsilon_of_history(tuple(map(tuple, history)), delta, tuple(orders), refine)
+
+
+# Memoised: a run asks for ε after the next round (the budget check), then for the
+# same ε once the round is released.
+@lru_cache(maxsize=64)
+def _epsilon_of_history(
+    history: tuple[tuple[float, float, int], ...], delta: float, orders: tuple[float, ...], refine: bool
+) -> tuple[float, float]:
     if not history or all(steps == 0 for _, _, steps in history):
         return 0.0, math.nan
     grid = np.asarray(sorted(orders), dtype=float)

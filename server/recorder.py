@@ -23,9 +23,22 @@ CONFIG_FILE = "config.json"
 FINAL_MODEL_FILE = "final_model.pt"
 
 
+def holds_run(path: Path) -> bool:
+    return (path / METRICS_FILE).exists()
+
+
+def fresh_run_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... if it already holds a run: never overwrite one."""
+    candidate, suffix = path, 1
+    while holds_run(candidate):
+        suffix += 1
+        candidate = path.with_name(f"{path.name}-{suffix}")
+    return candidate
+
+
 class RunRecorder:
     def __init__(self, out_dir: str | Path, config: dict[str, Any]) -> None:
-        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.out_dir = fresh_run_dir(Path(out_dir).expanduser().resolve())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

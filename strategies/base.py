@@ -217,6 +217,18 @@ class ClientLevelDPStrategy(Strategy):
             norms.append(float(metrics["update-norm"]))
             losses.append(float(metrics["train-loss"]))
             updates.append(update)
+        new_x = self.aggregate_updates(server_round, x, updates)
+        self.last_metrics = {
+            **self.last_metrics,
+            "update-norm-mean": float(np.mean(norms)) if norms else 0.0,
+            "update-norm-max": float(np.max(norms)) if norms else 0.0,
+            "clipped-fraction": float(np.mean([n > self.clip_norm for n in norms])) if norms else 0.0,
+            "train-loss": float(np.mean(losses)) if losses else math.nan,
+        }
+        return ArrayRecord(new_x), MetricRecord(self.last_metrics)
+
+    def aggregate_updates(self, server_round: int, x: Tensors, updates: list[Tensors]) -> Tensors:
+        """The new global weights from the clients' private updates; accounts the round."""
         clipped_sum = {name: torch.zeros_like(t) for name, t in x.items()}
         for update in updates:
             if self.noise_placement == "server":
@@ -239,7 +251,6 @@ class ClientLevelDPStrategy(Strategy):
         self.after_aggregate(server_round, mean_delta)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.current_round = server_round
-        new_x = {name: x[name] - mean_delta[name] for name in x}
         epsilon, order = self.accountant.privacy_spent()
         self.last_metrics = {
             "epsilon": epsilon,
@@ -247,12 +258,8 @@ class ClientLevelDPStrategy(Strategy):
             "sampled": len(updates),
             "lr": self.round_lr(server_round),
             "noise-multiplier": self.noise_multiplier,
-            "update-norm-mean": float(np.mean(norms)) if norms else 0.0,
-            "update-norm-max": float(np.max(norms)) if norms else 0.0,
-            "clipped-fraction": float(np.mean([n > self.clip_norm for n in norms])) if norms else 0.0,
-            "train-loss": float(np.mean(losses)) if losses else math.nan,
         }
-        return ArrayRecord(new_x), MetricRecord(self.last_metrics)
+        return {name: x[name] - mean_delta[name] for name in x}
 
     def _valid_update(self, reply: Message, x: Tensors) -> Tensors | None:
         # A failed or malformed reply is dropped: leaving a client out is safe for DP.

@@ -58,20 +58,20 @@ class DPFedPGN(ClientLevelDPStrategy):
     def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> DPFedPGN:
         return cls(gamma=settings.gamma, **cls._common_kwargs(settings, noise_multiplier, local_steps))
 
-    def _direction_like(self) -> Tensors:
+    def _direction(self, like: Tensors) -> Tensors:
         if self.global_direction is None:
-            assert self.global_arrays is not None
-            self.global_direction = {k: torch.zeros_like(v) for k, v in self.global_arrays.to_torch_state_dict().items()}
+            self.global_direction = {name: torch.zeros_like(t) for name, t in like.items()}
         return self.global_direction
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
-        return {GLOBAL_DIRECTION_KEY: ArrayRecord(self._direction_like())}
+        assert self.global_arrays is not None
+        return {GLOBAL_DIRECTION_KEY: ArrayRecord(self._direction(self.global_arrays.to_torch_state_dict()))}
 
     def public_update(self, server_round: int, like: Tensors) -> Tensors:
-        return public_part(self._direction_like(), self.gamma, self.local_steps, self.round_lr(server_round))
+        return public_part(self._direction(like), self.gamma, self.local_steps, self.round_lr(server_round))
 
     def after_aggregate(self, server_round: int, mean_delta: Tensors) -> None:
         step = self.local_steps * self.round_lr(server_round)

@@ -1,0 +1,158 @@
+"""Run the ServerApp and ClientApp in Flower's own local simulation, managed.
+
+``flwr run`` would start a detached local SuperLink on fixed ports under the
+user's ``~/.flwr`` and leave it running, installing each app's dependencies with
+``uv`` on the way. Here each run gets a private Flower home, free ports, runtime
+dependency installation off, and a SuperLink process group that is stopped when
+the run ends. The app directory holds only a generated ``pyproject.toml`` whose
+components point at the installed ``dpfl`` package, so the same ServerApp and
+ClientApp objects run as with ``flwr run .`` from a clone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dpfl.settings import RunSettings
+
+SUPERLINK_START_TIMEOUT_S = 60.0
+# One CPU per ClientApp, so a 2-core machine runs two clients at a time.
+CLIENT_CPUS = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_app(app_dir: Path, settings: RunSettings) -> None:
+    """A minimal Flower app: the dpfl components with ``settings`` as run config."""
+    config = "\n".join(f"{key} = {_toml_value(value)}" for key, value in settings.to_run_config().items())
+    (app_dir / "pyproject.toml").write_text(
+        f"""[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "dpfl-simulation"
+version = "1.0.0"
+dependencies = ["flwr[simulation]==1.41.0"]
+
+[tool.flwr.app]
+publisher = "dpfl"
+
+[tool.flwr.app.components]
+serverapp = "dpfl.server.app:app"
+clientapp = "dpfl.client.app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+    )
+
+
+class FederationError(RuntimeError):
+    """The local Flower processes failed; the message names the log to read."""
+
+
+def _environment_bin() -> str:
+    # The console scripts of the environment dpfl runs in: the SuperLink starts
+    # `flower-superexec` and `flwr-simulation` from PATH, which may not include it.
+    return str(Path(sys.executable).parent)
+
+
+@contextmanager
+def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
+    """A simulation SuperLink on the ports in ``env``, stopped (with its children) on exit."""
+    http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host", "127.0.0.1", "--port", http_port, "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise FederationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise FederationError(f"flower-superlink did not start in {SUPERLINK_START_TIMEOUT_S:g} s; see {log_file}")
+                time.sleep(0.2)
+        yield
+    finally:
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop a process and everything it started (its session's process group)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The group may outlive its leader: take the rest down too.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break
+
+
+@contextmanager
+def simulation(settings: RunSettings, num_supernodes: int, log_file: Path) -> Iterator[subprocess.Popen]:
+    """Start ``flwr run`` on a private local SuperLink; yields the ``flwr run`` process."""
+    with tempfile.TemporaryDirectory(prefix="dpfl-flower-") as home:
+        home_path = Path(home)
+        app_dir = home_path / "app"
+        app_dir.mkdir()
+        write_app(app_dir, settings)
+        env = {
+            **os.environ,
+            "PATH": os.pathsep.join([_environment_bin(), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(home_path / "flwr"),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        with local_superlink(env, log_file):
+            federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
+            command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
+            with log_file.open("ab") as log:
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
+                try:
+                    yield process
+                finally:
+                    if process.poll() is None:
+                        process.terminate()
+                        process.wait()

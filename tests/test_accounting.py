@@ -1,0 +1,115 @@
+"""Client-level RDP accounting against Opacus, an exact integral, dp-accounting and Flower."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import mpmath
+import pytest
+from dp_accounting import rdp as dp_rdp
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from dpfl.errors import UsageError
+from dpfl.privacy.accounting import (
+    DEFAULT_ORDERS,
+    ClientLevelAccountant,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    epsilon_of_history,
+)
+
+# (sigma, q, rounds, delta)
+GRID = [
+    (0.8, 0.25, 40, 1e-5),
+    (1.0, 0.1, 200, 1e-5),
+    (1.318, 0.25, 40, 1e-5),
+    (2.0, 0.01, 1000, 1e-6),
+    (5.0, 0.5, 10, 1e-3),
+]
+INTEGER_ORDERS = tuple(float(a) for a in range(2, 257))
+
+
+def exact_rdp(q: float, sigma: float, alpha: float) -> float:
+    """RDP of one Poisson-subsampled Gaussian by numerical integration (Mironov et al. 2019, Sec. 3.3)."""
+    mpmath.mp.dps = 40
+    density = lambda z: mpmath.npdf(z, 0, sigma) * ((1 - q) + q * mpmath.e ** ((2 * z - 1) / (2 * sigma**2))) ** alpha
+    moment = mpmath.quad(density, [-mpmath.inf, -10, 0, 1, 10, 50, mpmath.inf])
+    return float(mpmath.log(moment) / (alpha - 1))
+
+
+@pytest.mark.parametrize("sigma,q,rounds,delta", GRID)
+def test_epsilon_matches_opacus_accountant_on_the_same_orders(sigma, q, rounds, delta):
+    accountant = RDPAccountant()
+    for _ in range(rounds):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    expected, _ = accountant.get_privacy_spent(delta=delta, alphas=list(DEFAULT_ORDERS))
+    assert epsilon_for(sigma, q, rounds, delta, refine=False)[0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma,q,rounds,delta", GRID)
+def test_epsilon_matches_dp_accounting_on_integer_orders(sigma, q, rounds, delta):
+    reference = dp_rdp.RdpAccountant(orders=list(INTEGER_ORDERS))
+    reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds)
+    expected = reference.get_epsilon(delta)
+    ours, _ = epsilon_of_history([(sigma, q, rounds)], delta, orders=INTEGER_ORDERS, refine=False)
+    assert ours == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma,q,rounds,delta", GRID)
+def test_refined_order_is_a_valid_bound_no_larger_than_the_grid(sigma, q, rounds, delta):
+    grid_eps, _ = epsilon_for(sigma, q, rounds, delta, refine=False)
+    eps, order = epsilon_for(sigma, q, rounds, delta)
+    assert eps <= grid_eps
+    # Recompute epsilon at the refined (fractional) order from the exact RDP integral.
+    rdp = rounds * exact_rdp(q, sigma, order)
+    independent = rdp - (math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
+    assert eps == pytest.approx(independent, rel=1e-6)
+
+
+@pytest.mark.parametrize("q,sigma,alpha", [(0.25, 0.8, 2.1), (0.1, 1.0, 3.2), (0.01, 2.0, 17.5)])
+def test_fractional_order_rdp_equals_the_exact_integral(q, sigma, alpha):
+    assert opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0] == pytest.approx(
+        exact_rdp(q, sigma, alpha), rel=1e-8
+    )
+
+
+@pytest.mark.parametrize("sigma,q,rounds,delta", GRID[:3])
+def test_no_looser_than_flowers_rdp_accountant(sigma, q, rounds, delta):
+    population = 1000
+    flower = RdpAccountant(
+        PrivacyConfig(delta, population, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.POISSON)
+    )
+    event = GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=round(q * population), population_size=population)
+    for _ in range(rounds):
+        flower.compose(event)
+    assert epsilon_for(sigma, q, rounds, delta)[0] <= flower.get_privacy_spent().epsilon
+
+
+@pytest.mark.parametrize("target,q,rounds", [(9.0, 0.25, 40), (1.0, 0.01, 500), (4.0, 0.1, 100)])
+def test_calibration_round_trips(target, q, rounds):
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, rounds)
+    eps, _ = epsilon_for(sigma, q, rounds, 1e-5)
+    assert target * (1 - 1e-3) <= eps <= target
+    assert epsilon_for(sigma * 0.99, q, rounds, 1e-5)[0] > target
+
+
+def test_calibration_rejects_unreachable_targets():
+    with pytest.raises(UsageError, match="cannot be reached"):
+        calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10_000)
+
+
+def test_accountant_counts_rounds_projects_without_recording_and_round_trips():
+    accountant = ClientLevelAccountant(delta=1e-5)
+    assert accountant.epsilon() == 0
+    for _ in range(5):
+        accountant.step(1.0, 0.25)
+    projected = accountant.epsilon_after_step(1.0, 0.25)
+    assert accountant.history == [(1.0, 0.25, 5)]
+    assert projected == pytest.approx(epsilon_for(1.0, 0.25, 6, 1e-5)[0])
+    assert accountant.epsilon() == pytest.approx(epsilon_for(1.0, 0.25, 5, 1e-5)[0])
+    restored = ClientLevelAccountant(delta=0.5)
+    restored.load_state_dict(accountant.state_dict())
+    assert restored.epsilon() == accountant.epsilon()
