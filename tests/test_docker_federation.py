@@ -196,6 +196,12 @@ class Federation:
         proc = sh(FLWR, *args, "--format", "json", env={"FLWR_HOME": str(self.flwr_home)}, cwd=REPO, timeout=timeout)
         return json.loads(proc.stdout[proc.stdout.index("{"):])
 
+    def wait_healthy(self, service: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while (health := self.containers()[service].get("Health")) != "healthy":
+            assert time.monotonic() < deadline, f"{service} is {health!r} after {timeout:g} s"
+            time.sleep(1)
+
     def containers(self) -> dict[str, dict]:
         out = self.compose("ps", "-a", "--format", "json").stdout
         rows = [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -260,6 +266,7 @@ def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
 
     # Metrics, ε history, final model in the SuperLink's volume; they survive a restart.
     fed.compose("restart", "superlink", timeout=120)
+    fed.wait_healthy("superlink")
     records = json.loads(fed.exec_python("superlink", (
         f"import json, os; d = {RUN_OUT_DIR!r}; "
         "print(json.dumps({'files': sorted(os.listdir(d)), "
@@ -273,7 +280,8 @@ def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
     assert 0 < epsilons[0] < epsilons[1], epsilons
     assert records["summary"]["outcome"] == "completed", records["summary"]
     assert records["summary"]["epsilon"] == pytest.approx(epsilons[-1])
-    assert fed.flwr("list", "dpfl-docker", "--run-id", run_id)["runs"][0]["status"] == "finished:completed"
+    listed = fed.flwr("list", "dpfl-docker", "--run-id", run_id)
+    assert listed.get("runs", [{}])[0].get("status") == "finished:completed", listed
 
     # A SuperNode whose key was never registered is turned away.
     sh(sys.executable, str(DOCKER_DIR / "gen_certs.py"), "--out", str(fed.certs), "--nodes", str(len(SUPERNODES) + 1))
