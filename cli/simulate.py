@@ -77,9 +77,14 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         raise UsageError(f"output folder {str(out)!r} already holds a run; choose another --out")
     settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
     settings.validate()
+    from dpfl.client.data import cached_dataset
     from dpfl.strategies import get_strategy_class
+    from dpfl.task.partition import partition_indices
 
     get_strategy_class(settings.strategy)
+    # Fail here, in one line, rather than inside every simulated node.
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
     return settings
 
 

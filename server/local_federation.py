@@ -81,6 +81,19 @@ def _environment_bin() -> str:
     return str(Path(sys.executable).parent)
 
 
+def private_flower_environment(flower_home: Path) -> dict[str, str]:
+    """Environment for Flower processes with their own home, free ports and no ``uv`` installs."""
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([_environment_bin(), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(flower_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
 @contextmanager
 def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
     """A simulation SuperLink on the ports in ``env``, stopped (with its children) on exit."""
@@ -136,15 +149,7 @@ def simulation(settings: RunSettings, num_supernodes: int, log_file: Path) -> It
         app_dir = home_path / "app"
         app_dir.mkdir()
         write_app(app_dir, settings)
-        env = {
-            **os.environ,
-            "PATH": os.pathsep.join([_environment_bin(), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(home_path / "flwr"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
+        env = private_flower_environment(home_path / "flwr")
         with local_superlink(env, log_file):
             federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]

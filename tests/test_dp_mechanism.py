@@ -1,0 +1,184 @@
+"""Sampling, clipping, noise and the DP-FedPGN / DP-FedAvg update rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dpfl.client.training import train_private_update
+from dpfl.privacy.clipping import flat_clip, global_l2_norm
+from dpfl.privacy.noise import client_noise_std, noisy_mean, server_noise_std
+from dpfl.privacy.sampling import poisson_sample
+from dpfl.strategies import DPFedAvg, DPFedPGN
+from dpfl.strategies.base import LocalUpdateRule
+from dpfl.strategies.dp_fedpgn import GLOBAL_DIRECTION_KEY, FedPGNLocalUpdate
+
+
+def random_tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": scale * torch.randn(4, 3, generator=g), "b": scale * torch.randn(3, generator=g)}
+
+
+def test_poisson_sampling_rate_and_empty_rounds():
+    rng = np.random.default_rng(0)
+    sizes = [len(poisson_sample(range(200), 0.1, rng)) for _ in range(2000)]
+    assert np.mean(sizes) == pytest.approx(20, rel=0.02)
+    assert np.var(sizes) == pytest.approx(200 * 0.1 * 0.9, rel=0.1)  # binomial variance
+    assert any(len(poisson_sample(range(3), 0.05, rng)) == 0 for _ in range(200))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_flat_clip_bounds_the_whole_update(scale):
+    tensors = random_tensors(1, scale)
+    clipped, norm = flat_clip(tensors, 0.5)
+    flat = torch.cat([t.flatten() for t in tensors.values()])
+    assert norm == pytest.approx(float(flat.norm()), rel=1e-6)
+    assert global_l2_norm(clipped) <= 0.5 * (1 + 1e-6)
+    if norm <= 0.5:
+        assert all(torch.equal(clipped[k], tensors[k]) for k in tensors)
+    else:  # one scale for all tensors: the direction is kept
+        assert all(torch.allclose(clipped[k], tensors[k] * 0.5 / norm) for k in tensors)
+
+
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_noise_on_the_sum_has_std_sigma_c(placement):
+    sigma, clip, expected = 1.3, 0.7, 4.0
+    generator = torch.Generator().manual_seed(0)
+    zeros = {"v": torch.zeros(200_000)}
+    reported = 4
+    server_part = noisy_mean(zeros, noise_multiplier=sigma, clip_norm=clip, placement=placement,
+                             reported=reported, expected_clients=expected, generator=generator)["v"] * expected  # fmt: skip
+    client_std = client_noise_std(sigma, clip, expected) if placement == "client" else 0.0
+    client_part = sum(client_std * torch.randn(200_000, generator=generator) for _ in range(reported))
+    total = server_part + client_part
+    assert float(total.std()) == pytest.approx(sigma * clip, rel=0.01)
+    if placement == "client":
+        assert float(server_part.std()) < 1e-6  # all expected clients reported: no top-up
+        assert client_std == pytest.approx(sigma * clip / 2)
+
+
+def test_client_noise_shortfall_is_topped_up_by_the_server():
+    sigma, clip = 2.0, 1.0
+    for reported in range(0, 12):
+        client_var = reported * client_noise_std(sigma, clip, 8.0) ** 2
+        server_var = server_noise_std(sigma, clip, "client", reported, 8.0) ** 2
+        assert client_var + server_var >= (sigma * clip) ** 2 * (1 - 1e-12)
+    assert server_noise_std(sigma, clip, "client", 0, 8.0) == pytest.approx(sigma * clip)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def tiny_data(seed: int, n: int = 10) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def private_update(model, data, rule, clip=1e6, steps=3, lr=0.1, seed=0):
+    return train_private_update(
+        model, data, rule, steps=steps, lr=lr, batch_size=4, weight_decay=1e-3, grad_clip=10.0,
+        clip_norm=clip, client_noise_std=0.0, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
+def pgn_rule(model: nn.Module, gamma: float, seed: int = 5) -> FedPGNLocalUpdate:
+    c = random_tensors_like(model, seed)
+    return FedPGNLocalUpdate({"gamma": gamma}, {GLOBAL_DIRECTION_KEY: c})
+
+
+def random_tensors_like(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def test_private_part_is_clipped_and_public_part_passes_untouched():
+    model = tiny_model()
+    x = {k: v.clone() for k, v in model.state_dict().items()}
+    rule = pgn_rule(model, gamma=0.2)
+    result = private_update(model, tiny_data(0), rule, clip=0.01)
+    assert result.norm_before_clip > 0.01
+    assert global_l2_norm(result.update) <= 0.01 * (1 + 1e-6)
+    # Unclipped, the private part plus the public part is exactly Δ = x − y.
+    model.load_state_dict(x)
+    unclipped = private_update(model, tiny_data(0), rule)
+    public = rule.public_part(3, 0.1)
+    for name, start in x.items():
+        delta = start - model.state_dict()[name]
+        assert torch.allclose(unclipped.update[name] + public[name], delta, atol=1e-6)
+
+
+def make_strategy(cls, **overrides):
+    kwargs = dict(noise_multiplier=0.0, clip_norm=1e6, sample_rate=1.0, num_clients=3, local_steps=3,
+                  lr=0.1, lr_decay=1.0, delta=1e-5)  # fmt: skip
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def test_server_rebuilds_the_clients_delta_without_noise():
+    model = tiny_model()
+    x = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = make_strategy(DPFedPGN, num_clients=1, gamma=0.2)
+    strategy.global_direction = random_tensors_like(model, 5)
+    rule = FedPGNLocalUpdate({"gamma": 0.2}, {GLOBAL_DIRECTION_KEY: strategy.global_direction})
+    update = private_update(model, tiny_data(0), rule).update
+    new_x = strategy.aggregate_updates(1, x, [update])
+    for name in x:  # one client, q = 1, no noise: the server lands exactly on the client's model
+        assert torch.allclose(new_x[name], model.state_dict()[name], atol=1e-6)
+
+
+def test_dp_fedpgn_with_gamma_one_and_no_noise_is_fedavg():
+    datasets = [tiny_data(seed) for seed in range(3)]
+    start = tiny_model().state_dict()
+    client_models = []
+    for data in datasets:  # plain FedAvg clients: local SGD from the same start
+        model = tiny_model()
+        private_update(model, data, LocalUpdateRule({}, {}))
+        client_models.append(model.state_dict())
+    fedavg = {k: sum(m[k] for m in client_models) / 3 for k in start}
+
+    strategy = make_strategy(DPFedPGN, gamma=1.0)
+    updates = []
+    for data in datasets:
+        model = tiny_model()
+        rule = FedPGNLocalUpdate({"gamma": 1.0}, {GLOBAL_DIRECTION_KEY: strategy._direction(start)})
+        updates.append(private_update(model, data, rule).update)
+    new_x = strategy.aggregate_updates(1, start, updates)
+    for name in start:
+        assert torch.allclose(new_x[name], fedavg[name], atol=1e-6)
+
+
+def test_global_direction_is_the_last_global_step_per_local_step():
+    start = tiny_model().state_dict()
+    strategy = make_strategy(DPFedPGN, gamma=0.2, lr=0.05, lr_decay=0.9, noise_multiplier=1.0, clip_norm=0.1)
+    strategy.global_direction = random_tensors_like(tiny_model(), 3)
+    updates = [random_tensors_like(tiny_model(), seed) for seed in range(3)]
+    new_x = strategy.aggregate_updates(2, start, updates)
+    step = strategy.local_steps * 0.05 * 0.9**2  # K·η_t, η_t = η₀·decay^(t+1) for round 2 (t = 1)
+    for name in start:
+        assert torch.allclose(strategy.global_direction[name], (start[name] - new_x[name]) / step, atol=1e-6)
+
+
+def test_every_round_is_accounted_even_with_no_client():
+    strategy = make_strategy(DPFedAvg, noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, num_clients=10)
+    start = tiny_model().state_dict()
+    new_x = strategy.aggregate_updates(1, start, [])
+    assert strategy.accountant.history == [(1.0, 0.1, 1)]
+    moved = math.sqrt(sum(float(((new_x[k] - start[k]) ** 2).sum()) for k in start))
+    assert moved > 0  # the noise of the mechanism is released even for an empty round
+
+
+def test_server_reclips_what_clients_send():
+    start = tiny_model().state_dict()
+    strategy = make_strategy(DPFedAvg, clip_norm=0.5, num_clients=1)
+    huge = random_tensors_like(tiny_model(), 1)
+    huge = {k: 1e3 * v for k, v in huge.items()}
+    new_x = strategy.aggregate_updates(1, start, [huge])
+    step = {k: start[k] - new_x[k] for k in start}
+    assert global_l2_norm(step) == pytest.approx(0.5, rel=1e-5)

@@ -1,0 +1,138 @@
+"""Models, data, partitions, checkpoints, DP compatibility and the run configuration."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpfl.errors import UsageError
+from dpfl.privacy.validation import ensure_client_level_dp_compatible
+from dpfl.settings import RunSettings
+from dpfl.task.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from dpfl.task.data import load_dataset
+from dpfl.task.models import MODEL_BUILDERS, build_model
+from dpfl.task.partition import partition_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_config_defaults_in_pyproject_equal_run_settings():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert list(config) == RunSettings.keys()
+    assert RunSettings.from_run_config(config) == RunSettings()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("noise-multiplier", -1.0, "noise-multiplier must be > 0"),
+        ("clip-norm", 0.0, "clip-norm must be > 0"),
+        ("sample-rate", 1.5, "sample-rate must be in"),
+        ("delta", 1.0, "delta must be in"),
+        ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
+        ("model", "alexnet", "unknown model"),
+        ("dataset", "imagenet", "unknown dataset"),
+        ("not-a-key", 1, "unknown run-config key"),
+    ],
+)
+def test_bad_run_config_values_are_named(key, value, message):
+    overrides = {key: value, "target-epsilon": 0.0} if key == "noise-multiplier" else {key: value}
+    with pytest.raises(UsageError, match=message):
+        RunSettings.from_run_config(overrides)
+
+
+def test_digits_is_bundled_and_split_the_same_way_every_time():
+    first, second = load_dataset("digits"), load_dataset("digits")
+    assert (first.in_channels, first.num_classes, first.image_size) == (1, 10, 8)
+    assert len(first.train) + len(first.test) == 1797
+    assert torch.equal(first.test.tensors[1], second.test.tensors[1])
+    assert load_dataset("digits", image_size=16).train.tensors[0].shape[-1] == 16
+
+
+def test_missing_data_directory_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="needs --data-dir"):
+        load_dataset("mnist")
+
+
+def test_imagefolder_reads_a_users_images(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    data = load_dataset("imagefolder", data_dir=str(tmp_path), image_size=16)
+    assert data.num_classes == 2 and len(data.train) == 6
+    assert data.train[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_complete_and_reproducible(scheme):
+    labels = np.random.default_rng(0).integers(0, 10, 1000)
+    parts = partition_indices(labels, 20, scheme, alpha=0.5, seed=3)
+    joined = np.concatenate(parts)
+    assert sorted(joined.tolist()) == list(range(1000))
+    assert all(len(p) > 0 for p in parts)
+    again = partition_indices(labels, 20, scheme, alpha=0.5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_dirichlet_skews_labels_more_for_small_alpha():
+    labels = np.random.default_rng(0).integers(0, 10, 5000)
+
+    def mean_label_entropy(alpha):
+        entropies = []
+        for part in partition_indices(labels, 10, "dirichlet", alpha=alpha, seed=0):
+            p = np.bincount(labels[part], minlength=10) / len(part)
+            entropies.append(-(p[p > 0] * np.log(p[p > 0])).sum())
+        return np.mean(entropies)
+
+    assert mean_label_entropy(0.1) < mean_label_entropy(100.0)
+
+
+def test_more_clients_than_samples_is_refused():
+    with pytest.raises(UsageError, match="more than the 5 training samples"):
+        partition_indices(np.zeros(5), 6)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_BUILDERS))
+def test_models_classify_and_are_dp_compatible(name):
+    model = build_model(name, num_classes=10, in_channels=1, image_size=8, width=8)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    ensure_client_level_dp_compatible(model, convert=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_batch_norm_models_are_converted_or_refused():
+    def bn_model():
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    with pytest.raises(UsageError, match="BatchNorm"):
+        ensure_client_level_dp_compatible(bn_model(), convert=False)
+    converted = ensure_client_level_dp_compatible(bn_model(), convert=True)
+    assert isinstance(converted[1], nn.GroupNorm)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    spec = ModelSpec("resnet10", 10, 1, 8, 8)
+    model = spec.build()
+    save_checkpoint(tmp_path / "m.pt", Checkpoint(spec, "digits", model.state_dict()))
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    rebuilt = loaded.build_model()
+    x = torch.randn(3, 1, 8, 8)
+    model.eval(), rebuilt.eval()
+    assert torch.equal(model(x), rebuilt(x)) and loaded.dataset == "digits"
+    (tmp_path / "junk.pt").write_text("not a model")
+    with pytest.raises(UsageError, match="not a dpfl checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
