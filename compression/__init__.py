@@ -1,0 +1,7 @@
+"""Data-informed compression: Tucker-2, CPD and SVD in the Σ-weighted norm.
+
+Pure math (torch float64, TensorLy for the Frobenius solutions): ``sigma_norm``,
+``svd``, ``tucker2``, ``cpd``. Data: ``covariance`` (input statistics and their files).
+Model: ``ranks`` (rank selection), ``surgery`` (replacement layers, checkpoint
+restore), ``cost`` (MACs), ``pipeline`` (compress a model), ``finetune``.
+"""

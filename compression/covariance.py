@@ -1,0 +1,168 @@
+"""Input statistics of the layers to compress: streaming mean and covariance, and their files.
+
+For a conv layer the input vector is a patch (``F.unfold``: channel-major, then kernel
+rows and columns, the order of ``weight.view(T, -1)``), one per output position; for a
+linear layer it is the feature vector, one per token. Sums are kept in float64 so a long
+stream of batches loses no precision. A statistics file is keyed by layer name and
+records each layer's geometry, so one computed on one data set can compress the same
+model for another, and a file for other layers is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dpfl.errors import UsageError
+
+STATISTICS_FORMAT = "dpfl-covariance-v1"
+
+
+def layer_signature(module: nn.Module) -> dict[str, Any]:
+    """What fixes the meaning of a layer's input vector: two layers with equal
+    signatures can share statistics."""
+    if isinstance(module, nn.Conv2d):
+        return {
+            "kind": "conv",
+            "dim": module.in_channels * module.kernel_size[0] * module.kernel_size[1],
+            "kernel_size": list(module.kernel_size),
+            "stride": list(module.stride),
+            "padding": list(module.padding),
+            "dilation": list(module.dilation),
+        }
+    if isinstance(module, nn.Linear):
+        return {"kind": "linear", "dim": module.in_features}
+    raise TypeError(f"no input statistics for {type(module).__name__}")
+
+
+@dataclass
+class InputStatistics:
+    """Σx and Σxxᵀ over ``count`` input vectors of one layer."""
+
+    signature: dict[str, Any]
+    count: int
+    total: torch.Tensor  # (D,)
+    outer: torch.Tensor  # (D, D)
+
+    @classmethod
+    def empty(cls, signature: dict[str, Any]) -> InputStatistics:
+        dim = signature["dim"]
+        return cls(signature, 0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
+
+    def update(self, vectors: torch.Tensor) -> None:
+        vectors = vectors.detach().to(torch.float64)
+        self.count += vectors.shape[0]
+        self.total += vectors.sum(dim=0)
+        self.outer += vectors.T @ vectors
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[xxᵀ]."""
+        return self.outer / self.count
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """E[(x − μ)(x − μ)ᵀ]."""
+        mean = self.mean
+        return self.second_moment - torch.outer(mean, mean)
+
+
+def input_vectors(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The rows the layer multiplies by its weight matrix, as (N, D)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return inputs.reshape(-1, inputs.shape[-1])
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module, batches: Iterable, layer_names: list[str], max_batches: int
+) -> dict[str, InputStatistics]:
+    """Run ``model`` on up to ``max_batches`` batches (x or (x, y, ...)) and accumulate
+    the input statistics of the named layers with forward pre-hooks."""
+    statistics: dict[str, InputStatistics] = {}
+    handles = []
+    for name in layer_names:
+        module = model.get_submodule(name)
+        statistics[name] = InputStatistics.empty(layer_signature(module))
+
+        def hook(module: nn.Module, args: tuple, stats: InputStatistics = statistics[name]) -> None:
+            stats.update(input_vectors(module, args[0]))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for index, batch in enumerate(batches):
+            if index >= max_batches:
+                break
+            model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return statistics
+
+
+def save_statistics(path: str | Path, statistics: dict[str, InputStatistics], source: dict[str, Any]) -> None:
+    """One file: format tag, where the data came from (``source``), and per layer its
+    signature, sample count and float64 sums."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": STATISTICS_FORMAT,
+        "source": source,
+        "layers": {
+            name: {"signature": s.signature, "count": s.count, "total": s.total, "outer": s.outer}
+            for name, s in statistics.items()
+        },
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_statistics(path: str | Path) -> tuple[dict[str, InputStatistics], dict[str, Any]]:
+    """The per-layer statistics and the ``source`` record of a statistics file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"covariance file {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"covariance file {str(path)!r} is not readable ({err.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != STATISTICS_FORMAT:
+        raise UsageError(f"covariance file {str(path)!r} is not a dpfl covariance file ({STATISTICS_FORMAT})")
+    statistics = {
+        name: InputStatistics(entry["signature"], int(entry["count"]), entry["total"], entry["outer"])
+        for name, entry in payload["layers"].items()
+    }
+    return statistics, payload.get("source", {})
+
+
+def check_statistics(statistics: dict[str, InputStatistics], model: nn.Module, layer_names: list[str], path: str) -> None:
+    """Every layer to compress must be in the file with the same input geometry."""
+    missing = [name for name in layer_names if name not in statistics]
+    if missing:
+        raise UsageError(
+            f"covariance file {path!r} has no statistics for layer(s) {', '.join(missing)} "
+            f"(it covers {', '.join(statistics) or 'no layers'})"
+        )
+    for name in layer_names:
+        expected = layer_signature(model.get_submodule(name))
+        if statistics[name].signature != expected:
+            raise UsageError(
+                f"covariance file {path!r}: layer {name} was recorded as {statistics[name].signature}, "
+                f"but this model's layer is {expected}"
+            )

@@ -1,0 +1,32 @@
+"""Accuracy and short fine-tuning of a (compressed) classifier: plain torch loops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for inputs, labels in loader:
+        correct += int((model(inputs).argmax(dim=1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    return correct / total
+
+
+def finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> None:
+    """``epochs`` passes of Adam on the cross-entropy, all parameters trainable."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for inputs, labels in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+    model.eval()
