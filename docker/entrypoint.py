@@ -49,17 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like every other mistake here (argparse would print usage first).
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     roles = parser.add_subparsers(dest="role", required=True)
 
-    link = roles.add_parser("superlink", help="run the SuperLink")
+    link = roles.add_parser("superlink", allow_abbrev=False, help="run the SuperLink")
     link.add_argument("--certs", default="/certs", help="folder with ca.crt, server.crt, server.key")
     link.add_argument("--state-dir", default="/var/lib/dpfl", help="folder for the SuperLink database")
     link.add_argument("--insecure", action="store_true", default=INSECURE, help="no TLS and no SuperNode auth (local debugging)")
     link.set_defaults(run=run_superlink)
 
-    node = roles.add_parser("supernode", help="run one SuperNode")
+    node = roles.add_parser("supernode", allow_abbrev=False, help="run one SuperNode")
     node.add_argument("--superlink", required=True, help="SuperLink Fleet API address, host:port")
     node.add_argument("--partition-id", type=int, required=True)
     node.add_argument("--num-partitions", type=int, required=True)
@@ -69,14 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--insecure", action="store_true", default=INSECURE, help="no TLS and no SuperNode auth (local debugging)")
     node.set_defaults(run=run_supernode)
 
-    reg = roles.add_parser("register", help="register SuperNode public keys with the SuperLink")
+    reg = roles.add_parser("register", allow_abbrev=False, help="register SuperNode public keys with the SuperLink")
     reg.add_argument("--superlink", required=True, help="SuperLink Control API address, host:port")
     reg.add_argument("--certs", default="/certs", help="folder with ca.crt and one <name>.pub per SuperNode")
     reg.add_argument("--connect-timeout", type=float, default=float(os.environ.get("DPFL_CONNECT_TIMEOUT", 30)))
     reg.add_argument("--insecure", action="store_true", default=INSECURE, help="SuperNode auth is off: nothing to register")
     reg.set_defaults(run=run_register)
 
-    part = roles.add_parser("partition", help="write one node's partition of a data set")
+    part = roles.add_parser("partition", allow_abbrev=False, help="write one node's partition of a data set")
     part.add_argument("--partition-id", type=int, required=True)
     part.add_argument("--num-partitions", type=int, required=True)
     # Named as the run-config keys they match.
@@ -88,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--out", default="/data/partition.pt")
     part.set_defaults(run=run_partition)
 
-    health = roles.add_parser("healthcheck", help="exit 0 when host:port accepts TCP connections")
+    health = roles.add_parser("healthcheck", allow_abbrev=False, help="exit 0 when host:port accepts TCP connections")
     health.add_argument("address", nargs="?", default=f"127.0.0.1:{SUPERLINK_PORT}")
     health.set_defaults(run=run_healthcheck)
     return parser
