@@ -31,10 +31,16 @@ History = Sequence[tuple[float, float, int]]
 
 
 def _rdp(history: History, orders: np.ndarray | float) -> np.ndarray:
-    return sum(
-        np.atleast_1d(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
-        for sigma, q, steps in history
-    )
+    orders_key = tuple(np.atleast_1d(orders).tolist())
+    return sum(steps * _one_step_rdp(q, sigma, orders_key) for sigma, q, steps in history)
+
+
+# RDP composes additively, so one step's curve per (q, σ) serves every round count;
+# fractional orders cost a series evaluation each, which a run would otherwise repeat
+# every round.
+@lru_cache(maxsize=256)
+def _one_step_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    return np.atleast_1d(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)))
 
 
 def _to_dp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[float, float]:
