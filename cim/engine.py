@@ -50,6 +50,18 @@ class Distortion:
         self.tile_nf.extend(other.tile_nf)
 
 
+@dataclass
+class CellLoss:
+    """Current each cell of one tile loses to parasitics, summed over read cycles."""
+
+    total: torch.Tensor  # (T, T) amperes
+    cycles: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.cycles, 1)
+
+
 def _chunks(total: int, tile: Tile):
     step = max(1, CELLS_PER_CHUNK // tile.conductance.numel())
     return ((start, min(start + step, total)) for start in range(0, total, step))
@@ -81,11 +93,11 @@ def _tile_voltages(tile: Tile, planes: torch.Tensor, device: CrossbarDevice, dty
 
 def _solve_tile(
     tile: Tile, planes: torch.Tensor, device: CrossbarDevice, num_outputs: int,
-    dtype: torch.dtype, cell_loss: torch.Tensor | None = None,
+    dtype: torch.dtype, cell_loss: CellLoss | None = None,
 ) -> tuple[torch.Tensor, Distortion]:
     """Decoded outputs (B, num_outputs) of binary planes (B, n_rows) and their NF.
 
-    If given, ``cell_loss`` (T, T) accumulates the current each cell loses to parasitics.
+    If given, ``cell_loss`` accumulates the current each cell loses to parasitics.
     """
     conductance = tile.conductance.to(dtype)
     columns = tile.used_columns
@@ -96,7 +108,8 @@ def _solve_tile(
         real = solve_fixed_point(conductance, voltages, device.r_wordline, device.r_bitline)
         ideal = ideal_cell_currents(conductance, voltages)
         if cell_loss is not None:
-            cell_loss += (ideal - real).sum(0).double()
+            cell_loss.total += (ideal - real).sum(0).double()
+            cell_loss.cycles += stop - start
         real_columns, ideal_columns = real.sum(1), ideal.sum(1)
         outputs[start:stop] = _decode(tile, _adc(real_columns, device), num_outputs)
         ideal_used = ideal_columns[:, columns].double()
@@ -115,13 +128,13 @@ def _bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
-    dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, torch.Tensor] | None = None,
+    dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
     Negative inputs are a second pass with the magnitudes of the negative part,
     subtracted digitally. Identical bit-planes are solved once. ``cell_loss`` maps tile
-    indices to (T, T) accumulators of the current each cell loses.
+    indices to accumulators of the current each cell of that tile loses.
     """
     bits = device.activation_bits
     result = torch.zeros(x.shape[0], num_outputs, dtype=torch.float64)
@@ -180,4 +193,4 @@ def effective_weights(
     return weights
 
 
-__all__ = ["Distortion", "attenuation_map", "effective_weights", "simulate_matmul"]
+__all__ = ["CellLoss", "Distortion", "attenuation_map", "effective_weights", "simulate_matmul"]

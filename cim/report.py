@@ -1,0 +1,184 @@
+"""The deployment study behind ``dpfl deploy``: distortion per layer for both mappings,
+accuracy of the digital and analog models, NF against tile size, and plots.
+
+NF is pooled at every level: the mean over all (read cycle, mapped column) pairs with
+non-zero ideal current of a tile, a layer, or the whole model. Output error is the
+relative L2 error of a layer's shift-added integer output against the exact integer
+product; the model's is the mean over layers. Both are always reported together:
+driving from the LSB side lowers NF but moves the MSB columns away from the drivers,
+which can raise the weighted output error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.engine import CellLoss, Distortion, simulate_matmul
+from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
+from dpfl.cim.model import InputStatistics, mappable_layers, to_crossbars, weight_matrix
+
+SWEEP_TILE_SIZES = (64, 128, 256, 512)
+
+
+@dataclass
+class LayerDistortion:
+    name: str
+    tiles: int
+    nf: float
+    output_error: float
+
+
+@dataclass
+class ModelDistortion:
+    mapping: str
+    tile_size: int
+    nf: float
+    output_error: float
+    layers: list[LayerDistortion] = field(default_factory=list)
+
+
+def _layer_distortion(
+    layer: nn.Module, statistics: InputStatistics, device: CrossbarDevice, mapping: str,
+    cell_loss: dict[int, CellLoss] | None = None,
+) -> tuple[int, Distortion, float]:
+    q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
+    tiles = map_matrix(q, device, mapping, statistics.row_density)
+    analog, distortion = simulate_matmul(tiles, statistics.sample, q.shape[0], device, cell_loss=cell_loss)
+    exact = statistics.sample.double() @ q.T.double()
+    error = float((analog - exact).norm() / exact.norm()) if exact.any() else 0.0
+    return len(tiles), distortion, error
+
+
+def model_distortion(
+    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, mapping: str
+) -> ModelDistortion:
+    """NF and output error of every layer on its sampled calibration inputs."""
+    pooled = Distortion()
+    layers = []
+    for name, layer in mappable_layers(model).items():
+        tiles, distortion, error = _layer_distortion(layer, statistics[name], device, mapping)
+        pooled.add(distortion)
+        layers.append(LayerDistortion(name, tiles, distortion.nf, error))
+    mean_error = sum(layer.output_error for layer in layers) / len(layers)
+    return ModelDistortion(mapping, device.tile_size, pooled.nf, mean_error, layers)
+
+
+def tile_current_loss(
+    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, layer_name: str
+) -> dict[str, torch.Tensor]:
+    """Mean current lost per cell and read cycle in the first tile of ``layer_name``,
+    for each mapping (the same weights and inputs, placed differently)."""
+    layer = mappable_layers(model)[layer_name]
+    losses = {}
+    for mapping in MAPPINGS:
+        loss = {0: CellLoss(torch.zeros(device.tile_size, device.tile_size, dtype=torch.float64))}
+        _layer_distortion(layer, statistics[layer_name], device, mapping, cell_loss=loss)
+        losses[mapping] = loss[0].mean
+    return losses
+
+
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 128) -> float:
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for images, labels in DataLoader(data, batch_size=batch_size):
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += labels.numel()
+    return correct / total
+
+
+@dataclass
+class DeployReport:
+    device: dict
+    mapping: str
+    mode: str
+    accuracy: dict[str, float]
+    distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping
+    sweep: list[ModelDistortion]  # every tile size of SWEEP_TILE_SIZES, both mappings
+    heatmap_layer: str
+    context: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_study(
+    model: nn.Module, statistics: dict[str, InputStatistics], test_data: Dataset,
+    device: CrossbarDevice, mapping: str, mode: str, seed: int,
+    progress=lambda message: None,
+) -> tuple[DeployReport, dict[str, torch.Tensor]]:
+    """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map."""
+    distortion = {}
+    for name in MAPPINGS:
+        progress(f"distortion per layer, {name} mapping, tile {device.tile_size}")
+        distortion[name] = model_distortion(model, statistics, device, name)
+    sweep = []
+    for size in SWEEP_TILE_SIZES:
+        sized = dataclasses.replace(device, tile_size=size)
+        for name in MAPPINGS:
+            progress(f"NF sweep, tile {size}, {name} mapping")
+            sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name))
+    progress("accuracy: digital, quantised, analog")
+    scores = {"digital": accuracy(model, test_data)}
+    scores["quantised"] = accuracy(to_crossbars(model, statistics, device, mapping, "ideal", seed), test_data)
+    for name in MAPPINGS:
+        progress(f"accuracy: analog ({mode}), {name} mapping")
+        scores[f"analog_{name}"] = accuracy(to_crossbars(model, statistics, device, name, mode, seed), test_data)
+    worst = max(distortion["naive"].layers, key=lambda layer: layer.nf)
+    losses = tile_current_loss(model, statistics, device, worst.name)
+    report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, sweep, worst.name)
+    return report, losses
+
+
+def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path) -> list[Path]:
+    """Write report.json, nf_vs_tile.png and cell_loss.png into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "nf_vs_tile.png", out / "cell_loss.png"]
+    paths[0].write_text(json.dumps(report.to_json(), indent=2))
+
+    fig, (ax_nf, ax_err) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in MAPPINGS:
+        points = [entry for entry in report.sweep if entry.mapping == name]
+        sizes = [entry.tile_size for entry in points]
+        ax_nf.plot(sizes, [entry.nf for entry in points], marker="o", label=name)
+        ax_err.plot(sizes, [entry.output_error for entry in points], marker="o", label=name)
+    for ax, label in ((ax_nf, "non-ideality factor (NF)"), (ax_err, "relative output error")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(SWEEP_TILE_SIZES), [str(size) for size in SWEEP_TILE_SIZES])
+        ax.set_xlabel("tile size (rows = columns)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Parasitic distortion against tile size")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    top = max(float(loss.max()) for loss in losses.values()) * 1e9 or 1.0
+    for ax, name in zip(axes, MAPPINGS):
+        image = ax.imshow(losses[name].numpy() * 1e9, cmap="magma", vmin=0, vmax=top)
+        ax.set_title(f"{name}")
+        ax.set_xlabel("column (drivers at 0)")
+        ax.set_ylabel("row (sense amplifiers below)")
+    fig.colorbar(image, ax=axes, label="mean current lost per read cycle (nA)")
+    fig.suptitle(f"Per-cell current loss, first tile of {report.heatmap_layer}")
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+__all__ = ["SWEEP_TILE_SIZES", "DeployReport", "ModelDistortion", "accuracy", "model_distortion", "run_study", "save_report"]

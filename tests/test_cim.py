@@ -1,0 +1,247 @@
+"""Unit tests of the simulated compute-in-memory device (dpfl.cim)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpfl.cim.circuit import NodalSolver, solve_fixed_point
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul
+from dpfl.cim.mapping import map_matrix, quantise_weights, slice_magnitudes
+from dpfl.cim.model import calibrate, mappable_layers, to_crossbars
+from dpfl.errors import UsageError
+from dpfl.task.data import load_dataset
+
+IDEAL = CrossbarDevice(tile_size=32, r_wordline=0.0, r_bitline=0.0)
+
+
+def random_tile(rng: np.random.Generator, rows: int, cols: int, r_on: float, r_off: float) -> np.ndarray:
+    return np.where(rng.random((rows, cols)) < 0.3, 1 / r_on, 1 / r_off)
+
+
+def bell_shaped_integers(generator: torch.Generator, outputs: int, inputs: int, bits: int = 8) -> torch.Tensor:
+    weights = torch.distributions.Laplace(0.0, 1.0).sample((outputs, inputs))
+    return quantise_weights(weights.double(), bits)[0]
+
+
+@pytest.mark.parametrize("size", [8, 16, 33, 64])
+@pytest.mark.parametrize(
+    "r_on, r_off, r_wordline, r_bitline",
+    [(100e3, 10e6, 1.0, 1.0), (10e3, 1e6, 2.0, 2.0), (100e3, 10e6, 5.0, 0.5), (50e3, 5e6, 0.0, 3.0), (50e3, 5e6, 3.0, 0.0)],
+)
+def test_fixed_point_matches_exact_nodal_solve(size, r_on, r_off, r_wordline, r_bitline):
+    rng = np.random.default_rng(size)
+    conductance = random_tile(rng, size, size, r_on, r_off)
+    voltages = np.where(rng.random((6, size)) < 0.5, 0.2, 0.0)
+    exact = NodalSolver(conductance, r_wordline, r_bitline).cell_currents(voltages)
+    fast = solve_fixed_point(torch.tensor(conductance), torch.tensor(voltages), r_wordline, r_bitline).numpy()
+    assert np.abs(fast - exact).max() <= 1e-6 * np.abs(exact).max()
+    exact_columns, fast_columns = exact.sum(1), fast.sum(1)
+    assert np.abs(fast_columns - exact_columns).max() <= 1e-6 * np.abs(exact_columns).max()
+    ideal = voltages @ conductance
+    assert (exact_columns < ideal + 1e-15).all()  # parasitics only ever lose current
+
+
+def test_zero_wire_resistance_is_ideal():
+    rng = np.random.default_rng(0)
+    conductance = random_tile(rng, 16, 16, 100e3, 10e6)
+    voltages = np.where(rng.random((4, 16)) < 0.5, 0.2, 0.0)
+    ideal = voltages[:, :, None] * conductance[None]
+    assert np.array_equal(NodalSolver(conductance, 0.0, 0.0).cell_currents(voltages), ideal)
+    fast = solve_fixed_point(torch.tensor(conductance), torch.tensor(voltages), 0.0, 0.0)
+    assert torch.equal(fast, torch.tensor(ideal))
+
+
+def test_zero_wire_resistance_nf_is_zero_and_output_is_digital():
+    generator = torch.Generator().manual_seed(0)
+    q = bell_shaped_integers(generator, 6, 50)
+    x = torch.randint(-255, 256, (12, 50), generator=generator)
+    for mapping in ("naive", "mdm"):
+        tiles = map_matrix(q, IDEAL, mapping)
+        output, distortion = simulate_matmul(tiles, x, 6, IDEAL, dtype=torch.float64)
+        assert distortion.count > 0 and distortion.nf == 0.0
+        torch.testing.assert_close(output, (x @ q.T).double(), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(effective_weights(tiles, None, 6, 50, IDEAL), q.double(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits_per_cell", [1, 2, 4])
+def test_quantise_slice_shift_add_reproduces_integer_matmul(bits_per_cell):
+    device = CrossbarDevice(tile_size=64, bits_per_cell=bits_per_cell)
+    generator = torch.Generator().manual_seed(bits_per_cell)
+    q = bell_shaped_integers(generator, 7, 40)
+    x = torch.randint(0, 256, (9, 40), generator=generator)
+    positive = slice_magnitudes(q.clamp_min(0), device)
+    negative = slice_magnitudes((-q).clamp_min(0), device)
+    product = torch.zeros(9, 7, dtype=torch.int64)
+    for bit, plane in enumerate(_bit_planes(x, 8)):
+        for s in range(device.cells_per_weight):
+            product += (plane @ (positive[..., s] - negative[..., s]).T) << (bit + s * bits_per_cell)
+    assert torch.equal(product, x @ q.T)
+
+
+def test_mdm_row_permutation_leaves_ideal_result_unchanged():
+    generator = torch.Generator().manual_seed(1)
+    q = bell_shaped_integers(generator, 5, 70)
+    x = torch.randint(0, 256, (8, 70), generator=generator)
+    density = torch.rand(70, generator=generator)
+    naive = map_matrix(q, IDEAL, "naive")
+    mdm = map_matrix(q, IDEAL, "mdm", density)
+    assert any(not torch.equal(a.row_input, b.row_input) for a, b in zip(naive, mdm))
+    for tile in mdm:
+        used = tile.row_input[tile.used_rows]
+        assert torch.equal(used.sort().values, torch.arange(int(used.min()), int(used.max()) + 1))
+    expected = (x @ q.T).double()
+    for tiles in (naive, mdm):
+        torch.testing.assert_close(simulate_matmul(tiles, x, 5, IDEAL, dtype=torch.float64)[0], expected)
+
+
+def _nf(device: CrossbarDevice, q: torch.Tensor, x: torch.Tensor, mapping: str = "naive") -> float:
+    return simulate_matmul(map_matrix(q, device, mapping), x, q.shape[0], device)[1].nf
+
+
+def test_nf_grows_with_tile_size_and_wire_resistance():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (4, 128), generator=generator)
+    sizes = [16, 32, 64, 128]
+    # One tile per size: as many rows as the tile and enough outputs to fill its columns.
+    by_size = [_nf(CrossbarDevice(tile_size=n), bell_shaped_integers(generator, n // 16, n), x[:, :n]) for n in sizes]
+    assert all(a < b for a, b in zip(by_size, by_size[1:])), by_size
+    q = bell_shaped_integers(generator, 4, 64)
+    by_wire = [_nf(CrossbarDevice(tile_size=64, r_wordline=r, r_bitline=r), q, x[:, :64]) for r in (0.25, 0.5, 1, 2, 4)]
+    assert all(a < b for a, b in zip(by_wire, by_wire[1:])), by_wire
+
+
+def test_single_cell_loses_more_current_farther_from_drivers_and_sense_amplifiers():
+    size, device = 32, CrossbarDevice(tile_size=32)
+    loss = {}
+    for row, col in [(31, 0), (20, 10), (0, 31)]:
+        conductance = torch.full((size, size), device.g_off, dtype=torch.float64)
+        conductance[row, col] = device.g_on
+        voltages = torch.zeros(1, size, dtype=torch.float64)
+        voltages[0, row] = device.read_voltage
+        real = solve_fixed_point(conductance, voltages, 1.0, 1.0)[0, row, col]
+        loss[(col + 1) + (size - row)] = 1 - float(real) / (device.read_voltage * device.g_on)
+    distances = sorted(loss)
+    assert all(loss[a] < loss[b] for a, b in zip(distances, distances[1:]))
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    """A two-layer perceptron trained on digits for a second: bell-shaped weights."""
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    images, labels = data.train.tensors
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(8):
+        for start in range(0, len(images), 128):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(images[start : start + 128]), labels[start : start + 128]).backward()
+            optimiser.step()
+    return model.eval(), images[:64]
+
+
+def test_mdm_nf_not_above_naive_on_trained_weights(trained_mlp):
+    model, images = trained_mlp
+    device = CrossbarDevice(tile_size=64)
+    statistics = calibrate(model, images, device, 16, torch.Generator().manual_seed(0))
+    for name, layer in mappable_layers(model).items():
+        q, _ = quantise_weights(layer.weight.detach().double(), device.weight_bits)
+        x = statistics[name].sample
+        naive = simulate_matmul(map_matrix(q, device, "naive"), x, q.shape[0], device)[1]
+        mdm = simulate_matmul(map_matrix(q, device, "mdm", statistics[name].row_density), x, q.shape[0], device)[1]
+        assert mdm.nf <= naive.nf, (name, mdm.nf, naive.nf)
+        assert all(m <= n for m, n in zip(mdm.tile_nf, naive.tile_nf)), (name, mdm.tile_nf, naive.tile_nf)
+
+
+class GroupedConvNet(nn.Module):
+    """The layer shapes a compressed model is made of: 1x1, k x 1 / 1 x k depthwise, grouped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, (3, 1), padding=(1, 0), groups=4, bias=False),
+            nn.Conv2d(4, 4, (1, 3), padding=(0, 1), groups=4, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_grouped_and_depthwise_convs_map_exactly():
+    torch.manual_seed(0)
+    model = GroupedConvNet().eval()
+    images = torch.randn(6, 1, 8, 8)
+    device = CrossbarDevice(tile_size=16, r_wordline=0.0, r_bitline=0.0)
+    statistics = calibrate(model, images, device, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        digital = model(images)
+        quantised = to_crossbars(model, statistics, device, "mdm", "ideal")(images)
+        analog = to_crossbars(model, statistics, device, "mdm", "exact")(images)
+        fast = to_crossbars(model, statistics, device, "naive", "fast")(images)
+    torch.testing.assert_close(analog, quantised, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, quantised, rtol=1e-4, atol=1e-5)
+    assert float((quantised - digital).norm() / digital.norm()) < 0.02
+    # The depthwise layer's off-diagonal blocks are never programmed: one output per
+    # tile (16 columns = 8 bits x 2), so 4 tiles rather than one per (row, output) block.
+    depthwise = to_crossbars(model, statistics, device, "naive", "ideal").body[2]
+    assert len(depthwise.tiles) == 4
+
+
+def test_fast_mode_tracks_exact_mode_on_a_small_model(trained_mlp):
+    model, images = trained_mlp
+    # A lossy device, so the distortion is large enough to compare.
+    device = CrossbarDevice(tile_size=64, r_on=20e3, r_off=2e6, r_wordline=2.0, r_bitline=2.0)
+    statistics = calibrate(model, images, device, 8, torch.Generator().manual_seed(0))
+    test = images[:16]
+    with torch.no_grad():
+        ideal, fast, exact = (to_crossbars(model, statistics, device, "mdm", mode)(test) for mode in ("ideal", "fast", "exact"))
+    fast_error = float((fast - exact).norm() / exact.norm())
+    ideal_error = float((ideal - exact).norm() / exact.norm())
+    assert ideal_error > 0.01  # the device really distorts
+    assert fast_error < 0.5 * ideal_error, (fast_error, ideal_error)
+    assert (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tile_size": 1}, "tile size 1"),
+        ({"tile_size": 8}, "does not fit"),
+        ({"tile_size": 32, "bits_per_cell": 3}, "bits per cell 3"),
+        ({"r_on": 0.0}, "r_on"),
+        ({"r_off": -5.0}, "r_off"),
+        ({"r_on": 1e6, "r_off": 1e6}, "larger than r_on"),
+        ({"r_wordline": -1.0}, "r_wordline"),
+        ({"adc_bits": 0}, "adc_bits"),
+    ],
+)
+def test_bad_device_parameters_are_one_line_usage_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message) as raised:
+        CrossbarDevice(**kwargs)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (nn.Sequential(nn.Conv1d(1, 2, 3)), r"layer '0' \(Conv1d\)"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), r"layer '0' \(Conv2d\): padding mode 'reflect'"),
+        (nn.Sequential(nn.MultiheadAttention(8, 2)), r"layer '0' \(MultiheadAttention\): attention"),
+        (nn.Sequential(nn.ReLU()), "no Conv2d or Linear"),
+    ],
+)
+def test_unmappable_layers_are_named_in_one_line(model, message):
+    with pytest.raises(UsageError, match=message) as raised:
+        mappable_layers(model)
+    assert "\n" not in str(raised.value)
