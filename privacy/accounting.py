@@ -6,6 +6,9 @@ Thm. 21). What is added here: after Opacus's order grid, the best order is refin
 by a bounded scalar minimisation between its grid neighbours (any order gives a
 valid bound, so the minimum over a continuum is as sound as over a grid and never
 larger). Flower's ``RdpAccountant`` stops at its fixed grid.
+
+This module also holds the registry of client-level accountants (``rdp`` here,
+``prv`` and ``pld`` in :mod:`dpfl.privacy.accountants`) and calibration for each.
 """
 
 from __future__ import annotations
@@ -21,13 +24,11 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy.optimize import brentq, minimize_scalar
 
 from dpfl.errors import UsageError
+from dpfl.privacy.accountants import Accountant, History, HistoryKey, PLDClientAccountant, PRVClientAccountant
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80.0, 128.0, 256.0, 512.0)
 # Noise multipliers searched by calibration.
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e3
-
-# (noise multiplier, sample rate, number of rounds), as in Opacus's accountant history.
-History = Sequence[tuple[float, float, int]]
 
 
 def _rdp(history: History, orders: np.ndarray | float) -> np.ndarray:
@@ -94,64 +95,75 @@ def epsilon_for(
     return epsilon_of_history([(noise_multiplier, sample_rate, rounds)], delta, refine=refine)
 
 
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
-    """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``."""
-    if not target_epsilon > 0:
-        raise UsageError(f"target epsilon must be > 0, got {target_epsilon}")
-
-    def excess(sigma: float) -> float:
-        return epsilon_for(sigma, sample_rate, rounds, delta)[0] - target_epsilon
-
-    if excess(MAX_NOISE_MULTIPLIER) > 0:
-        raise UsageError(
-            f"target epsilon {target_epsilon} cannot be reached in {rounds} rounds at sample rate "
-            f"{sample_rate} with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}"
-        )
-    if excess(MIN_NOISE_MULTIPLIER) <= 0:
-        return MIN_NOISE_MULTIPLIER
-    sigma = brentq(excess, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER, rtol=1e-6)
-    # brentq may land a hair on the wrong side of the root: step up until within budget.
-    while excess(sigma) > 0:
-        sigma *= 1 + 1e-4
-    return float(sigma)
-
-
-class ClientLevelAccountant:
-    """Opacus's RDP accountant with one step per round and a refined order search.
-
-    The history is Opacus's, so ``state_dict`` round-trips through JSON and a run
-    can be resumed with its full privacy ledger.
-    """
+class RDPClientAccountant(Accountant):
+    """Opacus's RDP analysis with one step per round and a refined order search."""
 
     mechanism = "rdp"
 
     def __init__(self, delta: float, refine: bool = True) -> None:
-        self.delta = delta
+        super().__init__(delta)
         self.refine = refine
-        self._opacus = RDPAccountant()
 
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return list(self._opacus.history)
-
-    def step(self, noise_multiplier: float, sample_rate: float) -> None:
-        self._opacus.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-
-    def privacy_spent(self) -> tuple[float, float]:
-        return epsilon_of_history(self.history, self.delta, refine=self.refine)
-
-    def epsilon(self) -> float:
-        return self.privacy_spent()[0]
-
-    def epsilon_after_step(self, noise_multiplier: float, sample_rate: float) -> float:
-        """ε if one more round were released, without recording it."""
-        projected = [*self.history, (noise_multiplier, sample_rate, 1)]
-        return epsilon_of_history(projected, self.delta, refine=self.refine)[0]
+    def _privacy_spent(self, history: HistoryKey) -> tuple[float, float]:
+        return epsilon_of_history(history, self.delta, refine=self.refine)
 
     def state_dict(self) -> dict:
-        return {"delta": self.delta, "refine": self.refine, "history": [list(h) for h in self.history]}
+        return {**super().state_dict(), "refine": self.refine}
 
     def load_state_dict(self, state: dict) -> None:
-        self.delta = float(state["delta"])
+        super().load_state_dict(state)
         self.refine = bool(state["refine"])
-        self._opacus.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+
+# The RDP accountant under the name the platform has used for it.
+ClientLevelAccountant = RDPClientAccountant
+
+ACCOUNTANTS: dict[str, type[Accountant]] = {
+    "rdp": RDPClientAccountant,
+    "prv": PRVClientAccountant,
+    "pld": PLDClientAccountant,
+}
+
+
+def create_accountant(name: str, delta: float) -> Accountant:
+    """A fresh client-level accountant of the kind ``name`` (a key of :data:`ACCOUNTANTS`)."""
+    if name not in ACCOUNTANTS:
+        raise UsageError(f"unknown accountant {name!r}; known accountants: {', '.join(ACCOUNTANTS)}")
+    return ACCOUNTANTS[name](delta)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp"
+) -> float:
+    """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``."""
+    if not target_epsilon > 0:
+        raise UsageError(f"target epsilon must be > 0, got {target_epsilon}")
+    spent = create_accountant(accountant, delta).spent
+
+    def excess(sigma: float) -> float:
+        return spent([(sigma, sample_rate, rounds)])[0] - target_epsilon
+
+    if accountant == "rdp":
+        low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+        if excess(high) > 0:
+            raise UsageError(
+                f"target epsilon {target_epsilon} cannot be reached in {rounds} rounds at sample rate "
+                f"{sample_rate} with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}"
+            )
+    else:
+        # PRV and PLD bound ε more tightly than RDP, so RDP's σ meets the target and the
+        # search brackets the answer below it: these accountants get slow at small σ.
+        # The guard covers their small numerical error.
+        high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds)
+        while excess(high) > 0:
+            high *= 1.01
+        low = max(high / 2, MIN_NOISE_MULTIPLIER)
+        while excess(low) <= 0 and low > MIN_NOISE_MULTIPLIER:
+            low = max(low / 2, MIN_NOISE_MULTIPLIER)
+    if excess(low) <= 0:
+        return low
+    sigma = brentq(excess, low, high, rtol=1e-6)
+    # brentq may land a hair on the wrong side of the root: step up until within budget.
+    while excess(sigma) > 0:
+        sigma *= 1 + 1e-4
+    return float(sigma)
