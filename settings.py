@@ -21,6 +21,7 @@ class RunSettings:
     num_server_rounds: int = 40
     num_clients: int = 400
     strategy: str = "dp-fedpgn"
+    strategy_options: str = ""
     # Task
     model: str = "resnet10"
     model_width: int = 8
@@ -37,6 +38,7 @@ class RunSettings:
     sample_rate: float = 0.25
     delta: float = 1e-5
     noise_placement: str = "server"
+    clipping: str = "flat"
     # Local training
     lr: float = 0.3
     lr_decay: float = 0.998
@@ -72,6 +74,7 @@ class RunSettings:
 
     def validate(self) -> None:
         from dpfl.privacy.noise import NOISE_PLACEMENTS
+        from dpfl.strategies.base import CLIPPING_MODES
         from dpfl.task.data import DATASET_NAMES
         from dpfl.task.models import MODEL_BUILDERS
         from dpfl.task.partition import PARTITION_SCHEMES
@@ -82,6 +85,7 @@ class RunSettings:
         _one_of("dataset", self.dataset, DATASET_NAMES)
         _one_of("partition", self.partition, PARTITION_SCHEMES)
         _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)
+        _one_of("clipping", self.clipping, CLIPPING_MODES)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         if self.target_epsilon == 0:
             _positive("noise-multiplier", self.noise_multiplier)

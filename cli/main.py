@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dpfl import __version__
@@ -16,7 +17,10 @@ from dpfl.errors import UsageError
 
 SUBCOMMAND_MODULES = (
     "dpfl.cli.simulate",
+    "dpfl.cli.strategies",
     "dpfl.cli.privacy",
+    "dpfl.cli.compress",
+    "dpfl.cli.compress",
 )
 
 
@@ -44,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Strategy plugins given as module:Class are looked up from the current
+    # directory too, as `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

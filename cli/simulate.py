@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dpfl.cli.options import non_negative_float, open_unit, positive_float, positive_int, probability
 from dpfl.errors import UsageError
-from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, holds_run
+from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings
+from dpfl.strategies.base import PAPER_MODE_WARNING
 
 DEFAULTS = RunSettings()
 FLOWER_LOG = "flower.log"
@@ -40,6 +41,7 @@ OPTIONS = [
     ("--delta", "delta", open_unit, "delta of the (epsilon, delta) guarantee"),
     ("--max-epsilon", "max_epsilon", non_negative_float, "stop before a round would exceed this epsilon (0 = no budget)"),
     ("--noise", "noise_placement", str, "add the noise on the 'server' or split it across sampled 'client's"),
+    ("--clipping", "clipping", str, "flat (sound DP) or paper (the reference code's clipping: NO DP guarantee)"),
     ("--lr", "lr", positive_float, "initial local learning rate"),
     ("--lr-decay", "lr_decay", positive_float, "learning-rate decay per round"),
     ("--local-epochs", "local_epochs", positive_int, "local epochs over a nominal client's data"),
@@ -66,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
     noise.add_argument("--target-epsilon", type=positive_float, default=None,
                        help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/<strategy>-<time>)")
     parser.add_argument("--engine", choices=ENGINES, default="flower",
                         help="flower: Flower's local simulation (SuperLink, Ray); in-process: the same apps "
@@ -76,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     values = {field: getattr(args, field) for _, field, _, _ in OPTIONS}
+    values["strategy_options"] = " ".join(args.strategy_options)
     if args.target_epsilon is not None:
         values["target_epsilon"] = args.target_epsilon
     elif args.noise_multiplier is not None:
@@ -86,11 +91,11 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
     settings.validate()
     from dpfl.client.data import cached_dataset
-    from dpfl.strategies import get_strategy_class
+    from dpfl.strategies import get_strategy_class, smoke_test_strategy
     from dpfl.task.data import load_dataset
     from dpfl.task.partition import partition_indices
 
-    get_strategy_class(settings.strategy)
+    smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
     # Fail here, in one line, rather than inside every simulated node.
     if args.download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
@@ -104,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
+    if settings.clipping == "paper":
+        console.print(f"[bold red]WARNING[/]: {PAPER_MODE_WARNING}")
     console.print(
         f"[bold]dpfl simulate[/]: {settings.strategy} on {settings.dataset} with {settings.model} "
         f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]the run failed[/]: {failure or 'no summary was written'}")
         return 1
     summary = json.loads(summary_file.read_text())
-    epsilon = f"{summary['epsilon']:.3f}" if summary["epsilon"] is not None else "not valid"
+    epsilon = format_epsilon(summary["epsilon"])
     console.print(
         f"[bold]{summary['outcome']}[/]: {summary['rounds-completed']} rounds, final accuracy "
         f"{summary['final-accuracy']:.4f} (best {summary['best-accuracy']:.4f}), epsilon "
@@ -198,6 +205,6 @@ def _show_round(row: dict, settings: RunSettings, progress: Progress, task) -> N
     progress.update(task, completed=row["round"], description=f"round {row['round']}")
     progress.console.print(
         f"round {row['round']:>3}/{settings.num_server_rounds}  accuracy {row['accuracy']:.4f}  "
-        f"loss {row['loss']:.4f}  epsilon {row['epsilon']:.3f}  clients {row['sampled']:>3}  "
+        f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  clients {row['sampled']:>3}  "
         f"{row['round-time']:.1f} s"
     )

@@ -25,7 +25,7 @@ def train(msg: Message, context: Context) -> Message:
         for key, record in msg.content.array_records.items()
         if key != ARRAYS_KEY
     }
-    rule = get_strategy_class(str(config["strategy"])).local_update_rule(config, records)
+    rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
     model = partition.spec.build()
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     # A distinct, reproducible stream per (run seed, round, node) for shuffling and noise.
@@ -42,6 +42,9 @@ def train(msg: Message, context: Context) -> Message:
         clip_norm=float(config["clip-norm"]),
         client_noise_std=float(config["client-noise-std"]),
         generator=generator,
+        clipping=str(config["clipping"]),
+        noise_multiplier=float(config["noise-multiplier"]),
+        sample_size=int(config["sample-size"]),
     )
     metrics = MetricRecord(
         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dpfl.privacy.clipping import flat_clip
+from dpfl.privacy.clipping import flat_clip, global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.noise import add_gaussian_noise
 from dpfl.strategies.base import LocalUpdateRule, Tensors
 
@@ -71,8 +72,16 @@ def train_private_update(
     clip_norm: float,
     client_noise_std: float,
     generator: torch.Generator,
+    clipping: str = "flat",
+    noise_multiplier: float = 0.0,
+    sample_size: int = 1,
 ) -> PrivateUpdate:
-    """Train from the model's current weights x and return the clipped private part of Δ."""
+    """Train from the model's current weights x and return the clipped private part of Δ.
+
+    ``clip_norm`` 0 means no clipping (a strategy without DP). ``clipping="paper"``
+    is the reference code's per-tensor median clipping with per-tensor client noise
+    σ·C_i/√m (no formal guarantee).
+    """
     start = {name: t.detach().clone() for name, t in model.state_dict().items()}
     loss = local_sgd(
         model, cycle_batches(dataset, batch_size, generator), rule, steps, lr, weight_decay, grad_clip
@@ -81,7 +90,13 @@ def train_private_update(
     delta = {name: start[name] - end[name].detach() for name in start}
     public = rule.public_part(steps, lr)
     private = delta if public is None else {name: delta[name] - public[name] for name in delta}
-    clipped, norm = flat_clip(private, clip_norm)
+    if clipping == "paper":
+        clipped, median_norm, norm = per_tensor_median_clip(private)
+        client_noise_std = noise_multiplier * median_norm / math.sqrt(sample_size)
+    elif clip_norm > 0:
+        clipped, norm = flat_clip(private, clip_norm)
+    else:
+        clipped, norm = private, global_l2_norm(private)
     return PrivateUpdate(
         update=add_gaussian_noise(clipped, client_noise_std, generator),
         norm_before_clip=norm,

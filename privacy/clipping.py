@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 Tensors = Mapping[str, torch.Tensor]
@@ -25,3 +26,18 @@ def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tenso
     norm = global_l2_norm(tensors)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {name: t * scale for name, t in tensors.items()}, norm
+
+
+def per_tensor_median_clip(tensors: Tensors) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The DP-FedPGN reference code's clipping, kept to reproduce its numbers.
+
+    Each tensor is clipped to C_i, the median of this client's per-tensor norms.
+    C_i depends on the client's data and the sensitivity is √L·C_i for L tensors,
+    so this has no formal DP guarantee. Returns (clipped, C_i, global norm before).
+    """
+    norms = {name: float(torch.linalg.vector_norm(t.double())) for name, t in tensors.items()}
+    clip_norm = float(np.median(list(norms.values())))
+    clipped = {
+        name: t * (min(1.0, clip_norm / norms[name]) if norms[name] > 0 else 1.0) for name, t in tensors.items()
+    }
+    return clipped, clip_norm, global_l2_norm(tensors)

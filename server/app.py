@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+import math
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -15,10 +16,10 @@ from dpfl.errors import UsageError
 from dpfl.privacy.accounting import calibrate_noise_multiplier
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.server.evaluation import evaluate
-from dpfl.server.recorder import RunRecorder
+from dpfl.server.recorder import RunRecorder, format_epsilon
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import BudgetExhausted
+from dpfl.strategies.base import PAPER_MODE_WARNING, BudgetExhausted
 
 # How long to wait for the federation's nodes to connect, and how often to look.
 NODE_WAIT_TIMEOUT_S = 600.0
@@ -64,21 +65,28 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     )
     recorder = RunRecorder(
         settings.out_dir,
-        {**settings.to_run_config(), "resolved-noise-multiplier": noise_multiplier, "local-steps": local_steps},
+        {
+            **settings.to_run_config(),
+            "resolved-noise-multiplier": noise_multiplier,
+            "local-steps": local_steps,
+            "epsilon-valid": strategy.epsilon_valid,
+        },
     )
     log(INFO, "dpfl: writing run records to %s", recorder.out_dir)
+    if strategy.private and not strategy.epsilon_valid:
+        log(WARNING, "dpfl: %s", PAPER_MODE_WARNING)
     latest = {"arrays": ArrayRecord(model.state_dict())}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         latest["arrays"] = arrays
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, data.test)
-        train_metrics = strategy.last_metrics if server_round > 0 else {"epsilon": 0.0, "sampled": 0}
+        train_metrics = strategy.last_metrics if server_round > 0 else {"epsilon": 0.0 if strategy.epsilon_valid else math.nan, "sampled": 0}
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
         log(
             INFO,
-            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %.3f (delta %g), %d clients, %.1f s",
-            server_round, settings.num_server_rounds, accuracy, loss, row["epsilon"], settings.delta,
+            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g), %d clients, %.1f s",
+            server_round, settings.num_server_rounds, accuracy, loss, format_epsilon(row["epsilon"]), settings.delta,
             row["sampled"], row["round-time"],
         )  # fmt: skip
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -101,5 +109,5 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         settings.dataset,
         latest["arrays"].to_torch_state_dict(),
         outcome,
-        {"noise-multiplier": noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy},
+        {"noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy},
     )

@@ -86,6 +86,8 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": os.pathsep.join([_environment_bin(), os.environ.get("PATH", "")]),
+        # Strategy plugins (module:Class) in the current directory import in every process.
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH", "")])),
         "FLWR_HOME": str(flower_home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),

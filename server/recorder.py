@@ -9,6 +9,7 @@ multiplier and K), ``final_model.pt`` (a ``dpfl.task.checkpoint`` file) and
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_MODEL_FILE = "final_model.pt"
+
+
+def format_epsilon(epsilon: float | None) -> str:
+    """ε as recorded: None where it is not a valid DP guarantee."""
+    return "not valid" if epsilon is None else f"{epsilon:.3f}"
 
 
 def holds_run(path: Path) -> bool:
@@ -49,6 +55,8 @@ class RunRecorder:
 
     def record_round(self, row: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
+        # NaN (an epsilon that is not valid, a loss with no client) is null in JSON.
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         row = {**row, "round-time": now - self._last, "wall-time": now - self.started}
         self._last = now
         self.rounds.append(row)
@@ -68,6 +76,7 @@ class RunRecorder:
             "final-accuracy": final.get("accuracy"),
             "best-accuracy": max((r["accuracy"] for r in self.rounds), default=None),
             "epsilon": final.get("epsilon", 0.0),
+            "epsilon-valid": self.config["epsilon-valid"],
             "delta": self.config["delta"],
             "wall-time": time.time() - self.started,
             **extra,

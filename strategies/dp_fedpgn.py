@@ -6,6 +6,10 @@ local step, c = (x_{t−1} − x_t)/(K·η). The c-part of the client's update,
 before clipping and added back by the server: only u = Δ − (1−γ)Kηc is clipped
 and noised, and it is γ times smaller than a FedAvg update. Momentum must be 0
 and K, η the round's public values for that removal to be exact.
+
+Option ``ascent-rho`` > 0 takes the local gradient at the point perturbed by ρ
+along the normalised global direction, w + ρ·c/‖c‖ (c points uphill, like a
+gradient), before mixing: the explicit form of the penalty's ascent step.
 """
 
 from __future__ import annotations
@@ -34,7 +38,27 @@ class FedPGNLocalUpdate(LocalUpdateRule):
     def __init__(self, config: Mapping[str, Any], records: Mapping[str, Tensors]) -> None:
         super().__init__(config, records)
         self.gamma = float(config["gamma"])
+        self.ascent_rho = float(config.get("ascent-rho", 0.0))
         self.global_direction = records[GLOBAL_DIRECTION_KEY]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in self.global_direction.values()]))
+        self.ascent = (
+            {name: self.ascent_rho * c / norm for name, c in self.global_direction.items()}
+            if self.ascent_rho > 0 and norm > 0
+            else None
+        )
+
+    def compute_gradient(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        if self.ascent is None:
+            return super().compute_gradient(model, inputs, targets)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, step in self.ascent.items():
+                params[name].add_(step)
+        loss = super().compute_gradient(model, inputs, targets)
+        with torch.no_grad():
+            for name, step in self.ascent.items():
+                params[name].sub_(step)
+        return loss
 
     def direction(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
@@ -48,6 +72,7 @@ class DPFedPGN(ClientLevelDPStrategy):
     name = "dp-fedpgn"
     description = "DP-FedPGN: local steps mix the gradient with the last global step; only the private part is noised"
     local_update_rule = FedPGNLocalUpdate
+    options = {"ascent-rho": 0.0}
 
     def __init__(self, *, gamma: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -56,7 +81,9 @@ class DPFedPGN(ClientLevelDPStrategy):
 
     @classmethod
     def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> DPFedPGN:
-        return cls(gamma=settings.gamma, **cls._common_kwargs(settings, noise_multiplier, local_steps))
+        strategy = super().from_settings(settings, noise_multiplier=noise_multiplier, local_steps=local_steps)
+        strategy.gamma = settings.gamma
+        return strategy
 
     def _direction(self, like: Tensors) -> Tensors:
         if self.global_direction is None:
@@ -64,7 +91,7 @@ class DPFedPGN(ClientLevelDPStrategy):
         return self.global_direction
 
     def round_config(self, server_round: int) -> dict[str, Any]:
-        return {"gamma": self.gamma}
+        return {**super().round_config(server_round), "gamma": self.gamma}
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         assert self.global_arrays is not None

@@ -14,7 +14,8 @@ from dpfl.client.training import train_private_update
 from dpfl.privacy.clipping import flat_clip, global_l2_norm
 from dpfl.privacy.noise import client_noise_std, noisy_mean, server_noise_std
 from dpfl.privacy.sampling import poisson_sample
-from dpfl.strategies import DPFedAvg, DPFedPGN
+from dpfl.strategies.dp_fedavg import DPFedAvg
+from dpfl.strategies.dp_fedpgn import DPFedPGN
 from dpfl.strategies.base import LocalUpdateRule
 from dpfl.strategies.dp_fedpgn import GLOBAL_DIRECTION_KEY, FedPGNLocalUpdate
 
