@@ -15,6 +15,7 @@ registry of all three are in :mod:`dpfl.privacy.accounting`.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import lru_cache
@@ -106,8 +107,10 @@ def prv_epsilon(history: HistoryKey, delta: float) -> float:
     """
     accountant = PRVAccountant()
     accountant.history = list(history)
-    # At q = 1 Opacus's PRV takes log(1 - q) = -inf on purpose; numpy's warning about it is noise.
-    with np.errstate(divide="ignore"):
+    # At q = 1 Opacus's PRV takes log(1 - q) = -inf on purpose, and it sizes its domain
+    # with an RDP bound that may warn about its order grid: both warnings are noise here.
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return float(accountant.get_epsilon(delta))
 
 
