@@ -20,7 +20,7 @@ SUBCOMMAND_MODULES = (
     "dpfl.cli.strategies",
     "dpfl.cli.privacy",
     "dpfl.cli.compress",
-    "dpfl.cli.compress",
+    "dpfl.cli.deploy",
 )
 
 
