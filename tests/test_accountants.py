@@ -68,20 +68,25 @@ def epsilon_bracket(sigma: float, q: float, rounds: int, delta: float, spacing: 
         with np.errstate(divide="ignore"):
             return sigma**2 * np.log(np.maximum(np.exp(value) - (1 - q), 0) / q) + 0.5
 
-    directions = [  # (loss range, CDF of the loss)
-        ((loss(x_low), loss(x_high)), lambda v: (1 - q) * norm.cdf(loss_inverse(v) / sigma) + q * norm.cdf((loss_inverse(v) - 1) / sigma)),
-        ((-loss(x_high), -loss(x_low)), lambda v: norm.sf(loss_inverse(-v) / sigma)),
-    ]  # fmt: skip
+    def removal_cdf(value):  # the loss under the subsampled mixture
+        x = loss_inverse(value)
+        return (1 - q) * norm.cdf(x / sigma) + q * norm.cdf((x - 1) / sigma)
+
+    def addition_cdf(value):  # minus the loss under N(0, σ²)
+        return norm.sf(loss_inverse(-value) / sigma)
+
+    directions = [((loss(x_low), loss(x_high)), removal_cdf), ((-loss(x_high), -loss(x_low)), addition_cdf)]
     lower = upper = 0.0
     for (low, high), cdf in directions:
         grid = np.arange(math.floor(low / spacing), math.ceil(high / spacing) + 1)
         cumulative = cdf(grid * spacing)
-        rounded_up = np.diff(cumulative, prepend=0.0)
         tail = 1 - cumulative[-1]
-        rounded_down = np.append(rounded_up[1:], tail)
+        rounded_up = np.diff(cumulative, prepend=0.0)  # the tail goes to +inf
+        rounded_down = np.append(rounded_up[1:], tail)  # the tail goes to the top value
         size = rounds * (len(grid) - 1) + 1
         values = (rounds * grid[0] + np.arange(size)) * spacing
-        for masses, infinite, side in ((rounded_up, 1 - (1 - tail) ** rounds, "upper"), (rounded_down, 0.0, "lower")):
+
+        def composed_epsilon(masses: np.ndarray, infinite: float) -> float:
             fft_size = next_fast_len(size)
             composed = np.clip(irfft(rfft(masses, fft_size) ** rounds, fft_size)[:size], 0, None)
 
@@ -89,11 +94,10 @@ def epsilon_bracket(sigma: float, q: float, rounds: int, delta: float, spacing: 
                 above = values > eps
                 return infinite + np.sum(composed[above] * -np.expm1(eps - values[above])) - delta
 
-            eps = brentq(excess, 0, values[-1], xtol=1e-9) if excess(0) > 0 else 0.0
-            if side == "upper":
-                upper = max(upper, eps)
-            else:
-                lower = max(lower, eps)
+            return brentq(excess, 0, values[-1], xtol=1e-9) if excess(0) > 0 else 0.0
+
+        upper = max(upper, composed_epsilon(rounded_up, 1 - (1 - tail) ** rounds))
+        lower = max(lower, composed_epsilon(rounded_down, 0.0))
     return lower, upper
 
 
@@ -193,8 +197,7 @@ def _epsilon_column(stdout: str) -> dict[str, float]:
 
 
 def test_cli_prints_every_accountant_side_by_side(dpfl):
-    result = dpfl("privacy", "--noise-multiplier", "1.22", "--sample-rate", "0.25", "--rounds", "40",
-                  env=WIDE)  # fmt: skip
+    result = dpfl("privacy", "--noise-multiplier", "1.22", "--sample-rate", "0.25", "--rounds", "40", env=WIDE)
     assert result.returncode == 0, result.stderr
     shown = _epsilon_column(result.stdout)
     assert list(shown) == ["rdp", "prv", "pld"]
@@ -204,7 +207,8 @@ def test_cli_prints_every_accountant_side_by_side(dpfl):
 
 def test_cli_calibrates_sigma_for_the_chosen_accountant(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    assert main(["privacy", "--target-epsilon", "8", "--sample-rate", "0.25", "--rounds", "40", "--accountant", "pld"]) == 0
+    args = ["privacy", "--target-epsilon", "8", "--sample-rate", "0.25", "--rounds", "40", "--accountant", "pld"]
+    assert main(args) == 0
     stdout = capsys.readouterr().out
     assert list(_epsilon_column(stdout)) == ["pld"]
     assert f"{calibrate_noise_multiplier(8.0, 1e-5, 0.25, 40, accountant='pld'):.4f}" in stdout
