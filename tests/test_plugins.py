@@ -1,0 +1,97 @@
+"""The plugin API: the documented example runs as a plugin; bad plugins fail in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "cnn", "--width", "4", "--clients", "10", "--sample-rate", "0.5", "--rounds", "2"]
+
+
+def documented_example() -> str:
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    block = re.search(r"<!-- plugin-example:start -->\n```python\n(.*?)```\n<!-- plugin-example:end -->", text, re.S)
+    return block.group(1)
+
+
+@pytest.mark.parametrize("engine", ["in-process", pytest.param("flower", marks=pytest.mark.slow)])
+def test_documented_example_runs_as_a_plugin_from_a_temporary_directory(dpfl, tmp_path, engine):
+    (tmp_path / "fedprox_plugin.py").write_text(documented_example())
+    out = tmp_path / "run"
+    result = dpfl(
+        "simulate", *SMALL, "--strategy", "fedprox_plugin:DPFedProx", "--strategy-option", "mu=0.1",
+        "--engine", engine, "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["strategy"] == "fedprox_plugin:DPFedProx"
+    assert json.loads((out / "config.json").read_text())["strategy-options"] == "mu=0.1"
+
+
+BAD_PLUGINS = {
+    "raises_on_import": ("raise RuntimeError('broken at import')\n", "Strategy", "cannot import 'raises_on_import' (RuntimeError: broken at import)"),
+    "no_class": ("x = 1\n", "Strategy", "module 'no_class' has no 'Strategy'"),
+    "not_a_strategy": ("class Strategy:\n    pass\n", "Strategy", "is not a subclass of dpfl.strategies.ClientLevelDPStrategy"),
+    "skips_dp": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            name = "skips-dp"
+            description = "averages without noise"
+            def aggregate_updates(self, server_round, x, updates):
+                return x
+        """,
+        "Strategy",
+        "overrides aggregate_updates, which the platform owns",
+    ),
+    "wrong_return": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy, LocalUpdateRule
+        class Rule(LocalUpdateRule):
+            def public_part(self, steps, lr):
+                return [0.0]
+        class Strategy(ClientLevelDPStrategy):
+            name = "wrong-return"
+            description = "returns a list as its public part"
+            local_update_rule = Rule
+        """,
+        "Strategy",
+        "local_update_rule.public_part must return None or a dict of tensors shaped like the model's",
+    ),
+    "no_name": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            description = "no name"
+        """,
+        "Strategy",
+        "has no name",
+    ),
+}
+
+
+@pytest.mark.parametrize("module", sorted(BAD_PLUGINS))
+def test_bad_plugins_are_refused_in_one_line(dpfl, tmp_path, module):
+    source, cls, message = BAD_PLUGINS[module]
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    result = dpfl("simulate", *SMALL, "--strategy", f"{module}:{cls}", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{module}:{cls}" in result.stderr and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_unknown_strategy_option_is_named(dpfl, tmp_path):
+    result = dpfl("simulate", *SMALL, "--strategy", "dp-fedsam", "--strategy-option", "mu=1", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "strategy dp-fedsam has no option 'mu=1'; its options: rho" in result.stderr
+
+
+def test_strategies_lists_builtins_with_descriptions(dpfl):
+    result = dpfl("strategies")
+    assert result.returncode == 0
+    for name in ("dp-fedpgn", "dp-fedavg", "dp-fedsam", "dp-fedavg-ls", "dp-fedpgn-ls", "fedavg", "fedcm"):
+        assert name in result.stdout
