@@ -38,6 +38,7 @@ class RunSettings:
     sample_rate: float = 0.25
     delta: float = 1e-5
     noise_placement: str = "server"
+    accountant: str = "rdp"
     clipping: str = "flat"
     # Local training
     lr: float = 0.3
@@ -73,6 +74,7 @@ class RunSettings:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
+        from dpfl.privacy.accounting import ACCOUNTANTS
         from dpfl.privacy.noise import NOISE_PLACEMENTS
         from dpfl.strategies.base import CLIPPING_MODES
         from dpfl.task.data import DATASET_NAMES
@@ -86,6 +88,7 @@ class RunSettings:
         _one_of("partition", self.partition, PARTITION_SCHEMES)
         _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)
         _one_of("clipping", self.clipping, CLIPPING_MODES)
+        _one_of("accountant", self.accountant, ACCOUNTANTS)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         if self.target_epsilon == 0:
             _positive("noise-multiplier", self.noise_multiplier)

@@ -17,6 +17,7 @@ from dpfl.errors import UsageError
 
 SUBCOMMAND_MODULES = (
     "dpfl.cli.simulate",
+    "dpfl.cli.compare",
     "dpfl.cli.strategies",
     "dpfl.cli.privacy",
     "dpfl.cli.compress",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ OPTIONS = [
     ("--delta", "delta", open_unit, "delta of the (epsilon, delta) guarantee"),
     ("--max-epsilon", "max_epsilon", non_negative_float, "stop before a round would exceed this epsilon (0 = no budget)"),
     ("--noise", "noise_placement", str, "add the noise on the 'server' or split it across sampled 'client's"),
+    ("--accountant", "accountant", str, "rdp, prv or pld: how the client-level epsilon is computed"),
     ("--clipping", "clipping", str, "flat (sound DP) or paper (the reference code's clipping: NO DP guarantee)"),
     ("--lr", "lr", positive_float, "initial local learning rate"),
     ("--lr-decay", "lr_decay", positive_float, "learning-rate decay per round"),
@@ -154,7 +154,7 @@ def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | 
 def _run_in_process(settings: RunSettings, out: Path, console: Console) -> str | None:
     from dpfl.client.app import app as client_app
     from dpfl.server.app import app as server_app
-    from dpfl.server.inprocess import run_in_process
+    from dpfl.server.inprocess import flower_log_to, run_in_process
 
     failure: list[str] = []
 
@@ -164,19 +164,10 @@ def _run_in_process(settings: RunSettings, out: Path, console: Console) -> str |
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 
-    # Flower's log goes to the same file as with the Flower engine, not the terminal.
-    flower_logger = logging.getLogger("flwr")
-    console_handlers, propagate = flower_logger.handlers[:], flower_logger.propagate
-    file_handler = logging.FileHandler(out / FLOWER_LOG)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    flower_logger.handlers, flower_logger.propagate = [file_handler], False
-    try:
+    with flower_log_to(out / FLOWER_LOG):
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
         follow_metrics(out / METRICS_FILE, worker.is_alive, settings, console)
-    finally:
-        flower_logger.handlers, flower_logger.propagate = console_handlers, propagate
-        file_handler.close()
     return failure[0] if failure else None
 
 

@@ -115,9 +115,6 @@ class RDPClientAccountant(Accountant):
         self.refine = bool(state["refine"])
 
 
-# The RDP accountant under the name the platform has used for it.
-ClientLevelAccountant = RDPClientAccountant
-
 ACCOUNTANTS: dict[str, type[Accountant]] = {
     "rdp": RDPClientAccountant,
     "prv": PRVClientAccountant,

@@ -39,7 +39,8 @@ def resolve_noise_multiplier(settings: RunSettings) -> float:
     """σ as given, or calibrated so that the planned rounds end at ``target-epsilon``."""
     if settings.target_epsilon > 0:
         return calibrate_noise_multiplier(
-            settings.target_epsilon, settings.delta, settings.sample_rate, settings.num_server_rounds
+            settings.target_epsilon, settings.delta, settings.sample_rate, settings.num_server_rounds,
+            accountant=settings.accountant,
         )
     return settings.noise_multiplier
 

@@ -10,8 +10,11 @@ unchanged apps run on either engine.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from uuid import uuid4
 
@@ -69,6 +72,21 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+@contextmanager
+def flower_log_to(path: Path) -> Iterator[None]:
+    """Send Flower's log to ``path`` instead of the terminal, as the Flower engine does."""
+    flower_logger = logging.getLogger("flwr")
+    saved = flower_logger.handlers[:], flower_logger.propagate
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    flower_logger.handlers, flower_logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        flower_logger.handlers, flower_logger.propagate = saved
+        handler.close()
 
 
 def run_in_process(

@@ -30,7 +30,7 @@ from flwr.supercore import log
 from torch import nn
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import ClientLevelAccountant
+from dpfl.privacy.accounting import create_accountant
 from dpfl.privacy.clipping import flat_clip
 from dpfl.privacy.noise import client_noise_std, noisy_mean
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -135,6 +135,7 @@ class ClientLevelDPStrategy(Strategy):
         max_epsilon: float = math.inf,
         noise_placement: str = "server",
         clipping: str = "flat",
+        accountant: str = "rdp",
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
     ) -> None:
@@ -151,7 +152,7 @@ class ClientLevelDPStrategy(Strategy):
         self.noise_placement = noise_placement
         self.clipping = clipping
         self.option_values = {**self.options, **(option_values or {})}
-        self.accountant = ClientLevelAccountant(delta)
+        self.accountant = create_accountant(accountant, delta)
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
         self.last_metrics: dict[str, float] = {}
@@ -173,6 +174,7 @@ class ClientLevelDPStrategy(Strategy):
             max_epsilon=settings.budget,
             noise_placement=settings.noise_placement,
             clipping=settings.clipping,
+            accountant=settings.accountant,
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
         )
@@ -366,9 +368,10 @@ class ClientLevelDPStrategy(Strategy):
         log(
             INFO,
             "%s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
-            "noise on the %s, delta=%g, budget epsilon=%g, options %s",
+            "noise on the %s, %s accountant, delta=%g, budget epsilon=%g, options %s",
             self.name, self.noise_multiplier, self.clip_norm, self.sample_rate, self.expected_clients,
-            self.num_clients, self.clipping, self.noise_placement, self.accountant.delta, self.max_epsilon,
+            self.num_clients, self.clipping, self.noise_placement, self.accountant.mechanism,
+            self.accountant.delta, self.max_epsilon,
             self.option_values,
         )  # fmt: skip
 

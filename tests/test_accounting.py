@@ -15,7 +15,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import (
     DEFAULT_ORDERS,
-    ClientLevelAccountant,
+    RDPClientAccountant,
     calibrate_noise_multiplier,
     epsilon_for,
     epsilon_of_history,
@@ -102,7 +102,7 @@ def test_calibration_rejects_unreachable_targets():
 
 
 def test_accountant_counts_rounds_projects_without_recording_and_round_trips():
-    accountant = ClientLevelAccountant(delta=1e-5)
+    accountant = RDPClientAccountant(delta=1e-5)
     assert accountant.epsilon() == 0
     for _ in range(5):
         accountant.step(1.0, 0.25)
@@ -110,6 +110,6 @@ def test_accountant_counts_rounds_projects_without_recording_and_round_trips():
     assert accountant.history == [(1.0, 0.25, 5)]
     assert projected == pytest.approx(epsilon_for(1.0, 0.25, 6, 1e-5)[0])
     assert accountant.epsilon() == pytest.approx(epsilon_for(1.0, 0.25, 5, 1e-5)[0])
-    restored = ClientLevelAccountant(delta=0.5)
+    restored = RDPClientAccountant(delta=0.5)
     restored.load_state_dict(accountant.state_dict())
     assert restored.epsilon() == accountant.epsilon()
