@@ -7,8 +7,6 @@ import numpy as np
 from dpfl.errors import UsageError
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
-# Redraws of a Dirichlet partition before giving up on one where every client has data.
-DIRICHLET_MAX_DRAWS = 100
 
 
 def partition_indices(
@@ -31,19 +29,29 @@ def partition_indices(
 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
-    # Per class, client shares ~ Dir(alpha); redraw until no client is left empty.
+    """Each client draws its label mix p_i ~ Dir(α) and fills its share of the data from it.
+
+    Clients get equal shares (as in the DP-FedPGN reference setup), drawn without
+    replacement from per-class pools; a client whose preferred classes have run out
+    takes from what is left, renormalising its own p_i. Unlike splitting each class
+    over clients, this leaves no client empty however many there are.
+    """
     classes = np.unique(labels)
-    for _ in range(DIRICHLET_MAX_DRAWS):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for cls in classes:
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(p) for p in parts) > 0:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise UsageError(
-        f"Dirichlet(alpha={alpha}) left a client without data in {DIRICHLET_MAX_DRAWS} draws; "
-        "use fewer clients or a larger alpha"
-    )
+    pools = {int(c): list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_clients)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.full(len(classes), alpha))
+        taken: list[int] = []
+        while len(taken) < size:
+            available = np.array([len(pools[int(c)]) > 0 for c in classes])
+            weights = np.where(available, mix, 0.0)
+            weights = weights / weights.sum() if weights.sum() > 0 else available / available.sum()
+            counts = rng.multinomial(size - len(taken), weights)
+            for c, count in zip(classes, counts):
+                pool = pools[int(c)]
+                grab = min(int(count), len(pool))
+                taken.extend(pool[:grab])
+                del pool[:grab]
+        parts.append(np.sort(np.asarray(taken, dtype=np.int64)))
+    return parts
