@@ -167,7 +167,8 @@ def image(engine, tmp_path_factory):
            "-t", IMAGE, ".", cwd=context, timeout=2400)
     finally:
         server.shutdown()
-    return IMAGE
+    # The app `flwr run` ships must be the same snapshot the image was built from.
+    return context
 
 
 # --- federation ------------------------------------------------------------------------
@@ -180,8 +181,8 @@ def _free_port() -> int:
 
 
 class Federation:
-    def __init__(self, project: str, certs: Path, port: int, flwr_home: Path):
-        self.project, self.certs, self.port, self.flwr_home = project, certs, port, flwr_home
+    def __init__(self, project: str, certs: Path, port: int, flwr_home: Path, app_dir: Path):
+        self.project, self.certs, self.port, self.flwr_home, self.app_dir = project, certs, port, flwr_home, app_dir
         self.env = {"DPFL_IMAGE": IMAGE, "DPFL_CERTS": str(certs), "SUPERLINK_PORT": str(port)}
 
     def compose(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -192,7 +193,8 @@ class Federation:
         return self.compose("exec", "-T", service, "python3", "-c", code).stdout
 
     def flwr(self, *args: str, timeout: float = 300) -> dict:
-        proc = sh(FLWR, *args, "--format", "json", env={"FLWR_HOME": str(self.flwr_home)}, cwd=REPO, timeout=timeout)
+        proc = sh(FLWR, *args, "--format", "json", env={"FLWR_HOME": str(self.flwr_home)}, cwd=self.app_dir,
+                  timeout=timeout)
         return json.loads(proc.stdout[proc.stdout.index("{"):])
 
     def wait_healthy(self, service: str, timeout: float = 120) -> None:
@@ -209,6 +211,7 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def federation(image, tmp_path_factory):
+    app_dir = image
     tmp = tmp_path_factory.mktemp("federation")
     certs = tmp / "certs"
     sh(sys.executable, str(DOCKER_DIR / "gen_certs.py"), "--out", str(certs), "--nodes", str(len(SUPERNODES)))
@@ -220,7 +223,7 @@ def federation(image, tmp_path_factory):
         f'[superlink]\ndefault = "dpfl-docker"\n\n[superlink.dpfl-docker]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "public" / "ca.crt"}"\n'
     )
-    fed = Federation(f"dpfl-test-{uuid.uuid4().hex[:8]}", certs, port, flwr_home)
+    fed = Federation(f"dpfl-test-{uuid.uuid4().hex[:8]}", certs, port, flwr_home, app_dir)
     try:
         fed.compose("up", "-d", timeout=900)
         yield fed
@@ -262,7 +265,7 @@ def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
         time.sleep(5)
     if status != "finished:completed":
         run_log = sh(FLWR, "log", run_id, "dpfl-docker", "--show", env={"FLWR_HOME": str(fed.flwr_home)},
-                     cwd=REPO, check=False).stdout
+                     check=False).stdout
         pytest.fail(f"run {run_id} ended {status!r}; its log ends:\n" + "\n".join(run_log.splitlines()[-40:]))
 
     # Metrics, ε history, final model in the SuperLink's volume; they survive a restart.
