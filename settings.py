@@ -48,6 +48,11 @@ class RunSettings:
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
     gamma: float = 0.2
+    # Sample-level DP inside clients (DP-SGD), on top of client-level DP
+    local_dp: bool = False
+    local_noise_multiplier: float = 1.0
+    local_clip: float = 1.0
+    local_delta: float = 1e-5
     # Bookkeeping
     seed: int = 0
     out_dir: str = "runs/latest"
@@ -113,6 +118,14 @@ class RunSettings:
             raise UsageError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.image_size < 0:
             raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
+        _positive("local-noise-multiplier", self.local_noise_multiplier)
+        _positive("local-clip", self.local_clip)
+        if not 0 < self.local_delta < 1:
+            raise UsageError(f"local-delta must be in (0, 1), got {self.local_delta}")
+        if self.local_dp:
+            from dpfl.client.local_dp import check_model_supported
+
+            check_model_supported(self.model)
 
     def local_steps(self, train_size: int) -> int:
         """K, the public number of local steps: local epochs over a nominal client's data.
@@ -130,12 +143,18 @@ class RunSettings:
         return self.max_epsilon or math.inf
 
 
+# How a bool key may be spelled in a run config; bool("false") would be True.
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
     try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _BOOL_WORDS[str(value).strip().lower()]
         if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
             raise ValueError
         return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         raise UsageError(f"{key} must be {kind.__name__}, got {value!r}") from None
 
 

@@ -49,6 +49,10 @@ OPTIONS = [
     ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
     ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
     ("--gamma", "gamma", probability, "DP-FedPGN: weight of the local gradient in each step"),
+    ("--local-dp", "local_dp", bool, "also sample-level DP-SGD inside each client (Opacus), reporting its cumulative epsilon"),
+    ("--local-noise", "local_noise_multiplier", positive_float, "noise multiplier of each client's DP-SGD (with --local-dp)"),
+    ("--local-clip", "local_clip", positive_float, "per-sample gradient clip norm of each client's DP-SGD (with --local-dp)"),
+    ("--local-delta", "local_delta", open_unit, "delta of each client's sample-level epsilon (with --local-dp)"),
     ("--seed", "seed", int, "seed of model init, partitions, sampling and noise"),
 ]
 
@@ -61,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and ClientApp as `flwr run .`), printing accuracy and epsilon after every round.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for flag, field, kind, text in OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
+    for option in OPTIONS:
+        add_option(parser, *option)
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--noise-multiplier", type=positive_float, default=None,
                        help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
@@ -76,6 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "in this process, much faster for small models")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-dir")
     parser.set_defaults(func=run)
+
+
+def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Callable, text: str) -> None:
+    """One OPTIONS entry as an argument; a bool field is a switch (with its --no- form)."""
+    if kind is bool:
+        parser.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=getattr(DEFAULTS, field), help=text)
+    else:
+        parser.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfl.client.data import load_client_partition
+from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -30,6 +31,13 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     # A distinct, reproducible stream per (run seed, round, node) for shuffling and noise.
     generator = torch.Generator().manual_seed(hash((settings.seed, int(config["server-round"]), context.node_id)) % 2**63)
+    # Sample-level DP inside the client: the accountant of its earlier rounds comes
+    # from the node's persistent state, so the epsilon it reports is cumulative.
+    local_dp = (
+        LocalDP(settings.local_noise_multiplier, settings.local_clip, settings.local_delta, context.state)
+        if settings.local_dp
+        else None
+    )
     result = train_private_update(
         model,
         partition.dataset,
@@ -45,6 +53,7 @@ def train(msg: Message, context: Context) -> Message:
         clipping=str(config["clipping"]),
         noise_multiplier=float(config["noise-multiplier"]),
         sample_size=int(config["sample-size"]),
+        local_dp=local_dp,
     )
     metrics = MetricRecord(
         {
@@ -54,5 +63,8 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(partition.dataset),
         }
     )
+    if local_dp is not None:
+        local_dp.save(context.state)
+        metrics["local-epsilon"] = local_dp.epsilon()
     content = RecordDict({UPDATE_KEY: ArrayRecord(result.update), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

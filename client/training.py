@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.privacy.clipping import flat_clip, global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.noise import add_gaussian_noise
 from dpfl.strategies.base import LocalUpdateRule, Tensors
@@ -35,28 +37,35 @@ def local_sgd(
     batches: Iterator,
     rule: LocalUpdateRule,
     steps: int,
-    lr: float,
-    weight_decay: float,
+    optimizer: torch.optim.Optimizer,
     grad_clip: float,
+    dp_optimizer: DPOptimizer | None = None,
 ) -> float:
-    """Take exactly ``steps`` SGD steps along the rule's direction; return the mean loss.
+    """Take exactly ``steps`` steps of ``optimizer`` along the rule's direction; return the mean loss.
 
-    Momentum is 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
+    With ``dp_optimizer`` (sample-level DP, wrapping ``optimizer``) each step's
+    per-sample gradients are clipped and noised first; the stability clip and the
+    rule's direction (e.g. DP-FedPGN's mixing with the public c) then only
+    post-process the privatised gradient.
     """
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
-    total_loss = 0.0
+    total_loss, batches_with_data = 0.0, 0
     for _ in range(steps):
         inputs, targets = next(batches)
-        optimizer.zero_grad(set_to_none=False)
-        total_loss += rule.compute_gradient(model, inputs, targets)
+        (dp_optimizer or optimizer).zero_grad(set_to_none=False)  # the DP optimizer's also drops per-sample grads
+        loss = rule.compute_gradient(model, inputs, targets)
+        if len(targets):  # an empty Poisson batch has no loss, but its noise-only step is still taken
+            total_loss += loss
+            batches_with_data += 1
+        if dp_optimizer is not None:
+            privatise_gradient(model, dp_optimizer)
         for param in model.parameters():
             if param.grad is None:  # a parameter the loss does not reach still moves along c
                 param.grad = torch.zeros_like(param)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         rule.direction(model)
         optimizer.step()
-    return total_loss / max(steps, 1)
+    return total_loss / max(batches_with_data, 1)
 
 
 def train_private_update(
@@ -75,17 +84,23 @@ def train_private_update(
     clipping: str = "flat",
     noise_multiplier: float = 0.0,
     sample_size: int = 1,
+    local_dp: LocalDP | None = None,
 ) -> PrivateUpdate:
     """Train from the model's current weights x and return the clipped private part of Δ.
 
     ``clip_norm`` 0 means no clipping (a strategy without DP). ``clipping="paper"``
     is the reference code's per-tensor median clipping with per-tensor client noise
-    σ·C_i/√m (no formal guarantee).
+    σ·C_i/√m (no formal guarantee). ``local_dp`` adds sample-level DP-SGD inside
+    the client; its accountant counts the steps taken.
     """
     start = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    loss = local_sgd(
-        model, cycle_batches(dataset, batch_size, generator), rule, steps, lr, weight_decay, grad_clip
-    )
+    # Momentum 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
+    if local_dp is None:
+        loss = local_sgd(model, cycle_batches(dataset, batch_size, generator), rule, steps, optimizer, grad_clip)
+    else:
+        with local_dp.training(model, optimizer, dataset, batch_size, generator) as (dp_optimizer, batches):
+            loss = local_sgd(model, batches, rule, steps, optimizer, grad_clip, dp_optimizer)
     end = model.state_dict()
     delta = {name: start[name] - end[name].detach() for name in start}
     public = rule.public_part(steps, lr)

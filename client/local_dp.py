@@ -1,0 +1,144 @@
+"""Sample-level DP inside each client (``local-dp``): Opacus DP-SGD with a cumulative ε.
+
+Each local step's per-sample gradients are clipped to ``local-clip`` and noised
+with ``local-noise-multiplier`` by Opacus's ``DPOptimizer``, on Poisson-sampled
+local batches (Opacus's ``DPDataLoader``, rate 1/⌈n/b⌉, the rate its accountant is
+given). The strategy's direction and the platform's stability clip then act on the
+privatised gradient only, as post-processing.
+
+Flower's Opacus example builds a new ``PrivacyEngine`` every round and so reports
+a per-round ε. Here the engine's RDP accountant is saved in the node's persistent
+``context.state`` after each round and restored before the next, so the ε a client
+reports composes every step it has taken in the run. (The ε depends on the
+client's data size through the sampling rate; like ``num-examples``, the reported
+metric is not covered by the client-level guarantee.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dpfl.errors import UsageError
+from dpfl.task.models import GROUP_NORM_GROUPS, build_model
+
+STATE_KEY = "local-dp-accountant"
+# Relative mismatch above which the gradient is not the mean of the per-sample gradients.
+PER_SAMPLE_TOLERANCE = 1e-4
+
+
+class LocalDP:
+    """One client's DP-SGD for one round, with the accountant of all its rounds."""
+
+    def __init__(self, noise_multiplier: float, clip: float, delta: float, state: RecordDict | None = None) -> None:
+        self.noise_multiplier = noise_multiplier
+        self.clip = clip
+        self.delta = delta
+        with _quiet_opacus():
+            self.engine = PrivacyEngine(accountant="rdp")
+        if state is not None and STATE_KEY in state:
+            saved = json.loads(str(state[STATE_KEY]["accountant"]))
+            saved["history"] = [tuple(entry) for entry in saved["history"]]
+            self.engine.accountant.load_state_dict(saved)
+
+    def save(self, state: RecordDict) -> None:
+        """Keep the accountant in the node's persistent state for the next round."""
+        state[STATE_KEY] = ConfigRecord({"accountant": json.dumps(self.engine.accountant.state_dict())})
+
+    def epsilon(self) -> float:
+        """The client's sample-level ε over all its steps so far, at ``delta``."""
+        return float(self.engine.accountant.get_epsilon(self.delta))
+
+    @contextmanager
+    def training(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[DPOptimizer, Iterator]]:
+        """Per-sample gradient hooks on ``model`` itself (its parameter names unchanged, as
+        a strategy's rule looks tensors up by name), the DP optimizer around
+        ``optimizer``, and endless Poisson batches; the hooks are removed afterwards."""
+        for module in model.modules():
+            if getattr(module, "inplace", False):
+                # Autograd forbids in-place ops on the outputs of Opacus's backward
+                # hooks; the out-of-place op computes the same function.
+                module.inplace = False
+        hooks, dp_optimizer, loader = self.engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(dataset, batch_size=batch_size, generator=generator),
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.clip,
+            noise_generator=generator,
+            wrap_model=False,
+        )
+        # Opacus would stop a second backward pass in a step with an obscure error;
+        # privatise_gradient refuses it with a clear one instead.
+        hooks.allow_grad_accumulation()
+        try:
+            with _quiet_opacus():
+                # Every pass over a DPDataLoader draws fresh independent Poisson batches.
+                yield dp_optimizer, itertools.chain.from_iterable(itertools.repeat(loader))
+        finally:
+            hooks.cleanup()
+
+
+@contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Silence two notices that every client would repeat every round."""
+    with warnings.catch_warnings():
+        # The noise comes from seeded torch generators by design (reproducible runs),
+        # as the client-level noise does.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        # The input images need no gradient, so torch notes that the first layer's
+        # hook fires for its output only: all Opacus needs.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        yield
+
+
+def privatise_gradient(model: nn.Module, dp_optimizer: DPOptimizer) -> None:
+    """Replace ``p.grad`` by the clipped, noised mean of the per-sample gradients.
+
+    DP-SGD covers only a gradient that is the mean of per-sample gradients from one
+    pass. A rule that adds a term outside the per-sample loss (a proximal term) or
+    takes several passes per step (SAM's ascent from the raw batch gradient) would
+    have that part silently dropped or the data used unprivatised, so it is refused.
+    """
+    samples = [(p.grad, p.grad_sample) for p in model.parameters() if getattr(p, "grad_sample", None) is not None]
+    if any(isinstance(sample, list) for _, sample in samples) or _has_extra_term(samples):
+        raise UsageError(
+            "local-dp: the strategy's local gradient is not the mean of per-sample gradients of one "
+            "pass (an extra loss term or several passes per step), which DP-SGD cannot privatise"
+        )
+    dp_optimizer.pre_step()
+
+
+def _has_extra_term(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    if not samples or not len(samples[0][1]):  # an empty Poisson batch has nothing to compare
+        return False
+    mismatch = _norm([grad - sample.mean(0) for grad, sample in samples])
+    return bool(mismatch > PER_SAMPLE_TOLERANCE * _norm([grad for grad, _ in samples]) + 1e-12)
+
+
+def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+@lru_cache(maxsize=8)
+def check_model_supported(model_name: str) -> None:
+    """Refuse, in one line, a model whose per-sample gradients Opacus cannot compute."""
+    # Layer types do not depend on the data's shape, so a nominal shape will do.
+    errors = ModuleValidator.validate(build_model(model_name, 10, 3, 32, 2 * GROUP_NORM_GROUPS), strict=False)
+    if errors:
+        reasons = dict.fromkeys(str(err).split(". ")[0].strip() for err in errors)
+        raise UsageError(f"local-dp does not support model {model_name!r}: {'; '.join(reasons)}")
