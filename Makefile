@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test clean
+.PHONY: venv run test test-docker clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-docker: $(STAMP)
+	$(BIN)/python -m pytest -m docker tests/test_docker_federation.py
 
 clean:
 	rm -rf $(VENV) runs
