@@ -101,6 +101,11 @@ class RunSettings:
             _positive("target-epsilon", self.target_epsilon)
         if self.max_epsilon < 0:
             raise UsageError(f"max-epsilon must be > 0 (or 0 for no budget), got {self.max_epsilon}")
+        if 0 < self.max_epsilon < self.target_epsilon:
+            raise UsageError(
+                f"target-epsilon {self.target_epsilon} is over the budget max-epsilon {self.max_epsilon}; "
+                "lower the target or raise the budget"
+            )
         _positive("clip-norm", self.clip_norm)
         if not 0 < self.sample_rate <= 1:
             raise UsageError(f"sample-rate must be in (0, 1], got {self.sample_rate}")
