@@ -16,6 +16,7 @@ metric is not covered by the client-level guarantee.)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import warnings
@@ -30,6 +31,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.models.resnet import BasicBlock
 
 from dpfl.errors import UsageError
 from dpfl.task.models import GROUP_NORM_GROUPS, build_model
@@ -68,11 +70,7 @@ class LocalDP:
         """Per-sample gradient hooks on ``model`` itself (its parameter names unchanged, as
         a strategy's rule looks tensors up by name), the DP optimizer around
         ``optimizer``, and endless Poisson batches; the hooks are removed afterwards."""
-        for module in model.modules():
-            if getattr(module, "inplace", False):
-                # Autograd forbids in-place ops on the outputs of Opacus's backward
-                # hooks; the out-of-place op computes the same function.
-                module.inplace = False
+        _make_hook_safe(model)
         hooks, dp_optimizer, loader = self.engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -91,6 +89,28 @@ class LocalDP:
                 yield dp_optimizer, itertools.chain.from_iterable(itertools.repeat(loader))
         finally:
             hooks.cleanup()
+
+
+def _make_hook_safe(model: nn.Module) -> None:
+    """Compute the same function without modifying a layer's output in place.
+
+    Autograd forbids in-place ops on the outputs of the backward hooks through which
+    Opacus captures per-sample gradients: in-place activations, and torchvision's
+    residual ``out += identity``.
+    """
+    for module in model.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+        if isinstance(module, BasicBlock):
+            module.forward = functools.partial(_basic_block_forward, module)
+
+
+def _basic_block_forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    # torchvision's BasicBlock.forward, with the shortcut added out of place.
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.bn2(block.conv2(out))
+    return block.relu(out + identity)
 
 
 @contextmanager

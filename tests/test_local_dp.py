@@ -28,11 +28,11 @@ from dpfl.task.models import build_model
 N, STEPS, LR = 12, 3, 0.5
 
 
-def small_task(seed: int = 0) -> tuple[torch.nn.Module, TensorDataset]:
-    torch.manual_seed(seed)
+def small_task(model: str = "cnn") -> tuple[torch.nn.Module, TensorDataset]:
+    torch.manual_seed(0)
     inputs = torch.randn(N, 1, 8, 8)
     inputs[0] *= 100.0  # an outlier whose raw gradient dominates the batch's
-    return build_model("cnn", 4, 1, 8, 4), TensorDataset(inputs, torch.randint(0, 4, (N,)))
+    return build_model(model, 4, 1, 8, 4), TensorDataset(inputs, torch.randint(0, 4, (N,)))
 
 
 def train(model, dataset, rule=None, local_dp=None):
@@ -57,12 +57,14 @@ def norm(tensors) -> float:
     return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors.values()))
 
 
-def test_without_noise_or_binding_clip_it_is_plain_full_batch_sgd():
-    # Checks Opacus's per-sample scaling: with every sample in every batch, no noise
-    # and a clip that never binds, DP-SGD's step is the plain mean-gradient step.
-    model, dataset = small_task()
+@pytest.mark.parametrize("model_name", ["cnn", "resnet10"])
+def test_without_noise_or_binding_clip_it_is_plain_full_batch_sgd(model_name):
+    # Checks Opacus's per-sample scaling and that the hook-safe model computes the
+    # same function: with every sample in every batch, no noise and a clip that
+    # never binds, DP-SGD's step is the plain mean-gradient step.
+    model, dataset = small_task(model_name)
     plain = train(model, dataset).update
-    model, _ = small_task()
+    model, _ = small_task(model_name)
     private = train(model, dataset, local_dp=LocalDP(0.0, 1e6, 1e-5)).update
     for name in plain:
         torch.testing.assert_close(private[name], plain[name], rtol=1e-4, atol=1e-6)
@@ -162,10 +164,13 @@ def test_a_model_without_per_sample_gradients_is_refused_in_one_line(dpfl, tmp_p
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_simulate_with_local_dp_reports_a_growing_local_epsilon(dpfl, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["in-process", "flower"])
+def test_simulate_with_local_dp_reports_a_growing_local_epsilon(dpfl, tmp_path, engine):
+    # On Flower's own simulation too: its node state must carry the accountant across rounds.
     out = tmp_path / "run"
     result = dpfl(
-        "simulate", "--local-dp", "--engine", "in-process", "--model", "cnn", "--width", "4", "--clients", "4",
+        "simulate", "--local-dp", "--engine", engine, "--model", "cnn", "--width", "4", "--clients", "3",
         "--sample-rate", "1.0", "--rounds", "3", "--noise-multiplier", "1.0", "--max-epsilon", "0", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
