@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -55,16 +57,13 @@ def train(msg: Message, context: Context) -> Message:
         sample_size=int(config["sample-size"]),
         local_dp=local_dp,
     )
-    metrics = MetricRecord(
-        {
-            "update-norm": result.norm_before_clip,
-            "train-loss": result.train_loss,
-            "local-steps": result.steps,
-            "num-examples": len(partition.dataset),
-        }
-    )
-    if local_dp is not None:
+    metrics = MetricRecord({"update-norm": result.norm_before_clip, "local-steps": result.steps})
+    if local_dp is None:
+        metrics.update({"train-loss": result.train_loss, "num-examples": len(partition.dataset)})
+    else:
         local_dp.save(context.state)
-        metrics["local-epsilon"] = local_dp.epsilon()
+        # Sample-level DP covers only what derives from the privatised steps: the loss
+        # of the raw batches and the exact data size would reach the server unprotected.
+        metrics.update({"train-loss": math.nan, "local-epsilon": local_dp.epsilon()})
     content = RecordDict({UPDATE_KEY: ArrayRecord(result.update), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

@@ -9,9 +9,11 @@ privatised gradient only, as post-processing.
 Flower's Opacus example builds a new ``PrivacyEngine`` every round and so reports
 a per-round ε. Here the engine's RDP accountant is saved in the node's persistent
 ``context.state`` after each round and restored before the next, so the ε a client
-reports composes every step it has taken in the run. (The ε depends on the
-client's data size through the sampling rate; like ``num-examples``, the reported
-metric is not covered by the client-level guarantee.)
+reports composes every step it has taken in the run.
+
+What a client sends is then covered at the sample level, as it derives from the
+privatised steps, except the reported ε itself, which depends on the data size
+through ⌈n/b⌉; the client withholds its raw training loss and exact data size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -154,7 +155,7 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def check_model_supported(model_name: str) -> None:
     """Refuse, in one line, a model whose per-sample gradients Opacus cannot compute."""
     # Layer types do not depend on the data's shape, so a nominal shape will do.

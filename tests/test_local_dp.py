@@ -130,7 +130,10 @@ def test_client_epsilon_is_cumulative_over_rounds_in_its_persistent_state():
     arrays = ArrayRecord(partition.spec.build().state_dict())
     epsilons = []
     for server_round in (1, 2):
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
+        client_metrics = replies[0].content["metrics"]
+        # What DP-SGD does not cover stays on the client.
+        assert math.isnan(client_metrics["train-loss"]) and "num-examples" not in client_metrics
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         assert metrics["sampled"] == 1
         epsilons.append(metrics["local-epsilon-max"])
