@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpfl.cli.options import positive_float, positive_int
-from dpfl.cli.simulate import DEFAULTS, OPTIONS
+from dpfl.cli.simulate import DEFAULTS, OPTIONS, add_option
 from dpfl.errors import UsageError
 from dpfl.server.recorder import format_epsilon, holds_run
 from dpfl.settings import RunSettings
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-epsilon", type=positive_float, default=DEFAULTS.target_epsilon,
                         help="epsilon every private strategy ends at")  # fmt: skip
     for flag, field, kind, text in SHARED_OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
+        add_option(parser, flag, field, kind, text)
     parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
                         metavar="KEY=VALUE", help="given to every strategy that declares KEY")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/compare-<time>)")

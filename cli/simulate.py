@@ -210,4 +210,5 @@ def _show_round(row: dict, settings: RunSettings, progress: Progress, task) -> N
         f"round {row['round']:>3}/{settings.num_server_rounds}  accuracy {row['accuracy']:.4f}  "
         f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  clients {row['sampled']:>3}  "
         f"{row['round-time']:.1f} s"
+        + (f"  local epsilon (worst client) {row['local-epsilon-max']:.3f}" if "local-epsilon-max" in row else "")
     )

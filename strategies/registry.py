@@ -99,10 +99,27 @@ def smoke_test_strategy(cls: type[ClientLevelDPStrategy], settings: Any, label: 
                 param.grad = torch.zeros_like(param)
         rule.direction(model)
         _expect_like(rule.public_part(2, 0.1), x, "local_update_rule.public_part", optional=True)
+        if getattr(settings, "local_dp", False):
+            _local_dp_step(cls, config, records, model)
     except UsageError as err:
-        raise UsageError(f"strategy plugin {label!r}: {err}") from None
+        raise UsageError(f"strategy {label!r}: {err}") from None
     except Exception as err:  # noqa: BLE001 - a hook that raises is the plugin's to fix
-        raise UsageError(f"strategy plugin {label!r} failed its check ({type(err).__name__}: {err})") from None
+        raise UsageError(f"strategy {label!r} failed its check ({type(err).__name__}: {err})") from None
+
+
+def _local_dp_step(cls: type[ClientLevelDPStrategy], config: dict, records: dict, model: nn.Module) -> None:
+    """Two DP-SGD steps with the rule: refuses a rule DP-SGD cannot privatise (SAM, proximal terms)."""
+    from torch.utils.data import TensorDataset
+
+    from dpfl.client.local_dp import LocalDP
+    from dpfl.client.training import train_private_update
+
+    rule = cls.local_update_rule({**config, "lr": 0.1}, {k: r.to_torch_state_dict() for k, r in records.items()})
+    data = TensorDataset(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    train_private_update(
+        model, data, rule, steps=2, lr=0.1, batch_size=4, weight_decay=0.0, grad_clip=10.0, clip_norm=1.0,
+        client_noise_std=0.0, generator=torch.Generator().manual_seed(0), local_dp=LocalDP(1.0, 1.0, 1e-5),
+    )  # fmt: skip
 
 
 def _expect(condition: bool, message: str) -> None:
