@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpfl.errors import UsageError
+from dpfl.task.files import load_tagged, save_tagged
 
 STATISTICS_FORMAT = "dpfl-covariance-v1"
 
@@ -118,32 +119,19 @@ def collect_statistics(
 def save_statistics(path: str | Path, statistics: dict[str, InputStatistics], source: dict[str, Any]) -> None:
     """One file: format tag, where the data came from (``source``), and per layer its
     signature, sample count and float64 sums."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": STATISTICS_FORMAT,
         "source": source,
         "layers": {
             name: {"signature": s.signature, "count": s.count, "total": s.total, "outer": s.outer}
             for name, s in statistics.items()
         },
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    save_tagged(path, STATISTICS_FORMAT, payload)
 
 
 def load_statistics(path: str | Path) -> tuple[dict[str, InputStatistics], dict[str, Any]]:
     """The per-layer statistics and the ``source`` record of a statistics file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"covariance file {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"covariance file {str(path)!r} is not readable ({err.__class__.__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != STATISTICS_FORMAT:
-        raise UsageError(f"covariance file {str(path)!r} is not a dpfl covariance file ({STATISTICS_FORMAT})")
+    payload = load_tagged(path, STATISTICS_FORMAT, "covariance file")
     statistics = {
         name: InputStatistics(entry["signature"], int(entry["count"]), entry["total"], entry["outer"])
         for name, entry in payload["layers"].items()

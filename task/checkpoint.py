@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl.errors import UsageError
+from dpfl.task.files import load_tagged, save_tagged
 from dpfl.task.models import build_model
 
 CHECKPOINT_FORMAT = "dpfl-checkpoint-v1"
@@ -55,32 +55,18 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": CHECKPOINT_FORMAT,
         "model": asdict(checkpoint.spec),
         "dataset": checkpoint.dataset,
         "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
         "compression": checkpoint.compression,
         "extra": checkpoint.extra,
     }
-    # Write then rename, so an interrupted save never leaves a half-written file.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    save_tagged(path, CHECKPOINT_FORMAT, payload)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"checkpoint {str(path)!r} is not a dpfl checkpoint ({err.__class__.__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"checkpoint {str(path)!r} is not a dpfl checkpoint ({CHECKPOINT_FORMAT})")
+    payload = load_tagged(path, CHECKPOINT_FORMAT, "checkpoint")
     return Checkpoint(
         spec=ModelSpec(**payload["model"]),
         dataset=payload["dataset"],

@@ -1,0 +1,33 @@
+"""dpfl's own files: ``torch.save`` payloads tagged with a format, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpfl.errors import UsageError
+
+
+def save_tagged(path: str | Path, file_format: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` under the tag ``file_format``; a save cut short never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": file_format, **payload}, tmp)
+    tmp.replace(path)
+
+
+def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]:
+    """The payload of a ``file_format`` file; anything else is a one-line error naming ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{kind} {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({err.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({file_format})")
+    return payload
