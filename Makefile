@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/dpfl simulate --out runs/default
+	$(BIN)/dpfl simulate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
