@@ -42,7 +42,7 @@ class RunSettings:
     clipping: str = "flat"
     # Local training
     lr: float = 0.3
-    lr_decay: float = 0.998
+    lr_decay: float = 0.98
     local_epochs: int = 1
     batch_size: int = 16
     weight_decay: float = 1e-3
