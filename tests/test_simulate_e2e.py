@@ -90,7 +90,7 @@ def test_bad_input_is_one_line_exit_2(dpfl, tmp_path, args, message):
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("command", ["simulate", "privacy"])
+@pytest.mark.parametrize("command", ["simulate", "compare", "strategies", "privacy", "compress", "deploy"])
 def test_every_subcommand_has_help(dpfl, command):
     result = dpfl(command, "--help")
     assert result.returncode == 0 and "usage: dpfl" in result.stdout
