@@ -183,3 +183,21 @@ def test_server_reclips_what_clients_send():
     new_x = strategy.aggregate_updates(1, start, [huge])
     step = {k: start[k] - new_x[k] for k in start}
     assert global_l2_norm(step) == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7,), (4, 3, 3, 3), (10, 5)])
+def test_laplacian_smoothing_solves_the_implicit_system(shape):
+    from dpfl.strategies.smoothing import laplacian_smooth
+
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n, sigma = v.numel(), 1.5
+    laplacian = 2 * torch.eye(n, dtype=torch.float64)
+    for i in range(n):  # periodic 1-D graph Laplacian, the same for every tensor shape
+        laplacian[i, (i + 1) % n] -= 1
+        laplacian[i, (i - 1) % n] -= 1
+    expected = torch.linalg.solve(torch.eye(n, dtype=torch.float64) + sigma * laplacian, v.reshape(-1))
+    smoothed = laplacian_smooth(v, sigma)
+    assert smoothed.shape == v.shape
+    assert torch.allclose(smoothed.reshape(-1), expected, atol=1e-10)
+    assert float(smoothed.sum()) == pytest.approx(float(v.sum()))  # the mean is kept
+    assert float(smoothed.norm()) < float(v.norm())  # high frequencies (noise) are damped
