@@ -127,7 +127,7 @@ def run_superlink(args: argparse.Namespace) -> int:
     return _exec(cmd)
 
 
-def run_supernode(args: argparse.Namespace) -> int:
+def _check_partition_id(args: argparse.Namespace) -> None:
     if args.num_partitions < 1:
         raise InputError(f"num-partitions must be >= 1, got {args.num_partitions}")
     if not 0 <= args.partition_id < args.num_partitions:
@@ -135,6 +135,10 @@ def run_supernode(args: argparse.Namespace) -> int:
             f"partition-id must be in 0..{args.num_partitions - 1} for {args.num_partitions} partitions, "
             f"got {args.partition_id}"
         )
+
+
+def run_supernode(args: argparse.Namespace) -> int:
+    _check_partition_id(args)
     _check_partition_file(Path(args.data_file), args.partition_id, args.num_partitions)
     host, port = _split_address(args.superlink)
     cmd = [
@@ -200,13 +204,7 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def run_partition(args: argparse.Namespace) -> int:
-    if args.num_partitions < 1:
-        raise InputError(f"num-partitions must be >= 1, got {args.num_partitions}")
-    if not 0 <= args.partition_id < args.num_partitions:
-        raise InputError(
-            f"partition-id must be in 0..{args.num_partitions - 1} for {args.num_partitions} partitions, "
-            f"got {args.partition_id}"
-        )
+    _check_partition_id(args)
     out = Path(args.out)
     run_config = {
         "dataset": args.dataset, "data-dir": args.data_dir, "partition": args.partition,
