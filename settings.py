@@ -40,10 +40,12 @@ class RunSettings:
     noise_placement: str = "server"
     accountant: str = "rdp"
     clipping: str = "flat"
+    reproducible_noise: bool = False
     # Local training
     lr: float = 0.3
     lr_decay: float = 0.98
     local_epochs: int = 1
+    client_size: int = 0
     batch_size: int = 16
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
@@ -80,8 +82,7 @@ class RunSettings:
 
     def validate(self) -> None:
         from dpfl.privacy.accounting import ACCOUNTANTS
-        from dpfl.privacy.noise import NOISE_PLACEMENTS
-        from dpfl.strategies.base import CLIPPING_MODES
+        from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.task.data import DATASET_NAMES
         from dpfl.task.models import MODEL_BUILDERS
         from dpfl.task.partition import PARTITION_SCHEMES
@@ -115,6 +116,8 @@ class RunSettings:
         if not 0 < self.lr_decay <= 1:
             raise UsageError(f"lr-decay must be in (0, 1], got {self.lr_decay}")
         _at_least("local-epochs", self.local_epochs, 1)
+        if self.client_size < 0:
+            raise UsageError(f"client-size must be >= 0 (0 = the data set's published size / num-clients), got {self.client_size}")
         _at_least("batch-size", self.batch_size, 1)
         if self.weight_decay < 0:
             raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
@@ -132,15 +135,37 @@ class RunSettings:
 
             check_model_supported(self.model)
 
-    def local_steps(self, train_size: int) -> int:
+    def nominal_client_size(self) -> int:
+        """The public number of examples of a nominal client: ``client-size``, or the
+        data set's published training-set size over ``num-clients``.
+
+        Public by construction: the server never counts the clients' data.
+        """
+        if self.client_size:
+            return self.client_size
+        from dpfl.task.data import PUBLISHED_TRAIN_SIZES
+
+        if self.dataset not in PUBLISHED_TRAIN_SIZES:
+            raise UsageError(f"dataset {self.dataset!r} has no published size: set client-size (examples per client)")
+        return math.ceil(PUBLISHED_TRAIN_SIZES[self.dataset] / self.num_clients)
+
+    def local_steps(self) -> int:
         """K, the public number of local steps: local epochs over a nominal client's data.
 
         K must not depend on a client's own data size: the server adds the public
         part (1−γ)Kηc back for every client, and a per-client K would leak who took
         part. Every client takes exactly K steps (cycling over its data).
         """
-        nominal_size = math.ceil(train_size / self.num_clients)
-        return self.local_epochs * math.ceil(nominal_size / self.batch_size)
+        return self.local_epochs * math.ceil(self.nominal_client_size() / self.batch_size)
+
+    def delta_warning(self) -> str | None:
+        """A one-line warning when δ is too large to mean anything for N clients."""
+        if self.delta >= 1 / self.num_clients:
+            return (
+                f"delta {self.delta:g} is at least 1/num-clients = {1 / self.num_clients:g}: a mechanism that "
+                "releases one whole client's data with probability delta would satisfy it; use delta << 1/N"
+            )
+        return None
 
     @property
     def budget(self) -> float:

@@ -26,6 +26,8 @@ from flwr.app import ArrayRecord
 
 from dpfl.client.data import cached_dataset, load_client_partition, model_spec
 from dpfl.client.training import train_private_update
+from dpfl.privacy.mechanism import ClientInstructions
+from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import resolve_noise_multiplier
 from dpfl.server.evaluation import evaluate
 from dpfl.settings import RunSettings
@@ -72,7 +74,7 @@ def run_plain_loop() -> tuple[float, float, float]:
     model = model_spec(settings, data).build()
     strategy_cls = get_strategy_class(settings.strategy)
     strategy = strategy_cls.from_settings(
-        settings, noise_multiplier=resolve_noise_multiplier(settings), local_steps=settings.local_steps(len(data.train))
+        settings, noise_multiplier=resolve_noise_multiplier(settings), local_steps=settings.local_steps()
     )
     x = {k: v.clone() for k, v in model.state_dict().items()}
     evaluate(model, data.test)
@@ -81,6 +83,7 @@ def run_plain_loop() -> tuple[float, float, float]:
         strategy.global_arrays = ArrayRecord(x)
         records = {key: record.to_torch_state_dict() for key, record in strategy.extra_records(server_round).items()}
         rule = strategy_cls.local_update_rule(strategy.round_config(server_round), records)
+        instructions = ClientInstructions.from_config(strategy.mechanism.instructions(True))
         updates = []
         for client in range(CLIENTS):
             partition = load_client_partition(settings, {"partition-id": client, "num-partitions": CLIENTS})
@@ -89,8 +92,8 @@ def run_plain_loop() -> tuple[float, float, float]:
                 train_private_update(
                     model, partition.dataset, rule, steps=strategy.local_steps, lr=strategy.round_lr(server_round),
                     batch_size=settings.batch_size, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-                    clip_norm=settings.clip_norm, client_noise_std=0.0,
-                    generator=torch.Generator().manual_seed(server_round * CLIENTS + client),
+                    instructions=instructions, generator=torch.Generator().manual_seed(server_round * CLIENTS + client),
+                    noise_stream=Randomness().stream("client-noise"),
                 ).update
             )  # fmt: skip
         x = strategy.aggregate_updates(server_round, x, updates)

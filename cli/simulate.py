@@ -18,7 +18,7 @@ from dpfl.cli.options import non_negative_float, open_unit, positive_float, posi
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings
-from dpfl.strategies.base import PAPER_MODE_WARNING
+from dpfl.privacy.mechanism import MechanismParams
 
 DEFAULTS = RunSettings()
 FLOWER_LOG = "flower.log"
@@ -42,9 +42,13 @@ OPTIONS = [
     ("--noise", "noise_placement", str, "add the noise on the 'server' or split it across sampled 'client's"),
     ("--accountant", "accountant", str, "rdp, prv or pld: how the client-level epsilon is computed"),
     ("--clipping", "clipping", str, "flat (sound DP) or paper (the reference code's clipping: NO DP guarantee)"),
+    ("--reproducible-noise", "reproducible_noise", bool,
+     "derive the privacy noise and client sampling from --seed, for debugging and exact reproduction: epsilon NOT valid"),
     ("--lr", "lr", positive_float, "initial local learning rate"),
     ("--lr-decay", "lr_decay", positive_float, "learning-rate decay per round"),
     ("--local-epochs", "local_epochs", positive_int, "local epochs over a nominal client's data"),
+    ("--client-size", "client_size", int,
+     "examples of a nominal client, from which the public number of local steps follows (0 = the data set's published size / clients)"),
     ("--batch-size", "batch_size", positive_int, "local batch size"),
     ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
     ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
@@ -53,7 +57,7 @@ OPTIONS = [
     ("--local-noise", "local_noise_multiplier", positive_float, "noise multiplier of each client's DP-SGD (with --local-dp)"),
     ("--local-clip", "local_clip", positive_float, "per-sample gradient clip norm of each client's DP-SGD (with --local-dp)"),
     ("--local-delta", "local_delta", open_unit, "delta of each client's sample-level epsilon (with --local-dp)"),
-    ("--seed", "seed", int, "seed of model init, partitions, sampling and noise"),
+    ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
 ]
 
 
@@ -121,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    if settings.clipping == "paper":
-        console.print(f"[bold red]WARNING[/]: {PAPER_MODE_WARNING}")
+    for warning in run_warnings(settings):
+        console.print(f"[bold red]WARNING[/]: {warning}")
     console.print(
         f"[bold]dpfl simulate[/]: {settings.strategy} on {settings.dataset} with {settings.model} "
         f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
@@ -146,6 +150,19 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
     return 0
+
+
+def run_warnings(settings: RunSettings) -> list[str]:
+    """Why this run's epsilon is not a guarantee, and a delta too large for its clients."""
+    from dpfl.strategies import get_strategy_class
+    from dpfl.strategies.base import not_valid_reasons
+
+    params = MechanismParams(
+        noise_multiplier=settings.noise_multiplier, clip_norm=settings.clip_norm, sample_rate=settings.sample_rate,
+        num_clients=settings.num_clients, delta=settings.delta, clipping=settings.clipping,
+        private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
+    )  # fmt: skip
+    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
 
 
 def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | None:
@@ -208,7 +225,7 @@ def _show_round(row: dict, settings: RunSettings, progress: Progress, task) -> N
     progress.update(task, completed=row["round"], description=f"round {row['round']}")
     progress.console.print(
         f"round {row['round']:>3}/{settings.num_server_rounds}  accuracy {row['accuracy']:.4f}  "
-        f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  clients {row['sampled']:>3}  "
-        f"{row['round-time']:.1f} s"
-        + (f"  local epsilon (worst client) {row['local-epsilon-max']:.3f}" if "local-epsilon-max" in row else "")
+        f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  {row['round-time']:.1f} s"
+        + (f"  local epsilon (nominal client, every round) {row['local-epsilon-nominal']:.3f}"
+           if "local-epsilon-nominal" in row else "")
     )

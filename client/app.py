@@ -1,19 +1,22 @@
-"""The ClientApp: trains the strategy's local update rule and returns the private part."""
+"""The ClientApp: trains the strategy's local update rule and returns the privatised private part."""
 
 from __future__ import annotations
 
-import math
+from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
+from dpfl.privacy.mechanism import ClientInstructions, noise_share
+from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, UPDATE_KEY
+from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, SERVER_ROUND_KEY, UPDATE_KEY
 
 app = ClientApp()
 
@@ -21,8 +24,18 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
-    partition = load_client_partition(settings, context.node_config)
     config = msg.content[CONFIG_KEY]
+    instructions = ClientInstructions.from_config(config)
+    server_round = int(config[SERVER_ROUND_KEY])
+    # The node's stable identity in a simulation is its partition; a deployed node has its own id.
+    identity = int(context.node_config.get("partition-id", context.node_id))
+    # Secure by default; seeded from --seed only when the run asked for reproducible noise.
+    randomness = Randomness(settings.seed if instructions.reproducible_noise else None)
+    noise_stream = randomness.stream("client-noise", server_round, identity)
+    global_weights = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    if not instructions.contribute_update:  # not sampled: only this client's noise share
+        return _reply(msg, noise_share(global_weights, instructions, noise_stream))
+    partition = load_client_partition(settings, context.node_config)
     records = {
         key: record.to_torch_state_dict()
         for key, record in msg.content.array_records.items()
@@ -30,13 +43,14 @@ def train(msg: Message, context: Context) -> Message:
     }
     rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
     model = partition.spec.build()
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
-    # A distinct, reproducible stream per (run seed, round, node) for shuffling and noise.
-    generator = torch.Generator().manual_seed(hash((settings.seed, int(config["server-round"]), context.node_id)) % 2**63)
+    model.load_state_dict(global_weights)
+    # --seed drives only the local shuffling (comparable experiments), never the noise.
+    shuffle = torch.Generator().manual_seed(hash((settings.seed, server_round, identity)) % 2**63)
     # Sample-level DP inside the client: the accountant of its earlier rounds comes
-    # from the node's persistent state, so the epsilon it reports is cumulative.
+    # from the node's persistent state, so its epsilon is cumulative.
     local_dp = (
-        LocalDP(settings.local_noise_multiplier, settings.local_clip, settings.local_delta, context.state)
+        LocalDP(settings.local_noise_multiplier, settings.local_clip, settings.local_delta, context.state,
+                randomness=randomness, label=(server_round, identity))  # fmt: skip
         if settings.local_dp
         else None
     )
@@ -44,26 +58,24 @@ def train(msg: Message, context: Context) -> Message:
         model,
         partition.dataset,
         rule,
-        steps=int(config["local-steps"]),
-        lr=float(config["lr"]),
+        steps=int(config[LOCAL_STEPS_KEY]),
+        lr=float(config[LR_KEY]),
         batch_size=settings.batch_size,
         weight_decay=settings.weight_decay,
         grad_clip=settings.grad_clip,
-        clip_norm=float(config["clip-norm"]),
-        client_noise_std=float(config["client-noise-std"]),
-        generator=generator,
-        clipping=str(config["clipping"]),
-        noise_multiplier=float(config["noise-multiplier"]),
-        sample_size=int(config["sample-size"]),
+        instructions=instructions,
+        generator=shuffle,
+        noise_stream=noise_stream,
         local_dp=local_dp,
     )
-    metrics = MetricRecord({"update-norm": result.norm_before_clip, "local-steps": result.steps})
-    if local_dp is None:
-        metrics.update({"train-loss": result.train_loss, "num-examples": len(partition.dataset)})
-    else:
+    if local_dp is not None:
         local_dp.save(context.state)
-        # Sample-level DP covers only what derives from the privatised steps: the loss
-        # of the raw batches and the exact data size would reach the server unprotected.
-        metrics.update({"train-loss": math.nan, "local-epsilon": local_dp.epsilon()})
-    content = RecordDict({UPDATE_KEY: ArrayRecord(result.update), METRICS_KEY: metrics})
-    return Message(content=content, reply_to=msg)
+        # The client's own sample-level epsilon depends on its data size: it stays in the node's log.
+        log(INFO, "dpfl client: sample-level epsilon %.3f (delta %g) after round %d", local_dp.epsilon(),
+            settings.local_delta, server_round)  # fmt: skip
+    # Only the privatised update leaves the client: no loss, norm or data size.
+    return _reply(msg, result.update)
+
+
+def _reply(msg: Message, update: dict[str, torch.Tensor]) -> Message:
+    return Message(content=RecordDict({UPDATE_KEY: ArrayRecord(update)}), reply_to=msg)

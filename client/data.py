@@ -32,9 +32,9 @@ class ClientPartition:
 
 
 @lru_cache(maxsize=2)
-def cached_dataset(name: str, data_dir: str, image_size: int) -> TaskData:
+def cached_dataset(name: str, data_dir: str, image_size: int, with_train: bool = True) -> TaskData:
     """The data set, loaded once per process (a simulation reuses its processes)."""
-    return load_dataset(name, data_dir or None, image_size)
+    return load_dataset(name, data_dir or None, image_size, with_train=with_train)
 
 
 def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dpfl.client.local_dp import LocalDP, privatise_gradient
-from dpfl.privacy.clipping import flat_clip, global_l2_norm, per_tensor_median_clip
-from dpfl.privacy.noise import add_gaussian_noise
+from dpfl.errors import UsageError
+from dpfl.privacy.mechanism import ClientInstructions, privatise_update
+from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors
 
 
@@ -78,43 +78,32 @@ def train_private_update(
     batch_size: int,
     weight_decay: float,
     grad_clip: float,
-    clip_norm: float,
-    client_noise_std: float,
+    instructions: ClientInstructions,
     generator: torch.Generator,
-    clipping: str = "flat",
-    noise_multiplier: float = 0.0,
-    sample_size: int = 1,
+    noise_stream: RandomStream,
     local_dp: LocalDP | None = None,
 ) -> PrivateUpdate:
-    """Train from the model's current weights x and return the clipped private part of Δ.
+    """Train from the model's current weights x and return the privatised private part of Δ.
 
-    ``clip_norm`` 0 means no clipping (a strategy without DP). ``clipping="paper"``
-    is the reference code's per-tensor median clipping with per-tensor client noise
-    σ·C_i/√m (no formal guarantee). ``local_dp`` adds sample-level DP-SGD inside
-    the client; its accountant counts the steps taken.
+    ``generator`` (seeded from ``--seed``) only shuffles the local data; the noise
+    share comes from ``noise_stream`` and the clipping and noise follow the
+    mechanism's ``instructions`` (:func:`dpfl.privacy.mechanism.privatise_update`).
+    ``local_dp`` adds sample-level DP-SGD inside the client; its accountant counts
+    the steps taken.
     """
+    if len(dataset) == 0:
+        raise UsageError("this client's partition has no training examples; give it data or leave it out of the federation")
     start = {name: t.detach().clone() for name, t in model.state_dict().items()}
     # Momentum 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     if local_dp is None:
         loss = local_sgd(model, cycle_batches(dataset, batch_size, generator), rule, steps, optimizer, grad_clip)
     else:
-        with local_dp.training(model, optimizer, dataset, batch_size, generator) as (dp_optimizer, batches):
+        with local_dp.training(model, optimizer, dataset, batch_size) as (dp_optimizer, batches):
             loss = local_sgd(model, batches, rule, steps, optimizer, grad_clip, dp_optimizer)
     end = model.state_dict()
     delta = {name: start[name] - end[name].detach() for name in start}
     public = rule.public_part(steps, lr)
     private = delta if public is None else {name: delta[name] - public[name] for name in delta}
-    if clipping == "paper":
-        clipped, median_norm, norm = per_tensor_median_clip(private)
-        client_noise_std = noise_multiplier * median_norm / math.sqrt(sample_size)
-    elif clip_norm > 0:
-        clipped, norm = flat_clip(private, clip_norm)
-    else:
-        clipped, norm = private, global_l2_norm(private)
-    return PrivateUpdate(
-        update=add_gaussian_noise(clipped, client_noise_std, generator),
-        norm_before_clip=norm,
-        train_loss=loss,
-        steps=steps,
-    )
+    update, norm = privatise_update(private, instructions, noise_stream)
+    return PrivateUpdate(update=update, norm_before_clip=norm, train_loss=loss, steps=steps)

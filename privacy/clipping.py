@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -9,23 +10,41 @@ import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
+# How much a scale is shrunk per try when rounding back to the update's dtype
+# lands a hair above the bound (float32 rounding: at most a few ulps).
+_SHRINK = 1 - 2.0**-22
+
 
 def global_l2_norm(tensors: Tensors) -> float:
-    """L2 norm of all tensors taken together, as if flattened into one vector."""
+    """L2 norm of all tensors taken together, as if flattened into one vector, in float64."""
     if not tensors:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors.values()])))
+
+
+def all_finite(tensors: Tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """Scale ``tensors`` by min(1, C/‖u‖) and return them with ‖u‖ before clipping.
 
     One norm over the whole update (not per layer), so the update's L2 sensitivity
-    is exactly C.
+    is C. The norm and the scale are computed in float64 and the result, in the
+    tensors' own dtype, is checked again: ‖clip(u)‖ ≤ C holds exactly for what is
+    returned, not only up to float32 rounding. A non-finite update (NaN or Inf
+    anywhere) is replaced by zeros: ``min(1, C/nan)`` would be 1 and let it through
+    unclipped.
     """
     norm = global_l2_norm(tensors)
+    if not math.isfinite(norm):
+        return {name: torch.zeros_like(t) for name, t in tensors.items()}, norm
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {name: t * scale for name, t in tensors.items()}, norm
+    while True:
+        clipped = {name: (t.double() * scale).to(t.dtype) for name, t in tensors.items()}
+        if scale == 1.0 or global_l2_norm(clipped) <= clip_norm:
+            return clipped, norm
+        scale *= _SHRINK
 
 
 def per_tensor_median_clip(tensors: Tensors) -> tuple[dict[str, torch.Tensor], float, float]:

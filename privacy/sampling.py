@@ -1,4 +1,4 @@
-"""Poisson client sampling, the sampling the subsampled-Gaussian RDP bound assumes."""
+"""Client sampling from a secure stream: Poisson, as the subsampled-Gaussian bound assumes."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dpfl.privacy.randomness import RandomStream
 
-def poisson_sample(population: Sequence[int], sample_rate: float, rng: np.random.Generator) -> list[int]:
+
+def poisson_sample(population: Sequence[int], sample_rate: float, stream: RandomStream) -> list[int]:
     """Each member joins independently with probability ``sample_rate``; may be empty."""
-    keep = rng.random(len(population)) < sample_rate
+    keep = stream.bernoulli(len(population), sample_rate)
     return [member for member, kept in zip(population, keep) if kept]
 
 
-def fixed_size_sample(population: Sequence[int], size: int, rng: np.random.Generator) -> list[int]:
+def fixed_size_sample(population: Sequence[int], size: int, stream: RandomStream) -> list[int]:
     """``size`` members uniformly without replacement (the reference code's sampling).
 
     Not what the Poisson-subsampled RDP bound assumes: only for ``clipping=paper``.
+    The ranks of secure uniforms give a uniformly random order.
     """
-    chosen = rng.choice(len(population), size=min(size, len(population)), replace=False)
-    return [population[i] for i in sorted(chosen)]
+    order = np.argsort(stream.uniform(len(population)), kind="stable")
+    return [population[i] for i in sorted(order[: min(size, len(population))])]

@@ -13,13 +13,13 @@ from flwr.supercore import log
 
 from dpfl.client.data import cached_dataset, model_spec
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import calibrate_noise_multiplier
+from dpfl.privacy.accounting import calibrate_noise_multiplier, epsilon_for
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.server.evaluation import evaluate
-from dpfl.server.recorder import RunRecorder, format_epsilon
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import PAPER_MODE_WARNING, BudgetExhausted
+from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
 
 # How long to wait for the federation's nodes to connect, and how often to look.
 NODE_WAIT_TIMEOUT_S = 600.0
@@ -54,13 +54,24 @@ def wait_for_nodes(grid: Grid, wanted: int) -> None:
         time.sleep(NODE_WAIT_POLL_S)
 
 
+def local_epsilon_nominal(settings: RunSettings, local_steps: int, server_round: int) -> float:
+    """Sample-level ε of a client of the nominal size that took part in every round so far.
+
+    Public by construction (it uses only public values); each client's own ε, which
+    depends on its data size and on how often it was sampled, stays in its node's log.
+    """
+    sample_rate = 1 / math.ceil(settings.nominal_client_size() / settings.batch_size)
+    return epsilon_for(settings.local_noise_multiplier, sample_rate, local_steps * server_round, settings.local_delta)[0]
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    # The server holds only its own held-out data: no training set is loaded here.
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False)
     spec = model_spec(settings, data)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
     noise_multiplier = resolve_noise_multiplier(settings)
-    local_steps = settings.local_steps(len(data.train))
+    local_steps = settings.local_steps()
     strategy = get_strategy_class(settings.strategy).from_settings(
         settings, noise_multiplier=noise_multiplier, local_steps=local_steps
     )
@@ -74,21 +85,30 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         },
     )
     log(INFO, "dpfl: writing run records to %s", recorder.out_dir)
-    if strategy.private and not strategy.epsilon_valid:
-        log(WARNING, "dpfl: %s", PAPER_MODE_WARNING)
+    log(WARNING, "dpfl: raw server-side diagnostics (not covered by epsilon, never to be shared) go to %s",
+        recorder.out_dir / PRIVATE_DIAGNOSTICS_FILE)  # fmt: skip
+    for warning in [*not_valid_reasons(strategy.mechanism.params), settings.delta_warning()]:
+        if warning:
+            log(WARNING, "dpfl: %s", warning)
     latest = {"arrays": ArrayRecord(model.state_dict())}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         latest["arrays"] = arrays
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, data.test)
-        train_metrics = strategy.last_metrics if server_round > 0 else {"epsilon": 0.0 if strategy.epsilon_valid else math.nan, "sampled": 0}
+        if server_round > 0:
+            train_metrics = dict(strategy.last_metrics)
+            recorder.record_private(strategy.private_diagnostics)
+        else:
+            train_metrics = {"epsilon": 0.0 if strategy.epsilon_valid else math.nan}
+        if settings.local_dp:
+            train_metrics["local-epsilon-nominal"] = local_epsilon_nominal(settings, local_steps, server_round)
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
         log(
             INFO,
-            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g), %d clients, %.1f s",
+            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g), %.1f s",
             server_round, settings.num_server_rounds, accuracy, loss, format_epsilon(row["epsilon"]), settings.delta,
-            row["sampled"], row["round-time"],
+            row["round-time"],
         )  # fmt: skip
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 

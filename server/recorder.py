@@ -4,6 +4,12 @@
 watcher can follow it), ``config.json`` (the run settings, resolved noise
 multiplier and K), ``final_model.pt`` (a ``dpfl.task.checkpoint`` file) and
 ``summary.json`` (outcome, final and best accuracy, ε spent, wall time).
+
+The public records hold only what ε covers or what is public by construction
+(:data:`PUBLIC_ROUND_KEYS`, :data:`PUBLIC_SUMMARY_KEYS`); any other key is refused
+rather than written. Raw facts only the server may see (the realised number of
+clients, drop reasons, the clipped fraction) go to
+``server_private_diagnostics.jsonl``, never mixed into the public files.
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_MODEL_FILE = "final_model.pt"
+PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
+
+# What a round line and the summary may hold: accuracy and loss of the global model
+# on the server's own test data, ε and the mechanism's public parameters, timings.
+PUBLIC_ROUND_KEYS = frozenset(
+    {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
+     "local-epsilon-nominal", "round-time", "wall-time"}
+)  # fmt: skip
+PUBLIC_SUMMARY_KEYS = frozenset(
+    {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
+     "wall-time", "noise-multiplier", "local-steps", "strategy"}
+)  # fmt: skip
+
+
+class NotPublicError(ValueError):
+    """A record that would release something neither covered by ε nor public."""
+
+
+def _public(row: dict[str, Any], allowed: frozenset[str], what: str) -> dict[str, Any]:
+    extra = sorted(set(row) - allowed)
+    if extra:
+        raise NotPublicError(f"{what} would release {', '.join(extra)}, which is not covered by epsilon")
+    return row
 
 
 def format_epsilon(epsilon: float | None) -> str:
@@ -49,6 +78,7 @@ class RunRecorder:
         self.config = config
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self._metrics = (self.out_dir / METRICS_FILE).open("w")
+        self._private = (self.out_dir / PRIVATE_DIAGNOSTICS_FILE).open("w")
         self.started = time.time()
         self._last = self.started
         self.rounds: list[dict[str, Any]] = []
@@ -57,20 +87,26 @@ class RunRecorder:
         now = time.time()
         # NaN (an epsilon that is not valid, a loss with no client) is null in JSON.
         row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-        row = {**row, "round-time": now - self._last, "wall-time": now - self.started}
+        row = _public({**row, "round-time": now - self._last, "wall-time": now - self.started}, PUBLIC_ROUND_KEYS, "a round record")
         self._last = now
         self.rounds.append(row)
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         return row
 
+    def record_private(self, diagnostics: dict[str, Any]) -> None:
+        """Raw server-side facts of a round, to the server-private file only."""
+        self._private.write(json.dumps(diagnostics) + "\n")
+        self._private.flush()
+
     def finish(
         self, spec: ModelSpec, dataset: str, state_dict: dict[str, torch.Tensor], outcome: str, extra: dict[str, Any]
     ) -> dict[str, Any]:
         self._metrics.close()
+        self._private.close()
         trained = [r for r in self.rounds if r["round"] > 0]
         final = self.rounds[-1] if self.rounds else {}
-        summary = {
+        summary = _public({
             "outcome": outcome,
             "rounds-completed": len(trained),
             "final-accuracy": final.get("accuracy"),
@@ -80,7 +116,7 @@ class RunRecorder:
             "delta": self.config["delta"],
             "wall-time": time.time() - self.started,
             **extra,
-        }
+        }, PUBLIC_SUMMARY_KEYS, "the summary")
         save_checkpoint(
             self.out_dir / FINAL_MODEL_FILE,
             Checkpoint(spec=spec, dataset=dataset, state_dict=state_dict, extra={"summary": summary}),

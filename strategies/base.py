@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -31,9 +30,14 @@ from torch import nn
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import create_accountant
-from dpfl.privacy.clipping import flat_clip
-from dpfl.privacy.noise import client_noise_std, noisy_mean
-from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
+from dpfl.privacy.mechanism import (
+    INSTRUCTION_KEYS,
+    PAPER_MODE_WARNING,
+    REPRODUCIBLE_NOISE_WARNING,
+    ClientLevelMechanism,
+    MechanismParams,
+)
+from dpfl.privacy.randomness import Randomness
 
 Tensors = dict[str, torch.Tensor]
 OptionValue = bool | int | float | str
@@ -43,20 +47,22 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
+# Train-config keys the platform sets beside the mechanism's instructions.
+SERVER_ROUND_KEY = "server-round"
+LR_KEY = "lr"
+LOCAL_STEPS_KEY = "local-steps"
+# Keys a strategy's options, round_config or extra_records may not use: the platform's
+# always win, and a collision is refused when the strategy is loaded.
+PLATFORM_CONFIG_KEYS = INSTRUCTION_KEYS | {SERVER_ROUND_KEY, LR_KEY, LOCAL_STEPS_KEY}
+PLATFORM_RECORD_KEYS = frozenset({ARRAYS_KEY, CONFIG_KEY, UPDATE_KEY, METRICS_KEY})
 
-# Clipping modes: "flat" is the sound client-level DP mechanism; "paper" reproduces
-# the DP-FedPGN reference code (per-tensor clipping to the client's median tensor
-# norm, client-side noise, fixed-size sampling), which has no formal guarantee.
-CLIPPING_MODES = ("flat", "paper")
-PAPER_MODE_WARNING = (
-    "clipping=paper reproduces the reference code's per-tensor, data-dependent clipping with "
-    "fixed-size sampling: it carries NO formal differential-privacy guarantee, and epsilon is not valid"
-)
-
-# Methods that implement the privacy mechanism: a strategy may not override them.
+# Methods that implement the privacy mechanism or what it relies on (sampling,
+# screening of replies, the learning-rate schedule, whether ε is valid, the
+# construction from the run's settings): a strategy may not override them.
 PLATFORM_METHODS = frozenset(
-    {"configure_train", "aggregate_train", "aggregate_updates", "configure_evaluate", "aggregate_evaluate", "start"}
-)
+    {"configure_train", "aggregate_train", "aggregate_updates", "configure_evaluate", "aggregate_evaluate", "start",
+     "from_settings", "round_lr", "screen_reply", "epsilon_valid", "state_dict", "load_state_dict", "public_metrics"}
+)  # fmt: skip
 
 
 class BudgetExhausted(PrivacyBudgetExhausted):
@@ -97,12 +103,13 @@ class ClientLevelDPStrategy(Strategy):
 
     Per round: sample clients by Poisson(q); each trains K local steps from x,
     forms Δ = x − y, removes the strategy's public part, clips the rest to C and
-    (with client-side placement) adds its share of the noise; the server sums, adds
-    the noise (or its shortfall), divides by the expected count qN, adds the public
-    part back, post-processes, and sets x ← x − Δ̄. One Poisson-subsampled Gaussian
-    per round goes to the accountant, also for a round in which nobody was sampled.
-    A strategy with ``private = False`` is a reference curve without DP: no clipping,
-    no noise, a plain mean over the clients that reported, no accounting.
+    (with client-side placement) adds its share of the noise; the server screens
+    the replies, sums, adds the noise (or its shortfall), divides by the expected
+    count qN, adds the public part back, post-processes, and sets x ← x − Δ̄. The
+    mechanism itself (sampling, instructions, clipping, noise, denominator,
+    accounting) is :class:`dpfl.privacy.mechanism.ClientLevelMechanism`; this class
+    is its Flower glue and the strategy hooks. A strategy with ``private = False``
+    is a reference curve without DP.
     """
 
     name: ClassVar[str] = ""
@@ -118,7 +125,7 @@ class ClientLevelDPStrategy(Strategy):
         if overridden:
             raise TypeError(
                 f"{cls.__qualname__} overrides {', '.join(sorted(overridden))}, which the platform owns "
-                "(sampling, clipping, noise and accounting); use the strategy hooks instead"
+                "(sampling, clipping, noise, accounting and what they rely on); use the strategy hooks instead"
             )
 
     def __init__(
@@ -136,33 +143,41 @@ class ClientLevelDPStrategy(Strategy):
         noise_placement: str = "server",
         clipping: str = "flat",
         accountant: str = "rdp",
+        reproducible_noise: bool = False,
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
     ) -> None:
         super().__init__()
-        self.noise_multiplier = noise_multiplier if self.private else 0.0
-        self.clip_norm = clip_norm if self.private else math.inf
-        self.sample_rate = sample_rate
-        self.num_clients = num_clients
-        self.expected_clients = sample_rate * num_clients
+        params = MechanismParams(
+            noise_multiplier=noise_multiplier if self.private else 0.0,
+            clip_norm=clip_norm if self.private else math.inf,
+            sample_rate=sample_rate,
+            num_clients=num_clients,
+            delta=delta,
+            noise_placement=noise_placement,
+            clipping=clipping,
+            private=self.private,
+            reproducible_noise=reproducible_noise,
+        )
+        # The seed reaches the privacy randomness only when the user asked for reproducible noise.
+        randomness = Randomness(seed if reproducible_noise else None)
+        self.mechanism = ClientLevelMechanism(params, create_accountant(accountant, delta), randomness)
         self.local_steps = local_steps
         self.lr = lr
         self.lr_decay = lr_decay
         self.max_epsilon = max_epsilon
-        self.noise_placement = noise_placement
-        self.clipping = clipping
         self.option_values = {**self.options, **(option_values or {})}
-        self.accountant = create_accountant(accountant, delta)
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
         self.last_metrics: dict[str, float] = {}
-        self._sampling_rng = np.random.default_rng(seed)
-        self._noise_rng = torch.Generator().manual_seed(seed + 1)
+        # Raw per-round facts only the server may see (realised counts, drop reasons):
+        # never part of the public records.
+        self.private_diagnostics: dict[str, Any] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:
         """Build from the run's ``RunSettings`` and its ``strategy-options``."""
-        return cls(
+        strategy = cls(
             noise_multiplier=noise_multiplier,
             clip_norm=settings.clip_norm,
             sample_rate=settings.sample_rate,
@@ -175,9 +190,12 @@ class ClientLevelDPStrategy(Strategy):
             noise_placement=settings.noise_placement,
             clipping=settings.clipping,
             accountant=settings.accountant,
+            reproducible_noise=settings.reproducible_noise,
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
         )
+        strategy.apply_settings(settings)
+        return strategy
 
     @classmethod
     def parse_options(cls, text: str) -> dict[str, OptionValue]:
@@ -195,11 +213,39 @@ class ClientLevelDPStrategy(Strategy):
                 raise UsageError(f"strategy option {key} must be {type(default).__name__}, got {raw!r}") from None
         return values
 
+    # The mechanism's public parameters, read by strategies and reports.
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.params.noise_multiplier
+
+    @property
+    def clip_norm(self) -> float:
+        return self.mechanism.params.clip_norm
+
+    @property
+    def sample_rate(self) -> float:
+        return self.mechanism.params.sample_rate
+
+    @property
+    def num_clients(self) -> int:
+        return self.mechanism.params.num_clients
+
+    @property
+    def expected_clients(self) -> float:
+        return self.mechanism.params.expected_clients
+
+    @property
+    def accountant(self):
+        return self.mechanism.accountant
+
     @property
     def epsilon_valid(self) -> bool:
-        return self.private and self.clipping == "flat"
+        return self.mechanism.params.epsilon_valid
 
     # --- what a strategy may override -------------------------------------------------
+
+    def apply_settings(self, settings: Any) -> None:
+        """Take what the strategy needs from the run's settings (e.g. DP-FedPGN's gamma)."""
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         """Records sent beside the global model (e.g. DP-FedPGN's global direction)."""
@@ -232,125 +278,95 @@ class ClientLevelDPStrategy(Strategy):
         """η_t = η₀·decay^(t+1) with t = server_round − 1: decayed before round 1 too."""
         return self.lr * self.lr_decay**server_round
 
-    def _sample(self, nodes: list[int]) -> list[int]:
-        if self.clipping == "paper":
-            return fixed_size_sample(nodes, max(1, round(self.expected_clients)), self._sampling_rng)
-        return poisson_sample(nodes, self.sample_rate, self._sampling_rng)
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.epsilon_valid:
-            projected = self.accountant.epsilon_after_step(self.noise_multiplier, self.sample_rate)
-            if projected > self.max_epsilon:
-                raise BudgetExhausted(
-                    f"round {server_round} would raise epsilon to {projected:.3f}, over the budget "
-                    f"{self.max_epsilon:g} (spent so far: {self.accountant.epsilon():.3f})"
-                )
-        elif self.private:
-            log(WARNING, PAPER_MODE_WARNING)
+        refusal = self.mechanism.budget_refusal(server_round, self.max_epsilon)
+        if refusal:
+            raise BudgetExhausted(refusal)
+        for warning in not_valid_reasons(self.mechanism.params):
+            log(WARNING, warning)
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
-        sampled = self._sample(nodes)
-        train_config = ConfigRecord(
-            {
-                **dict(config),
-                "server-round": server_round,
-                "lr": self.round_lr(server_round),
-                "local-steps": self.local_steps,
-                "clipping": self.clipping,
-                "clip-norm": self.clip_norm if self.private else 0.0,  # 0: no clipping
-                "noise-multiplier": self.noise_multiplier,
-                "sample-size": max(1, round(self.expected_clients)),
-                "client-noise-std": (
-                    client_noise_std(self.noise_multiplier, self.clip_norm, self.expected_clients)
-                    if self.private and self.noise_placement == "client"
-                    else 0.0
-                ),
-                **self.round_config(server_round),
-            }
-        )
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, **self.extra_records(server_round)})
-        log(INFO, "configure_train: sampled %d of %d nodes (q=%g)", len(sampled), len(nodes), self.sample_rate)
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in sampled]
+        sampled = self.mechanism.sample(nodes, server_round)
+        records = checked_extra_records(self.extra_records(server_round))
+        strategy_config = checked_round_config(self.round_config(server_round))
+        messages = []
+        for node, contributes in self.mechanism.recipients(nodes, sampled):
+            train_config = ConfigRecord(
+                {
+                    **dict(config),
+                    **strategy_config,
+                    SERVER_ROUND_KEY: server_round,
+                    LR_KEY: self.round_lr(server_round),
+                    LOCAL_STEPS_KEY: self.local_steps,
+                    **self.mechanism.instructions(contributes),
+                }
+            )
+            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, **records})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        # The realised sample is private: only the server-private diagnostics hold its size.
+        self.private_diagnostics = {"round": server_round, "sampled": len(sampled), "messages": len(messages)}
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = self.global_arrays.to_torch_state_dict()
-        updates, metrics = [], []
+        updates, dropped = [], []
         for reply in replies:
-            update = self._valid_update(reply, x)
-            if update is not None:
+            update, reason = self.screen_reply(reply, x)
+            if update is None:
+                dropped.append(reason)
+                log(WARNING, "dropping a reply: %s", reason)  # reaches only the server's own log
+            else:
                 updates.append(update)
-                metrics.append(reply.content[METRICS_KEY])
         new_x = self.aggregate_updates(server_round, x, updates)
-        norms = [float(m["update-norm"]) for m in metrics]
-        clip_norm = self.clip_norm if self.clipping == "flat" else math.inf
-        self.last_metrics = {
-            **self.last_metrics,
-            "update-norm-mean": float(np.mean(norms)) if norms else 0.0,
-            "update-norm-max": float(np.max(norms)) if norms else 0.0,
-            "clipped-fraction": float(np.mean([n > clip_norm for n in norms])) if norms else 0.0,
-            "train-loss": float(np.mean([float(m["train-loss"]) for m in metrics])) if metrics else math.nan,
-        }
-        local_epsilons = [float(m["local-epsilon"]) for m in metrics if "local-epsilon" in m]
-        if local_epsilons:  # sample-level DP inside clients (--local-dp): the worst client
-            self.last_metrics["local-epsilon-max"] = max(local_epsilons)
+        diagnostics = {"accepted": len(updates), "dropped": len(dropped), "drop-reasons": dropped}
+        if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
+            clipped = [self.mechanism.is_clipped(update) for update in updates]
+            diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
+        self.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
 
+    def screen_reply(self, reply: Message, x: Tensors) -> tuple[Tensors | None, str]:
+        """The reply's update if it may be aggregated, else None and why it was dropped.
+
+        Leaving a client out is safe for DP (the denominator is fixed), so anything
+        malformed, non-finite or implausible is dropped rather than repaired.
+        """
+        if reply.has_error():
+            return None, f"the client failed: {reply.error.reason}"
+        try:
+            update = reply.content.array_records[UPDATE_KEY].to_torch_state_dict()
+        except Exception as err:  # noqa: BLE001 - whatever a broken or hostile client sent
+            return None, f"no readable {UPDATE_KEY!r} record ({type(err).__name__}: {err})"
+        reason = self.mechanism.screen(update, x)
+        return (None, reason) if reason else (update, "")
+
     def aggregate_updates(self, server_round: int, x: Tensors, updates: list[Tensors]) -> Tensors:
-        """The new global weights from the clients' private updates; accounts the round."""
-        total = {name: torch.zeros_like(t) for name, t in x.items()}
-        for update in updates:
-            if self.private and self.clipping == "flat" and self.noise_placement == "server":
-                # Re-clip: the sensitivity bound holds whatever a client sent.
-                update, _ = flat_clip(update, self.clip_norm)
-            for name, t in update.items():
-                total[name] += t
-        if self.epsilon_valid:
-            mean_delta = noisy_mean(
-                total,
-                noise_multiplier=self.noise_multiplier,
-                clip_norm=self.clip_norm,
-                placement=self.noise_placement,
-                reported=len(updates),
-                expected_clients=self.expected_clients,
-                generator=self._noise_rng,
-            )
-            self.accountant.step(self.noise_multiplier, self.sample_rate)
-        else:
-            # Paper mode: the clients' own noise, a plain mean over the fixed sample;
-            # no DP: a plain mean over those who reported.
-            denominator = max(1, round(self.expected_clients)) if self.private else max(1, len(updates))
-            mean_delta = {name: t / denominator for name, t in total.items()}
+        """The new global weights from the screened replies; accounts the round."""
+        mean_delta = self.mechanism.release(updates, x, server_round)
         public = self.public_update(server_round, x)
         if public is not None:
             mean_delta = {name: t + public[name] for name, t in mean_delta.items()}
         mean_delta = self.transform_update(server_round, mean_delta)
         self.after_aggregate(server_round, mean_delta)
         self.current_round = server_round
-        epsilon, order = self.accountant.privacy_spent() if self.epsilon_valid else (math.nan, math.nan)
-        self.last_metrics = {
-            "epsilon": epsilon,
-            "rdp-order": order,
-            "sampled": len(updates),
-            "lr": self.round_lr(server_round),
-            "noise-multiplier": self.noise_multiplier,
-        }
+        self.last_metrics = self.public_metrics(server_round)
         return {name: x[name] - mean_delta[name] for name in x}
 
-    def _valid_update(self, reply: Message, x: Tensors) -> Tensors | None:
-        # A failed or malformed reply is dropped: leaving a client out is safe for DP.
-        if reply.has_error():
-            log(WARNING, "dropping a reply with error: %s", reply.error.reason)
-            return None
-        update = reply.content[UPDATE_KEY].to_torch_state_dict()
-        if update.keys() != x.keys() or any(update[k].shape != x[k].shape for k in x):
-            log(WARNING, "dropping a reply whose update does not match the model's tensors")
-            return None
-        return update
+    def public_metrics(self, server_round: int) -> dict[str, float]:
+        """What may be released about the round: ε and the mechanism's public parameters."""
+        epsilon, order = self.mechanism.privacy_spent()
+        return {
+            "epsilon": epsilon,
+            "rdp-order": order,
+            "lr": self.round_lr(server_round),
+            "noise-multiplier": self.noise_multiplier,
+            "expected-clients": self.expected_clients,
+        }
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -365,29 +381,46 @@ class ClientLevelDPStrategy(Strategy):
         if not self.private:
             log(INFO, "%s: no differential privacy (a reference curve), q=%g", self.name, self.sample_rate)
             return
+        params = self.mechanism.params
         log(
             INFO,
             "%s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
-            "noise on the %s, %s accountant, delta=%g, budget epsilon=%g, options %s",
-            self.name, self.noise_multiplier, self.clip_norm, self.sample_rate, self.expected_clients,
-            self.num_clients, self.clipping, self.noise_placement, self.accountant.mechanism,
-            self.accountant.delta, self.max_epsilon,
+            "noise on the %s, %s accountant, delta=%g, budget epsilon=%g, %s noise, options %s",
+            self.name, params.noise_multiplier, params.clip_norm, params.sample_rate, params.expected_clients,
+            params.num_clients, params.clipping, params.noise_placement, self.accountant.mechanism,
+            params.delta, self.max_epsilon, "reproducible" if params.reproducible_noise else "secure",
             self.option_values,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        """The server state beside the global weights, in one serialisable place."""
-        return {
-            "round": self.current_round,
-            "accountant": self.accountant.state_dict(),
-            "sampling-rng": self._sampling_rng.bit_generator.state,
-            "noise-rng": self._noise_rng.get_state().tolist(),
-            "strategy": self.extra_state(),
-        }
+        """The server state beside the global weights; never the noise or sampling randomness."""
+        return {"round": self.current_round, "accountant": self.accountant.state_dict(), "strategy": self.extra_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current_round = int(state["round"])
         self.accountant.load_state_dict(state["accountant"])
-        self._sampling_rng.bit_generator.state = state["sampling-rng"]
-        self._noise_rng.set_state(torch.tensor(state["noise-rng"], dtype=torch.uint8))
         self.load_extra_state(state["strategy"])
+
+
+def not_valid_reasons(params: MechanismParams) -> list[str]:
+    """Why this run's ε is not a guarantee (one warning each), or nothing."""
+    if not params.private:
+        return []
+    return [text for text, applies in ((PAPER_MODE_WARNING, params.clipping == "paper"),
+                                       (REPRODUCIBLE_NOISE_WARNING, params.reproducible_noise)) if applies]  # fmt: skip
+
+
+def checked_round_config(config: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
+    """A strategy's train-config entries, refused if one would shadow a platform key."""
+    taken = sorted(PLATFORM_CONFIG_KEYS & set(config))
+    if taken:
+        raise UsageError(f"round_config sets {', '.join(taken)}, which the platform owns; rename it")
+    return dict(config)
+
+
+def checked_extra_records(records: Mapping[str, ArrayRecord]) -> dict[str, ArrayRecord]:
+    """A strategy's extra records, refused if one would replace the model, config or reply records."""
+    taken = sorted(PLATFORM_RECORD_KEYS & set(records))
+    if taken:
+        raise UsageError(f"extra_records uses {', '.join(taken)}, which the platform owns; rename it")
+    return dict(records)

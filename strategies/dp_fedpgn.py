@@ -79,11 +79,8 @@ class DPFedPGN(ClientLevelDPStrategy):
         self.gamma = gamma
         self.global_direction: Tensors | None = None  # c; zeros before the first round
 
-    @classmethod
-    def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> DPFedPGN:
-        strategy = super().from_settings(settings, noise_multiplier=noise_multiplier, local_steps=local_steps)
-        strategy.gamma = settings.gamma
-        return strategy
+    def apply_settings(self, settings: Any) -> None:
+        self.gamma = settings.gamma
 
     def _direction(self, like: Tensors) -> Tensors:
         if self.global_direction is None:

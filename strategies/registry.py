@@ -18,7 +18,13 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from dpfl.errors import UsageError
-from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule
+from dpfl.strategies.base import (
+    PLATFORM_CONFIG_KEYS,
+    ClientLevelDPStrategy,
+    LocalUpdateRule,
+    checked_extra_records,
+    checked_round_config,
+)
 
 ENTRY_POINT_GROUP = "dpfl.strategies"
 
@@ -67,6 +73,9 @@ def check_strategy_class(cls: Any, label: str) -> None:
         raise UsageError(f"strategy plugin {label!r} has no name (set the class attribute `name`)")
     if not isinstance(cls.description, str) or not cls.description:
         raise UsageError(f"strategy plugin {label!r} has no description (set the class attribute `description`)")
+    taken = sorted(PLATFORM_CONFIG_KEYS & set(cls.options))
+    if taken:
+        raise UsageError(f"strategy plugin {label!r} declares option {', '.join(taken)}, which the platform owns; rename it")
     rule = cls.local_update_rule
     if not (isinstance(rule, type) and issubclass(rule, LocalUpdateRule)):
         raise UsageError(f"strategy plugin {label!r}: local_update_rule is not a subclass of LocalUpdateRule")
@@ -83,9 +92,11 @@ def smoke_test_strategy(cls: type[ClientLevelDPStrategy], settings: Any, label: 
         config = strategy.round_config(1)
         _expect(isinstance(config, dict) and all(isinstance(v, (bool, int, float, str)) for v in config.values()),
                 "round_config must return a dict of bool/int/float/str")  # fmt: skip
+        checked_round_config(config)
         records = strategy.extra_records(1)
         _expect(isinstance(records, dict) and all(isinstance(r, ArrayRecord) for r in records.values()),
                 "extra_records must return a dict of ArrayRecord")  # fmt: skip
+        checked_extra_records(records)
         _expect_like(strategy.public_update(1, x), x, "public_update", optional=True)
         _expect_like(strategy.transform_update(1, x), x, "transform_update", optional=False)
         strategy.after_aggregate(1, x)
@@ -113,12 +124,15 @@ def _local_dp_step(cls: type[ClientLevelDPStrategy], config: dict, records: dict
 
     from dpfl.client.local_dp import LocalDP
     from dpfl.client.training import train_private_update
+    from dpfl.privacy.mechanism import ClientInstructions
+    from dpfl.privacy.randomness import Randomness
 
     rule = cls.local_update_rule({**config, "lr": 0.1}, {k: r.to_torch_state_dict() for k, r in records.items()})
     data = TensorDataset(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     train_private_update(
-        model, data, rule, steps=2, lr=0.1, batch_size=4, weight_decay=0.0, grad_clip=10.0, clip_norm=1.0,
-        client_noise_std=0.0, generator=torch.Generator().manual_seed(0), local_dp=LocalDP(1.0, 1.0, 1e-5),
+        model, data, rule, steps=2, lr=0.1, batch_size=4, weight_decay=0.0, grad_clip=10.0,
+        instructions=ClientInstructions.flat(1.0), generator=torch.Generator().manual_seed(0),
+        noise_stream=Randomness().stream("smoke-test"), local_dp=LocalDP(1.0, 1.0, 1e-5),
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ user's own images from ``data_dir/train`` and ``data_dir/test``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,10 @@ TORCHVISION_DATASETS = {
     "fashion-mnist": ("FashionMNIST", 1, 10, 28, (0.2860,), (0.3530,)),
 }
 DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "imagefolder")
+# Training-set sizes as published (digits: scikit-learn's 1,797 images less the
+# held-out 20%). The number of local steps K derives from these, so that no server
+# needs the clients' data to know it; a test keeps the digits figure true.
+PUBLISHED_TRAIN_SIZES = {"digits": 1437, "cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "fashion-mnist": 60_000}
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class TaskData:
     """A train/test pair with what a model needs to know about its inputs."""
 
     name: str
-    train: Dataset
+    train: Dataset | None  # None when only the test split was loaded (the server's view)
     test: Dataset
     train_labels: np.ndarray
     num_classes: int
@@ -47,17 +51,23 @@ class TaskData:
 
 
 def load_dataset(
-    name: str, data_dir: str | None = None, image_size: int = 0, download: bool = False
+    name: str, data_dir: str | None = None, image_size: int = 0, download: bool = False, with_train: bool = True
 ) -> TaskData:
-    """Load a data set by name; ``image_size`` 0 keeps the native size."""
+    """Load a data set by name; ``image_size`` 0 keeps the native size.
+
+    ``with_train=False`` loads only the test split (a server evaluates on its own
+    held-out data and needs no training data). The bundled digits are one file,
+    split in memory, so for them it only leaves the training part out.
+    """
     if image_size < 0:
         raise UsageError(f"image size must be >= 0 (0 = native), got {image_size}")
     if name == "digits":
-        return _load_digits(image_size)
+        data = _load_digits(image_size)
+        return data if with_train else replace(data, train=None, train_labels=np.empty(0, dtype=np.int64))
     if name in TORCHVISION_DATASETS:
-        return _load_torchvision(name, _existing_dir(data_dir, name, create=download), image_size, download)
+        return _load_torchvision(name, _existing_dir(data_dir, name, create=download), image_size, download, with_train)
     if name == "imagefolder":
-        return _load_imagefolder(_existing_dir(data_dir, name, create=False), image_size)
+        return _load_imagefolder(_existing_dir(data_dir, name, create=False), image_size, with_train)
     raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
@@ -109,7 +119,7 @@ def _image_transform(size: int, native: int, mean: tuple, std: tuple):
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def _load_torchvision(name: str, root: Path, image_size: int, download: bool) -> TaskData:
+def _load_torchvision(name: str, root: Path, image_size: int, download: bool, with_train: bool) -> TaskData:
     import torchvision
 
     class_name, channels, classes, native, mean, std = TORCHVISION_DATASETS[name]
@@ -117,25 +127,28 @@ def _load_torchvision(name: str, root: Path, image_size: int, download: bool) ->
     size = image_size or native
     transform = _image_transform(size, native, mean, std)
     try:
-        train = cls(str(root), train=True, transform=transform, download=download)
+        train = cls(str(root), train=True, transform=transform, download=download) if with_train else None
         test = cls(str(root), train=False, transform=transform, download=download)
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
         raise UsageError(
             f"{name} not found in {str(root)!r} ({err}); pass --download to fetch it"
         ) from None
-    return TaskData(name, train, test, np.asarray(train.targets), classes, channels, size)
+    labels = np.asarray(train.targets) if train is not None else np.empty(0, dtype=np.int64)
+    return TaskData(name, train, test, labels, classes, channels, size)
 
 
-def _load_imagefolder(root: Path, image_size: int) -> TaskData:
+def _load_imagefolder(root: Path, image_size: int, with_train: bool) -> TaskData:
     from torchvision.datasets import ImageFolder
 
-    for split in ("train", "test"):
+    for split in ("train", "test") if with_train else ("test",):
         if not (root / split).is_dir():
             raise UsageError(f"imagefolder needs {str(root / split)!r} (one subfolder per class)")
     size = image_size or 32
     transform = _image_transform(size, -1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    train = ImageFolder(str(root / "train"), transform=transform)
     test = ImageFolder(str(root / "test"), transform=transform)
+    if not with_train:
+        return TaskData("imagefolder", None, test, np.empty(0, dtype=np.int64), len(test.classes), 3, size)
+    train = ImageFolder(str(root / "train"), transform=transform)
     if train.classes != test.classes:
         raise UsageError(f"imagefolder: train classes {train.classes} differ from test classes {test.classes}")
     return TaskData("imagefolder", train, test, np.asarray(train.targets), len(train.classes), 3, size)

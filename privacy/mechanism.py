@@ -1,0 +1,304 @@
+"""The client-level Gaussian mechanism: the one owner of everything the guarantee rests on.
+
+Per round, on the server: refuse a round that would exceed the budget; sample
+clients by Poisson(q) from a secure stream; tell every client what it must do
+(:meth:`ClientLevelMechanism.instructions`). On each client
+(:func:`privatise_update`): clip the private part u of its update to C in
+float64 and add its noise share. Back on the server
+(:meth:`ClientLevelMechanism.release`): screen every update, re-clip, record the
+round in the accountant *before* any noise is drawn (write-ahead: a crash can
+only over-count), sum, add the noise, and divide by the fixed qN (dividing by the
+realised count would release it).
+
+Noise placement. ``server``: the server adds N(0, σ²C²) to the sum. ``client``:
+every one of the N clients adds a share N(0, σ²C²/N) each round, the sampled ones
+to their update and the others to a zero update, and the server adds only the
+shares of clients that did not reply. The released noise is then N(0, σ²C²)
+whatever the number of sampled or replying clients, so its level reveals neither;
+it assumes every client adds its share honestly.
+
+A strategy with ``private = False`` is a reference curve without DP: no
+clipping, no noise, a plain mean over the clients that replied, no accounting.
+``clipping = "paper"`` reproduces the DP-FedPGN reference code (per-tensor median
+clipping, client noise σC_i/√m, fixed-size sampling) and has no formal guarantee.
+
+Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomness`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpfl.privacy.accountants import Accountant
+from dpfl.privacy.clipping import all_finite, flat_clip, global_l2_norm, per_tensor_median_clip
+from dpfl.privacy.randomness import Randomness, RandomStream
+from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
+
+Tensors = Mapping[str, torch.Tensor]
+
+NOISE_PLACEMENTS = ("server", "client")
+# "flat" is the sound mechanism; "paper" the reference code's (no formal guarantee).
+CLIPPING_MODES = ("flat", "paper")
+PAPER_MODE_WARNING = (
+    "clipping=paper reproduces the reference code's per-tensor, data-dependent clipping with "
+    "fixed-size sampling: it carries NO formal differential-privacy guarantee, and epsilon is not valid"
+)
+REPRODUCIBLE_NOISE_WARNING = (
+    "reproducible-noise derives the privacy noise and the client sample from the seed: anyone who knows "
+    "or guesses the seed can remove the noise, so epsilon is NOT valid (for debugging and exact reproduction only)"
+)
+# A client-placement update is implausible past C + s(√d + t): a Gaussian share's
+# norm exceeds s(√d + t) with probability at most exp(−t²/2) (≈ 2e-22 at t = 10).
+PLAUSIBLE_NOISE_TAIL = 10.0
+# Relative slack under which a received update counts as clipped (its norm is C).
+CLIPPED_TOLERANCE = 1e-6
+
+# The train-config entries the mechanism sends; a strategy may not set or override them.
+CLIP_NORM = "clip-norm"
+CLIENT_NOISE_STD = "client-noise-std"
+CONTRIBUTE_UPDATE = "contribute-update"
+CLIPPING = "clipping"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+SAMPLE_SIZE = "sample-size"
+DELTA = "delta"
+EPSILON_VALID = "epsilon-valid"
+REPRODUCIBLE_NOISE = "reproducible-noise"
+INSTRUCTION_KEYS = frozenset(
+    {CLIP_NORM, CLIENT_NOISE_STD, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, SAMPLE_RATE, SAMPLE_SIZE,
+     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MechanismParams:
+    """What defines one run's mechanism (all public)."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    num_clients: int
+    delta: float
+    noise_placement: str = "server"
+    clipping: str = "flat"
+    private: bool = True
+    reproducible_noise: bool = False
+
+    @property
+    def expected_clients(self) -> float:
+        return self.sample_rate * self.num_clients
+
+    @property
+    def sample_size(self) -> int:
+        """The paper mode's fixed sample size, round(qN) and at least 1."""
+        return max(1, round(self.expected_clients))
+
+    @property
+    def epsilon_valid(self) -> bool:
+        """Whether the accountant's ε is a guarantee of this run as it runs."""
+        return self.private and self.clipping == "flat" and not self.reproducible_noise
+
+    @property
+    def flat(self) -> bool:
+        return self.private and self.clipping == "flat"
+
+    def client_noise_std(self) -> float:
+        """Each client's share: σC/√N (every client adds one each round, sampled or not)."""
+        if not self.flat or self.noise_placement != "client":
+            return 0.0
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.num_clients)
+
+    def server_noise_std(self, shares: int) -> float:
+        """Std of the noise the server adds when ``shares`` client shares arrived."""
+        if not self.flat:
+            return 0.0
+        if self.noise_placement == "server":
+            return self.noise_multiplier * self.clip_norm
+        missing = max(0.0, 1.0 - shares / self.num_clients)
+        return self.noise_multiplier * self.clip_norm * math.sqrt(missing)
+
+
+class ClientLevelMechanism:
+    """The server's half of the mechanism for one run, with its accountant."""
+
+    def __init__(self, params: MechanismParams, accountant: Accountant, randomness: Randomness) -> None:
+        if params.reproducible_noise != randomness.reproducible:
+            raise ValueError("the mechanism's reproducible-noise flag must match its randomness")
+        self.params = params
+        self.accountant = accountant
+        self.randomness = randomness
+
+    # --- before the round -----------------------------------------------------------
+
+    def budget_refusal(self, server_round: int, max_epsilon: float) -> str | None:
+        """Why round ``server_round`` may not run under ``max_epsilon``, or None."""
+        if not self.params.epsilon_valid:
+            return None
+        projected = self.accountant.epsilon_after_step(self.params.noise_multiplier, self.params.sample_rate)
+        if projected <= max_epsilon:
+            return None
+        return (
+            f"round {server_round} would raise epsilon to {projected:.3f}, over the budget {max_epsilon:g} "
+            f"(spent so far: {self.accountant.epsilon():.3f})"
+        )
+
+    def sample(self, nodes: Sequence[int], server_round: int) -> list[int]:
+        """This round's clients: Poisson(q), or the paper mode's fixed-size sample."""
+        stream = self.randomness.stream("sampling", server_round)
+        if self.params.private and self.params.clipping == "paper":
+            return fixed_size_sample(nodes, self.params.sample_size, stream)
+        return poisson_sample(nodes, self.params.sample_rate, stream)
+
+    def recipients(self, nodes: Sequence[int], sampled: Sequence[int]) -> list[tuple[int, bool]]:
+        """(node, contributes an update) for every node that gets a message this round.
+
+        Under client placement every node adds its noise share, so every node is
+        asked; only the sampled ones contribute their update.
+        """
+        chosen = set(sampled)
+        if self.params.client_noise_std() > 0:
+            return [(node, node in chosen) for node in nodes]
+        return [(node, True) for node in nodes if node in chosen]
+
+    def instructions(self, contribute_update: bool) -> dict[str, bool | int | float | str]:
+        """What a client is told: how to clip, how much noise to add, and the public context."""
+        p = self.params
+        return {
+            CONTRIBUTE_UPDATE: contribute_update,
+            CLIPPING: p.clipping,
+            CLIP_NORM: p.clip_norm if p.private else 0.0,  # 0: no clipping
+            CLIENT_NOISE_STD: p.client_noise_std(),
+            NOISE_MULTIPLIER: p.noise_multiplier,
+            SAMPLE_RATE: p.sample_rate,
+            SAMPLE_SIZE: p.sample_size,
+            DELTA: p.delta,
+            EPSILON_VALID: p.epsilon_valid,
+            REPRODUCIBLE_NOISE: p.reproducible_noise,
+        }
+
+    # --- after the replies ------------------------------------------------------------
+
+    def screen(self, update: Tensors, like: Tensors) -> str | None:
+        """Why ``update`` must be dropped before aggregation, or None if it may be used."""
+        if update.keys() != like.keys():
+            missing, extra = sorted(like.keys() - update.keys()), sorted(update.keys() - like.keys())
+            return f"tensor names differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+        for name, tensor in like.items():
+            if update[name].shape != tensor.shape:
+                return f"tensor {name!r} has shape {tuple(update[name].shape)}, the model's is {tuple(tensor.shape)}"
+            if update[name].dtype != tensor.dtype:
+                return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
+        if not all_finite(update):
+            return "the update has NaN or Inf values"
+        share = self.params.client_noise_std()
+        if share > 0:
+            dimension = sum(t.numel() for t in like.values())
+            bound = self.params.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
+            norm = global_l2_norm(update)
+            if norm > bound:
+                return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
+        return None
+
+    def release(self, updates: Sequence[Tensors], like: Tensors, server_round: int) -> dict[str, torch.Tensor]:
+        """The released mean of the screened replies ``updates``; accounts the round.
+
+        Under client placement ``updates`` also holds the noise-only replies of the
+        clients that were not sampled: each reply carries one noise share. Computed
+        in float64 and returned in the dtypes of ``like``.
+        """
+        p = self.params
+        if p.epsilon_valid:
+            # Write-ahead: the round is spent before its noise exists.
+            self.accountant.step(p.noise_multiplier, p.sample_rate)
+        total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
+        for update in updates:
+            if p.flat and p.noise_placement == "server":
+                # Re-clip: the sensitivity bound holds whatever a client sent.
+                update, _ = flat_clip(update, p.clip_norm)
+            for name, t in update.items():
+                total[name] += t.double()
+        std = p.server_noise_std(len(updates))
+        if std > 0:
+            stream = self.randomness.stream("server-noise", server_round)
+            total = {name: t + stream.gaussian(t.shape, std) for name, t in total.items()}
+        if p.private:
+            denominator = p.expected_clients if p.clipping == "flat" else p.sample_size
+        else:
+            denominator = max(1, len(updates))
+        return {name: (t / denominator).to(like[name].dtype) for name, t in total.items()}
+
+    def privacy_spent(self) -> tuple[float, float]:
+        """(ε, best RDP order) so far, or NaNs when ε is not a valid guarantee of this run."""
+        if not self.params.epsilon_valid:
+            return math.nan, math.nan
+        return self.accountant.privacy_spent()
+
+    def is_clipped(self, update: Tensors) -> bool:
+        """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
+        return global_l2_norm(update) >= self.params.clip_norm * (1 - CLIPPED_TOLERANCE)
+
+
+@dataclass(frozen=True)
+class ClientInstructions:
+    """The client's reading of :meth:`ClientLevelMechanism.instructions`."""
+
+    contribute_update: bool
+    clipping: str
+    clip_norm: float
+    client_noise_std: float
+    noise_multiplier: float
+    sample_size: int
+    reproducible_noise: bool
+
+    @classmethod
+    def flat(cls, clip_norm: float, client_noise_std: float = 0.0) -> ClientInstructions:
+        """Flat clipping to ``clip_norm`` (0: none) and a noise share of ``client_noise_std``."""
+        return cls(True, "flat", clip_norm, client_noise_std, 0.0, 1, False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ClientInstructions:
+        return cls(
+            contribute_update=bool(config[CONTRIBUTE_UPDATE]),
+            clipping=str(config[CLIPPING]),
+            clip_norm=float(config[CLIP_NORM]),
+            client_noise_std=float(config[CLIENT_NOISE_STD]),
+            noise_multiplier=float(config[NOISE_MULTIPLIER]),
+            sample_size=int(config[SAMPLE_SIZE]),
+            reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
+        )
+
+
+def privatise_update(
+    private: Tensors, instructions: ClientInstructions, stream: RandomStream
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The client's half: clip the private part and add its noise share; return it and ‖u‖.
+
+    ``clip_norm`` 0 means no clipping (a strategy without DP). A non-finite update
+    is sent as zeros plus the share (:func:`flat_clip`).
+    """
+    if instructions.clipping == "paper" and instructions.clip_norm > 0:
+        clipped, median_norm, norm = per_tensor_median_clip(private)
+        std = instructions.noise_multiplier * median_norm / math.sqrt(instructions.sample_size)
+    elif instructions.clip_norm > 0:
+        clipped, norm = flat_clip(private, instructions.clip_norm)
+        std = instructions.client_noise_std
+    else:
+        clipped, norm, std = dict(private), global_l2_norm(private), 0.0
+    return add_noise(clipped, std, stream), norm
+
+
+def noise_share(like: Tensors, instructions: ClientInstructions, stream: RandomStream) -> dict[str, torch.Tensor]:
+    """A client that was not sampled: its noise share on a zero update."""
+    return add_noise({name: torch.zeros_like(t) for name, t in like.items()}, instructions.client_noise_std, stream)
+
+
+def add_noise(tensors: Tensors, std: float, stream: RandomStream) -> dict[str, torch.Tensor]:
+    """``tensors`` + N(0, std²) per coordinate, added in float64, returned in their dtypes."""
+    if std == 0:
+        return dict(tensors)
+    return {name: (t.double() + stream.gaussian(t.shape, std)).to(t.dtype) for name, t in tensors.items()}

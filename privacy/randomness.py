@@ -1,0 +1,107 @@
+"""The randomness the privacy guarantee rests on: noise and client sampling.
+
+Every stream is the keystream of ChaCha20 (RFC 8439, from the ``cryptography``
+package) under its own 256-bit key. By default each key is drawn from the OS's
+CSPRNG (``os.urandom``) and never stored or logged: nobody, whatever they know of
+the run (``--seed`` included), can regenerate the noise or the sample. With
+``--reproducible-noise`` the key is SHA-256 of the seed and the stream's label,
+for debugging and exact reproduction only: anyone with the seed can then remove
+the noise, so ε is reported as not valid.
+
+Why by hand: torch's CPU generator (MT19937, seeded with 32 bits) and numpy's
+PCG64 are not cryptographic, and Opacus's secure mode needs ``torchcsprng``, which
+has no build for torch 2.x. What is written here is only the conversion of
+keystream bytes to floats.
+
+Gaussian noise is sampled in float64 from 53-bit uniforms (Box–Muller), so a
+single draw reaches beyond 8.5σ (float32 ``torch.randn`` stops at 5.77σ, which
+floors δ: Mironov, CCS 2012). Against the floating-point attacks of that paper,
+every released coordinate is the sum of four such draws of variance σ²/4, as in
+Opacus's secure mode (Holohan & Braghin, arXiv:2107.10138): the sum of
+independent Gaussians is exactly N(0, σ²), the distribution the accountant is
+told, while the set of floats it can produce no longer mirrors one draw's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+# Float64 carries 53 bits of mantissa: uniforms on the grid k·2⁻⁵³.
+MANTISSA_BITS = 53
+SMALLEST_UNIFORM = 2.0**-MANTISSA_BITS
+# Released Gaussian = sum of this many draws of variance σ²/this (Opacus secure mode).
+GAUSSIAN_DRAWS_PER_SAMPLE = 4
+_KEY_BYTES = 32
+_ZERO_NONCE = bytes(16)  # each key is used for one stream only, so a fixed nonce is safe
+
+
+class RandomStream:
+    """Uniform, Gaussian and Bernoulli draws from one ChaCha20 keystream."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != _KEY_BYTES:
+            raise ValueError(f"a stream key has {_KEY_BYTES} bytes, got {len(key)}")
+        self._keystream = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
+
+    def _words(self, count: int) -> np.ndarray:
+        return np.frombuffer(self._keystream.update(bytes(8 * count)), dtype="<u8")
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` uniforms on the 53-bit grid of [0, 1)."""
+        return (self._words(count) >> np.uint64(64 - MANTISSA_BITS)).astype(np.float64) * SMALLEST_UNIFORM
+
+    def uniform_open_closed(self, count: int) -> np.ndarray:
+        """``count`` uniforms on the 53-bit grid of (0, 1]: the smallest is 2⁻⁵³, never 0."""
+        return self.uniform(count) + SMALLEST_UNIFORM
+
+    def standard_normal(self, count: int) -> np.ndarray:
+        """``count`` N(0, 1) draws in float64 by Box–Muller (both outputs of each pair used)."""
+        pairs = (count + 1) // 2
+        radius = np.sqrt(-2.0 * np.log(self.uniform_open_closed(pairs)))
+        angle = 2.0 * np.pi * self.uniform(pairs)
+        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+
+    def gaussian(self, shape: Sequence[int], std: float) -> torch.Tensor:
+        """N(0, std²) per coordinate in float64, each the sum of four draws (see the module doc)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        draws = self.standard_normal(GAUSSIAN_DRAWS_PER_SAMPLE * count).reshape(GAUSSIAN_DRAWS_PER_SAMPLE, count)
+        scale = std / np.sqrt(GAUSSIAN_DRAWS_PER_SAMPLE)
+        return torch.from_numpy(scale * draws.sum(axis=0)).reshape(tuple(shape))
+
+    def bernoulli(self, count: int, probability: float) -> np.ndarray:
+        """``count`` independent booleans, each True with ``probability``."""
+        return self.uniform(count) < probability
+
+
+def largest_standard_normal() -> float:
+    """The largest |z| one Box–Muller draw can produce: √(−2 ln 2⁻⁵³) ≈ 8.57."""
+    return float(np.sqrt(-2.0 * np.log(SMALLEST_UNIFORM)))
+
+
+class Randomness:
+    """Where every privacy stream of a run comes from.
+
+    ``seed=None`` (the default): each stream has a fresh key from ``os.urandom``.
+    A seed makes every stream a function of (seed, label): reproducible, and so
+    worthless as privacy noise.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    @property
+    def reproducible(self) -> bool:
+        return self.seed is not None
+
+    def stream(self, *label: str | int) -> RandomStream:
+        """The stream for ``label``, e.g. ``("server-noise", round)``."""
+        if self.seed is None:
+            return RandomStream(os.urandom(_KEY_BYTES))
+        material = repr(("dpfl-reproducible-noise", self.seed, *label)).encode()
+        return RandomStream(hashlib.sha256(material).digest())
