@@ -89,11 +89,9 @@ def flower_log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_in_process(
-    server_app: ServerApp, client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int
-) -> None:
-    """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would."""
-    contexts = {
+def node_contexts(run_config: Mapping[str, Any], num_nodes: int) -> dict[int, Context]:
+    """One simulated node's ``Context`` per partition, as Flower's simulation gives them."""
+    return {
         node_id: Context(
             run_id=RUN_ID,
             node_id=node_id,
@@ -103,7 +101,18 @@ def run_in_process(
         )
         for partition, node_id in enumerate(range(SERVER_NODE_ID + 1, SERVER_NODE_ID + 1 + num_nodes))
     }
-    grid = InProcessGrid(client_app, contexts)
+
+
+def in_process_grid(client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int) -> InProcessGrid:
+    """A grid of ``num_nodes`` in-process nodes running ``client_app``."""
     # Flower's runtimes set the identity of the task a process runs; messages read it.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = RUN_ID, RUN_ID, SERVER_NODE_ID
+    return InProcessGrid(client_app, node_contexts(run_config, num_nodes))
+
+
+def run_in_process(
+    server_app: ServerApp, client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int
+) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would."""
+    grid = in_process_grid(client_app, run_config, num_nodes)
     server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config)))

@@ -11,8 +11,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dpfl.client.training import train_private_update
+from dpfl.privacy.accounting import create_accountant
 from dpfl.privacy.clipping import flat_clip, global_l2_norm
-from dpfl.privacy.noise import client_noise_std, noisy_mean, server_noise_std
+from dpfl.privacy.mechanism import ClientInstructions, ClientLevelMechanism, MechanismParams
+from dpfl.privacy.randomness import Randomness
 from dpfl.privacy.sampling import poisson_sample
 from dpfl.strategies.dp_fedavg import DPFedAvg
 from dpfl.strategies.dp_fedpgn import DPFedPGN
@@ -26,11 +28,11 @@ def random_tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def test_poisson_sampling_rate_and_empty_rounds():
-    rng = np.random.default_rng(0)
-    sizes = [len(poisson_sample(range(200), 0.1, rng)) for _ in range(2000)]
+    stream = Randomness().stream("test")
+    sizes = [len(poisson_sample(range(200), 0.1, stream)) for _ in range(2000)]
     assert np.mean(sizes) == pytest.approx(20, rel=0.02)
     assert np.var(sizes) == pytest.approx(200 * 0.1 * 0.9, rel=0.1)  # binomial variance
-    assert any(len(poisson_sample(range(3), 0.05, rng)) == 0 for _ in range(200))
+    assert any(len(poisson_sample(range(3), 0.05, stream)) == 0 for _ in range(200))
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
@@ -38,38 +40,89 @@ def test_flat_clip_bounds_the_whole_update(scale):
     tensors = random_tensors(1, scale)
     clipped, norm = flat_clip(tensors, 0.5)
     flat = torch.cat([t.flatten() for t in tensors.values()])
-    assert norm == pytest.approx(float(flat.norm()), rel=1e-6)
-    assert global_l2_norm(clipped) <= 0.5 * (1 + 1e-6)
+    assert norm == pytest.approx(float(flat.double().norm()), rel=1e-12)
+    assert global_l2_norm(clipped) <= 0.5  # exactly, for the float32 tensors returned
+    assert all(clipped[k].dtype == tensors[k].dtype for k in tensors)
     if norm <= 0.5:
         assert all(torch.equal(clipped[k], tensors[k]) for k in tensors)
     else:  # one scale for all tensors: the direction is kept
         assert all(torch.allclose(clipped[k], tensors[k] * 0.5 / norm) for k in tensors)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_flat_clip_never_lets_a_non_finite_update_through(bad):
+    tensors = random_tensors(2, 10.0)
+    tensors["w"][1, 2] = bad
+    clipped, norm = flat_clip(tensors, 0.5)
+    assert not math.isfinite(norm)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in clipped.values())
+
+
+def mechanism(placement="server", sigma=1.3, clip=0.7, q=0.5, n=8, reproducible=None, clipping="flat", private=True):
+    params = MechanismParams(noise_multiplier=sigma, clip_norm=clip, sample_rate=q, num_clients=n, delta=1e-5,
+                             noise_placement=placement, clipping=clipping, private=private,
+                             reproducible_noise=reproducible is not None)  # fmt: skip
+    return ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(reproducible))
+
+
+def zero_updates(count: int, size: int = 200_000) -> list[dict[str, torch.Tensor]]:
+    return [{"v": torch.zeros(size)} for _ in range(count)]
+
+
 @pytest.mark.parametrize("placement", ["server", "client"])
-def test_noise_on_the_sum_has_std_sigma_c(placement):
-    sigma, clip, expected = 1.3, 0.7, 4.0
-    generator = torch.Generator().manual_seed(0)
-    zeros = {"v": torch.zeros(200_000)}
-    reported = 4
-    server_part = noisy_mean(zeros, noise_multiplier=sigma, clip_norm=clip, placement=placement,
-                             reported=reported, expected_clients=expected, generator=generator)["v"] * expected  # fmt: skip
-    client_std = client_noise_std(sigma, clip, expected) if placement == "client" else 0.0
-    client_part = sum(client_std * torch.randn(200_000, generator=generator) for _ in range(reported))
-    total = server_part + client_part
-    assert float(total.std()) == pytest.approx(sigma * clip, rel=0.01)
+@pytest.mark.parametrize("replies", [0, 3, 8])
+def test_released_noise_is_sigma_c_whatever_the_number_of_replies(placement, replies):
+    # Server placement: the server adds N(0, σ²C²). Client placement: every client adds
+    # σC/√N and the server adds the missing shares, so the level reveals no count.
+    mech = mechanism(placement)
+    like = {"v": torch.zeros(200_000)}
+    share = mech.params.client_noise_std()
+    shares = [{"v": share * torch.randn(200_000, dtype=torch.float64).float()} for _ in range(replies)]
+    released = mech.release(shares, like, server_round=1)["v"].double() * mech.params.expected_clients
+    assert float(released.std()) == pytest.approx(1.3 * 0.7, rel=0.01)
+    assert abs(float(released.mean())) < 5 * 1.3 * 0.7 / math.sqrt(200_000)
     if placement == "client":
-        assert float(server_part.std()) < 1e-6  # all expected clients reported: no top-up
-        assert client_std == pytest.approx(sigma * clip / 2)
+        assert share == pytest.approx(1.3 * 0.7 / math.sqrt(8))
 
 
-def test_client_noise_shortfall_is_topped_up_by_the_server():
-    sigma, clip = 2.0, 1.0
-    for reported in range(0, 12):
-        client_var = reported * client_noise_std(sigma, clip, 8.0) ** 2
-        server_var = server_noise_std(sigma, clip, "client", reported, 8.0) ** 2
-        assert client_var + server_var >= (sigma * clip) ** 2 * (1 - 1e-12)
-    assert server_noise_std(sigma, clip, "client", 0, 8.0) == pytest.approx(sigma * clip)
+def test_the_mean_divides_by_the_expected_count_not_the_reported_one():
+    # q = 0.5 of N = 10: the denominator is 5 whether 3 or 7 clients reported.
+    mech = mechanism(sigma=1e-12, clip=100.0, q=0.5, n=10)
+    like = {"v": torch.zeros(4)}
+    for count in (3, 7):
+        updates = [{"v": torch.full((4,), float(i + 1))} for i in range(count)]
+        mean = mech.release(updates, like, server_round=1)["v"]
+        assert torch.allclose(mean, torch.full((4,), sum(range(1, count + 1)) / 5.0), atol=1e-6)
+
+
+def test_the_round_is_accounted_before_its_noise_is_drawn():
+    mech = mechanism(sigma=1.0, clip=1.0, q=0.1, n=10)
+    seen = []
+
+    class Recording:
+        def gaussian(self, shape, std):
+            seen.append(list(mech.accountant.history))
+            return torch.zeros(shape, dtype=torch.float64)
+
+    mech.randomness.stream = lambda *label: Recording()
+    mech.release([], {"v": torch.zeros(3)}, server_round=1)
+    assert seen == [[(1.0, 0.1, 1)]]
+
+
+def test_screening_names_what_is_wrong_with_a_reply():
+    mech = mechanism("client", sigma=1.0, clip=1.0, n=4)
+    like = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    good = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+    assert mech.screen(good, like) is None
+    cases = {
+        "names differ": {"w": torch.ones(3, 2)},
+        "shape (2, 3)": {"w": torch.ones(2, 3), "b": torch.zeros(2)},
+        "dtype torch.float64": {"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)},
+        "NaN or Inf": {"w": torch.full((3, 2), math.nan), "b": torch.zeros(2)},
+        "implausible": {"w": torch.full((3, 2), 1e3), "b": torch.zeros(2)},
+    }
+    for reason, update in cases.items():
+        assert reason in mech.screen(update, like)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -85,7 +138,8 @@ def tiny_data(seed: int, n: int = 10) -> TensorDataset:
 def private_update(model, data, rule, clip=1e6, steps=3, lr=0.1, seed=0):
     return train_private_update(
         model, data, rule, steps=steps, lr=lr, batch_size=4, weight_decay=1e-3, grad_clip=10.0,
-        clip_norm=clip, client_noise_std=0.0, generator=torch.Generator().manual_seed(seed),
+        instructions=ClientInstructions.flat(clip), generator=torch.Generator().manual_seed(seed),
+        noise_stream=Randomness().stream("client-noise"),
     )  # fmt: skip
 
 
@@ -105,7 +159,7 @@ def test_private_part_is_clipped_and_public_part_passes_untouched():
     rule = pgn_rule(model, gamma=0.2)
     result = private_update(model, tiny_data(0), rule, clip=0.01)
     assert result.norm_before_clip > 0.01
-    assert global_l2_norm(result.update) <= 0.01 * (1 + 1e-6)
+    assert global_l2_norm(result.update) <= 0.01
     # Unclipped, the private part plus the public part is exactly Δ = x − y.
     model.load_state_dict(x)
     unclipped = private_update(model, tiny_data(0), rule)

@@ -17,6 +17,8 @@ from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import STATE_KEY, LocalDP
 from dpfl.client.training import train_private_update
 from dpfl.errors import UsageError
+from dpfl.privacy.mechanism import ClientInstructions
+from dpfl.privacy.randomness import Randomness
 from dpfl.server.inprocess import RUN_ID, SERVER_NODE_ID, InProcessGrid
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -46,9 +48,9 @@ def train(model, dataset, rule=None, local_dp=None):
         batch_size=2 * N,
         weight_decay=0.0,
         grad_clip=1e6,
-        clip_norm=0.0,
-        client_noise_std=0.0,
+        instructions=ClientInstructions.flat(0.0),
         generator=torch.Generator().manual_seed(1),
+        noise_stream=Randomness().stream("client-noise"),
         local_dp=local_dp,
     )
 
@@ -131,12 +133,11 @@ def test_client_epsilon_is_cumulative_over_rounds_in_its_persistent_state():
     epsilons = []
     for server_round in (1, 2):
         replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
-        client_metrics = replies[0].content["metrics"]
-        # What DP-SGD does not cover stays on the client.
-        assert math.isnan(client_metrics["train-loss"]) and "num-examples" not in client_metrics
-        arrays, metrics = strategy.aggregate_train(server_round, replies)
-        assert metrics["sampled"] == 1
-        epsilons.append(metrics["local-epsilon-max"])
+        # Only the privatised update leaves the client: no loss, data size or epsilon.
+        assert set(replies[0].content.keys()) == {"update"}
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        epsilons.append(LocalDP(settings.local_noise_multiplier, settings.local_clip, settings.local_delta,
+                                context.state).epsilon())  # fmt: skip
 
     # Opacus's Poisson rate for n samples in batches of b, as its loader samples them.
     sample_rate = 1 / math.ceil(len(partition.dataset) / settings.batch_size)
@@ -170,7 +171,6 @@ def test_a_model_without_per_sample_gradients_is_refused_in_one_line(dpfl, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["in-process", "flower"])
 def test_simulate_with_local_dp_reports_a_growing_local_epsilon(dpfl, tmp_path, engine):
-    # On Flower's own simulation too: its node state must carry the accountant across rounds.
     out = tmp_path / "run"
     result = dpfl(
         "simulate", "--local-dp", "--engine", engine, "--model", "cnn", "--width", "4", "--clients", "3",
@@ -178,5 +178,23 @@ def test_simulate_with_local_dp_reports_a_growing_local_epsilon(dpfl, tmp_path, 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    local_epsilons = [row["local-epsilon-max"] for row in rows if row["round"] > 0]
+    local_epsilons = [row["local-epsilon-nominal"] for row in rows if row["round"] > 0]
     assert len(local_epsilons) == 3 and all(0 < a < b for a, b in zip(local_epsilons, local_epsilons[1:]))
+
+
+def test_dp_sgd_adds_its_noise_inside_the_client():
+    # Against a sigma = 0 twin on the same (reproducible) Poisson batches: the step
+    # differs by lr * N(0, (sigma * clip / B)^2) per coordinate, B the expected batch.
+    sigma, clip, steps = 2.0, 1.0, 1
+    updates = []
+    for noise in (sigma, 0.0):
+        model, dataset = small_task()
+        local_dp = LocalDP(noise, clip, 1e-5, randomness=Randomness(seed=7), label=(1, 0))
+        updates.append(train_private_update(
+            model, dataset, LocalUpdateRule({}, {}), steps=steps, lr=LR, batch_size=2 * N, weight_decay=0.0,
+            grad_clip=1e6, instructions=ClientInstructions.flat(0.0), generator=torch.Generator().manual_seed(1),
+            noise_stream=Randomness().stream("client-noise"), local_dp=local_dp,
+        ).update)  # fmt: skip
+    difference = torch.cat([(updates[0][k] - updates[1][k]).flatten() for k in updates[0]]).double()
+    assert float(difference.std()) == pytest.approx(LR * sigma * clip / N, rel=0.05)
+    assert abs(float(difference.mean())) < 4 * LR * sigma * clip / N / math.sqrt(difference.numel())
