@@ -50,7 +50,7 @@ def run_comparison(
     from dpfl.client.app import app as client_app
     from dpfl.server.app import app as server_app
     from dpfl.server.inprocess import flower_log_to, run_in_process
-    from dpfl.server.report import plot_comparison, read_rounds, summarise
+    from dpfl.server.report import plot_comparison, privacy_label, read_rounds, summarise
     from dpfl.strategies import get_strategy_class, smoke_test_strategy
 
     plans = {}
@@ -62,6 +62,7 @@ def run_comparison(
         plans[name] = settings
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list] = {}
+    labels: dict[str, str] = {}
     for name, settings in plans.items():
         for seed in range(seeds):
             run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-seed{seed}"
@@ -70,11 +71,12 @@ def run_comparison(
                 run_in_process(server_app, client_app, seeded.to_run_config(), seeded.num_clients)
             rounds = read_rounds(run_dir)
             runs.setdefault(name, []).append(rounds)
+            labels[name] = privacy_label(run_dir)
             console.print(
                 f"{name} seed {seed}: accuracy {rounds[-1]['accuracy']:.4f} after {len(rounds) - 1} rounds, "
                 f"epsilon {format_epsilon(rounds[-1]['epsilon'])}"
             )
-    rows = summarise(runs)
+    rows = summarise(runs, labels)
     title = (
         f"{base.dataset}, {base.model} w{base.model_width}, {base.num_clients} clients, q={base.sample_rate}, "
         f"{base.partition}{f' alpha={base.dirichlet_alpha}' if base.partition == 'dirichlet' else ''}, "
@@ -94,7 +96,7 @@ def print_table(rows: list[dict], console: Console) -> None:
             row["strategy"],
             f"{row['final-accuracy-mean']:.4f} ± {row['final-accuracy-std']:.4f}",
             f"{row['best-accuracy-mean']:.4f} ± {row['best-accuracy-std']:.4f}",
-            format_epsilon(row["epsilon"]) if row["epsilon"] is not None else "not private / not valid",
+            format_epsilon(row["epsilon"]) if row["epsilon-label"] == "valid" else row["epsilon-label"],
             str(row["rounds"]),
         )
     console.print(table)

@@ -10,15 +10,25 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.server.recorder import METRICS_FILE
+from dpfl.server.recorder import CONFIG_FILE, METRICS_FILE
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
-def summarise(runs: Mapping[str, Sequence[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Per strategy: mean ± std over seeds of final and best accuracy, and the final ε."""
+def privacy_label(run_dir: Path) -> str:
+    """How a run's ε is to be read: ``valid``, ``not private`` or why it is not valid."""
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    if config["epsilon-valid"]:
+        return "valid"
+    reasons = [name for key, value, name in (("clipping", "paper", "paper clipping"),
+                                              ("reproducible-noise", True, "reproducible noise")) if config[key] == value]  # fmt: skip
+    return f"not valid ({', '.join(reasons)})" if reasons else "not private"
+
+
+def summarise(runs: Mapping[str, Sequence[list[dict[str, Any]]]], labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Per strategy: mean ± std over seeds of final and best accuracy, the final ε and its label."""
     rows = []
     for strategy, seeds in runs.items():
         final = [rounds[-1]["accuracy"] for rounds in seeds]
@@ -33,6 +43,7 @@ def summarise(runs: Mapping[str, Sequence[list[dict[str, Any]]]]) -> list[dict[s
                 "best-accuracy-mean": float(np.mean(best)),
                 "best-accuracy-std": float(np.std(best)),
                 "epsilon": None if any(e is None for e in epsilons) else float(np.max(epsilons)),
+                "epsilon-label": labels[strategy],
                 "rounds": len(seeds[0]) - 1,
             }
         )

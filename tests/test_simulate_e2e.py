@@ -28,10 +28,11 @@ def test_simulate_trains_writes_metrics_and_accounts_every_round(dpfl, tmp_path)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     epsilons = [r["epsilon"] for r in rounds]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:]))
-    assert {"accuracy", "loss", "sampled", "update-norm-mean", "round-time"} <= rounds[-1].keys()
+    assert {"accuracy", "loss", "epsilon", "noise-multiplier", "expected-clients", "round-time"} <= rounds[-1].keys()
+    assert not {"sampled", "update-norm-mean", "update-norm-max", "clipped-fraction", "train-loss"} & rounds[-1].keys()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == 3
-    assert "epsilon 1." in result.stdout or "epsilon" in result.stdout
+    assert f"epsilon {epsilons[-1]:.3f}" in result.stdout and "clients" not in result.stdout.split("records:")[1]
     model = load_checkpoint(out / "final_model.pt").build_model()
     assert sum(p.numel() for p in model.parameters()) > 0
     # The same folder is never overwritten.
@@ -67,6 +68,46 @@ def test_flwr_run_of_the_repository_completes(tmp_path):
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == 2
 
 
+def test_a_non_private_federation_learns(dpfl, tmp_path):
+    # A floor that a broken training or aggregation path cannot reach (chance is 10%).
+    out = tmp_path / "fedavg"
+    result = dpfl("simulate", "--strategy", "fedavg", "--engine", "in-process", "--model", "cnn", "--width", "8",
+                  "--clients", "10", "--sample-rate", "1.0", "--rounds", "10", "--local-epochs", "2", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / "summary.json").read_text())["final-accuracy"] >= 0.6
+
+
+@pytest.mark.parametrize(
+    "flag,label",
+    [("--clipping=paper", "paper clipping"), ("--reproducible-noise", "reproducible noise")],
+)
+def test_a_run_whose_epsilon_is_not_valid_says_so_everywhere(dpfl, tmp_path, flag, label):
+    out = tmp_path / "not-valid"
+    result = dpfl("simulate", *SMALL, "--rounds", "1", "--noise-multiplier", "1.0", "--engine", "in-process",
+                  flag, "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" in result.stdout and "NOT valid" in result.stdout.replace("NO formal", "NOT valid")
+    assert all(row["epsilon"] is None for row in read_rounds(out))
+    assert json.loads((out / "summary.json").read_text())["epsilon-valid"] is False
+    assert "epsilon not valid" in result.stdout
+    flower_log = (out / "flower.log").read_text()
+    assert ("reproducible-noise" in flower_log) == (label == "reproducible noise")
+
+
+@pytest.mark.slow
+def test_compare_runs_the_zoo_at_equal_epsilon(dpfl, tmp_path):
+    out = tmp_path / "compare"
+    zoo = ["dp-fedpgn", "dp-fedavg", "dp-fedsam", "dp-fedavg-ls", "dp-fedpgn-ls", "fedavg", "fedcm"]
+    result = dpfl("compare", "--strategies", *zoo, "--seeds", "1", "--rounds", "2", "--model", "cnn", "--width", "4",
+                  "--clients", "10", "--sample-rate", "0.5", "--target-epsilon", "4", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["strategy"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
+    private = [rows[name]["epsilon"] for name in zoo if name not in ("fedavg", "fedcm")]
+    assert all(e == pytest.approx(private[0], rel=1e-9) and 4 * (1 - 1e-3) <= e <= 4 for e in private)
+    assert rows["fedavg"]["epsilon"] is None and rows["fedavg"]["epsilon-label"] == "not private"
+    assert (out / "comparison.png").stat().st_size > 10_000 and "not private" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -79,6 +120,7 @@ def test_flwr_run_of_the_repository_completes(tmp_path):
         (["--delta", "1"], "--delta: must be in (0, 1), got 1"),
         (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
         (["--clients", "5000"], "5000 clients is more than the 1437 training samples"),
+        (["--client-size", "-3"], "client-size must be >= 0"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "data directory '/nonexistent/cifar' does not exist"),
     ],
 )
