@@ -1,7 +1,9 @@
 """Client-level differential privacy: pure math, no Flower imports.
 
-``sampling`` (Poisson client sampling), ``clipping`` (flat L2 clipping of the
-private part of an update), ``noise`` (Gaussian noise on the sum and its split
-across clients), ``accounting`` (Rényi-DP of the Poisson-subsampled Gaussian,
-calibration) and ``validation`` (which models can be trained under DP).
+``mechanism`` (the one owner of the client-level Gaussian mechanism: what clients
+are told, their clip-and-noise, screening, the noisy mean, write-ahead accounting),
+``randomness`` (secure ChaCha20 streams for noise and sampling), ``sampling``
+(Poisson client sampling), ``clipping`` (flat L2 clipping in float64),
+``accounting`` and ``accountants`` (RDP, PRV, PLD, calibration) and ``validation``
+(which models can be trained under DP).
 """

@@ -63,6 +63,55 @@ BAD_PLUGINS = {
         "Strategy",
         "local_update_rule.public_part must return None or a dict of tensors shaped like the model's",
     ),
+    "option_named_clip_norm": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            name = "loose-clip"
+            description = "declares an option that would shadow the platform's clip norm"
+            options = {"clip-norm": 100.0}
+        """,
+        "Strategy",
+        "declares option clip-norm, which the platform owns",
+    ),
+    "round_config_sets_noise": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            name = "no-noise"
+            description = "sends its own client noise level"
+            def round_config(self, server_round):
+                return {"client-noise-std": 0.0}
+        """,
+        "Strategy",
+        "round_config sets client-noise-std, which the platform owns",
+    ),
+    "record_replaces_model": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            name = "swap-model"
+            description = "sends another model in place of the global one"
+            def extra_records(self, server_round):
+                from flwr.app import ArrayRecord
+                import torch
+                return {"arrays": ArrayRecord({"w": torch.zeros(1)})}
+        """,
+        "Strategy",
+        "extra_records uses arrays, which the platform owns",
+    ),
+    "overrides_sampling": (
+        """
+        from dpfl.strategies import ClientLevelDPStrategy
+        class Strategy(ClientLevelDPStrategy):
+            name = "everyone"
+            description = "its own learning-rate schedule"
+            def round_lr(self, server_round):
+                return 1.0
+        """,
+        "Strategy",
+        "overrides round_lr, which the platform owns",
+    ),
     "no_name": (
         """
         from dpfl.strategies import ClientLevelDPStrategy
