@@ -317,9 +317,8 @@ class ClientLevelDPStrategy(Strategy):
         updates, dropped = [], []
         for reply in replies:
             update, reason = self.screen_reply(reply, x)
-            if update is None:
+            if update is None:  # its reason goes to the server-private diagnostics only
                 dropped.append(reason)
-                log(WARNING, "dropping a reply: %s", reason)  # reaches only the server's own log
             else:
                 updates.append(update)
         new_x = self.aggregate_updates(server_round, x, updates)
