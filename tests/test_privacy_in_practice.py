@@ -131,15 +131,18 @@ def test_per_round_message_counts_follow_the_binomial_including_empty_rounds():
 # --- what the client sends -------------------------------------------------------------
 
 
-def test_clients_add_their_noise_share_on_the_real_client_path():
-    # A learning rate of 1e-12 makes the trained update ~0: what arrives is the share.
-    settings = RunSettings(model="cnn", model_width=32, num_clients=4, sample_rate=0.5, lr=1e-12,
+@pytest.mark.parametrize("sample_rate", [1.0, 1e-9], ids=["all-sampled", "none-sampled"])
+def test_clients_add_their_noise_share_on_the_real_client_path(sample_rate):
+    # A learning rate of 1e-12 makes the trained update ~0: what arrives is the share,
+    # from a sampled client's update path or a non-sampled client's noise-only path.
+    settings = RunSettings(model="cnn", model_width=32, num_clients=4, sample_rate=sample_rate, lr=1e-12,
                            noise_placement="client", strategy="dp-fedavg")  # fmt: skip
     strategy = get_strategy_class("dp-fedavg").from_settings(settings, noise_multiplier=2.0, local_steps=1)
     grid = in_process_grid(client_module.app, settings.to_run_config(), settings.num_clients)
     weights = load_client_partition(settings, {"partition-id": 0, "num-partitions": 4}).spec.build().state_dict()
     messages = list(strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), grid))
     assert len(messages) == 4  # every client adds a share, sampled or not
+    assert {bool(m.content["config"]["contribute-update"]) for m in messages} == {sample_rate == 1.0}
     expected = 2.0 * settings.clip_norm / math.sqrt(4)
     for reply in grid.send_and_receive(messages):
         update = torch.cat([t.flatten() for t in reply.content["update"].to_torch_state_dict().values()]).double()
