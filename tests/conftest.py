@@ -1,12 +1,17 @@
-"""Shared helpers: run the real ``dpfl`` console script of this environment."""
+"""Shared helpers: run the real ``dpfl`` console script, or its ``main`` in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dpfl.cli.main import main
 
 DPFL = str(Path(sys.executable).parent / "dpfl")
 
@@ -15,6 +20,31 @@ def run_dpfl(*args: str, timeout: float = 900, **kwargs) -> subprocess.Completed
     return subprocess.run([DPFL, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def run_dpfl_in_process(*args: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    """``dpfl ARGS`` through the same ``main`` the console script calls, without a new interpreter.
+
+    For what ends before any federation starts (bad input, help, refused plugins):
+    those cost seconds of imports each as subprocesses.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        os.chdir(cwd or previous)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's own errors and --help
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["dpfl", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
 @pytest.fixture
 def dpfl():
     return run_dpfl
+
+
+@pytest.fixture
+def dpfl_quick():
+    return run_dpfl_in_process

@@ -161,8 +161,8 @@ def test_local_dp_setting_coerces_from_run_config_text():
         RunSettings.from_run_config({"local-dp": "maybe"})
 
 
-def test_a_model_without_per_sample_gradients_is_refused_in_one_line(dpfl, tmp_path):
-    result = dpfl("simulate", "--model", "vit", "--local-dp", "--out", str(tmp_path / "never"))
+def test_a_model_without_per_sample_gradients_is_refused_in_one_line(dpfl_quick, tmp_path):
+    result = dpfl_quick("simulate", "--model", "vit", "--local-dp", "--out", str(tmp_path / "never"))
     assert result.returncode == 2
     assert "local-dp does not support model 'vit'" in result.stderr and "MultiheadAttention" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -125,22 +125,22 @@ BAD_PLUGINS = {
 
 
 @pytest.mark.parametrize("module", sorted(BAD_PLUGINS))
-def test_bad_plugins_are_refused_in_one_line(dpfl, tmp_path, module):
+def test_bad_plugins_are_refused_in_one_line(dpfl_quick, tmp_path, module):
     source, cls, message = BAD_PLUGINS[module]
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-    result = dpfl("simulate", *SMALL, "--strategy", f"{module}:{cls}", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    result = dpfl_quick("simulate", *SMALL, "--strategy", f"{module}:{cls}", "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 2
     assert f"{module}:{cls}" in result.stderr and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_unknown_strategy_option_is_named(dpfl, tmp_path):
-    result = dpfl("simulate", *SMALL, "--strategy", "dp-fedsam", "--strategy-option", "mu=1", "--out", str(tmp_path / "r"))
+def test_unknown_strategy_option_is_named(dpfl_quick, tmp_path):
+    result = dpfl_quick("simulate", *SMALL, "--strategy", "dp-fedsam", "--strategy-option", "mu=1", "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "strategy dp-fedsam has no option 'mu=1'; its options: rho" in result.stderr
 
 
-def test_strategies_lists_builtins_with_descriptions(dpfl):
-    result = dpfl("strategies")
+def test_strategies_lists_builtins_with_descriptions(dpfl_quick):
+    result = dpfl_quick("strategies")
     assert result.returncode == 0
     for name in ("dp-fedpgn", "dp-fedavg", "dp-fedsam", "dp-fedavg-ls", "dp-fedpgn-ls", "fedavg", "fedcm"):
         assert name in result.stdout

@@ -68,10 +68,10 @@ def test_flwr_run_of_the_repository_completes(tmp_path):
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == 2
 
 
-def test_a_non_private_federation_learns(dpfl, tmp_path):
+def test_a_non_private_federation_learns(dpfl_quick, tmp_path):
     # A floor that a broken training or aggregation path cannot reach (chance is 10%).
     out = tmp_path / "fedavg"
-    result = dpfl("simulate", "--strategy", "fedavg", "--engine", "in-process", "--model", "cnn", "--width", "8",
+    result = dpfl_quick("simulate", "--strategy", "fedavg", "--engine", "in-process", "--model", "cnn", "--width", "8",
                   "--clients", "10", "--sample-rate", "1.0", "--rounds", "10", "--local-epochs", "2", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((out / "summary.json").read_text())["final-accuracy"] >= 0.6
@@ -81,9 +81,9 @@ def test_a_non_private_federation_learns(dpfl, tmp_path):
     "flag,label",
     [("--clipping=paper", "paper clipping"), ("--reproducible-noise", "reproducible noise")],
 )
-def test_a_run_whose_epsilon_is_not_valid_says_so_everywhere(dpfl, tmp_path, flag, label):
+def test_a_run_whose_epsilon_is_not_valid_says_so_everywhere(dpfl_quick, tmp_path, flag, label):
     out = tmp_path / "not-valid"
-    result = dpfl("simulate", *SMALL, "--rounds", "1", "--noise-multiplier", "1.0", "--engine", "in-process",
+    result = dpfl_quick("simulate", *SMALL, "--rounds", "1", "--noise-multiplier", "1.0", "--engine", "in-process",
                   flag, "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" in result.stdout and "NOT valid" in result.stdout.replace("NO formal", "NOT valid")
@@ -108,6 +108,13 @@ def test_compare_runs_the_zoo_at_equal_epsilon(dpfl, tmp_path):
     assert (out / "comparison.png").stat().st_size > 10_000 and "not private" in result.stdout
 
 
+def test_the_console_script_reports_bad_input_in_one_line(dpfl, tmp_path):
+    # One real subprocess: the installed entry point, its exit code and stderr.
+    result = dpfl("simulate", "--rounds", "0", "--out", str(tmp_path / "never"))
+    assert result.returncode == 2 and "--rounds: must be >= 1, got 0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -124,8 +131,8 @@ def test_compare_runs_the_zoo_at_equal_epsilon(dpfl, tmp_path):
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "data directory '/nonexistent/cifar' does not exist"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(dpfl, tmp_path, args, message):
-    result = dpfl("simulate", *args, "--out", str(tmp_path / "never"))
+def test_bad_input_is_one_line_exit_2(dpfl_quick, tmp_path, args, message):
+    result = dpfl_quick("simulate", *args, "--out", str(tmp_path / "never"))
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -133,6 +140,6 @@ def test_bad_input_is_one_line_exit_2(dpfl, tmp_path, args, message):
 
 
 @pytest.mark.parametrize("command", ["simulate", "compare", "strategies", "privacy", "compress", "deploy"])
-def test_every_subcommand_has_help(dpfl, command):
-    result = dpfl(command, "--help")
+def test_every_subcommand_has_help(dpfl_quick, command):
+    result = dpfl_quick(command, "--help")
     assert result.returncode == 0 and "usage: dpfl" in result.stdout
