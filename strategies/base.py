@@ -2,11 +2,13 @@
 
 A strategy is a ``flwr.serverapp.strategy.Strategy`` subclass of
 :class:`ClientLevelDPStrategy` whose ``local_update_rule`` names its client part, a
-:class:`LocalUpdateRule`. The platform owns everything privacy rests on and a
-strategy cannot override it (:data:`PLATFORM_METHODS`): Poisson sampling, flat
-clipping of the private part of each update (on the client, and again on the
-server when it adds the noise), Gaussian noise on the sum, the fixed-denominator
-mean, accounting and the budget. A strategy says only what is new: how a local
+:class:`LocalUpdateRule`. Everything privacy rests on is decided by
+:mod:`dpfl.privacy.mechanism` (sampling, what clients are told, clipping, noise,
+screening of replies, the fixed-denominator mean, accounting, the budget); this
+module is its Flower glue, whose methods a strategy cannot override
+(:data:`PLATFORM_METHODS`) and whose train-config and record keys it cannot
+shadow (:data:`PLATFORM_CONFIG_KEYS`, :data:`PLATFORM_RECORD_KEYS`). A strategy
+says only what is new: how a local
 step's direction is formed, which part of the update is public (computed by the
 server from released state only, so a wrong declaration costs accuracy, never
 privacy), how the released mean is post-processed, what server state it keeps,
