@@ -43,8 +43,9 @@ class CircuitDivergedError(RuntimeError):
 
 
 def ideal_cell_currents(conductance: torch.Tensor, voltages: torch.Tensor) -> torch.Tensor:
-    """Cell currents (B, R, C) of ideal wires: every cell sees its row's input voltage."""
-    return voltages[:, :, None] * conductance[None]
+    """Cell currents (B, R, C) of ideal wires: every cell sees its row's input voltage.
+    ``conductance`` is one tile (R, C) or one per input (B, R, C)."""
+    return voltages[:, :, None] * conductance
 
 
 class _FixedPointWorkspace:
@@ -89,7 +90,8 @@ def solve_fixed_point(
     r_bitline: float,
     tolerance: float | None = None,
 ) -> torch.Tensor:
-    """Cell currents (B, R, C) for input voltages (B, R) on a tile of conductances (R, C).
+    """Cell currents (B, R, C) for input voltages (B, R) on a tile of conductances (R, C),
+    or on one realisation of the tile per input (B, R, C) (read noise).
 
     Iterates ``v <- v + gamma * (f(G * v) - v)`` on the cell voltages, starting from the
     ideal ones, until no cell voltage would move by more than ``tolerance`` times the
@@ -102,7 +104,9 @@ def solve_fixed_point(
     exceeds 1 on large low-resistance tiles; ``gamma = 2 / (2 + rho)`` contracts by
     ``rho / (2 + rho) < 1`` always. ``rho`` is bounded by the infinity norm of ``K G``:
     the largest wire drop when every cell sees 1 V. Halving gamma and restarting
-    remains as a guard against rounding trouble.
+    remains as a guard against rounding trouble. With one tile per input, the bound is
+    taken on their elementwise maximum, which bounds every one of them (the drops grow
+    with every conductance).
     """
     if r_wordline == 0 and r_bitline == 0:
         return ideal_cell_currents(conductance, voltages)
@@ -111,18 +115,19 @@ def solve_fixed_point(
         tolerance = FIXED_POINT_TOLERANCE[conductance.dtype]
     v_max = float(voltages.abs().max()) if voltages.numel() else 0.0
     if v_max == 0.0:
-        return torch.zeros(voltages.shape[0], *conductance.shape, dtype=conductance.dtype)
-    unit = (1, *conductance.shape)
+        return torch.zeros(voltages.shape[0], *conductance.shape[-2:], dtype=conductance.dtype)
+    tile = conductance if conductance.dim() == 2 else conductance.amax(0)
+    unit = (1, *tile.shape)
     all_cells_at_one_volt = torch.ones(unit, dtype=conductance.dtype)
-    no_input = torch.zeros(1, conductance.shape[0], dtype=conductance.dtype)
+    no_input = torch.zeros(1, tile.shape[0], dtype=conductance.dtype)
     largest_drop = -float(
         _FixedPointWorkspace(unit, conductance.dtype)
-        .cell_voltages(all_cells_at_one_volt, conductance, no_input, r_wordline, r_bitline)
+        .cell_voltages(all_cells_at_one_volt, tile, no_input, r_wordline, r_bitline)
         .min()
     )
     relaxation = 2.0 / (2.0 + largest_drop)
 
-    shape = (voltages.shape[0], *conductance.shape)
+    shape = (voltages.shape[0], *tile.shape)
     workspace = _FixedPointWorkspace(shape, conductance.dtype)
     cell_voltages = torch.empty(shape, dtype=conductance.dtype)
     while relaxation >= FIXED_POINT_MIN_RELAXATION:

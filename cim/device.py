@@ -5,6 +5,12 @@ carry the input voltages from drivers at column 0; bitlines (columns) carry the 
 currents to sense amplifiers held at virtual ground below the last row. Every wire
 segment between two cross-points (and the one from the driver, and the one into the
 sense amplifier) has the same resistance.
+
+Device non-idealities (all off by default, so a default device is the ideal-cell
+model): programming noise, stuck-at faults, read noise, conductance drift with
+optional global drift compensation, and ADC resolution. Their physics lives in
+:mod:`dpfl.cim.nonideal`; this module only holds and checks the parameters (like
+aihwkit's ``InferenceRPUConfig`` fields and CrossSim's ``DeviceParameters``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from dpfl.errors import UsageError
+
+PROGRAMMING_NOISE_MODELS = ("proportional", "independent")
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,21 @@ class CrossbarDevice:
     bits_per_cell: int = 1
     activation_bits: int = 8  # applied bit-serially, one binary bit-plane per read cycle
     adc_bits: int | None = None  # None = ideal sense amplifier / ADC
+    # Programming noise: per-cell Gaussian conductance error drawn once per programmed
+    # tile, standard deviation programming_noise x the cell's target conductance
+    # ("proportional", level-dependent) or x G_on ("independent" of the level).
+    programming_noise: float = 0.0
+    programming_noise_model: str = "proportional"
+    stuck_on_rate: float = 0.0  # share of cells stuck at G_on whatever is programmed
+    stuck_off_rate: float = 0.0  # share of cells stuck at G_off
+    read_noise: float = 0.0  # relative sigma of a cell's conductance, drawn anew every read cycle
+    # Drift G(t) = G(t0) (t / t0)^(-nu), nu ~ Normal(drift_nu, drift_nu_std) per cell (clipped at 0),
+    # t = drift_time seconds after programming; t0 = drift_t0 is when G(t0) was verified.
+    drift_nu: float = 0.0
+    drift_nu_std: float = 0.0
+    drift_time: float | None = None
+    drift_t0: float = 20.0
+    drift_compensation: bool = False  # scale each tile's outputs by a reference read (aihwkit's global compensation)
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "weight_bits", "bits_per_cell", "activation_bits"):
@@ -66,6 +89,51 @@ class CrossbarDevice:
             raise UsageError(f"r_off ({self.r_off:g} ohm) must be larger than r_on ({self.r_on:g} ohm)")
         if self.adc_bits is not None and (not isinstance(self.adc_bits, int) or self.adc_bits < 1):
             raise UsageError(f"adc_bits must be a positive integer or None (ideal), got {self.adc_bits!r}")
+        self._check_nonidealities()
+
+    def _check_nonidealities(self) -> None:
+        for name in ("programming_noise", "read_noise"):
+            value = getattr(self, name)
+            if not (0 <= value < 1):
+                raise UsageError(f"{name} is a relative sigma and must be in [0, 1), got {value!r}")
+        if self.programming_noise_model not in PROGRAMMING_NOISE_MODELS:
+            raise UsageError(
+                f"programming_noise_model {self.programming_noise_model!r} is unknown; "
+                f"choose one of {', '.join(PROGRAMMING_NOISE_MODELS)}"
+            )
+        for name in ("stuck_on_rate", "stuck_off_rate"):
+            value = getattr(self, name)
+            if not (0 <= value <= 1):
+                raise UsageError(f"{name} is a share of cells and must be in [0, 1], got {value!r}")
+        if self.stuck_on_rate + self.stuck_off_rate > 1:
+            raise UsageError(
+                f"stuck_on_rate + stuck_off_rate = {self.stuck_on_rate + self.stuck_off_rate:g} exceeds 1"
+            )
+        for name in ("drift_nu", "drift_nu_std"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (self.drift_t0 > 0 and math.isfinite(self.drift_t0)):
+            raise UsageError(f"drift_t0 must be a positive number of seconds, got {self.drift_t0!r}")
+        if self.drift_time is None:
+            if self.drift_nu or self.drift_nu_std:
+                raise UsageError("a drift exponent needs a drift time: give drift_time, seconds since programming")
+            if self.drift_compensation:
+                raise UsageError("drift compensation needs a drift time: give drift_time, seconds since programming")
+        elif not (self.drift_time >= self.drift_t0 and math.isfinite(self.drift_time)):
+            raise UsageError(
+                f"drift_time {self.drift_time!r} s must be finite and at least drift_t0 = {self.drift_t0:g} s "
+                "(the time the programmed conductances were verified)"
+            )
+
+    @property
+    def programs_exactly(self) -> bool:
+        """True if every cell holds its target conductance at inference time (no
+        programming noise, stuck cells or drift): programming draws no random numbers."""
+        return not (
+            self.programming_noise or self.stuck_on_rate or self.stuck_off_rate
+            or self.drift_nu or self.drift_nu_std
+        )
 
     @property
     def g_on(self) -> float:

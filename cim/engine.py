@@ -11,7 +11,9 @@ Two ways to run a layer on its tiles:
   bit-planes at the layer's measured per-input bit density) scales the conductances;
   decoding those gives a distorted integer weight matrix, so a whole layer is one
   ordinary matrix product. The distortion is spatial (it depends on where each cell
-  sits) but no longer on the individual input pattern.
+  sits) but no longer on the individual input pattern. Read noise, which the exact
+  path draws per cell and read cycle, becomes Gaussian output noise of the same
+  variance (:func:`read_noise_variance`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from dpfl.cim.circuit import ideal_cell_currents, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import Tile
+from dpfl.cim.nonideal import adc_quantise, read_conductance
 
 # Cells solved per chunk of read cycles (batch x rows x columns): bounds the solver's
 # memory (a few (B, R, C) buffers) at ~100 MB in float64.
@@ -67,15 +70,6 @@ def _chunks(total: int, tile: Tile):
     return ((start, min(start + step, total)) for start in range(0, total, step))
 
 
-def _adc(currents: torch.Tensor, device: CrossbarDevice) -> torch.Tensor:
-    """Uniform ADC over [0, full scale], full scale = every cell of the column on."""
-    if device.adc_bits is None:
-        return currents
-    full_scale = device.tile_size * device.g_on * device.read_voltage
-    levels = 2**device.adc_bits - 1
-    return torch.round(currents.clamp(0, full_scale) / full_scale * levels) * (full_scale / levels)
-
-
 def _decode(tile: Tile, column_currents: torch.Tensor, num_outputs: int) -> torch.Tensor:
     """Integer-unit outputs (B, num_outputs) from physical column currents (B, T)."""
     columns = tile.used_columns
@@ -93,25 +87,28 @@ def _tile_voltages(tile: Tile, planes: torch.Tensor, device: CrossbarDevice, dty
 
 def _solve_tile(
     tile: Tile, planes: torch.Tensor, device: CrossbarDevice, num_outputs: int,
-    dtype: torch.dtype, cell_loss: CellLoss | None = None,
+    dtype: torch.dtype, cell_loss: CellLoss | None = None, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, Distortion]:
     """Decoded outputs (B, num_outputs) of binary planes (B, n_rows) and their NF.
 
+    Each plane is one read cycle (with its own read noise, drawn from ``generator``).
     If given, ``cell_loss`` accumulates the current each cell loses to parasitics.
+    NF compares with the ideal-wire currents of the same read.
     """
-    conductance = tile.conductance.to(dtype)
+    tile_conductance = tile.conductance.to(dtype)
     columns = tile.used_columns
     outputs = torch.empty(planes.shape[0], num_outputs, dtype=torch.float64)
     distortion = Distortion()
     for start, stop in _chunks(planes.shape[0], tile):
         voltages = _tile_voltages(tile, planes[start:stop], device, dtype)
+        conductance = read_conductance(tile_conductance, device, stop - start, generator)
         real = solve_fixed_point(conductance, voltages, device.r_wordline, device.r_bitline)
         ideal = ideal_cell_currents(conductance, voltages)
         if cell_loss is not None:
             cell_loss.total += (ideal - real).sum(0).double()
             cell_loss.cycles += stop - start
         real_columns, ideal_columns = real.sum(1), ideal.sum(1)
-        outputs[start:stop] = _decode(tile, _adc(real_columns, device), num_outputs)
+        outputs[start:stop] = _decode(tile, adc_quantise(real_columns, device), num_outputs)
         ideal_used = ideal_columns[:, columns].double()
         lit = ideal_used > 0
         nf = (ideal_used - real_columns[:, columns].double())[lit] / ideal_used[lit]
@@ -129,12 +126,14 @@ def _bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
 def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
     dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
     Negative inputs are a second pass with the magnitudes of the negative part,
-    subtracted digitally. Identical bit-planes are solved once. ``cell_loss`` maps tile
-    indices to accumulators of the current each cell of that tile loses.
+    subtracted digitally. Identical bit-planes are solved once, unless the device has
+    read noise (then every read differs; ``generator`` draws it). ``cell_loss`` maps
+    tile indices to accumulators of the current each cell of that tile loses.
     """
     bits = device.activation_bits
     result = torch.zeros(x.shape[0], num_outputs, dtype=torch.float64)
@@ -144,10 +143,13 @@ def simulate_matmul(
         if not part.any():
             continue
         for index, tile in enumerate(tiles):
-            planes = _bit_planes(part[:, tile.row_input[tile.used_rows]], bits)
-            unique, inverse = torch.unique(planes.reshape(-1, planes.shape[-1]), dim=0, return_inverse=True)
+            planes = _bit_planes(part[:, tile.row_input[tile.used_rows]], bits).reshape(-1, tile.used_rows.numel())
+            if device.read_noise:
+                unique, inverse = planes, torch.arange(planes.shape[0])
+            else:
+                unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
             outputs, tile_distortion = _solve_tile(
-                tile, unique, device, num_outputs, dtype, None if cell_loss is None else cell_loss.get(index)
+                tile, unique, device, num_outputs, dtype, None if cell_loss is None else cell_loss.get(index), generator
             )
             per_plane = outputs[inverse].reshape(bits, x.shape[0], num_outputs)
             result += sign * torch.einsum("b,bno->no", significance, per_plane)
@@ -176,21 +178,50 @@ def attenuation_map(
     return torch.where(ideal_sum > 0, real_sum / ideal_sum.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
 
 
+def _tile_sum(
+    tiles: list[Tile], cell_values: list[torch.Tensor], num_outputs: int, num_inputs: int, power: int
+) -> torch.Tensor:
+    """(O, K): the tiles' :meth:`Tile.decoded_weights` of ``cell_values``, placed at their inputs."""
+    total = torch.zeros(num_outputs, num_inputs, dtype=torch.float64)
+    for tile, values in zip(tiles, cell_values):
+        total[:, tile.row_input[tile.used_rows]] += tile.decoded_weights(values, num_outputs, power).T
+    return total
+
+
 def effective_weights(
     tiles: list[Tile], attenuation: list[torch.Tensor] | None, num_outputs: int, num_inputs: int,
     device: CrossbarDevice,
 ) -> torch.Tensor:
     """Integer-unit weights (O, K) the tiles realise when each cell's conductance is
-    scaled by its attenuation (``None``: ideal wires, which decodes back to ``Q``)."""
-    weights = torch.zeros(num_outputs, num_inputs, dtype=torch.float64)
-    for index, tile in enumerate(tiles):
-        rows, columns = tile.used_rows, tile.used_columns
-        conductance = tile.conductance if attenuation is None else tile.conductance * attenuation[index]
-        per_column = conductance[rows][:, columns] * device.read_voltage * tile.column_weight[columns]
-        per_output = torch.zeros(rows.numel(), num_outputs, dtype=torch.float64)
-        per_output.index_add_(1, tile.column_output[columns], per_column)
-        weights[:, tile.row_input[rows]] += per_output.T
-    return weights
+    scaled by its attenuation (``None``: ideal wires, which decodes back to ``Q`` on an
+    exactly programmed device)."""
+    factors = [1.0] * len(tiles) if attenuation is None else attenuation
+    values = [tile.conductance * factor * device.read_voltage for tile, factor in zip(tiles, factors)]
+    return _tile_sum(tiles, values, num_outputs, num_inputs, power=1)
 
 
-__all__ = ["CellLoss", "Distortion", "attenuation_map", "effective_weights", "simulate_matmul"]
+def read_noise_variance(
+    tiles: list[Tile], attenuation: list[torch.Tensor] | None, num_outputs: int, num_inputs: int,
+    device: CrossbarDevice,
+) -> torch.Tensor:
+    """(O, K): variance that one read cycle with input bit k at 1 adds to output o, in
+    squared integer units: Σ over o's columns of (read_noise · G · V_read · weight)².
+    Read noise is independent per cell and read, so a bit-serial product's output
+    variance is Σ_b 4^b Σ_k bit_bk · this (see :func:`bit_serial_variance`)."""
+    factors = [1.0] * len(tiles) if attenuation is None else attenuation
+    values = [tile.conductance * factor * device.read_voltage * device.read_noise for tile, factor in zip(tiles, factors)]
+    return _tile_sum(tiles, values, num_outputs, num_inputs, power=2)
+
+
+def bit_serial_variance(x: torch.Tensor, per_read: torch.Tensor, bits: int) -> torch.Tensor:
+    """Output variance (N, O) of bit-serial products of integer inputs (N, K) whose every
+    read adds ``per_read`` (O, K) per active input bit; plane b counts 4^b (shift-add)."""
+    planes = _bit_planes(x.abs(), bits).double()
+    squared_significance = torch.einsum("b,bnk->nk", 4.0 ** torch.arange(bits, dtype=torch.float64), planes)
+    return squared_significance @ per_read.T
+
+
+__all__ = [
+    "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights", "read_noise_variance",
+    "simulate_matmul",
+]

@@ -10,6 +10,10 @@ and residual additions stay in the digital periphery.
 Modes: ``exact`` solves the circuit for every input bit-plane (small models, tests);
 ``fast`` uses the calibrated per-tile attenuation maps (:func:`effective_weights`);
 ``ideal`` is the quantised model on ideal crossbars (the digital reference).
+
+The device's non-idealities apply in ``exact`` and ``fast`` mode: tiles are
+programmed with the seed's programming stream (so a seed is one device instance),
+and read noise is drawn anew on every forward pass from the seed's read stream.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.engine import attenuation_map, effective_weights, simulate_matmul
+from dpfl.cim.engine import (
+    attenuation_map, bit_serial_variance, effective_weights, read_noise_variance, simulate_matmul,
+)
 from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
+from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
 from dpfl.errors import UsageError
 
 MODES = ("fast", "exact")
@@ -136,35 +143,62 @@ def calibrate(
     return statistics
 
 
+@dataclass
+class DeviceGenerators:
+    """Random streams of one simulated device instance (see :mod:`dpfl.cim.nonideal`)."""
+
+    calibration: torch.Generator  # the fast mode's random calibration reads
+    programming: torch.Generator  # programming noise, stuck cells, drift
+    read: torch.Generator  # read noise
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "DeviceGenerators":
+        return cls(
+            torch.Generator().manual_seed(seed),
+            stream_generator(seed, PROGRAMMING_STREAM),
+            stream_generator(seed, READ_STREAM),
+        )
+
+
 class CrossbarLayer(nn.Module):
     """A Conv2d or Linear whose matrix product runs on simulated crossbar tiles."""
 
     def __init__(
         self, layer: nn.Conv2d | nn.Linear, statistics: InputStatistics, device: CrossbarDevice,
-        mapping: str, mode: str, generator: torch.Generator,
+        mapping: str, mode: str, generators: DeviceGenerators,
     ) -> None:
         super().__init__()
         self.layer, self.device, self.mode = layer, device, mode
+        self.read_generator = generators.read
         self.input_scale = statistics.scale
         q, self.weight_step = quantise_weights(weight_matrix(layer), device.weight_bits)
         self.q = q
-        self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density)
-        if mode == "fast":
+        self.read_variance = None
+        self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
+        if mode == "ideal":
+            self.effective = q.double()
+        elif mode == "fast":
             attenuation = [
-                attenuation_map(tile, statistics.row_density, device, ATTENUATION_SAMPLES, generator)
+                attenuation_map(tile, statistics.row_density, device, ATTENUATION_SAMPLES, generators.calibration)
                 for tile in self.tiles
             ]
             self.effective = effective_weights(self.tiles, attenuation, q.shape[0], q.shape[1], device)
-        elif mode == "ideal":
-            self.effective = q.double()
+            if device.read_noise:
+                self.read_variance = read_noise_variance(self.tiles, attenuation, q.shape[0], q.shape[1], device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         integers = quantise_activations(layer_patches(layer, x), self.input_scale, self.device.activation_bits)
         if self.mode == "exact":
-            products, _ = simulate_matmul(self.tiles, integers, self.q.shape[0], self.device)
+            products, _ = simulate_matmul(
+                self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator
+            )
         else:
             products = integers.double() @ self.effective.T
+            if self.read_variance is not None:
+                variance = bit_serial_variance(integers, self.read_variance, self.device.activation_bits)
+                noise = torch.randn(products.shape, generator=self.read_generator, dtype=torch.float64)
+                products = products + noise * variance.sqrt()
         y = (products * self.weight_step * self.input_scale).to(x.dtype)
         if layer.bias is not None:
             y = y + layer.bias
@@ -188,11 +222,12 @@ def to_crossbars(
     mapping: str, mode: str, seed: int = 0,
 ) -> nn.Module:
     """A copy of ``model`` whose Conv2d/Linear layers run on crossbars (``mode``:
-    ``fast``, ``exact``, or ``ideal`` for the quantised digital reference)."""
+    ``fast``, ``exact``, or ``ideal`` for the quantised digital reference); ``seed``
+    fixes the device instance (:class:`DeviceGenerators`)."""
     analog = copy.deepcopy(model).eval()
-    generator = torch.Generator().manual_seed(seed)
+    generators = DeviceGenerators.from_seed(seed)
     for name, layer in mappable_layers(analog).items():
-        replacement = CrossbarLayer(layer, statistics[name], device, mapping, mode, generator)
+        replacement = CrossbarLayer(layer, statistics[name], device, mapping, mode, generators)
         if not name:  # the model is a single layer
             return replacement
         parent_name, _, attribute = name.rpartition(".")
@@ -200,4 +235,4 @@ def to_crossbars(
     return analog
 
 
-__all__ = ["MODES", "CrossbarLayer", "InputStatistics", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]
+__all__ = ["MODES", "CrossbarLayer", "DeviceGenerators", "InputStatistics", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]

@@ -1,5 +1,9 @@
-"""The deployment study behind ``dpfl deploy``: distortion per layer for both mappings,
+"""The deployment study behind ``dpfl deploy``: distortion per layer for every mapping,
 accuracy of the digital and analog models, NF against tile size, and plots.
+
+A device with stochastic non-idealities is one draw of a population: the study
+repeats programming (and read noise) over ``trials`` seeds and reports the mean of
+accuracy, NF and output error with a 95% Student-t interval over trials.
 
 NF is pooled at every level: the mean over all (read cycle, mapped column) pairs with
 non-zero ideal current of a tile, a layer, or the whole model. Output error is the
@@ -13,17 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import CellLoss, Distortion, simulate_matmul
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
-from dpfl.cim.model import InputStatistics, mappable_layers, to_crossbars, weight_matrix
+from dpfl.cim.model import DeviceGenerators, InputStatistics, mappable_layers, to_crossbars, weight_matrix
+from dpfl.errors import UsageError
 
 SWEEP_TILE_SIZES = (64, 128, 256, 512)
 
@@ -45,26 +52,51 @@ class ModelDistortion:
     layers: list[LayerDistortion] = field(default_factory=list)
 
 
+@dataclass
+class Interval:
+    """Mean over trials and the half-width of its 95% Student-t interval (None: one trial)."""
+
+    mean: float
+    half_width: float | None
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Interval":
+        mean = sum(values) / len(values)
+        if len(values) < 2:
+            return cls(mean, None, list(values))
+        spread = stats.tstd(values) / math.sqrt(len(values))
+        return cls(mean, float(stats.t.ppf(0.975, len(values) - 1) * spread), list(values))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f}" if self.half_width is None else f"{self.mean:.4f} ± {self.half_width:.4f}"
+
+
 def _layer_distortion(
     layer: nn.Module, statistics: InputStatistics, device: CrossbarDevice, mapping: str,
-    cell_loss: dict[int, CellLoss] | None = None,
+    generators: DeviceGenerators, cell_loss: dict[int, CellLoss] | None = None,
 ) -> tuple[int, Distortion, float]:
     q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
-    tiles = map_matrix(q, device, mapping, statistics.row_density)
-    analog, distortion = simulate_matmul(tiles, statistics.sample, q.shape[0], device, cell_loss=cell_loss)
+    tiles = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
+    analog, distortion = simulate_matmul(
+        tiles, statistics.sample, q.shape[0], device, cell_loss=cell_loss, generator=generators.read
+    )
     exact = statistics.sample.double() @ q.T.double()
     error = float((analog - exact).norm() / exact.norm()) if exact.any() else 0.0
     return len(tiles), distortion, error
 
 
 def model_distortion(
-    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, mapping: str
+    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, mapping: str,
+    seed: int = 0,
 ) -> ModelDistortion:
-    """NF and output error of every layer on its sampled calibration inputs."""
+    """NF and output error of every layer on its sampled calibration inputs, on the
+    device instance of ``seed`` (the same tiles ``to_crossbars`` programs with it)."""
+    generators = DeviceGenerators.from_seed(seed)
     pooled = Distortion()
     layers = []
     for name, layer in mappable_layers(model).items():
-        tiles, distortion, error = _layer_distortion(layer, statistics[name], device, mapping)
+        tiles, distortion, error = _layer_distortion(layer, statistics[name], device, mapping, generators)
         pooled.add(distortion)
         layers.append(LayerDistortion(name, tiles, distortion.nf, error))
     mean_error = sum(layer.output_error for layer in layers) / len(layers)
@@ -72,7 +104,8 @@ def model_distortion(
 
 
 def tile_current_loss(
-    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, layer_name: str
+    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, layer_name: str,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Mean current lost per cell and read cycle in the first tile of ``layer_name``,
     for each mapping (the same weights and inputs, placed differently)."""
@@ -80,7 +113,7 @@ def tile_current_loss(
     losses = {}
     for mapping in MAPPINGS:
         loss = {0: CellLoss(torch.zeros(device.tile_size, device.tile_size, dtype=torch.float64))}
-        _layer_distortion(layer, statistics[layer_name], device, mapping, cell_loss=loss)
+        _layer_distortion(layer, statistics[layer_name], device, mapping, DeviceGenerators.from_seed(seed), loss)
         losses[mapping] = loss[0].mean
     return losses
 
@@ -100,9 +133,10 @@ class DeployReport:
     device: dict
     mapping: str
     mode: str
-    accuracy: dict[str, float]
-    distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping
-    sweep: list[ModelDistortion]  # every tile size of SWEEP_TILE_SIZES, both mappings
+    accuracy: dict[str, float]  # analog entries: mean over trials
+    distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping (first trial)
+    trials: dict[str, dict[str, Interval]]  # by mapping: accuracy, nf, output_error over trials
+    sweep: list[ModelDistortion]  # every tile size of SWEEP_TILE_SIZES and mapping (first trial)
     heatmap_layer: str
     context: dict = field(default_factory=dict)
 
@@ -112,29 +146,43 @@ class DeployReport:
 
 def run_study(
     model: nn.Module, statistics: dict[str, InputStatistics], test_data: Dataset,
-    device: CrossbarDevice, mapping: str, mode: str, seed: int,
+    device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
     progress=lambda message: None,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
-    """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map."""
-    distortion = {}
+    """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map.
+
+    Trial ``t`` is the device instance of seed ``seed + t``: its tiles are programmed
+    anew (programming noise, stuck cells, drift) and its read noise redrawn.
+    """
+    if not isinstance(trials, int) or trials < 1:
+        raise UsageError(f"trials must be a positive integer, got {trials!r}")
+    distortion, per_trial = {}, {}
+    scores = {"digital": accuracy(model, test_data)}
+    scores["quantised"] = accuracy(to_crossbars(model, statistics, device, mapping, "ideal", seed), test_data)
     for name in MAPPINGS:
-        progress(f"distortion per layer, {name} mapping, tile {device.tile_size}")
-        distortion[name] = model_distortion(model, statistics, device, name)
+        runs = []
+        for trial in range(trials):
+            progress(f"{name} mapping, trial {trial + 1}/{trials}: distortion per layer, tile {device.tile_size}")
+            measured = model_distortion(model, statistics, device, name, seed + trial)
+            progress(f"{name} mapping, trial {trial + 1}/{trials}: accuracy, analog ({mode})")
+            analog = to_crossbars(model, statistics, device, name, mode, seed + trial)
+            runs.append((measured, accuracy(analog, test_data)))
+        distortion[name] = runs[0][0]
+        per_trial[name] = {
+            "accuracy": Interval.of([score for _, score in runs]),
+            "nf": Interval.of([measured.nf for measured, _ in runs]),
+            "output_error": Interval.of([measured.output_error for measured, _ in runs]),
+        }
+        scores[f"analog_{name}"] = per_trial[name]["accuracy"].mean
     sweep = []
     for size in SWEEP_TILE_SIZES:
         sized = dataclasses.replace(device, tile_size=size)
         for name in MAPPINGS:
             progress(f"NF sweep, tile {size}, {name} mapping")
-            sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name))
-    progress("accuracy: digital, quantised, analog")
-    scores = {"digital": accuracy(model, test_data)}
-    scores["quantised"] = accuracy(to_crossbars(model, statistics, device, mapping, "ideal", seed), test_data)
-    for name in MAPPINGS:
-        progress(f"accuracy: analog ({mode}), {name} mapping")
-        scores[f"analog_{name}"] = accuracy(to_crossbars(model, statistics, device, name, mode, seed), test_data)
+            sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name, seed))
     worst = max(distortion["naive"].layers, key=lambda layer: layer.nf)
-    losses = tile_current_loss(model, statistics, device, worst.name)
-    report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, sweep, worst.name)
+    losses = tile_current_loss(model, statistics, device, worst.name, seed)
+    report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, per_trial, sweep, worst.name)
     return report, losses
 
 
@@ -167,7 +215,7 @@ def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    fig, axes = plt.subplots(1, len(MAPPINGS), figsize=(4.5 * len(MAPPINGS), 4.2))
     top = max(float(loss.max()) for loss in losses.values()) * 1e9 or 1.0
     for ax, name in zip(axes, MAPPINGS):
         image = ax.imshow(losses[name].numpy() * 1e9, cmap="magma", vmin=0, vmax=top)
@@ -181,4 +229,4 @@ def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path
     return paths
 
 
-__all__ = ["SWEEP_TILE_SIZES", "DeployReport", "ModelDistortion", "accuracy", "model_distortion", "run_study", "save_report"]
+__all__ = ["SWEEP_TILE_SIZES", "DeployReport", "Interval", "ModelDistortion", "accuracy", "model_distortion", "run_study", "save_report"]

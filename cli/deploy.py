@@ -1,9 +1,11 @@
 """``dpfl deploy``: run a trained (or compressed) model on a simulated CIM edge device.
 
 Reads any dpfl checkpoint (``dpfl simulate``'s ``final_model.pt``, ``dpfl compress``
-output), maps its Conv2d/Linear layers onto bit-sliced memristive crossbars with both
-the naive and the MDM mapping, and reports the parasitic distortion (NF and output
-error per layer), digital against analog accuracy, a JSON report and two plots.
+output), maps its Conv2d/Linear layers onto bit-sliced memristive crossbars with every
+mapping (naive, MDM, significance-weighted MDM), and reports the distortion (NF and
+output error per layer), digital against analog accuracy, a JSON report and two
+plots. Device noise (programming, stuck cells, read noise, drift) is drawn per trial;
+``--trials N`` reports mean ± 95% interval over N device instances.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.model import MODES, calibrate
 from dpfl.cim.report import DeployReport, run_study, save_report
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", choices=DATASET_NAMES, help="evaluation data set (default: the checkpoint's)")
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
     parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns (default 128)")
-    parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", help="mapping to deploy (both are reported)")
+    parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", help="mapping to deploy (all are reported)")
     parser.add_argument("--mode", choices=MODES, default="fast",
                         help="fast: calibrated attenuation maps; exact: circuit solve per input bit-plane (slow)")
     parser.add_argument("--compressed", action="store_true",
@@ -51,6 +53,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline,
                         help="wire resistance per wordline and bitline segment, ohm (default 1; 0 = ideal)")
     parser.add_argument("--adc-bits", type=int, help="ADC resolution (default: ideal)")
+    parser.add_argument("--activation-bits", type=int, default=CrossbarDevice.activation_bits,
+                        help="input (DAC) resolution, applied bit-serially (default 8)")
+    noise = parser.add_argument_group("device non-idealities (all off by default; see docs/cim.md)")
+    noise.add_argument("--programming-noise", type=float, default=0.0, metavar="SIGMA",
+                       help="relative sigma of the programmed conductance, in [0, 1)")
+    noise.add_argument("--programming-noise-model", choices=PROGRAMMING_NOISE_MODELS, default="proportional",
+                       help="sigma x target conductance (proportional) or x G_on (independent)")
+    noise.add_argument("--stuck-on", type=float, default=0.0, metavar="RATE", help="share of cells stuck at G_on")
+    noise.add_argument("--stuck-off", type=float, default=0.0, metavar="RATE", help="share of cells stuck at G_off")
+    noise.add_argument("--read-noise", type=float, default=0.0, metavar="SIGMA",
+                       help="relative sigma of a cell's conductance, redrawn every read cycle")
+    noise.add_argument("--drift-nu", type=float, default=0.0, help="mean drift exponent nu (PCM ~0.05)")
+    noise.add_argument("--drift-nu-std", type=float, default=0.0, help="spread of nu across cells")
+    noise.add_argument("--drift-time", type=float, metavar="SECONDS", help="time since programming")
+    noise.add_argument("--drift-compensation", action="store_true", help="global drift compensation per tile")
+    parser.add_argument("--trials", type=int, default=1,
+                        help="device instances (seeds seed..seed+N-1); reports mean and 95%% interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for report.json and the plots")
     parser.set_defaults(func=run)
@@ -62,10 +81,16 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     device = CrossbarDevice(
         tile_size=args.tile, r_on=args.r_on, r_off=args.r_off, r_wordline=args.r_wire,
-        r_bitline=args.r_wire, adc_bits=args.adc_bits,
+        r_bitline=args.r_wire, adc_bits=args.adc_bits, activation_bits=args.activation_bits,
+        programming_noise=args.programming_noise, programming_noise_model=args.programming_noise_model,
+        stuck_on_rate=args.stuck_on, stuck_off_rate=args.stuck_off, read_noise=args.read_noise,
+        drift_nu=args.drift_nu, drift_nu_std=args.drift_nu_std, drift_time=args.drift_time,
+        drift_compensation=args.drift_compensation,
     )
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be >= 1, got {args.samples}")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
     checkpoint = load_checkpoint(args.checkpoint)
     if args.compressed and not checkpoint.compression:
         raise UsageError(f"--compressed: checkpoint {args.checkpoint!r} holds no compression record (not a dpfl compress output)")
@@ -85,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     with console.status("simulating crossbars") as status:
         report, losses = run_study(
-            model, statistics, test, device, args.mapping, args.mode, args.seed,
+            model, statistics, test, device, args.mapping, args.mode, args.seed, args.trials,
             progress=lambda message: status.update(message),
         )
     report.context = {
@@ -102,25 +127,35 @@ def run(args: argparse.Namespace) -> int:
 def _print(console, report: DeployReport) -> None:
     from rich.table import Table
 
-    naive, mdm = report.distortion["naive"], report.distortion["mdm"]
-    table = Table(title=f"Parasitic distortion per layer, tile {naive.tile_size}x{naive.tile_size}")
-    for column in ("layer", "tiles", "NF naive", "NF mdm", "NF change", "out err naive", "out err mdm"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    rows = [(a.name, a.tiles, a.nf, b.nf, a.output_error, b.output_error) for a, b in zip(naive.layers, mdm.layers)]
-    rows.append(("model", sum(r[1] for r in rows), naive.nf, mdm.nf, naive.output_error, mdm.output_error))
-    for name, tiles, nf_a, nf_b, err_a, err_b in rows:
-        change = f"{(nf_b - nf_a) / nf_a:+.1%}" if nf_a else "-"
-        table.add_row(name, str(tiles), f"{nf_a:.4f}", f"{nf_b:.4f}", change, f"{err_a:.4f}", f"{err_b:.4f}")
+    tile = report.distortion[MAPPINGS[0]].tile_size
+    table = Table(title=f"Distortion per layer, tile {tile}x{tile} (first trial)")
+    table.add_column("layer")
+    table.add_column("tiles", justify="right")
+    for metric in ("NF", "out err"):
+        for name in MAPPINGS:
+            table.add_column(f"{metric} {name}", justify="right")
+    per_mapping = [report.distortion[name] for name in MAPPINGS]
+    for index, layer in enumerate(per_mapping[0].layers):
+        layers = [model.layers[index] for model in per_mapping]
+        table.add_row(layer.name, str(layer.tiles), *(f"{entry.nf:.4f}" for entry in layers),
+                      *(f"{entry.output_error:.4f}" for entry in layers))
+    table.add_row("model", str(sum(layer.tiles for layer in per_mapping[0].layers)),
+                  *(f"{model.nf:.4f}" for model in per_mapping), *(f"{model.output_error:.4f}" for model in per_mapping))
     console.print(table)
 
-    accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode})")
-    labels = {"digital": "digital (float)", "quantised": "quantised, ideal crossbar",
-              "analog_naive": "analog, naive mapping", "analog_mdm": "analog, MDM mapping"}
-    accuracy.add_column("model")
-    accuracy.add_column("accuracy", justify="right")
-    for key, label in labels.items():
-        marker = " (deployed)" if key == f"analog_{report.mapping}" else ""
-        accuracy.add_row(label + marker, f"{report.accuracy[key]:.2%}")
+    trials = len(report.trials[MAPPINGS[0]]["accuracy"].values)
+    spread = f", mean ± 95% interval over {trials} device instances" if trials > 1 else ""
+    accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode}{spread})")
+    for column in ("model", "accuracy", "NF", "out err"):
+        accuracy.add_column(column, justify="left" if column == "model" else "right")
+    accuracy.add_row("digital (float)", f"{report.accuracy['digital']:.2%}", "", "")
+    accuracy.add_row("quantised, ideal crossbar", f"{report.accuracy['quantised']:.2%}", "", "")
+    for name in MAPPINGS:
+        marker = " (deployed)" if name == report.mapping else ""
+        summary = report.trials[name]
+        score = summary["accuracy"]
+        shown = f"{score.mean:.2%}" + ("" if score.half_width is None else f" ± {score.half_width:.2%}")
+        accuracy.add_row(f"analog, {name} mapping{marker}", shown, str(summary["nf"]), str(summary["output_error"]))
     console.print(accuracy)
 
 

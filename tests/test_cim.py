@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul
-from dpfl.cim.mapping import map_matrix, quantise_weights, slice_magnitudes
+from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magnitudes
 from dpfl.cim.model import calibrate, mappable_layers, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
@@ -45,6 +47,36 @@ def test_fixed_point_matches_exact_nodal_solve(size, r_on, r_off, r_wordline, r_
     assert (exact_columns < ideal + 1e-15).all()  # parasitics only ever lose current
 
 
+@pytest.mark.parametrize("r_wordline, r_bitline", [(1.0, 1.0), (250.0, 0.0), (0.0, 40.0), (1e3, 3e3)])
+def test_one_cell_tile_is_its_series_resistance(r_wordline, r_bitline):
+    """1x1 tile: driver, one wordline segment, the cell, one bitline segment, ground."""
+    g, v = 1 / 20e3, 0.2
+    expected = v / (1 / g + r_wordline + r_bitline)
+    conductance, voltages = np.array([[g]]), np.array([[v]])
+    assert NodalSolver(conductance, r_wordline, r_bitline).cell_currents(voltages)[0, 0, 0] == pytest.approx(expected, rel=1e-13)
+    fast = solve_fixed_point(torch.tensor(conductance), torch.tensor(voltages), r_wordline, r_bitline)
+    assert float(fast[0, 0, 0]) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("cells, r_wordline, r_bitline, r_cell", [(64, 50.0, 20.0, 10e3), (200, 5.0, 1.0, 100e3), (7, 500.0, 0.0, 1e3)])
+def test_one_row_ladder_matches_its_closed_form(cells, r_wordline, r_bitline, r_cell):
+    """1xN tile: a uniform ladder of wordline segments r and shunts 1/g = R_cell + r_bitline.
+    Node voltages obey V[j+1] = (2 + r g) V[j] - V[j-1] with V[N+1] = V[N] (nothing flows
+    past the last cell), so V[j] = V cosh((N + 1/2 - j) θ) / cosh((N + 1/2) θ) with
+    cosh θ = 1 + r g / 2, and cell j (1-based) carries g V[j]."""
+    v = 0.2
+    shunt = 1 / (r_cell + r_bitline)
+    theta = math.acosh(1 + r_wordline * shunt / 2)
+    j = np.arange(1, cells + 1)
+    expected = shunt * v * np.cosh((cells + 0.5 - j) * theta) / math.cosh((cells + 0.5) * theta)
+    assert expected[-1] < 0.97 * expected[0]  # the ladder really loses current along the line
+    conductance, voltages = np.full((1, cells), 1 / r_cell), np.array([[v]])
+    nodal = NodalSolver(conductance, r_wordline, r_bitline).cell_currents(voltages)[0, 0]
+    np.testing.assert_allclose(nodal, expected, rtol=1e-11, atol=0)
+    fast = solve_fixed_point(torch.tensor(conductance), torch.tensor(voltages), r_wordline, r_bitline)[0, 0].numpy()
+    np.testing.assert_allclose(fast, expected, rtol=1e-8, atol=0)
+
+
 def test_zero_wire_resistance_is_ideal():
     rng = np.random.default_rng(0)
     conductance = random_tile(rng, 16, 16, 100e3, 10e6)
@@ -59,7 +91,7 @@ def test_zero_wire_resistance_nf_is_zero_and_output_is_digital():
     generator = torch.Generator().manual_seed(0)
     q = bell_shaped_integers(generator, 6, 50)
     x = torch.randint(-255, 256, (12, 50), generator=generator)
-    for mapping in ("naive", "mdm"):
+    for mapping in MAPPINGS:
         tiles = map_matrix(q, IDEAL, mapping)
         output, distortion = simulate_matmul(tiles, x, 6, IDEAL, dtype=torch.float64)
         assert distortion.count > 0 and distortion.nf == 0.0
@@ -89,13 +121,43 @@ def test_mdm_row_permutation_leaves_ideal_result_unchanged():
     density = torch.rand(70, generator=generator)
     naive = map_matrix(q, IDEAL, "naive")
     mdm = map_matrix(q, IDEAL, "mdm", density)
+    weighted = map_matrix(q, IDEAL, "sw-mdm", density)
     assert any(not torch.equal(a.row_input, b.row_input) for a, b in zip(naive, mdm))
-    for tile in mdm:
+    assert any(not torch.equal(a.column_output, b.column_output) for a, b in zip(mdm, weighted))
+    for tile in mdm + weighted:
         used = tile.row_input[tile.used_rows]
         assert torch.equal(used.sort().values, torch.arange(int(used.min()), int(used.max()) + 1))
     expected = (x @ q.T).double()
-    for tiles in (naive, mdm):
+    for tiles in (naive, mdm, weighted):
         torch.testing.assert_close(simulate_matmul(tiles, x, 5, IDEAL, dtype=torch.float64)[0], expected)
+
+
+def _weighted_manhattan_cost(tile, device, density, row_position, pair_position) -> float:
+    """Σ over cells of level · significance · input density · Manhattan distance, for
+    the tile's cells placed at the given row and column-pair positions."""
+    level = ((tile.conductance - device.g_off) / (device.g_on - device.g_off)).numpy()
+    significance = (tile.column_weight.abs() * (device.g_on - device.g_off) * device.read_voltage).numpy()
+    rows, columns = tile.used_rows.numpy(), tile.used_columns.numpy()
+    load = level[np.ix_(rows, columns)] * significance[columns] * density[tile.row_input[rows].numpy()][:, None]
+    distance = (2 * pair_position[columns // 2] + columns % 2 + 1)[None] + (device.tile_size - row_position[rows])[:, None]
+    return float((load * distance).sum())
+
+
+def test_sw_mdm_minimises_the_significance_weighted_manhattan_cost():
+    device = CrossbarDevice(tile_size=64)
+    generator = torch.Generator().manual_seed(3)
+    q = bell_shaped_integers(generator, 4, 64)
+    density = torch.rand(64, generator=generator).double().numpy()
+    rng = np.random.default_rng(0)
+    tile = map_matrix(q, device, "sw-mdm", torch.tensor(density))[0]
+    identity_rows, identity_pairs = np.arange(64), np.arange(32)
+    best = _weighted_manhattan_cost(tile, device, density, identity_rows, identity_pairs)
+    for mapping in ("naive", "mdm"):
+        other = map_matrix(q, device, mapping, torch.tensor(density))[0]
+        assert best < _weighted_manhattan_cost(other, device, density, identity_rows, identity_pairs)
+    for _ in range(200):  # any other placement of the same rows and pairs costs more
+        moved = _weighted_manhattan_cost(tile, device, density, rng.permutation(64), rng.permutation(32))
+        assert best <= moved * (1 + 1e-12)
 
 
 def _nf(device: CrossbarDevice, q: torch.Tensor, x: torch.Tensor, mapping: str = "naive") -> float:

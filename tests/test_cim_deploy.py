@@ -38,23 +38,36 @@ def checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
+MAPPINGS = ("naive", "mdm", "sw-mdm")
+NOISY_DEVICE = ["--programming-noise", "0.03", "--stuck-off", "0.01", "--read-noise", "0.01", "--drift-nu", "0.05",
+                "--drift-nu-std", "0.01", "--drift-time", "86400", "--drift-compensation"]
+
+
 @pytest.mark.slow
-def test_deploy_reports_both_mappings(checkpoint, tmp_path):
+def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp_path):
     out = tmp_path / "deploy"
     result = dpfl("deploy", "--checkpoint", checkpoint, "--dataset", "digits", "--tile", "64",
-                  "--mapping", "mdm", "--samples", "40", "--out", str(out))
+                  "--mapping", "mdm", "--samples", "40", "--trials", "3", *NOISY_DEVICE, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "NF naive" in result.stdout and "analog, MDM mapping (deployed)" in result.stdout
+    assert "NF naive" in result.stdout and "analog, mdm mapping (deployed)" in result.stdout
+    assert "mean ± 95% interval over 3 device instances" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert set(report["accuracy"]) == {"digital", "quantised", "analog_naive", "analog_mdm"}
+    assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}
     assert report["accuracy"]["digital"] > 0.6
-    for mapping in ("naive", "mdm"):
+    assert report["device"]["programming_noise"] == 0.03 and report["device"]["drift_time"] == 86400
+    for mapping in MAPPINGS:
         model = report["distortion"][mapping]
         assert [layer["name"] for layer in model["layers"]] == ["features.0", "features.3", "fc"]
-        assert 0 < model["nf"] < 0.1 and 0 < model["output_error"] < 0.1
-    assert report["distortion"]["mdm"]["nf"] <= report["distortion"]["naive"]["nf"]
+        assert 0 < model["nf"] < 0.1 and 0 < model["output_error"] < 0.2
+        trials = report["trials"][mapping]
+        for metric in ("accuracy", "nf", "output_error"):
+            values = trials[metric]["values"]
+            assert len(values) == 3 and trials[metric]["mean"] == pytest.approx(sum(values) / 3)
+        # Every trial is a new device instance: NF differs between them.
+        assert len(set(trials["nf"]["values"])) == 3 and trials["nf"]["half_width"] > 0
+        assert report["accuracy"][f"analog_{mapping}"] == trials["accuracy"]["mean"]
     sweep = {(entry["mapping"], entry["tile_size"]): entry["nf"] for entry in report["sweep"]}
-    assert sorted(sweep) == sorted((m, t) for m in ("naive", "mdm") for t in (64, 128, 256, 512))
+    assert sorted(sweep) == sorted((m, t) for m in MAPPINGS for t in (64, 128, 256, 512))
     naive = [sweep[("naive", t)] for t in (64, 128, 256, 512)]
     assert naive == sorted(naive)
     assert (out / "nf_vs_tile.png").stat().st_size > 0 and (out / "cell_loss.png").stat().st_size > 0
@@ -70,6 +83,14 @@ def test_deploy_reports_both_mappings(checkpoint, tmp_path):
         (["--r-wire", "-1"], "r_wordline must be >= 0"),
         (["--compressed"], "holds no compression record"),
         (["--samples", "0"], "--samples must be >= 1"),
+        (["--trials", "0"], "--trials must be >= 1"),
+        (["--stuck-on", "-0.01"], "stuck_on_rate is a share of cells and must be in [0, 1], got -0.01"),
+        (["--stuck-off", "0.2", "--stuck-on", "0.9"], "exceeds 1"),
+        (["--programming-noise", "1"], "programming_noise is a relative sigma and must be in [0, 1), got 1.0"),
+        (["--read-noise", "-0.1"], "read_noise is a relative sigma"),
+        (["--drift-nu", "0.05"], "a drift exponent needs a drift time"),
+        (["--drift-nu", "0.05", "--drift-time", "1"], "must be finite and at least drift_t0"),
+        (["--drift-compensation"], "drift compensation needs a drift time"),
         (["--dataset", "cifar10"], "needs --data-dir"),
     ],
 )
