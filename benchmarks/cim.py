@@ -1,13 +1,20 @@
 """Benchmark of the simulated CIM device (not a test): python benchmarks/cim.py
 
-1. A GroupNorm ResNet-10 trained here on digits; tiles 64/128/256/512, naive vs MDM
-   mapping: model NF, output error and analog accuracy (fast mode), and the NF
-   reduction of MDM (goal: >= 30% at 128x128).
-2. Solver speed per input vector, fast fixed point vs exact sparse nodal solve, on
-   random 30%-dense tiles of 128x128 and 256x256 (goal: fast <= 5 ms at 256x256).
-3. Fast mode against exact mode on a small CNN: agreement of the logits.
+Sections (``--sections``, default all):
 
-Every ratio is against a baseline measured in the same run.
+* ``solver``: per input vector, fast fixed point vs exact sparse nodal solve, on random
+  30%-dense tiles of 128x128 and 256x256 (goal: fast <= 5 ms at 256x256, float32).
+* ``mapping``: a GroupNorm ResNet-10 trained here on digits; every tile size and
+  mapping (naive, MDM, sw-MDM): model NF, output error and accuracy with 95%
+  intervals over ``--trials`` device instances, on the ideal-cell device and on a
+  PCM-like noisy one (``NOISY``). Writes accuracy against tile size per mapping.
+* ``drift``: accuracy against time since programming, with and without global drift
+  compensation. Writes accuracy against drift time.
+* ``fidelity``: fast mode against exact mode on the ResNet-10: share of the exact
+  mode's logit distortion the fast mode reproduces, and top-1 agreement.
+
+Every ratio is against a baseline measured in the same run. Run it niced on a shared
+machine: ``OMP_NUM_THREADS=1 nice -n 10 python benchmarks/cim.py``.
 """
 
 from __future__ import annotations
@@ -15,17 +22,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.model import calibrate, to_crossbars
-from dpfl.cim.report import SWEEP_TILE_SIZES, accuracy, model_distortion
+from dpfl.cim.report import SWEEP_TILE_SIZES, Interval, accuracy, model_distortion
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset
+
+# A PCM-like device (sources in docs/cim.md): programming noise 4% of the target
+# (aihwkit's PCM fit at G_max), 1% read noise per read, nu = 0.05 ± 0.01 one day
+# after programming with global compensation, 0.5% stuck cells each way.
+NOISY = dict(
+    programming_noise=0.04, read_noise=0.01, drift_nu=0.05, drift_nu_std=0.01, drift_time=86400.0,
+    drift_compensation=True, stuck_on_rate=0.005, stuck_off_rate=0.005,
+)
+DRIFT_TIMES = (60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)
 
 
 def train(spec: ModelSpec, data, epochs: int, seed: int) -> nn.Module:
@@ -41,27 +60,6 @@ def train(spec: ModelSpec, data, epochs: int, seed: int) -> nn.Module:
             nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
             optimiser.step()
     return model.eval()
-
-
-def mapping_study(model: nn.Module, data, vectors: int, seed: int) -> None:
-    device = CrossbarDevice()
-    calibration = data.train.tensors[0][:64]
-    statistics = calibrate(model, calibration, device, vectors, torch.Generator().manual_seed(seed))
-    print(f"digital accuracy {accuracy(model, data.test):.2%}; "
-          f"quantised, ideal crossbar {accuracy(to_crossbars(model, statistics, device, 'mdm', 'ideal'), data.test):.2%}")
-    print(f"{'tile':>5} {'NF naive':>9} {'NF mdm':>8} {'mdm/naive':>10} {'err naive':>10} {'err mdm':>8} "
-          f"{'acc naive':>10} {'acc mdm':>8} {'seconds':>8}")
-    for size in SWEEP_TILE_SIZES:
-        sized = dataclasses.replace(device, tile_size=size)
-        started = time.perf_counter()
-        rows = {}
-        for mapping in ("naive", "mdm"):
-            distortion = model_distortion(model, statistics, sized, mapping)
-            analog = to_crossbars(model, statistics, sized, mapping, "fast", seed)
-            rows[mapping] = (distortion.nf, distortion.output_error, accuracy(analog, data.test))
-        (nf_n, err_n, acc_n), (nf_m, err_m, acc_m) = rows["naive"], rows["mdm"]
-        print(f"{size:>5} {nf_n:>9.4f} {nf_m:>8.4f} {nf_m / nf_n:>10.3f} {err_n:>10.4f} {err_m:>8.4f} "
-              f"{acc_n:>10.2%} {acc_m:>8.2%} {time.perf_counter() - started:>8.1f}", flush=True)
 
 
 def best_of(repeats: int, run) -> float:
@@ -96,41 +94,166 @@ def solver_speed(batch: int, repeats: int) -> None:
               f"{exact / fast32:>11.2f} {difference:>13.1e}", flush=True)
 
 
-def fast_against_exact(data, images: int, seed: int) -> None:
-    spec = ModelSpec("cnn", data.num_classes, data.in_channels, data.image_size, 8)
-    model = train(spec, data, epochs=6, seed=seed)
+def _percent(interval: Interval) -> str:
+    if interval.half_width is None:
+        return f"{interval.mean:.2%}"
+    return f"{interval.mean:.2%} ± {interval.half_width:.2%}"
+
+
+def mapping_study(model, data, device: CrossbarDevice, statistics, tiles, mode: str, images: int,
+                  trials: int, seed: int) -> dict:
+    """Per tile size and mapping: NF, output error, accuracy over ``trials`` device instances."""
+    test = Subset(data.test, range(min(images, len(data.test))))
+    print(f"{'tile':>5} {'mapping':>8} {'NF':>18} {'out err':>18} {'accuracy':>18} {'seconds':>8}")
+    results = {}
+    for size in tiles:
+        sized = dataclasses.replace(device, tile_size=size)
+        for mapping in MAPPINGS:
+            started = time.perf_counter()
+            nf, error, score = [], [], []
+            for trial in range(trials):
+                distortion = model_distortion(model, statistics, sized, mapping, seed + trial)
+                nf.append(distortion.nf)
+                error.append(distortion.output_error)
+                score.append(accuracy(to_crossbars(model, statistics, sized, mapping, mode, seed + trial), test))
+            row = {"nf": Interval.of(nf), "output_error": Interval.of(error), "accuracy": Interval.of(score)}
+            results[(size, mapping)] = row
+            print(f"{size:>5} {mapping:>8} {str(row['nf']):>18} {str(row['output_error']):>18} "
+                  f"{_percent(row['accuracy']):>18} {time.perf_counter() - started:>8.1f}", flush=True)
+    return results
+
+
+def drift_study(model, data, statistics, tile: int, mode: str, images: int, trials: int, seed: int) -> dict:
+    test = Subset(data.test, range(min(images, len(data.test))))
+    print(f"{'drift time s':>13} {'compensated':>12} " + " ".join(f"{m:>18}" for m in MAPPINGS))
+    results = {}
+    for compensate in (False, True):
+        for seconds in DRIFT_TIMES:
+            device = CrossbarDevice(tile_size=tile, drift_nu=0.05, drift_nu_std=0.01, drift_time=seconds,
+                                    drift_compensation=compensate)
+            row = {}
+            for mapping in MAPPINGS:
+                scores = [accuracy(to_crossbars(model, statistics, device, mapping, mode, seed + t), test) for t in range(trials)]
+                row[mapping] = Interval.of(scores)
+            results[(compensate, seconds)] = row
+            print(f"{seconds:>13.0f} {str(compensate):>12} " + " ".join(f"{_percent(row[m]):>18}" for m in MAPPINGS), flush=True)
+    return results
+
+
+def fidelity(model, data, statistics, device: CrossbarDevice, images: int, seed: int) -> None:
     test = data.test.tensors[0][:images]
-    for device in (CrossbarDevice(tile_size=64), CrossbarDevice(tile_size=64, r_on=20e3, r_off=2e6, r_wordline=2.0, r_bitline=2.0)):
-        statistics = calibrate(model, data.train.tensors[0][:64], device, 8, torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            outputs = {mode: to_crossbars(model, statistics, device, "mdm", mode, seed)(test)
-                       for mode in ("ideal", "fast", "exact")}
-        exact = outputs["exact"]
-        gap = {mode: float((outputs[mode] - exact).norm() / exact.norm()) for mode in ("ideal", "fast")}
-        agree = float((outputs["fast"].argmax(1) == exact.argmax(1)).float().mean())
-        print(f"R_on {device.r_on:g} ohm, wire {device.r_wordline:g} ohm: logits vs exact, ideal {gap['ideal']:.4f}, "
-              f"fast {gap['fast']:.4f} (fast leaves {gap['fast'] / gap['ideal']:.1%} of the distortion unmodelled); "
-              f"fast/exact top-1 agreement {agree:.1%} on {images} images", flush=True)
+    with torch.no_grad():
+        outputs = {mode: to_crossbars(model, statistics, device, "mdm", mode, seed)(test) for mode in ("ideal", "fast", "exact")}
+    exact = outputs["exact"]
+    gap = {mode: float((outputs[mode] - exact).norm() / exact.norm()) for mode in ("ideal", "fast")}
+    distortion = float((exact - outputs["ideal"]).norm())
+    captured = 1 - float((outputs["fast"] - exact).norm()) / distortion if distortion else 1.0
+    agree = float((outputs["fast"].argmax(1) == exact.argmax(1)).float().mean())
+    print(f"tile {device.tile_size}, wire {device.r_wordline:g} ohm: logits vs exact, ideal {gap['ideal']:.4f}, "
+          f"fast {gap['fast']:.4f}; fast captures {captured:.1%} of the exact distortion "
+          f"(1 - |fast - exact| / |ideal - exact|); top-1 agreement {agree:.1%} on {images} images", flush=True)
+
+
+def plot(mapping_results: dict[str, dict], drift_results: dict | None, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, len(mapping_results), figsize=(4.8 * len(mapping_results), 3.6), squeeze=False)
+    for ax, (label, results) in zip(axes[0], mapping_results.items()):
+        sizes = sorted({size for size, _ in results})
+        for mapping in MAPPINGS:
+            points = [results[(size, mapping)]["accuracy"] for size in sizes]
+            ax.errorbar(sizes, [p.mean for p in points], yerr=[p.half_width or 0 for p in points],
+                        marker="o", capsize=3, label=mapping)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(size) for size in sizes])
+        ax.set_xlabel("tile size (rows = columns)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / "cim_accuracy_vs_tile.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    if drift_results:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for compensate, style in ((False, "--"), (True, "-")):
+            for mapping in MAPPINGS:
+                points = [drift_results[(compensate, t)][mapping] for t in DRIFT_TIMES]
+                ax.errorbar(DRIFT_TIMES, [p.mean for p in points], yerr=[p.half_width or 0 for p in points],
+                            linestyle=style, marker="o", capsize=3,
+                            label=f"{mapping}{', compensated' if compensate else ''}")
+        ax.set_xscale("log")
+        ax.set_xlabel("time since programming (s)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "cim_accuracy_vs_drift.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="solver,mapping,drift,fidelity")
+    parser.add_argument("--model", default="resnet10")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--vectors", type=int, default=16, help="input vectors per layer for NF")
-    parser.add_argument("--exact-images", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=0, help="resize digits (0 = native 8x8)")
+    parser.add_argument("--tiles", default=",".join(map(str, SWEEP_TILE_SIZES)))
+    parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline)
+    parser.add_argument("--mode", default="fast", choices=("fast", "exact"))
+    parser.add_argument("--images", type=int, default=360, help="test images for accuracy")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--exact-images", type=int, default=32, help="images for the fidelity section")
+    parser.add_argument("--noise", default="off,on", help="mapping section: off, on, or both")
+    parser.add_argument("--plots", default="", help="folder for the plots (none if empty)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
-    data = load_dataset("digits")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("\n== 2. solver speed (batch 64 random inputs, best of 3) ==")
-    solver_speed(batch=64, repeats=3)
-    print(f"\n== 1. GroupNorm ResNet-10 (width {args.width}) on digits, default device (R_on 100k, R_off 10M, 1 ohm wires) ==")
-    spec = ModelSpec("resnet10", data.num_classes, data.in_channels, data.image_size, args.width)
-    mapping_study(train(spec, data, args.epochs, args.seed), data, args.vectors, args.seed)
-    print("\n== 3. fast mode against exact mode, small CNN, tile 64 ==")
-    fast_against_exact(data, args.exact_images, args.seed)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    if "solver" in sections:
+        print("\n== solver speed (batch 64 random inputs, best of 3) ==")
+        solver_speed(batch=64, repeats=3)
+    if not sections & {"mapping", "drift", "fidelity"}:
+        return
+    data = load_dataset("digits", image_size=args.image_size)
+    spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.width)
+    started = time.perf_counter()
+    model = train(spec, data, args.epochs, args.seed)
+    base = CrossbarDevice(r_wordline=args.r_wire, r_bitline=args.r_wire)
+    statistics = calibrate(model, data.train.tensors[0][:64], base, 16, torch.Generator().manual_seed(args.seed))
+    test = Subset(data.test, range(min(args.images, len(data.test))))
+    print(f"\n{spec.name} width {args.width}, digits {data.image_size}x{data.image_size}, trained in "
+          f"{time.perf_counter() - started:.0f} s; digital accuracy {accuracy(model, test):.2%}, quantised on ideal "
+          f"crossbars {accuracy(to_crossbars(model, statistics, base, 'mdm', 'ideal'), test):.2%} ({len(test)} images)")
+    mapping_results, drift_results = {}, None
+    if "mapping" in sections:
+        for noise in args.noise.split(","):
+            device = dataclasses.replace(base, **NOISY) if noise == "on" else base
+            label = f"{'PCM-like noise' if noise == 'on' else 'ideal cells'}, wire {args.r_wire:g} ohm, {args.mode}"
+            print(f"\n== mapping study: {label}, {len(test)} images, {args.trials} trial(s) ==")
+            tiles = [int(size) for size in args.tiles.split(",")]
+            mapping_results[label] = mapping_study(model, data, device, statistics, tiles, args.mode, args.images,
+                                                   args.trials, args.seed)
+    if "drift" in sections:
+        print(f"\n== accuracy against drift time (nu 0.05 ± 0.01, tile 128, {args.mode}) ==")
+        drift_results = drift_study(model, data, statistics, 128, args.mode, args.images, args.trials, args.seed)
+    if "fidelity" in sections:
+        print("\n== fast mode against exact mode ==")
+        for size in (128, 256):
+            fidelity(model, data, statistics, dataclasses.replace(base, tile_size=size), args.exact_images, args.seed)
+    if args.plots and mapping_results:
+        print("wrote " + ", ".join(str(p) for p in plot(mapping_results, drift_results, Path(args.plots))))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,17 @@
 
 Two ways to run a layer on its tiles:
 
-* :func:`simulate_matmul`: every binary input bit-plane is a read cycle solved as a
-  circuit (the converged fixed point of :mod:`dpfl.cim.circuit`); column currents are
-  decoded slice by slice and shift-added over bit-planes. It also measures the
+* :func:`simulate_matmul`: every binary input bit-plane is a read cycle of the circuit
+  (the converged fixed point of :mod:`dpfl.cim.circuit`); column currents pass the ADC,
+  are decoded slice by slice and shift-added over bit-planes. It also measures the
   non-ideality factor NF = (I_ideal - I_real) / I_ideal per column and read cycle.
+  The crossbar is a linear network (ohmic cells, ideal drivers and virtual grounds),
+  so by superposition a read's column currents are ``plane @ A``, with ``A`` the
+  tile's transfer matrix: the column currents when one row alone is driven
+  (:func:`transfer_matrix`, one solve per used row). When a tile has more distinct
+  planes to read than rows, solving for ``A`` once is cheaper than solving every
+  plane, and exact. Read noise changes the conductances on every read, so then every
+  read is solved.
 * :func:`effective_weights`: the fast model. Per tile, a map of how much of its ideal
   current each cell keeps on average (calibrated with the circuit solve on random
   bit-planes at the layer's measured per-input bit density) scales the conductances;
@@ -85,20 +92,16 @@ def _tile_voltages(tile: Tile, planes: torch.Tensor, device: CrossbarDevice, dty
     return voltages
 
 
-def _solve_tile(
-    tile: Tile, planes: torch.Tensor, device: CrossbarDevice, num_outputs: int,
-    dtype: torch.dtype, cell_loss: CellLoss | None = None, generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, Distortion]:
-    """Decoded outputs (B, num_outputs) of binary planes (B, n_rows) and their NF.
-
-    Each plane is one read cycle (with its own read noise, drawn from ``generator``).
-    If given, ``cell_loss`` accumulates the current each cell loses to parasitics.
-    NF compares with the ideal-wire currents of the same read.
-    """
+def _read_cycles(
+    tile: Tile, planes: torch.Tensor, device: CrossbarDevice, dtype: torch.dtype,
+    cell_loss: CellLoss | None = None, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and ideal-wire column currents (B, T), float64, of binary planes (B, n_rows),
+    each a read cycle solved as a circuit (with its own read noise, from ``generator``).
+    If given, ``cell_loss`` accumulates the current each cell loses to parasitics."""
     tile_conductance = tile.conductance.to(dtype)
-    columns = tile.used_columns
-    outputs = torch.empty(planes.shape[0], num_outputs, dtype=torch.float64)
-    distortion = Distortion()
+    real_columns = torch.empty(planes.shape[0], tile_conductance.shape[1], dtype=torch.float64)
+    ideal_columns = torch.empty_like(real_columns)
     for start, stop in _chunks(planes.shape[0], tile):
         voltages = _tile_voltages(tile, planes[start:stop], device, dtype)
         conductance = read_conductance(tile_conductance, device, stop - start, generator)
@@ -107,13 +110,28 @@ def _solve_tile(
         if cell_loss is not None:
             cell_loss.total += (ideal - real).sum(0).double()
             cell_loss.cycles += stop - start
-        real_columns, ideal_columns = real.sum(1), ideal.sum(1)
-        outputs[start:stop] = _decode(tile, adc_quantise(real_columns, device), num_outputs)
-        ideal_used = ideal_columns[:, columns].double()
-        lit = ideal_used > 0
-        nf = (ideal_used - real_columns[:, columns].double())[lit] / ideal_used[lit]
-        distortion.nf_sum += float(nf.sum())
-        distortion.count += int(lit.sum())
+        real_columns[start:stop], ideal_columns[start:stop] = real.sum(1), ideal.sum(1)
+    return real_columns, ideal_columns
+
+
+def transfer_matrix(tile: Tile, device: CrossbarDevice, dtype: torch.dtype = SIMULATION_DTYPE) -> torch.Tensor:
+    """Column currents (n_rows, T), float64, when each used row alone is at the read
+    voltage and every other row is driven at 0 V: a read of plane ``p`` gives ``p @ A``."""
+    rows = tile.used_rows.numel()
+    return _read_cycles(tile, torch.eye(rows, dtype=torch.int64), device, dtype)[0]
+
+
+def _decode_cycles(
+    tile: Tile, real: torch.Tensor, ideal: torch.Tensor, device: CrossbarDevice, num_outputs: int
+) -> tuple[torch.Tensor, Distortion]:
+    """Decoded outputs (B, num_outputs) of column currents (B, T) read through the ADC,
+    and their NF against the ideal-wire currents of the same reads."""
+    columns = tile.used_columns
+    outputs = _decode(tile, adc_quantise(real, device), num_outputs)
+    ideal_used = ideal[:, columns]
+    lit = ideal_used > 0
+    nf = (ideal_used - real[:, columns])[lit] / ideal_used[lit]
+    distortion = Distortion(float(nf.sum()), int(lit.sum()))
     distortion.tile_nf.append(distortion.nf)
     return outputs, distortion
 
@@ -126,15 +144,19 @@ def _bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
 def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
     dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, transfers: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
     Negative inputs are a second pass with the magnitudes of the negative part,
-    subtracted digitally. Identical bit-planes are solved once, unless the device has
-    read noise (then every read differs; ``generator`` draws it). ``cell_loss`` maps
-    tile indices to accumulators of the current each cell of that tile loses.
+    subtracted digitally. Identical bit-planes are read once, unless the device has
+    read noise (then every read differs; ``generator`` draws it). Reads go through the
+    tiles' transfer matrices (``transfers``, or computed here when a tile has more
+    distinct planes than rows), else each is solved. ``cell_loss`` maps tile indices to
+    accumulators of the current each cell of that tile loses (per-read solves).
     """
+    if device.read_noise and transfers is not None:
+        raise ValueError("transfer matrices cannot carry read noise: every read has its own conductances")
     bits = device.activation_bits
     result = torch.zeros(x.shape[0], num_outputs, dtype=torch.float64)
     distortion = Distortion()
@@ -148,9 +170,14 @@ def simulate_matmul(
                 unique, inverse = planes, torch.arange(planes.shape[0])
             else:
                 unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
-            outputs, tile_distortion = _solve_tile(
-                tile, unique, device, num_outputs, dtype, None if cell_loss is None else cell_loss.get(index), generator
-            )
+            loss = None if cell_loss is None else cell_loss.get(index)
+            if transfers is not None or (not device.read_noise and loss is None and unique.shape[0] > unique.shape[1]):
+                transfer = transfer_matrix(tile, device, dtype) if transfers is None else transfers[index]
+                ideal_rows = tile.conductance[tile.used_rows] * device.read_voltage
+                real, ideal = unique.double() @ transfer, unique.double() @ ideal_rows
+            else:
+                real, ideal = _read_cycles(tile, unique, device, dtype, loss, generator)
+            outputs, tile_distortion = _decode_cycles(tile, real, ideal, device, num_outputs)
             per_plane = outputs[inverse].reshape(bits, x.shape[0], num_outputs)
             result += sign * torch.einsum("b,bno->no", significance, per_plane)
             distortion.add(tile_distortion)
@@ -223,5 +250,5 @@ def bit_serial_variance(x: torch.Tensor, per_read: torch.Tensor, bits: int) -> t
 
 __all__ = [
     "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights", "read_noise_variance",
-    "simulate_matmul",
+    "simulate_matmul", "transfer_matrix",
 ]

@@ -7,7 +7,8 @@ and rescales. Grouped and depthwise convolutions become block-diagonal matrices 
 all-zero off-diagonal tiles are never programmed. Normalisation, activations, pooling
 and residual additions stay in the digital periphery.
 
-Modes: ``exact`` solves the circuit for every input bit-plane (small models, tests);
+Modes: ``exact`` reads every input bit-plane through the circuit (each tile's transfer
+matrix, solved once when the layer is built, or a solve per read under read noise);
 ``fast`` uses the calibrated per-tile attenuation maps (:func:`effective_weights`);
 ``ideal`` is the quantised model on ideal crossbars (the digital reference).
 
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import (
-    attenuation_map, bit_serial_variance, effective_weights, read_noise_variance, simulate_matmul,
+    attenuation_map, bit_serial_variance, effective_weights, read_noise_variance, simulate_matmul, transfer_matrix,
 )
 from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
 from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
@@ -173,9 +174,11 @@ class CrossbarLayer(nn.Module):
         self.input_scale = statistics.scale
         q, self.weight_step = quantise_weights(weight_matrix(layer), device.weight_bits)
         self.q = q
-        self.read_variance = None
+        self.read_variance = self.transfers = None
         self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
-        if mode == "ideal":
+        if mode == "exact" and not device.read_noise:
+            self.transfers = [transfer_matrix(tile, device) for tile in self.tiles]
+        elif mode == "ideal":
             self.effective = q.double()
         elif mode == "fast":
             attenuation = [
@@ -191,7 +194,8 @@ class CrossbarLayer(nn.Module):
         integers = quantise_activations(layer_patches(layer, x), self.input_scale, self.device.activation_bits)
         if self.mode == "exact":
             products, _ = simulate_matmul(
-                self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator
+                self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator,
+                transfers=self.transfers,
             )
         else:
             products = integers.double() @ self.effective.T

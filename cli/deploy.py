@@ -128,24 +128,21 @@ def _print(console, report: DeployReport) -> None:
     from rich.table import Table
 
     tile = report.distortion[MAPPINGS[0]].tile_size
-    table = Table(title=f"Distortion per layer, tile {tile}x{tile} (first trial)")
+    table = Table(title=f"NF / output error per layer, tile {tile}x{tile} (first trial)")
     table.add_column("layer")
     table.add_column("tiles", justify="right")
-    for metric in ("NF", "out err"):
-        for name in MAPPINGS:
-            table.add_column(f"{metric} {name}", justify="right")
+    for name in MAPPINGS:
+        table.add_column(name, justify="right")
     per_mapping = [report.distortion[name] for name in MAPPINGS]
     for index, layer in enumerate(per_mapping[0].layers):
-        layers = [model.layers[index] for model in per_mapping]
-        table.add_row(layer.name, str(layer.tiles), *(f"{entry.nf:.4f}" for entry in layers),
-                      *(f"{entry.output_error:.4f}" for entry in layers))
+        cells = [f"{m.layers[index].nf:.4f} / {m.layers[index].output_error:.4f}" for m in per_mapping]
+        table.add_row(layer.name, str(layer.tiles), *cells)
     table.add_row("model", str(sum(layer.tiles for layer in per_mapping[0].layers)),
-                  *(f"{model.nf:.4f}" for model in per_mapping), *(f"{model.output_error:.4f}" for model in per_mapping))
+                  *(f"{m.nf:.4f} / {m.output_error:.4f}" for m in per_mapping))
     console.print(table)
 
     trials = len(report.trials[MAPPINGS[0]]["accuracy"].values)
-    spread = f", mean ± 95% interval over {trials} device instances" if trials > 1 else ""
-    accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode}{spread})")
+    accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode})")
     for column in ("model", "accuracy", "NF", "out err"):
         accuracy.add_column(column, justify="left" if column == "model" else "right")
     accuracy.add_row("digital (float)", f"{report.accuracy['digital']:.2%}", "", "")
@@ -157,6 +154,8 @@ def _print(console, report: DeployReport) -> None:
         shown = f"{score.mean:.2%}" + ("" if score.half_width is None else f" ± {score.half_width:.2%}")
         accuracy.add_row(f"analog, {name} mapping{marker}", shown, str(summary["nf"]), str(summary["output_error"]))
     console.print(accuracy)
+    if trials > 1:
+        console.print(f"analog rows: mean ± 95% interval over {trials} device instances")
 
 
 __all__ = ["register", "run"]

@@ -49,7 +49,7 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
     result = dpfl("deploy", "--checkpoint", checkpoint, "--dataset", "digits", "--tile", "64",
                   "--mapping", "mdm", "--samples", "40", "--trials", "3", *NOISY_DEVICE, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "NF naive" in result.stdout and "analog, mdm mapping (deployed)" in result.stdout
+    assert "NF / output error per layer" in result.stdout and "analog, mdm mapping (deployed)" in result.stdout
     assert "mean ± 95% interval over 3 device instances" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}

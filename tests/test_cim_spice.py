@@ -59,7 +59,7 @@ def crossbar_netlist(conductance: np.ndarray, voltages: np.ndarray, r_wordline: 
     lines += [f"vs{j} s{j} 0 dc 0" for j in range(cols)]
     lines += [".control", "set numdgt=16", "op"]
     lines += [f"print vs{j}#branch" for j in range(cols)]
-    lines += [".endc", ".end"]
+    lines += ["quit 0", ".endc", ".end"]  # quit: batch mode would otherwise miss .print lines and exit 1
     return "\n".join(lines) + "\n"
 
 
