@@ -145,6 +145,7 @@ def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
     dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
     generator: torch.Generator | None = None, transfers: list[torch.Tensor] | None = None,
+    solve_every_read: bool = False,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
@@ -152,8 +153,9 @@ def simulate_matmul(
     subtracted digitally. Identical bit-planes are read once, unless the device has
     read noise (then every read differs; ``generator`` draws it). Reads go through the
     tiles' transfer matrices (``transfers``, or computed here when a tile has more
-    distinct planes than rows), else each is solved. ``cell_loss`` maps tile indices to
-    accumulators of the current each cell of that tile loses (per-read solves).
+    distinct planes than rows), else each is solved; ``solve_every_read`` forces the
+    latter (benchmarks, cross-checks). ``cell_loss`` maps tile indices to accumulators
+    of the current each cell of that tile loses (per-read solves).
     """
     if device.read_noise and transfers is not None:
         raise ValueError("transfer matrices cannot carry read noise: every read has its own conductances")
@@ -171,7 +173,8 @@ def simulate_matmul(
             else:
                 unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
             loss = None if cell_loss is None else cell_loss.get(index)
-            if transfers is not None or (not device.read_noise and loss is None and unique.shape[0] > unique.shape[1]):
+            solve = solve_every_read or device.read_noise or loss is not None or unique.shape[0] <= unique.shape[1]
+            if transfers is not None or not solve:
                 transfer = transfer_matrix(tile, device, dtype) if transfers is None else transfers[index]
                 ideal_rows = tile.conductance[tile.used_rows] * device.read_voltage
                 real, ideal = unique.double() @ transfer, unique.double() @ ideal_rows
@@ -227,6 +230,20 @@ def effective_weights(
     return _tile_sum(tiles, values, num_outputs, num_inputs, power=1)
 
 
+def transfer_weights(
+    tiles: list[Tile], transfers: list[torch.Tensor], num_outputs: int, num_inputs: int
+) -> torch.Tensor:
+    """Integer-unit weights (O, K) the tiles realise through their transfer matrices:
+    without an ADC (and without read noise) the decoded, shift-added output is linear
+    in the input, so ``x @ this.T`` is exactly what reading every bit-plane gives."""
+    values = []
+    for tile, transfer in zip(tiles, transfers):
+        per_row = torch.zeros_like(tile.conductance)  # column currents per row at V_read, placed at the used rows
+        per_row[tile.used_rows] = transfer
+        values.append(per_row)
+    return _tile_sum(tiles, values, num_outputs, num_inputs, power=1)
+
+
 def read_noise_variance(
     tiles: list[Tile], attenuation: list[torch.Tensor] | None, num_outputs: int, num_inputs: int,
     device: CrossbarDevice,
@@ -250,5 +267,5 @@ def bit_serial_variance(x: torch.Tensor, per_read: torch.Tensor, bits: int) -> t
 
 __all__ = [
     "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights", "read_noise_variance",
-    "simulate_matmul", "transfer_matrix",
+    "simulate_matmul", "transfer_matrix", "transfer_weights",
 ]

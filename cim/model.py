@@ -7,8 +7,11 @@ and rescales. Grouped and depthwise convolutions become block-diagonal matrices 
 all-zero off-diagonal tiles are never programmed. Normalisation, activations, pooling
 and residual additions stay in the digital periphery.
 
-Modes: ``exact`` reads every input bit-plane through the circuit (each tile's transfer
-matrix, solved once when the layer is built, or a solve per read under read noise);
+Modes: ``exact`` reads every input bit-plane through the circuit: each tile's transfer
+matrix is solved once when the layer is built; without an ADC the decoded product is
+then linear in the input, one matrix product per layer (:func:`transfer_weights`);
+with an ADC every plane is read through the transfer matrices and converted; under
+read noise every read is solved;
 ``fast`` uses the calibrated per-tile attenuation maps (:func:`effective_weights`);
 ``ideal`` is the quantised model on ideal crossbars (the digital reference).
 
@@ -29,6 +32,7 @@ from torch.nn import functional as F
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import (
     attenuation_map, bit_serial_variance, effective_weights, read_noise_variance, simulate_matmul, transfer_matrix,
+    transfer_weights,
 )
 from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
 from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
@@ -174,10 +178,12 @@ class CrossbarLayer(nn.Module):
         self.input_scale = statistics.scale
         q, self.weight_step = quantise_weights(weight_matrix(layer), device.weight_bits)
         self.q = q
-        self.read_variance = self.transfers = None
+        self.read_variance = self.transfers = self.effective = None
         self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
         if mode == "exact" and not device.read_noise:
             self.transfers = [transfer_matrix(tile, device) for tile in self.tiles]
+            if device.adc_bits is None:
+                self.effective = transfer_weights(self.tiles, self.transfers, q.shape[0], q.shape[1])
         elif mode == "ideal":
             self.effective = q.double()
         elif mode == "fast":
@@ -192,7 +198,7 @@ class CrossbarLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         integers = quantise_activations(layer_patches(layer, x), self.input_scale, self.device.activation_bits)
-        if self.mode == "exact":
+        if self.mode == "exact" and self.effective is None:
             products, _ = simulate_matmul(
                 self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator,
                 transfers=self.transfers,

