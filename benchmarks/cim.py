@@ -10,6 +10,9 @@ Sections (``--sections``, default all):
   PCM-like noisy one (``NOISY``). Writes accuracy against tile size per mapping.
 * ``drift``: accuracy against time since programming, with and without global drift
   compensation. Writes accuracy against drift time.
+* ``speed``: exact mode (transfer matrices) on all test images at 128x128, naive and
+  MDM (goal <= 60 s on 2 cores), against solving every distinct read, extrapolated
+  from a few images.
 * ``fidelity``: fast mode against exact mode on the ResNet-10: share of the exact
   mode's logit distortion the fast mode reproduces, and top-1 agreement.
 
@@ -31,8 +34,9 @@ from torch.utils.data import Subset
 
 from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import calibrate, to_crossbars
+from dpfl.cim.engine import simulate_matmul
+from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
+from dpfl.cim.model import calibrate, mappable_layers, to_crossbars, weight_matrix
 from dpfl.cim.report import SWEEP_TILE_SIZES, Interval, accuracy, model_distortion
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset
@@ -140,6 +144,33 @@ def drift_study(model, data, statistics, tile: int, mode: str, images: int, tria
     return results
 
 
+def exact_speed(model, data, device: CrossbarDevice, baseline_images: int, seed: int) -> None:
+    """Exact mode on every test image, each mapping, against solving every distinct
+    read (the previous exact mode) on ``baseline_images`` images, extrapolated."""
+    started = time.perf_counter()
+    for mapping in ("naive", "mdm"):
+        begun = time.perf_counter()
+        analog = to_crossbars(model, calibrate(model, data.train.tensors[0][:64], device, 1,
+                                               torch.Generator().manual_seed(seed)), device, mapping, "exact", seed)
+        built = time.perf_counter() - begun
+        score = accuracy(analog, data.test)
+        print(f"exact, {mapping}: {len(data.test)} images in {time.perf_counter() - begun:.1f} s "
+              f"(transfer matrices {built:.1f} s), accuracy {score:.2%}", flush=True)
+    exact_total = time.perf_counter() - started
+    # Baseline: the layer inputs of a few test images, every distinct read solved.
+    images = data.test.tensors[0][:baseline_images]
+    inputs = calibrate(model, images, device, 10**9, torch.Generator().manual_seed(seed))
+    begun = time.perf_counter()
+    for name, layer in mappable_layers(model).items():
+        q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
+        tiles = map_matrix(q, device, "mdm", inputs[name].row_density)
+        simulate_matmul(tiles, inputs[name].sample, q.shape[0], device, solve_every_read=True)
+    per_image = (time.perf_counter() - begun) / baseline_images
+    print(f"both mappings, all {len(data.test)} images: {exact_total:.1f} s; solving every read: "
+          f"{per_image:.2f} s per image per mapping, {2 * per_image * len(data.test):.0f} s extrapolated "
+          f"(ratio {2 * per_image * len(data.test) / exact_total:.1f}x)", flush=True)
+
+
 def fidelity(model, data, statistics, device: CrossbarDevice, images: int, seed: int) -> None:
     test = data.test.tensors[0][:images]
     with torch.no_grad():
@@ -202,7 +233,7 @@ def plot(mapping_results: dict[str, dict], drift_results: dict | None, out: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="solver,mapping,drift,fidelity")
+    parser.add_argument("--sections", default="solver,speed,mapping,drift,fidelity")
     parser.add_argument("--model", default="resnet10")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=8)
@@ -224,7 +255,7 @@ def main() -> None:
     if "solver" in sections:
         print("\n== solver speed (batch 64 random inputs, best of 3) ==")
         solver_speed(batch=64, repeats=3)
-    if not sections & {"mapping", "drift", "fidelity"}:
+    if not sections & {"mapping", "drift", "fidelity", "speed"}:
         return
     data = load_dataset("digits", image_size=args.image_size)
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.width)
@@ -248,6 +279,9 @@ def main() -> None:
     if "drift" in sections:
         print(f"\n== accuracy against drift time (nu 0.05 ± 0.01, tile 128, {args.mode}) ==")
         drift_results = drift_study(model, data, statistics, 128, args.mode, args.images, args.trials, args.seed)
+    if "speed" in sections:
+        print("\n== exact mode speed, tile 128 ==")
+        exact_speed(model, data, dataclasses.replace(base, tile_size=128), 4, args.seed)
     if "fidelity" in sections:
         print("\n== fast mode against exact mode ==")
         for size in (128, 256):

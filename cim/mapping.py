@@ -158,7 +158,7 @@ def _layout_tile(
     pair_levels = levels.reshape(n_rows, slices * n_out, 2)  # pairs slice-major: pair p = (p // n_out, p % n_out)
     pair_slice = torch.arange(slices * n_out) // n_out
     significance = 2.0 ** (pair_slice * device.bits_per_cell).double()
-    # Expected current of each cell in level units, times its significance for sw-mdm.
+    # Expected current of each cell in level units (sw-mdm weighs it by its significance).
     expected = pair_levels.double() * density[:, None, None]
     if mapping == "naive":  # most significant slice first, next to the drivers
         pair_order = torch.argsort(-pair_slice, stable=True)
