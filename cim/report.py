@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import stdev
 
 import torch
 from scipy import stats
@@ -65,7 +66,7 @@ class Interval:
         mean = sum(values) / len(values)
         if len(values) < 2:
             return cls(mean, None, list(values))
-        spread = stats.tstd(values) / math.sqrt(len(values))
+        spread = stdev(values) / math.sqrt(len(values))
         return cls(mean, float(stats.t.ppf(0.975, len(values) - 1) * spread), list(values))
 
     def __str__(self) -> str:

@@ -13,6 +13,7 @@ from dpfl.cim.engine import bit_serial_variance, effective_weights, read_noise_v
 from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.model import calibrate, to_crossbars
 from dpfl.cim.nonideal import adc_quantise, adc_step, program
+from dpfl.cim.report import Interval
 from dpfl.errors import UsageError
 
 IDEAL_WIRES = {"r_wordline": 0.0, "r_bitline": 0.0}
@@ -249,3 +250,14 @@ def test_bad_nonideality_parameters_are_one_line_usage_errors(kwargs, message):
     with pytest.raises(UsageError, match=message) as raised:
         CrossbarDevice(**kwargs)
     assert "\n" not in str(raised.value)
+
+
+def test_trial_interval_is_the_student_t_interval_of_the_mean():
+    values = [0.91, 0.93, 0.96, 0.94]
+    mean = sum(values) / 4
+    sample_std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    interval = Interval.of(values)
+    assert interval.mean == pytest.approx(mean, rel=1e-15)
+    # t quantile 0.975 with 3 degrees of freedom, from tables: 3.182446305284263
+    assert interval.half_width == pytest.approx(3.182446305284263 * sample_std / 2, rel=1e-12)
+    assert Interval.of([0.5]).half_width is None and Interval.of([0.7, 0.7]).half_width == 0.0
