@@ -55,6 +55,17 @@ class RunSettings:
     local_noise_multiplier: float = 1.0
     local_clip: float = 1.0
     local_delta: float = 1e-5
+    # Deployment round after training: each (or deploy-clients random) node compresses the
+    # final model with its own data and runs it on its own simulated CIM device
+    deploy: bool = False
+    deploy_clients: int = 0
+    deploy_method: str = "tucker2"
+    deploy_norm: str = "sigma"
+    deploy_ratio: float = 0.5
+    deploy_mapping: str = "mdm"
+    deploy_mode: str = "fast"
+    deploy_holdout: float = 0.25
+    deploy_node_configs: str = ""
     # Bookkeeping
     seed: int = 0
     out_dir: str = "runs/latest"
@@ -130,10 +141,30 @@ class RunSettings:
         _positive("local-clip", self.local_clip)
         if not 0 < self.local_delta < 1:
             raise UsageError(f"local-delta must be in (0, 1), got {self.local_delta}")
+        self._validate_deployment()
         if self.local_dp:
             from dpfl.client.local_dp import check_model_supported
 
             check_model_supported(self.model)
+
+    def _validate_deployment(self) -> None:
+        from dpfl.cim.mapping import MAPPINGS
+        from dpfl.cim.model import MODES
+        from dpfl.compression.pipeline import METHODS, NORMS
+        from dpfl.deployment.node import parse_node_configs
+
+        if self.deploy_clients < 0:
+            raise UsageError(f"deploy-clients must be >= 0 (0 = every node), got {self.deploy_clients}")
+        _one_of("deploy-method", self.deploy_method, METHODS)
+        _one_of("deploy-norm", self.deploy_norm, NORMS)
+        _one_of("deploy-mapping", self.deploy_mapping, MAPPINGS)
+        _one_of("deploy-mode", self.deploy_mode, MODES)
+        if not 0 < self.deploy_ratio < 1:
+            raise UsageError(f"deploy-ratio must be in (0, 1), got {self.deploy_ratio}")
+        if not 0 < self.deploy_holdout < 1:
+            raise UsageError(f"deploy-holdout must be in (0, 1), got {self.deploy_holdout}")
+        # The syntax only: each node judges its own values, so one bad node fails alone.
+        parse_node_configs(self.deploy_node_configs)
 
     def nominal_client_size(self) -> int:
         """The public number of examples of a nominal client: ``client-size``, or the

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models.vision_transformer import Encoder, VisionTransformer
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import (
@@ -39,8 +40,9 @@ from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
 from dpfl.errors import UsageError
 
 MODES = ("fast", "exact")
-# Normalisation layers own parameters but run in the digital periphery.
-DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+# Normalisation layers own parameters but run in the digital periphery, as do the
+# class token and position embedding torchvision's ViT owns (additions, not products).
+DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, VisionTransformer, Encoder)
 # Random read cycles per tile for the attenuation maps of the fast mode.
 ATTENUATION_SAMPLES = 64
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from dpfl.compression.covariance import check_statistics, collect_statistics, load_statistics, save_statistics
+from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
 from dpfl.compression.finetune import accuracy, finetune
-from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_model
+from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
 from dpfl.errors import UsageError
+from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dpfl.task.data import DATASET_NAMES, load_dataset
 from dpfl.task.models import count_parameters
@@ -133,64 +133,51 @@ def run(args: argparse.Namespace) -> int:
             f"dataset {data.name!r} has {data.in_channels} channels and {data.num_classes} classes; "
             f"the model expects {spec.in_channels} and {spec.num_classes}"
         )
+    # Attention projections become nn.Linear layers that SVD can factorise (no-op without attention).
+    explicit_attention(model)
     layers = choose_layers(model, args.method, args.layers)
     shapes = {name: (args.method, weight_shape(model.get_submodule(name))) for name in layers}
-    parameters_before = count_parameters(model)
-    ranks = plan_ranks(shapes, args.ratio, args.scope, parameters_before, overrides)
+    ranks = plan_ranks(shapes, args.ratio, args.scope, count_parameters(model), overrides)
     if args.covariance:
         statistics, covariance_source = load_statistics(args.covariance)
         check_statistics(statistics, model, layers, args.covariance)
-        covariance_seconds = 0.0
     else:
-        torch.manual_seed(args.seed)
-        loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True)
-        started = time.perf_counter()
-        statistics = collect_statistics(model, loader, layers, args.batches)
-        covariance_seconds = time.perf_counter() - started
+        statistics = None
         covariance_source = {"dataset": data.name, "batches": args.batches, "batch_size": args.batch_size}
-
-    test_loader = DataLoader(data.test, batch_size=EVAL_BATCH_SIZE)
-    accuracy_before = accuracy(model, test_loader)
     settings = Settings(max_iter=args.max_iter, seed=args.seed)
-    started = time.perf_counter()
-    record, results = compress_model(
-        model, args.method, args.norm, ranks, statistics, (spec.in_channels, spec.image_size, spec.image_size), settings
-    )
-    compression_seconds = time.perf_counter() - started
-    accuracy_after = accuracy(model, test_loader)
+    run = compress_on_data(
+        model, data.train, data.test, (spec.in_channels, spec.image_size, spec.image_size), args.method, args.norm,
+        ranks, statistics, args.batches, args.batch_size, settings, EVAL_BATCH_SIZE,
+    )  # fmt: skip
     accuracy_finetuned = None
     if args.finetune_epochs:
         torch.manual_seed(args.seed)
         finetune(model, DataLoader(data.train, batch_size=args.batch_size, shuffle=True), args.finetune_epochs, args.finetune_lr)
-        accuracy_finetuned = accuracy(model, test_loader)
+        accuracy_finetuned = accuracy(model, DataLoader(data.test, batch_size=EVAL_BATCH_SIZE))
 
-    parameters_after = count_parameters(model)
+    shared = run.report()
     report = {
         "checkpoint": str(args.checkpoint),
         "model": asdict(spec),
         "dataset": data.name,
-        "method": args.method,
-        "norm": args.norm,
+        **shared,
         "ratio": args.ratio,
         "scope": args.scope,
         "covariance": {
             "file": args.covariance or str(out / COVARIANCE_FILE),
             "source": covariance_source,
-            "seconds": covariance_seconds,
+            "seconds": run.covariance_seconds,
         },
-        "parameters": {"before": parameters_before, "after": parameters_after, "ratio": parameters_after / parameters_before},
-        "accuracy": {"before": accuracy_before, "after": accuracy_after, "after_finetune": accuracy_finetuned},
+        "accuracy": {**shared["accuracy"], "after_finetune": accuracy_finetuned},
         "finetune_epochs": args.finetune_epochs,
-        "compression_seconds": compression_seconds,
-        "layers": [layer.as_dict() for layer in results],
     }
     # Everything is computed before anything is written, so a failure leaves --out untouched.
     out.mkdir(parents=True, exist_ok=True)
     if not args.covariance:
-        save_statistics(out / COVARIANCE_FILE, statistics, covariance_source)
+        save_statistics(out / COVARIANCE_FILE, run.statistics, covariance_source)
     save_checkpoint(
         out / MODEL_FILE,
-        Checkpoint(spec, checkpoint.dataset, model.state_dict(), record, {"compression_report": REPORT_FILE}),
+        Checkpoint(spec, checkpoint.dataset, model.state_dict(), run.record, {"compression_report": REPORT_FILE}),
     )
     report_tmp = out / (REPORT_FILE + ".tmp")
     report_tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -226,5 +213,5 @@ def print_report(console, report: dict) -> None:
         + (f" → {acc['after_finetune']:.2%} after {report['finetune_epochs']} fine-tuning epoch(s)" if acc["after_finetune"] is not None else "")
     )
     console.print(
-        f"covariance pass {report['covariance']['seconds']:.1f} s, compression {report['compression_seconds']:.1f} s"
+        f"covariance pass {report['covariance_seconds']:.1f} s, compression {report['compression_seconds']:.1f} s"
     )

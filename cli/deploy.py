@@ -13,22 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from torch.utils.data import Subset
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import MODES, calibrate
-from dpfl.cim.report import DeployReport, run_study, save_report
+from dpfl.cim.model import MODES
+from dpfl.cim.report import DeployReport, save_report
+from dpfl.deployment.study import cim_study
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import load_checkpoint
 from dpfl.task.data import DATASET_NAMES, load_dataset
 
 TILE_SIZES = (64, 128, 256, 512)
-# Training images whose activations set each layer's input scale and bit density.
-CALIBRATION_IMAGES = 64
-# Input vectors per layer on which NF and output error are measured by circuit solves.
-REPORT_VECTORS = 16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,22 +98,15 @@ def run(args: argparse.Namespace) -> int:
             f"the model expects {spec.in_channels} and {spec.num_classes}"
         )
     model = checkpoint.build_model().eval()
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    calibration = torch.stack([data.train[i][0] for i in range(min(CALIBRATION_IMAGES, len(data.train)))])
-    statistics = calibrate(model, calibration, device, REPORT_VECTORS, generator)
     test = data.test if args.samples is None else Subset(data.test, range(min(args.samples, len(data.test))))
-
     with console.status("simulating crossbars") as status:
-        report, losses = run_study(
-            model, statistics, test, device, args.mapping, args.mode, args.seed, args.trials,
+        report, losses = cim_study(
+            model, data.train, test, device, args.mapping, args.mode, args.seed, args.trials,
             progress=lambda message: status.update(message),
         )
-    report.context = {
-        "checkpoint": str(args.checkpoint), "model": spec.name, "dataset": data.name,
-        "compressed": bool(checkpoint.compression), "test_images": len(test),
-        "calibration_images": len(calibration), "report_vectors_per_layer": REPORT_VECTORS,
-    }
+    report.context.update(
+        checkpoint=str(args.checkpoint), model=spec.name, dataset=data.name, compressed=bool(checkpoint.compression)
+    )
     paths = save_report(report, losses, Path(args.out))
     _print(console, report)
     console.print("wrote " + ", ".join(str(path) for path in paths))

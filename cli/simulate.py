@@ -57,6 +57,15 @@ OPTIONS = [
     ("--local-noise", "local_noise_multiplier", positive_float, "noise multiplier of each client's DP-SGD (with --local-dp)"),
     ("--local-clip", "local_clip", positive_float, "per-sample gradient clip norm of each client's DP-SGD (with --local-dp)"),
     ("--local-delta", "local_delta", open_unit, "delta of each client's sample-level epsilon (with --local-dp)"),
+    ("--deploy", "deploy", bool,
+     "after training, every node compresses the final model with its own data and runs it on its own simulated CIM device"),
+    ("--deploy-clients", "deploy_clients", int, "deploy on this many nodes, chosen at random (0 = every node)"),
+    ("--deploy-method", "deploy_method", str, "nodes' compression: tucker2, cpd or svd (a node config may override)"),
+    ("--deploy-norm", "deploy_norm", str, "nodes' compression norm: sigma or frobenius (a node config may override)"),
+    ("--deploy-ratio", "deploy_ratio", positive_float, "fraction of parameters the nodes keep, in (0, 1)"),
+    ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
+    ("--deploy-mode", "deploy_mode", str, "analog inference: fast or exact"),
+    ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
 ]
 
@@ -78,6 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
     parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
                         metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
+    parser.add_argument("--deploy-node-config", dest="deploy_node_configs", action="append", default=[],
+                        metavar="'KEY=VALUE ...'",
+                        help="node config of simulated nodes for the deployment round (device-*, compress-*, "
+                        "share-accuracy); repeat for several device types, assigned round robin by partition")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/<strategy>-<time>)")
     parser.add_argument("--engine", choices=ENGINES, default="flower",
                         help="flower: Flower's local simulation (SuperLink, Ray); in-process: the same apps "
@@ -97,6 +110,7 @@ def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Cal
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     values = {field: getattr(args, field) for _, field, _, _ in OPTIONS}
     values["strategy_options"] = " ".join(args.strategy_options)
+    values["deploy_node_configs"] = "; ".join(args.deploy_node_configs)
     if args.target_epsilon is not None:
         values["target_epsilon"] = args.target_epsilon
     elif args.noise_multiplier is not None:
@@ -149,6 +163,20 @@ def run(args: argparse.Namespace) -> int:
         f"{epsilon} at delta {summary['delta']:g}, sigma {summary['noise-multiplier']:.4f}, "
         f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
+    if settings.deploy:
+        return _show_deployment(out, console)
+    return 0
+
+
+def _show_deployment(out: Path, console: Console) -> int:
+    from dpfl.deployment.federation import DEPLOYMENT_FILE, NOT_COVERED, deployment_table
+
+    path = out / DEPLOYMENT_FILE
+    if not path.exists():
+        console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / FLOWER_LOG}")
+        return 1
+    console.print(deployment_table(json.loads(path.read_text())))
+    console.print(f"  {path} ({NOT_COVERED})")
     return 0
 
 

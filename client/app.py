@@ -5,13 +5,14 @@ from __future__ import annotations
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
+from dpfl.deployment.node import DEPLOYMENT_KEY, run_node_deployment
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
 from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
@@ -75,6 +76,23 @@ def train(msg: Message, context: Context) -> Message:
             settings.local_delta, server_round)  # fmt: skip
     # Only the privatised update leaves the client: no loss, norm or data size.
     return _reply(msg, result.update)
+
+
+@app.query()
+def deploy(msg: Message, context: Context) -> Message:
+    """The deployment round: compress the final model with this node's data and run it
+    on this node's simulated CIM device; only the shareable summary goes back."""
+    settings = RunSettings.from_run_config(context.run_config)
+    node_config = context.node_config
+
+    def local_data():
+        partition = load_client_partition(settings, node_config)
+        return partition.spec, settings.dataset, partition.dataset
+
+    label = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{context.node_id}"
+    weights = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    summary = run_node_deployment(context.run_config, node_config, label, local_data, weights)
+    return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 
 def _reply(msg: Message, update: dict[str, torch.Tensor]) -> Message:

@@ -9,14 +9,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from dpfl.compression.cost import count_macs, macs_under
-from dpfl.compression.covariance import InputStatistics
+from dpfl.compression.covariance import InputStatistics, collect_statistics
 from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
+from dpfl.compression.finetune import accuracy
 from dpfl.compression.ranks import factorised_count, weight_count
 from dpfl.compression.sigma_norm import ALSTrace, regularise
 from dpfl.compression.surgery import (
     COMPRESSION_FORMAT,
+    EXPLICIT_ATTENTION,
     factorised_structure,
     layer_record,
     load_factors,
@@ -25,6 +28,8 @@ from dpfl.compression.surgery import (
 )
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
+from dpfl.task.attention import ExplicitAttention
+from dpfl.task.models import count_parameters
 
 METHODS = ("tucker2", "cpd", "svd")
 NORMS = ("sigma", "frobenius")
@@ -179,4 +184,70 @@ def compress_model(
     for layer in results:
         layer.macs_after = macs_under(macs_after, layer.name)
     spec = {"format": COMPRESSION_FORMAT, "method": method, "norm": norm, "layers": records}
+    if any(isinstance(module, ExplicitAttention) for module in model.modules()):
+        spec["attention"] = EXPLICIT_ATTENTION  # restore_structure converts before it rebuilds the layers
     return spec, results
+
+
+@dataclass
+class CompressionRun:
+    """One compression of a model on a data set: what ``dpfl compress`` reports and a
+    federated node's deployment writes."""
+
+    record: dict[str, Any]  # the checkpoint's ``compression`` record
+    layers: list[LayerResult]
+    statistics: dict[str, InputStatistics]
+    covariance_seconds: float
+    compression_seconds: float
+    parameters_before: int
+    parameters_after: int
+    accuracy_before: float
+    accuracy_after: float
+
+    def report(self) -> dict[str, Any]:
+        """The part of ``compression_report.json`` every compression shares."""
+        return {
+            "method": self.record["method"],
+            "norm": self.record["norm"],
+            "parameters": {"before": self.parameters_before, "after": self.parameters_after,
+                           "ratio": self.parameters_after / self.parameters_before},  # fmt: skip
+            "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after},
+            "covariance_seconds": self.covariance_seconds,
+            "compression_seconds": self.compression_seconds,
+            "layers": [layer.as_dict() for layer in self.layers],
+        }
+
+
+def compress_on_data(
+    model: nn.Module,
+    train_data: Dataset,
+    test_data: Dataset,
+    input_shape: tuple[int, ...],
+    method: str,
+    norm: str,
+    ranks: dict[str, tuple[int, ...]],
+    statistics: dict[str, InputStatistics] | None = None,
+    batches: int = 20,
+    batch_size: int = 64,
+    settings: Settings = Settings(),
+    eval_batch_size: int = 256,
+) -> CompressionRun:
+    """Collect the input statistics of the layers in ``ranks`` on ``train_data`` (unless
+    given), compress ``model`` in place and measure accuracy on ``test_data`` before and after."""
+    covariance_seconds = 0.0
+    if statistics is None:
+        loader = DataLoader(train_data, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(settings.seed))  # fmt: skip
+        started = time.perf_counter()
+        statistics = collect_statistics(model, loader, list(ranks), batches)
+        covariance_seconds = time.perf_counter() - started
+    test_loader = DataLoader(test_data, batch_size=eval_batch_size)
+    parameters_before = count_parameters(model)
+    accuracy_before = accuracy(model, test_loader)
+    started = time.perf_counter()
+    record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, settings)
+    compression_seconds = time.perf_counter() - started
+    return CompressionRun(
+        record, layers, statistics, covariance_seconds, compression_seconds,
+        parameters_before, count_parameters(model), accuracy_before, accuracy(model, test_loader),
+    )  # fmt: skip

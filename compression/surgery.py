@@ -17,8 +17,12 @@ import torch
 from torch import nn
 
 from dpfl.errors import UsageError
+from dpfl.task.attention import explicit_attention
 
 COMPRESSION_FORMAT = "dpfl-compression-v1"
+# A compression record's "attention" value when the model's nn.MultiheadAttention layers
+# were replaced by dpfl.task.attention.ExplicitAttention (projections as nn.Linear).
+EXPLICIT_ATTENTION = "explicit"
 
 # The layer types each method factorises.
 METHOD_LAYERS = {
@@ -119,6 +123,8 @@ def restore_structure(model: nn.Module, spec: dict[str, Any]) -> None:
     ``compression`` dict) in a freshly built model, so ``load_state_dict`` fills them."""
     if spec.get("format") != COMPRESSION_FORMAT:
         raise UsageError(f"checkpoint compression record is not {COMPRESSION_FORMAT}")
+    if spec.get("attention") == EXPLICIT_ATTENTION:
+        explicit_attention(model)
     modules = dict(model.named_modules())
     for name, record in spec["layers"].items():
         module = modules.get(name)

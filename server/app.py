@@ -15,6 +15,7 @@ from dpfl.client.data import cached_dataset, model_spec
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import calibrate_noise_multiplier, epsilon_for
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
+from dpfl.server.deployment_round import run_deployment_round
 from dpfl.server.evaluation import evaluate
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
 from dpfl.settings import RunSettings
@@ -125,10 +126,14 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     except BudgetExhausted as stop:
         outcome = f"stopped before the budget was exceeded: {stop}"
     log(INFO, "dpfl: %s", outcome)
-    return recorder.finish(
+    summary = recorder.finish(
         spec,
         settings.dataset,
         latest["arrays"].to_torch_state_dict(),
         outcome,
         {"noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy},
     )
+    # After the trained model is saved: a failing deployment cannot cost it.
+    if settings.deploy:
+        run_deployment_round(grid, settings, latest["arrays"], recorder.out_dir)
+    return summary

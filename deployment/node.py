@@ -1,0 +1,239 @@
+"""One node's deployment: the final global model, compressed with the node's own data,
+run on the node's own simulated CIM device, reported into the node's own storage.
+
+The device, the mapping and the compression come from the node config (keys below),
+falling back to the run config's ``deploy-*`` defaults, so a federation can hold
+heterogeneous devices. What the node returns to the server is a summary of public
+facts (the device and the non-ideality factors); its accuracy on its own data is a
+per-client statistic that is not covered by epsilon, shared only if the node opts in
+with ``share-accuracy = true``. Neither the input statistics (Σ) nor any data leave it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.model import MODES
+from dpfl.cim.report import save_report
+from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
+from dpfl.compression.ranks import plan_ranks
+from dpfl.compression.surgery import default_layers, weight_shape
+from dpfl.deployment.study import cim_study
+from dpfl.errors import UsageError
+from dpfl.settings import RunSettings
+from dpfl.task.attention import explicit_attention
+from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
+
+# Node-config keys. Every CrossbarDevice field is ``device-<field>`` in kebab case
+# (``device-tile-size``, ``device-r-on``, ...); ``device-r-wire`` sets both wire
+# resistances; ``device-adc-bits = 0`` is an ideal ADC.
+DEVICE_PREFIX = "device-"
+DEVICE_NAME_KEY = "device-name"
+DEVICE_MAPPING_KEY = "device-mapping"
+DEVICE_WIRE_KEY = "device-r-wire"
+METHOD_KEY, NORM_KEY, RATIO_KEY = "compress-method", "compress-norm", "compress-ratio"
+SHARE_ACCURACY_KEY = "share-accuracy"
+STORAGE_KEY = "deploy-dir"
+
+# The one (config) record of a node's reply to the deployment query.
+DEPLOYMENT_KEY = "deployment"
+MODEL_FILE = "compressed_model.pt"
+COMPRESSION_REPORT_FILE = "compression_report.json"
+# Summary keys a node may return; the server refuses a reply with any other key.
+STATUS_KEY, REASON_KEY = "status", "reason"
+DEPLOYED, FAILED = "deployed", "failed"
+SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
+                        "accuracy-analog-naive", "accuracy-analog-mdm")  # fmt: skip
+DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
+SUMMARY_KEYS = frozenset(
+    {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
+     "nf-naive", "nf-mdm", "seconds", *DEVICE_KEYS, *SHARED_ACCURACY_KEYS}
+)  # fmt: skip
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+@dataclass(frozen=True)
+class NodeDeployment:
+    """What one node deploys, and onto which device."""
+
+    device_name: str
+    device: CrossbarDevice
+    mapping: str
+    mode: str
+    method: str
+    norm: str
+    ratio: float
+    holdout: float
+    share_accuracy: bool
+    storage: Path
+    seed: int
+
+    def public_summary(self) -> dict[str, Any]:
+        """The device and compression settings: what the node shares in any case."""
+        device = {DEVICE_PREFIX + k.replace("_", "-"): (0 if v is None else v) for k, v in self.device.as_dict().items()}
+        return {DEVICE_NAME_KEY: self.device_name, DEVICE_MAPPING_KEY: self.mapping, METHOD_KEY: self.method,
+                NORM_KEY: self.norm, RATIO_KEY: self.ratio, **device}  # fmt: skip
+
+
+def parse_node_configs(text: str) -> list[dict[str, str]]:
+    """``"k=v k=v; k=v"``: one node config per ``;``-separated entry (a simulation's
+    stand-in for the node configs of real SuperNodes)."""
+    configs = []
+    for entry in filter(str.strip, text.split(";")):
+        config = {}
+        for item in entry.split():
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise UsageError(f"deploy-node-configs: {item!r} is not key=value (entries: 'k=v k=v; k=v ...')")
+            config[key] = value
+        configs.append(config)
+    return configs
+
+
+def effective_node_config(node_config: Mapping[str, Any], simulated: list[dict[str, str]]) -> dict[str, Any]:
+    """The node's own config, over the simulated one of its partition (round robin)."""
+    base = {}
+    if simulated and "partition-id" in node_config:
+        base = simulated[int(node_config["partition-id"]) % len(simulated)]
+    return {**base, **node_config}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _BOOL_WORDS[str(value).strip().lower()]
+        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError, KeyError):
+        raise UsageError(f"node config {key} must be {kind.__name__}, got {value!r}") from None
+
+
+def device_from_config(config: Mapping[str, Any]) -> CrossbarDevice:
+    """A ``CrossbarDevice`` from the ``device-*`` keys of a node config (defaults for the rest)."""
+    fields = {DEVICE_PREFIX + f.name.replace("_", "-"): f for f in dataclasses.fields(CrossbarDevice)}
+    known = {*fields, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, DEVICE_WIRE_KEY}
+    unknown = sorted(key for key in config if key.startswith(DEVICE_PREFIX) and key not in known)
+    if unknown:
+        raise UsageError(f"unknown node config key(s) {', '.join(unknown)}; device keys: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    if DEVICE_WIRE_KEY in config:
+        wire = _coerce(DEVICE_WIRE_KEY, config[DEVICE_WIRE_KEY], float)
+        values.update(r_wordline=wire, r_bitline=wire)
+    for key, field in fields.items():
+        if key not in config:
+            continue
+        default = field.default
+        kind = int if default is None else type(default)  # adc_bits: None (ideal) or an integer
+        value = _coerce(key, config[key], kind)
+        values[field.name] = None if default is None and value == 0 else value
+    return CrossbarDevice(**values)
+
+
+def node_deployment(settings: RunSettings, config: Mapping[str, Any], node_label: str) -> NodeDeployment:
+    """Validate and resolve a node's deployment from its effective node config; any bad
+    value is a one-line UsageError."""
+    device = device_from_config(config)
+    mapping = str(config.get(DEVICE_MAPPING_KEY, settings.deploy_mapping))
+    method = str(config.get(METHOD_KEY, settings.deploy_method))
+    norm = str(config.get(NORM_KEY, settings.deploy_norm))
+    ratio = _coerce(RATIO_KEY, config.get(RATIO_KEY, settings.deploy_ratio), float)
+    for key, value, allowed in ((DEVICE_MAPPING_KEY, mapping, MAPPINGS), (METHOD_KEY, method, METHODS), (NORM_KEY, norm, NORMS)):
+        if value not in allowed:
+            raise UsageError(f"node config {key} {value!r} is not one of {', '.join(allowed)}")
+    if not 0 < ratio < 1:
+        raise UsageError(f"node config {RATIO_KEY} must be in (0, 1), got {ratio}")
+    storage = Path(config.get(STORAGE_KEY) or Path(settings.out_dir) / "nodes" / node_label)
+    return NodeDeployment(
+        device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
+        mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,
+        share_accuracy=_coerce(SHARE_ACCURACY_KEY, config.get(SHARE_ACCURACY_KEY, False), bool),
+        storage=storage, seed=settings.seed,
+    )  # fmt: skip
+
+
+def split_holdout(data: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """The node's data as (calibration, held-out) slices, a seeded random split."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = max(1, round(fraction * len(data)))
+    if held >= len(data):
+        raise UsageError(f"{len(data)} local examples are too few to hold out {fraction:.0%} for evaluation")
+    return Subset(data, order[held:]), Subset(data, order[:held])
+
+
+def deploy_on_node(
+    plan: NodeDeployment, spec: ModelSpec, dataset: str, global_weights: dict[str, torch.Tensor], data: Dataset
+) -> dict[str, Any]:
+    """Compress the global model with the node's data, run it on the node's device,
+    write the full report to ``plan.storage`` and return the shareable summary."""
+    started = time.perf_counter()
+    calibration, held_out = split_holdout(data, plan.holdout, plan.seed)
+    model = spec.build()
+    model.load_state_dict(global_weights)
+    model.eval()
+    explicit_attention(model)
+    layers = default_layers(model, plan.method)
+    if not layers:
+        raise UsageError(f"model {spec.name!r} has no layer {plan.method} can compress")
+    shapes = {name: (plan.method, weight_shape(model.get_submodule(name))) for name in layers}
+    ranks = plan_ranks(shapes, plan.ratio, "model", sum(p.numel() for p in model.parameters()), {})
+    compression = compress_on_data(
+        model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
+        ranks, settings=Settings(seed=plan.seed),
+    )  # fmt: skip
+    report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed)
+    report.context.update(model=spec.name, dataset=dataset, compressed=True, device_name=plan.device_name,
+                          held_out_images=len(held_out), local_images=len(data))  # fmt: skip
+    # Everything is computed before anything is written.
+    plan.storage.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(plan.storage / MODEL_FILE, Checkpoint(spec, dataset, model.state_dict(), compression.record))
+    (plan.storage / COMPRESSION_REPORT_FILE).write_text(
+        json.dumps({**compression.report(), "ratio": plan.ratio, "scope": "model"}, indent=2) + "\n"
+    )
+    save_report(report, losses, plan.storage)
+    summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED, "nf-naive": report.distortion["naive"].nf,
+               "nf-mdm": report.distortion["mdm"].nf, "seconds": time.perf_counter() - started}  # fmt: skip
+    if plan.share_accuracy:
+        summary.update({
+            "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
+            "accuracy-quantised": report.accuracy["quantised"], "accuracy-analog-naive": report.accuracy["analog_naive"],
+            "accuracy-analog-mdm": report.accuracy["analog_mdm"],
+        })  # fmt: skip
+    return summary
+
+
+def failure_summary(reason: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A failed deployment: the one-line reason, and the device's name if the node gave one."""
+    lines = str(reason).strip().splitlines()
+    summary = {STATUS_KEY: FAILED, REASON_KEY: lines[0] if lines else "failed"}
+    if DEVICE_NAME_KEY in config:
+        summary[DEVICE_NAME_KEY] = str(config[DEVICE_NAME_KEY])
+    return summary
+
+
+def run_node_deployment(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_label: str,
+    load_data: Callable[[], tuple[ModelSpec, str, Dataset]], global_weights: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """A node's whole deployment; a bad node config, ratio or layer fails only this node,
+    with its one-line reason in the summary."""
+    config: Mapping[str, Any] = node_config
+    try:
+        settings = RunSettings.from_run_config(run_config)
+        config = effective_node_config(node_config, parse_node_configs(settings.deploy_node_configs))
+        plan = node_deployment(settings, config, node_label)
+        spec, dataset, data = load_data()
+        return deploy_on_node(plan, spec, dataset, global_weights, data)
+    except UsageError as err:
+        return failure_summary(str(err), config)

@@ -1,0 +1,155 @@
+"""The deployment round: every node compresses the final model with its own data and
+runs it on its own simulated CIM device (``dpfl simulate --deploy``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from torch.utils.data import Subset
+from dpfl.cli.main import main
+from dpfl.deployment.federation import choose_nodes, screen_summary
+from dpfl.deployment.node import (
+    DEPLOYMENT_KEY, SHARED_ACCURACY_KEYS, SUMMARY_KEYS, device_from_config, effective_node_config, parse_node_configs,
+    run_node_deployment,
+)  # fmt: skip
+from dpfl.errors import UsageError
+from dpfl.server.inprocess import InProcessGrid
+from dpfl.task.checkpoint import ModelSpec
+from dpfl.task.data import load_dataset
+
+SMALL_DEVICE = "device-name=small device-tile-size=64 device-r-wire=1"
+LARGE_DEVICE = "device-name=large device-tile-size=128 device-r-wire=2.5 share-accuracy=true"
+REPORT_FILES = ("report.json", "nf_vs_tile.png", "cell_loss.png", "compression_report.json", "compressed_model.pt")
+
+
+@pytest.fixture
+def received(monkeypatch) -> list:
+    """Every reply the server pulls from the in-process grid."""
+    replies: list = []
+    pull = InProcessGrid.pull_messages
+
+    def recording(self, message_ids):
+        messages = list(pull(self, message_ids))
+        replies.extend(messages)
+        return messages
+
+    monkeypatch.setattr(InProcessGrid, "pull_messages", recording)
+    return replies
+
+
+def deployment_replies(replies: list) -> list:
+    return [r for r in replies if not r.has_error() and DEPLOYMENT_KEY in r.content]
+
+
+@pytest.mark.slow
+def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, capsys, received):
+    out = tmp_path / "run"
+    code = main([
+        "simulate", "--engine", "in-process", "--model", "resnet10", "--width", "4", "--clients", "4",
+        "--sample-rate", "1.0", "--rounds", "3", "--noise-multiplier", "1.0", "--max-epsilon", "0",
+        "--deploy", "--deploy-ratio", "0.5", "--deploy-node-config", SMALL_DEVICE, "--deploy-node-config", LARGE_DEVICE,
+        "--out", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    for partition in range(4):
+        node_dir = out / "nodes" / f"partition-{partition}"
+        assert all((node_dir / name).stat().st_size > 0 for name in REPORT_FILES), node_dir
+        report = json.loads((node_dir / "report.json").read_text())
+        assert report["device"]["tile_size"] == (64 if partition % 2 == 0 else 128)
+        assert set(report["accuracy"]) == {"digital", "quantised", "analog_naive", "analog_mdm"}
+    deployment = json.loads((out / "deployment.json").read_text())
+    rows = deployment["nodes"]
+    assert len(rows) == 4 and all(row["status"] == "deployed" for row in rows)
+    by_device = {name: [row for row in rows if row["device-name"] == name] for name in ("small", "large")}
+    assert all(len(group) == 2 for group in by_device.values())
+    assert {row["device-tile-size"] for row in by_device["small"]} == {64}
+    # The larger tile and wire resistance distort more, for both mappings.
+    for key in ("nf-naive", "nf-mdm"):
+        assert max(row[key] for row in by_device["small"]) < min(row[key] for row in by_device["large"])
+    # Local accuracy only from the nodes that opted in.
+    assert all(not set(SHARED_ACCURACY_KEYS) & row.keys() for row in by_device["small"])
+    assert all(set(SHARED_ACCURACY_KEYS) <= row.keys() for row in by_device["large"])
+    assert "Deployment round" in printed and "small" in printed and "large" in printed
+    # What reached the server: one config record of allowed scalar keys per node, no arrays.
+    replies = deployment_replies(received)
+    assert len(replies) == 4
+    for reply in replies:
+        assert list(reply.content.keys()) == [DEPLOYMENT_KEY] and not reply.content.array_records
+        summary = reply.content.config_records[DEPLOYMENT_KEY]
+        assert set(summary) <= SUMMARY_KEYS
+        assert all(isinstance(value, (int, float, str, bool)) for value in summary.values())
+
+
+@pytest.mark.slow
+def test_a_bad_node_config_fails_only_that_node(tmp_path, capsys, received):
+    out = tmp_path / "run"
+    bad_tile = "device-name=tiny device-tile-size=8"
+    bad_ratio = "device-name=greedy compress-ratio=1.5"
+    code = main([
+        "simulate", "--engine", "in-process", "--model", "cnn", "--width", "4", "--clients", "3", "--sample-rate", "1.0",
+        "--rounds", "1", "--noise-multiplier", "1.0", "--deploy", "--deploy-node-config", SMALL_DEVICE,
+        "--deploy-node-config", bad_tile, "--deploy-node-config", bad_ratio, "--out", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert (out / "final_model.pt").exists()
+    rows = {row["device-name"]: row for row in json.loads((out / "deployment.json").read_text())["nodes"]}
+    assert rows["small"]["status"] == "deployed"
+    assert rows["tiny"]["status"] == "failed" and "tile size 8 does not fit" in rows["tiny"]["reason"]
+    assert rows["greedy"]["status"] == "failed" and "compress-ratio must be in (0, 1), got 1.5" in rows["greedy"]["reason"]
+    assert "\n" not in rows["tiny"]["reason"] + rows["greedy"]["reason"]
+    assert "failed:" in printed
+    assert (out / "nodes" / "partition-0" / "report.json").exists()
+    assert not (out / "nodes" / "partition-1").exists() and not (out / "nodes" / "partition-2").exists()
+
+
+@dataclass(frozen=True)
+class CircularPaddingCNN(ModelSpec):
+    """The small CNN with a circularly padded first conv, which no crossbar mapping places."""
+
+    def build(self):
+        model = super().build()
+        model.features[0].padding_mode = "circular"
+        return model
+
+
+def test_an_unmappable_layer_fails_the_node_with_its_reason(tmp_path):
+    data = load_dataset("digits")
+    spec = CircularPaddingCNN("cnn", data.num_classes, data.in_channels, data.image_size, 4)
+    summary = run_node_deployment(
+        {"out-dir": str(tmp_path)}, {"partition-id": 0, "num-partitions": 1, "device-name": "edge"}, "partition-0",
+        lambda: (spec, "digits", Subset(data.train, range(80))), spec.build().state_dict(),
+    )  # fmt: skip
+    assert summary == {"status": "failed", "device-name": "edge",
+                       "reason": "layer 'features.0' (Conv2d): padding mode 'circular' is not supported; only zero padding maps to im2col"}  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_node_configs_resolve_devices_and_refuse_bad_values():
+    simulated = parse_node_configs(f"{SMALL_DEVICE}; {LARGE_DEVICE}")
+    config = effective_node_config({"partition-id": 3, "num-partitions": 4, "device-adc-bits": 6}, simulated)
+    device = device_from_config(config)
+    assert (device.tile_size, device.r_wordline, device.r_bitline, device.adc_bits) == (128, 2.5, 2.5, 6)
+    assert device_from_config({"device-adc-bits": 0}).adc_bits is None
+    for config, message in [
+        ({"device-r-off": "1e4"}, "must be larger than r_on"),
+        ({"device-r-wire": "-1"}, "r_wordline must be >= 0"),
+        ({"device-tile-size": "12.5"}, "device-tile-size must be int"),
+        ({"device-colour": "red"}, "unknown node config key(s) device-colour"),
+    ]:
+        with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            device_from_config(config)
+    with pytest.raises(UsageError, match="is not key=value"):
+        parse_node_configs("device-tile-size 64")
+
+
+def test_the_server_refuses_replies_with_keys_beyond_the_summary():
+    row = screen_summary(7, {"status": "deployed", "nf-naive": 0.1, "sigma": 1.0})
+    assert row["status"] == "failed" and "sigma" in row["reason"] and "nf-naive" not in row
+    assert screen_summary(7, {"status": "deployed", "nf-naive": 0.1}) == {"node": 7, "status": "deployed", "nf-naive": 0.1}
+    assert choose_nodes([5, 3, 9, 1], 0, 0) == [1, 3, 5, 9]
+    chosen = choose_nodes([5, 3, 9, 1], 2, 0)
+    assert len(chosen) == 2 and set(chosen) <= {1, 3, 5, 9} and chosen == choose_nodes([1, 3, 5, 9], 2, 0)
