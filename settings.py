@@ -65,6 +65,7 @@ class RunSettings:
     deploy_mapping: str = "mdm"
     deploy_mode: str = "fast"
     deploy_holdout: float = 0.25
+    deploy_sweep_tiles: str = "64,128,256,512"
     deploy_node_configs: str = ""
     # Bookkeeping
     seed: int = 0
@@ -163,8 +164,19 @@ class RunSettings:
             raise UsageError(f"deploy-ratio must be in (0, 1), got {self.deploy_ratio}")
         if not 0 < self.deploy_holdout < 1:
             raise UsageError(f"deploy-holdout must be in (0, 1), got {self.deploy_holdout}")
+        self.sweep_tile_sizes()
         # The syntax only: each node judges its own values, so one bad node fails alone.
         parse_node_configs(self.deploy_node_configs)
+
+    def sweep_tile_sizes(self) -> tuple[int, ...]:
+        """The tile sizes of each node's NF sweep (``deploy-sweep-tiles``)."""
+        try:
+            sizes = tuple(int(size) for size in self.deploy_sweep_tiles.split(","))
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 2:
+            raise UsageError(f"deploy-sweep-tiles must be comma-separated tile sizes >= 2, got {self.deploy_sweep_tiles!r}")
+        return sizes
 
     def nominal_client_size(self) -> int:
         """The public number of examples of a nominal client: ``client-size``, or the

@@ -137,7 +137,7 @@ class DeployReport:
     accuracy: dict[str, float]  # analog entries: mean over trials
     distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping (first trial)
     trials: dict[str, dict[str, Interval]]  # by mapping: accuracy, nf, output_error over trials
-    sweep: list[ModelDistortion]  # every tile size of SWEEP_TILE_SIZES and mapping (first trial)
+    sweep: list[ModelDistortion]  # every swept tile size (SWEEP_TILE_SIZES by default) and mapping (first trial)
     heatmap_layer: str
     context: dict = field(default_factory=dict)
 
@@ -148,9 +148,10 @@ class DeployReport:
 def run_study(
     model: nn.Module, statistics: dict[str, InputStatistics], test_data: Dataset,
     device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
-    progress=lambda message: None,
+    progress=lambda message: None, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map.
+    ``sweep_tile_sizes``: the tile sizes of the NF sweep (each one costs a distortion pass).
 
     Trial ``t`` is the device instance of seed ``seed + t``: its tiles are programmed
     anew (programming noise, stuck cells, drift) and its read noise redrawn.
@@ -176,7 +177,7 @@ def run_study(
         }
         scores[f"analog_{name}"] = per_trial[name]["accuracy"].mean
     sweep = []
-    for size in SWEEP_TILE_SIZES:
+    for size in sweep_tile_sizes:
         sized = dataclasses.replace(device, tile_size=size)
         for name in MAPPINGS:
             progress(f"NF sweep, tile {size}, {name} mapping")
@@ -206,7 +207,8 @@ def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path
         ax_err.plot(sizes, [entry.output_error for entry in points], marker="o", label=name)
     for ax, label in ((ax_nf, "non-ideality factor (NF)"), (ax_err, "relative output error")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(SWEEP_TILE_SIZES), [str(size) for size in SWEEP_TILE_SIZES])
+        swept = sorted({entry.tile_size for entry in report.sweep})
+        ax.set_xticks(swept, [str(size) for size in swept])
         ax.set_xlabel("tile size (rows = columns)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

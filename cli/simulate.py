@@ -66,6 +66,7 @@ OPTIONS = [
     ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
     ("--deploy-mode", "deploy_mode", str, "analog inference: fast or exact"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
+    ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
 ]
 
@@ -169,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show_deployment(out: Path, console: Console) -> int:
-    from dpfl.deployment.federation import DEPLOYMENT_FILE, NOT_COVERED, deployment_table
+    from dpfl.deployment.federation import DEPLOYMENT_FILE, NOT_COVERED, TABLE_WIDTH, deployment_table
 
     path = out / DEPLOYMENT_FILE
     if not path.exists():
         console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / FLOWER_LOG}")
         return 1
-    console.print(deployment_table(json.loads(path.read_text())))
+    # Eleven columns: never squash them into a narrow (or non-terminal, 80-column) console.
+    console.print(deployment_table(json.loads(path.read_text())), width=max(console.width, TABLE_WIDTH))
     console.print(f"  {path} ({NOT_COVERED})")
     return 0
 

@@ -25,6 +25,8 @@ TABLE_COLUMNS = (
     ("R_off", "device-r-off"), ("r_wire", "device-r-wordline"), ("mapping", "device-mapping"),
     ("NF naive", "nf-naive"), ("NF mdm", "nf-mdm"), ("acc. analog", None), ("status", STATUS_KEY),
 )  # fmt: skip
+# Characters the table needs to show every column unabridged.
+TABLE_WIDTH = 160
 NOT_COVERED = (
     "deployment summaries are per-node statistics outside the training's epsilon: the device parameters and "
     "NF always, local accuracies only from nodes that opted in (share-accuracy)"
@@ -87,7 +89,7 @@ def deployment_table(payload: dict[str, Any]):
     return table
 
 
-def render_table(payload: dict[str, Any], width: int = 160) -> str:
+def render_table(payload: dict[str, Any], width: int = TABLE_WIDTH) -> str:
     from rich.console import Console
 
     console = Console(width=width, file=io.StringIO())

@@ -78,6 +78,7 @@ class NodeDeployment:
     share_accuracy: bool
     storage: Path
     seed: int
+    sweep_tile_sizes: tuple[int, ...]
 
     def public_summary(self) -> dict[str, Any]:
         """The device and compression settings: what the node shares in any case."""
@@ -159,7 +160,7 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], node_label
         device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
         mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,
         share_accuracy=_coerce(SHARE_ACCURACY_KEY, config.get(SHARE_ACCURACY_KEY, False), bool),
-        storage=storage, seed=settings.seed,
+        storage=storage, seed=settings.seed, sweep_tile_sizes=settings.sweep_tile_sizes(),
     )  # fmt: skip
 
 
@@ -192,7 +193,8 @@ def deploy_on_node(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
         ranks, settings=Settings(seed=plan.seed),
     )  # fmt: skip
-    report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed)
+    report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed,
+                               sweep_tile_sizes=plan.sweep_tile_sizes)  # fmt: skip
     report.context.update(model=spec.name, dataset=dataset, compressed=True, device_name=plan.device_name,
                           held_out_images=len(held_out), local_images=len(data))  # fmt: skip
     # Everything is computed before anything is written.

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.model import calibrate, mappable_layers
-from dpfl.cim.report import DeployReport, run_study
+from dpfl.cim.report import SWEEP_TILE_SIZES, DeployReport, run_study
 from dpfl.task.attention import ExplicitAttention, explicit_attention
 
 # Training images whose activations set each layer's input scale and bit density.
@@ -22,6 +22,7 @@ REPORT_VECTORS = 16
 def cim_study(
     model: nn.Module, calibration_data: Dataset, test_data: Dataset, device: CrossbarDevice,
     mapping: str, mode: str, seed: int, trials: int = 1, progress=lambda message: None,
+    sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports for ``model`` on ``device``, and the per-cell
     loss maps of its heat map; ``calibration_data`` must not overlap ``test_data``.
@@ -35,7 +36,7 @@ def cim_study(
     count = min(CALIBRATION_IMAGES, len(calibration_data))
     calibration = torch.stack([calibration_data[i][0] for i in range(count)])
     statistics = calibrate(model.eval(), calibration, device, REPORT_VECTORS, generator)
-    report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress=progress)
+    report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress, sweep_tile_sizes)
     report.context = {"test_images": len(test_data), "calibration_images": count,
                       "report_vectors_per_layer": REPORT_VECTORS, "operations": operations(model)}  # fmt: skip
     return report, losses

@@ -19,8 +19,10 @@ from dpfl.server.inprocess import InProcessGrid
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset
 
-SMALL_DEVICE = "device-name=small device-tile-size=64 device-r-wire=1"
-LARGE_DEVICE = "device-name=large device-tile-size=128 device-r-wire=2.5 share-accuracy=true"
+QUIET_DEVICE = "device-name=quiet device-tile-size=64 device-r-wire=0.5"
+LOSSY_DEVICE = "device-name=lossy device-tile-size=64 device-r-wire=4 device-r-on=50000 share-accuracy=true"
+# One tile size in the nodes' NF sweep keeps the test short (every size is a distortion pass).
+SWEEP = ["--deploy-sweep-tiles", "64"]
 REPORT_FILES = ("report.json", "nf_vs_tile.png", "cell_loss.png", "compression_report.json", "compressed_model.pt")
 
 
@@ -49,7 +51,7 @@ def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, 
     code = main([
         "simulate", "--engine", "in-process", "--model", "resnet10", "--width", "4", "--clients", "4",
         "--sample-rate", "1.0", "--rounds", "3", "--noise-multiplier", "1.0", "--max-epsilon", "0",
-        "--deploy", "--deploy-ratio", "0.5", "--deploy-node-config", SMALL_DEVICE, "--deploy-node-config", LARGE_DEVICE,
+        "--deploy", "--deploy-ratio", "0.5", *SWEEP, "--deploy-node-config", QUIET_DEVICE, "--deploy-node-config", LOSSY_DEVICE,
         "--out", str(out),
     ])  # fmt: skip
     printed = capsys.readouterr().out
@@ -58,21 +60,21 @@ def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, 
         node_dir = out / "nodes" / f"partition-{partition}"
         assert all((node_dir / name).stat().st_size > 0 for name in REPORT_FILES), node_dir
         report = json.loads((node_dir / "report.json").read_text())
-        assert report["device"]["tile_size"] == (64 if partition % 2 == 0 else 128)
+        assert report["device"]["r_wordline"] == (0.5 if partition % 2 == 0 else 4.0)
         assert set(report["accuracy"]) == {"digital", "quantised", "analog_naive", "analog_mdm"}
     deployment = json.loads((out / "deployment.json").read_text())
     rows = deployment["nodes"]
     assert len(rows) == 4 and all(row["status"] == "deployed" for row in rows)
-    by_device = {name: [row for row in rows if row["device-name"] == name] for name in ("small", "large")}
+    by_device = {name: [row for row in rows if row["device-name"] == name] for name in ("quiet", "lossy")}
     assert all(len(group) == 2 for group in by_device.values())
-    assert {row["device-tile-size"] for row in by_device["small"]} == {64}
-    # The larger tile and wire resistance distort more, for both mappings.
+    assert {row["device-r-on"] for row in by_device["lossy"]} == {50000.0}
+    # More wire resistance and a lower R_on distort more, for both mappings.
     for key in ("nf-naive", "nf-mdm"):
-        assert max(row[key] for row in by_device["small"]) < min(row[key] for row in by_device["large"])
+        assert max(row[key] for row in by_device["quiet"]) < min(row[key] for row in by_device["lossy"])
     # Local accuracy only from the nodes that opted in.
-    assert all(not set(SHARED_ACCURACY_KEYS) & row.keys() for row in by_device["small"])
-    assert all(set(SHARED_ACCURACY_KEYS) <= row.keys() for row in by_device["large"])
-    assert "Deployment round" in printed and "small" in printed and "large" in printed
+    assert all(not set(SHARED_ACCURACY_KEYS) & row.keys() for row in by_device["quiet"])
+    assert all(set(SHARED_ACCURACY_KEYS) <= row.keys() for row in by_device["lossy"])
+    assert "Deployment round" in printed and "quiet" in printed and "lossy" in printed
     # What reached the server: one config record of allowed scalar keys per node, no arrays.
     replies = deployment_replies(received)
     assert len(replies) == 4
@@ -90,14 +92,14 @@ def test_a_bad_node_config_fails_only_that_node(tmp_path, capsys, received):
     bad_ratio = "device-name=greedy compress-ratio=1.5"
     code = main([
         "simulate", "--engine", "in-process", "--model", "cnn", "--width", "4", "--clients", "3", "--sample-rate", "1.0",
-        "--rounds", "1", "--noise-multiplier", "1.0", "--deploy", "--deploy-node-config", SMALL_DEVICE,
+        "--rounds", "1", "--noise-multiplier", "1.0", "--deploy", *SWEEP, "--deploy-node-config", QUIET_DEVICE,
         "--deploy-node-config", bad_tile, "--deploy-node-config", bad_ratio, "--out", str(out),
     ])  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert (out / "final_model.pt").exists()
     rows = {row["device-name"]: row for row in json.loads((out / "deployment.json").read_text())["nodes"]}
-    assert rows["small"]["status"] == "deployed"
+    assert rows["quiet"]["status"] == "deployed"
     assert rows["tiny"]["status"] == "failed" and "tile size 8 does not fit" in rows["tiny"]["reason"]
     assert rows["greedy"]["status"] == "failed" and "compress-ratio must be in (0, 1), got 1.5" in rows["greedy"]["reason"]
     assert "\n" not in rows["tiny"]["reason"] + rows["greedy"]["reason"]
@@ -129,10 +131,10 @@ def test_an_unmappable_layer_fails_the_node_with_its_reason(tmp_path):
 
 
 def test_node_configs_resolve_devices_and_refuse_bad_values():
-    simulated = parse_node_configs(f"{SMALL_DEVICE}; {LARGE_DEVICE}")
+    simulated = parse_node_configs(f"{QUIET_DEVICE}; {LOSSY_DEVICE}")
     config = effective_node_config({"partition-id": 3, "num-partitions": 4, "device-adc-bits": 6}, simulated)
     device = device_from_config(config)
-    assert (device.tile_size, device.r_wordline, device.r_bitline, device.adc_bits) == (128, 2.5, 2.5, 6)
+    assert (device.r_on, device.r_wordline, device.r_bitline, device.adc_bits) == (50000.0, 4.0, 4.0, 6)
     assert device_from_config({"device-adc-bits": 0}).adc_bits is None
     for config, message in [
         ({"device-r-off": "1e4"}, "must be larger than r_on"),
