@@ -177,7 +177,7 @@ def _show_deployment(out: Path, console: Console) -> int:
         console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / FLOWER_LOG}")
         return 1
     # Eleven columns: never squash them into a narrow (or non-terminal, 80-column) console.
-    console.print(deployment_table(json.loads(path.read_text())), width=max(console.width, TABLE_WIDTH))
+    Console(file=console.file, width=max(console.width, TABLE_WIDTH)).print(deployment_table(json.loads(path.read_text())))
     console.print(f"  {path} ({NOT_COVERED})")
     return 0
 

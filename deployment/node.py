@@ -32,6 +32,7 @@ from dpfl.compression.surgery import default_layers, weight_shape
 from dpfl.deployment.study import cim_study
 from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
+from dpfl.settings import _coerce as coerce_config_value
 from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 
@@ -60,7 +61,6 @@ SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
      "nf-naive", "nf-mdm", "seconds", *DEVICE_KEYS, *SHARED_ACCURACY_KEYS}
 )  # fmt: skip
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,8 @@ def effective_node_config(node_config: Mapping[str, Any], simulated: list[dict[s
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    try:
-        if kind is bool:
-            return value if isinstance(value, bool) else _BOOL_WORDS[str(value).strip().lower()]
-        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
-            raise ValueError
-        return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError, KeyError):
-        raise UsageError(f"node config {key} must be {kind.__name__}, got {value!r}") from None
+    # The run config's parsing (bool words, integral ints), named as a node-config key.
+    return coerce_config_value(f"node config {key}", value, kind)
 
 
 def device_from_config(config: Mapping[str, Any]) -> CrossbarDevice:
