@@ -38,6 +38,12 @@ def test_run_config_defaults_in_pyproject_equal_run_settings():
         ("model", "alexnet", "unknown model"),
         ("dataset", "imagenet", "unknown dataset"),
         ("not-a-key", 1, "unknown run-config key"),
+        ("deploy-ratio", 1.0, r"deploy-ratio must be in \(0, 1\), got 1.0"),
+        ("deploy-method", "pca", "unknown deploy-method 'pca'"),
+        ("deploy-mapping", "diagonal", "unknown deploy-mapping 'diagonal'"),
+        ("deploy-clients", -1, "deploy-clients must be >= 0"),
+        ("deploy-sweep-tiles", "64,big", "deploy-sweep-tiles must be comma-separated tile sizes"),
+        ("deploy-node-configs", "device-tile-size 64", "is not key=value"),
     ],
 )
 def test_bad_run_config_values_are_named(key, value, message):
