@@ -129,10 +129,12 @@ def device_from_config(config: Mapping[str, Any]) -> CrossbarDevice:
     for key, field in fields.items():
         if key not in config:
             continue
-        default = field.default
-        kind = int if default is None else type(default)  # adc_bits: None (ideal) or an integer
+        # The annotation (a string under postponed evaluation) names the type; an optional
+        # field (adc_bits, drift_time) is None when the node config gives 0.
+        annotation = str(field.type)
+        kind = next((t for t in (bool, float, int, str) if t.__name__ in annotation), str)
         value = _coerce(key, config[key], kind)
-        values[field.name] = None if default is None and value == 0 else value
+        values[field.name] = None if "None" in annotation and value == 0 else value
     return CrossbarDevice(**values)
 
 

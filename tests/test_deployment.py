@@ -136,6 +136,8 @@ def test_node_configs_resolve_devices_and_refuse_bad_values():
     device = device_from_config(config)
     assert (device.r_on, device.r_wordline, device.r_bitline, device.adc_bits) == (50000.0, 4.0, 4.0, 6)
     assert device_from_config({"device-adc-bits": 0}).adc_bits is None
+    noisy = device_from_config({"device-read-noise": "0.02", "device-drift-time": "3600", "device-drift-compensation": "true"})
+    assert (noisy.read_noise, noisy.drift_time, noisy.drift_compensation) == (0.02, 3600.0, True)
     for config, message in [
         ({"device-r-off": "1e4"}, "must be larger than r_on"),
         ({"device-r-wire": "-1"}, "r_wordline must be >= 0"),
