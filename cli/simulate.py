@@ -176,7 +176,7 @@ def _show_deployment(out: Path, console: Console) -> int:
     if not path.exists():
         console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / FLOWER_LOG}")
         return 1
-    # Eleven columns: never squash them into a narrow (or non-terminal, 80-column) console.
+    # A dozen columns: never squash them into a narrow (or non-terminal, 80-column) console.
     Console(file=console.file, width=max(console.width, TABLE_WIDTH)).print(deployment_table(json.loads(path.read_text())))
     console.print(f"  {path} ({NOT_COVERED})")
     return 0

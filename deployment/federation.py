@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpfl.cim.mapping import MAPPINGS
 from dpfl.deployment.node import DEVICE_NAME_KEY, FAILED, REASON_KEY, STATUS_KEY, SUMMARY_KEYS
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -23,10 +24,10 @@ NODE_KEY = "node"
 TABLE_COLUMNS = (
     ("node", NODE_KEY), ("device", DEVICE_NAME_KEY), ("tile", "device-tile-size"), ("R_on", "device-r-on"),
     ("R_off", "device-r-off"), ("r_wire", "device-r-wordline"), ("mapping", "device-mapping"),
-    ("NF naive", "nf-naive"), ("NF mdm", "nf-mdm"), ("acc. analog", None), ("status", STATUS_KEY),
+    *((f"NF {mapping}", f"nf-{mapping}") for mapping in MAPPINGS), ("acc. analog", None), ("status", STATUS_KEY),
 )  # fmt: skip
 # Characters the table needs to show every column unabridged.
-TABLE_WIDTH = 160
+TABLE_WIDTH = 180
 NOT_COVERED = (
     "deployment summaries are per-node statistics outside the training's epsilon: the device parameters and "
     "NF always, local accuracies only from nodes that opted in (share-accuracy)"

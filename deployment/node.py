@@ -54,12 +54,13 @@ COMPRESSION_REPORT_FILE = "compression_report.json"
 # Summary keys a node may return; the server refuses a reply with any other key.
 STATUS_KEY, REASON_KEY = "status", "reason"
 DEPLOYED, FAILED = "deployed", "failed"
+NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
 SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
-                        "accuracy-analog-naive", "accuracy-analog-mdm")  # fmt: skip
+                        *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
 DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
 SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
-     "nf-naive", "nf-mdm", *DEVICE_KEYS, *SHARED_ACCURACY_KEYS}
+     *NF_KEYS, *DEVICE_KEYS, *SHARED_ACCURACY_KEYS}
 )  # fmt: skip
 
 
@@ -201,13 +202,13 @@ def deploy_on_node(
         json.dumps({**compression.report(), "ratio": plan.ratio, "scope": "model"}, indent=2) + "\n"
     )
     save_report(report, losses, plan.storage)
-    summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED, "nf-naive": report.distortion["naive"].nf,
-               "nf-mdm": report.distortion["mdm"].nf}  # fmt: skip
+    summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED,
+               **{f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS}}  # fmt: skip
     if plan.share_accuracy:
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
-            "accuracy-quantised": report.accuracy["quantised"], "accuracy-analog-naive": report.accuracy["analog_naive"],
-            "accuracy-analog-mdm": report.accuracy["analog_mdm"],
+            "accuracy-quantised": report.accuracy["quantised"],
+            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in MAPPINGS},
         })  # fmt: skip
     return summary
 

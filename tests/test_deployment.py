@@ -61,7 +61,7 @@ def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, 
         assert all((node_dir / name).stat().st_size > 0 for name in REPORT_FILES), node_dir
         report = json.loads((node_dir / "report.json").read_text())
         assert report["device"]["r_wordline"] == (0.5 if partition % 2 == 0 else 4.0)
-        assert set(report["accuracy"]) == {"digital", "quantised", "analog_naive", "analog_mdm"}
+        assert {"digital", "quantised", "analog_naive", "analog_mdm"} <= set(report["accuracy"])
     deployment = json.loads((out / "deployment.json").read_text())
     rows = deployment["nodes"]
     assert len(rows) == 4 and all(row["status"] == "deployed" for row in rows)
