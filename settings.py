@@ -17,39 +17,47 @@ from dpfl.errors import UsageError
 
 @dataclass(frozen=True)
 class RunSettings:
+    # Keys marked "recipe" default to their "not set" sentinel (0 or "auto"); on
+    # construction every key still at its sentinel takes the model's recipe value
+    # (dpfl.task.recipes), so an instance never holds a sentinel. dataclasses.replace
+    # keeps resolved values: build a new RunSettings to get another model's recipe.
     # Federation
-    num_server_rounds: int = 40
+    num_server_rounds: int = 0  # recipe
     num_clients: int = 400
     strategy: str = "dp-fedpgn"
     strategy_options: str = ""
     # Task
     model: str = "resnet10"
-    model_width: int = 8
+    model_width: int = 0  # recipe
     dataset: str = "digits"
     data_dir: str = ""
     image_size: int = 0
     partition: str = "iid"
+    # Share of the server's held-out data set aside (stratified) as its validation set,
+    # for tuning without looking at the test set; 0 = none.
+    validation_fraction: float = 0.0
     dirichlet_alpha: float = 0.5
     # Client-level DP
     noise_multiplier: float = 1.0
     target_epsilon: float = 9.0
     max_epsilon: float = 10.0
-    clip_norm: float = 0.2
-    sample_rate: float = 0.25
+    clip_norm: float = 0.0  # recipe
+    sample_rate: float = 0.0  # recipe
     delta: float = 1e-5
     noise_placement: str = "server"
     accountant: str = "rdp"
     clipping: str = "flat"
     reproducible_noise: bool = False
     # Local training
-    lr: float = 0.3
-    lr_decay: float = 0.98
-    local_epochs: int = 1
+    lr: float = 0.0  # recipe
+    lr_decay: float = 0.0  # recipe
+    local_epochs: int = 0  # recipe
     client_size: int = 0
-    batch_size: int = 16
+    batch_size: int = 0  # recipe
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
     gamma: float = 0.2
+    pretraining: str = "auto"  # recipe: "none" or "fractal" (public synthetic pretraining)
     # Sample-level DP inside clients (DP-SGD), on top of client-level DP
     local_dp: bool = False
     local_noise_multiplier: float = 1.0
@@ -89,6 +97,15 @@ class RunSettings:
         settings.validate()
         return settings
 
+    def __post_init__(self) -> None:
+        from dpfl.task.recipes import UNSET, recipe_for
+
+        unset = [name for name, sentinel in UNSET.items() if getattr(self, name) == sentinel]
+        if unset:
+            recipe = recipe_for(self.model)
+            for name in unset:  # frozen: set once, here, as a generated __init__ would
+                object.__setattr__(self, name, getattr(recipe, name))
+
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
@@ -97,6 +114,7 @@ class RunSettings:
         from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.task.data import DATASET_NAMES
         from dpfl.task.models import MODEL_BUILDERS
+        from dpfl.task.pretraining import PRETRAINING_CHOICES
         from dpfl.task.partition import PARTITION_SCHEMES
 
         _at_least("num-server-rounds", self.num_server_rounds, 1)
@@ -107,7 +125,10 @@ class RunSettings:
         _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)
         _one_of("clipping", self.clipping, CLIPPING_MODES)
         _one_of("accountant", self.accountant, ACCOUNTANTS)
+        _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
+        if not 0 <= self.validation_fraction < 1:
+            raise UsageError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
         if self.target_epsilon == 0:
             _positive("noise-multiplier", self.noise_multiplier)
         else:

@@ -17,6 +17,7 @@ from dpfl.cli.simulate import DEFAULTS, OPTIONS, add_option
 from dpfl.errors import UsageError
 from dpfl.server.recorder import format_epsilon, holds_run
 from dpfl.settings import RunSettings
+from dpfl.task.recipes import describe_recipe
 
 SHARED_OPTIONS = [option for option in OPTIONS if option[1] not in ("strategy", "seed")]
 
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if holds_run(out) or (out / "comparison.json").exists():
         raise UsageError(f"output folder {str(out)!r} already holds a comparison; choose another --out")
     console = Console()
+    console.print(describe_recipe(base))
     rows = run_comparison(base, args.strategies, args.seeds, out, console, args.strategy_options)
     print_table(rows, console)
     console.print(f"table: {out / 'comparison.json'}\nplot: {out / 'comparison.png'}")

@@ -19,6 +19,7 @@ from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings
 from dpfl.privacy.mechanism import MechanismParams
+from dpfl.task.recipes import UNSET, describe_recipe
 
 DEFAULTS = RunSettings()
 FLOWER_LOG = "flower.log"
@@ -34,6 +35,7 @@ OPTIONS = [
     ("--data-dir", "data_dir", str, "folder of a downloaded or imagefolder dataset"),
     ("--image-size", "image_size", int, "resize images to this size (0 = the dataset's own)"),
     ("--partition", "partition", str, "iid or dirichlet"),
+    ("--validation-fraction", "validation_fraction", non_negative_float, "share of the server's held-out data used as its validation set (0 = none)"),
     ("--alpha", "dirichlet_alpha", positive_float, "Dirichlet concentration of the label skew"),
     ("--clip", "clip_norm", positive_float, "clip norm C of each client's private update"),
     ("--sample-rate", "sample_rate", probability, "Poisson client sampling rate q"),
@@ -67,6 +69,7 @@ OPTIONS = [
     ("--deploy-mode", "deploy_mode", str, "analog inference: fast or exact"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
+    ("--pretraining", "pretraining", str, "initial weights: none (random) or fractal (public synthetic pretraining, cached)"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
 ]
 
@@ -105,7 +108,9 @@ def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Cal
     if kind is bool:
         parser.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=getattr(DEFAULTS, field), help=text)
     else:
-        parser.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
+        if field in UNSET:  # the sentinel, so that the model's recipe fills it
+            text += " (default: the model's recipe)"
+        parser.add_argument(flag, dest=field, type=kind, default=UNSET.get(field, getattr(DEFAULTS, field)), help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -130,7 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     # Fail here, in one line, rather than inside every simulated node.
     if args.download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, settings.validation_fraction)
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
     return settings
 
@@ -146,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]dpfl simulate[/]: {settings.strategy} on {settings.dataset} with {settings.model} "
         f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
-        f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}\n  records: {out}"
+        f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}\n  {describe_recipe(settings)}"
+        f"\n  records: {out}"
     )
     if args.engine == "flower":
         failure = _run_on_flower(settings, out, console)

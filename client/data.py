@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import ModelSpec
-from dpfl.task.data import TaskData, load_dataset
+from dpfl.task.data import TaskData, hold_out_validation, load_dataset
 from dpfl.task.partition import partition_indices
 
 
@@ -32,9 +32,11 @@ class ClientPartition:
 
 
 @lru_cache(maxsize=2)
-def cached_dataset(name: str, data_dir: str, image_size: int, with_train: bool = True) -> TaskData:
+def cached_dataset(
+    name: str, data_dir: str, image_size: int, with_train: bool = True, validation_fraction: float = 0.0
+) -> TaskData:
     """The data set, loaded once per process (a simulation reuses its processes)."""
-    return load_dataset(name, data_dir or None, image_size, with_train=with_train)
+    return hold_out_validation(load_dataset(name, data_dir or None, image_size, with_train=with_train), validation_fraction)
 
 
 def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
@@ -45,7 +47,7 @@ def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
 def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientPartition:
     if not 0 <= partition_id < num_partitions:
         raise UsageError(f"partition-id {partition_id} must be in [0, {num_partitions})")
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, settings.validation_fraction)
     parts = partition_indices(
         data.train_labels, num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed
     )

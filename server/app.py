@@ -21,6 +21,8 @@ from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_e
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
+from dpfl.task.pretraining import initialise
+from dpfl.task.recipes import recipe_for
 
 # How long to wait for the federation's nodes to connect, and how often to look.
 NODE_WAIT_TIMEOUT_S = 600.0
@@ -67,10 +69,12 @@ def local_epsilon_nominal(settings: RunSettings, local_steps: int, server_round:
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     # The server holds only its own held-out data: no training set is loaded here.
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False,
+                          validation_fraction=settings.validation_fraction)
     spec = model_spec(settings, data)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
+    pretraining_seconds = initialise(model, spec, settings.pretraining)
     noise_multiplier = resolve_noise_multiplier(settings)
     local_steps = settings.local_steps()
     strategy = get_strategy_class(settings.strategy).from_settings(
@@ -83,6 +87,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "resolved-noise-multiplier": noise_multiplier,
             "local-steps": local_steps,
             "epsilon-valid": strategy.epsilon_valid,
+            "recipe": recipe_for(settings.model).as_run_config(),
+            "pretraining-seconds": pretraining_seconds,
         },
     )
     log(INFO, "dpfl: writing run records to %s", recorder.out_dir)
@@ -104,6 +110,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             train_metrics = {"epsilon": 0.0 if strategy.epsilon_valid else math.nan}
         if settings.local_dp:
             train_metrics["local-epsilon-nominal"] = local_epsilon_nominal(settings, local_steps, server_round)
+        if data.validation is not None:
+            train_metrics["validation-accuracy"] = evaluate(model, data.validation)[1]
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
         log(
             INFO,
@@ -131,7 +139,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         settings.dataset,
         latest["arrays"].to_torch_state_dict(),
         outcome,
-        {"noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy},
+        {
+            "noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy,
+            "pretraining-seconds": pretraining_seconds,
+            "final-validation-accuracy": recorder.rounds[-1].get("validation-accuracy") if recorder.rounds else None,
+        },  # fmt: skip
     )
     # After the trained model is saved: a failing deployment cannot cost it.
     if settings.deploy:

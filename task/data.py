@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.errors import UsageError
 
@@ -22,6 +22,7 @@ from dpfl.errors import UsageError
 # run (and every node of a deployment) evaluates on the same test set.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+VALIDATION_SPLIT_SEED = 0
 
 # (torchvision class name, channels, classes, native size, mean, std)
 TORCHVISION_DATASETS = {
@@ -48,6 +49,8 @@ class TaskData:
     num_classes: int
     in_channels: int
     image_size: int
+    # The server's validation set, a share of its held-out data (hold_out_validation).
+    validation: Dataset | None = None
 
 
 def load_dataset(
@@ -69,6 +72,24 @@ def load_dataset(
     if name == "imagefolder":
         return _load_imagefolder(_existing_dir(data_dir, name, create=False), image_size, with_train)
     raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def hold_out_validation(data: TaskData, fraction: float) -> TaskData:
+    """``data`` with a stratified ``fraction`` of its held-out (server) set moved to ``validation``.
+
+    The server tunes on ``validation`` and reports ``test`` (the rest) as the test
+    accuracy; the clients' training data do not change. The split is fixed (seed VALIDATION_SPLIT_SEED), so
+    runs with different seeds tune on the same images.
+    """
+    if fraction == 0:
+        return data
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray([int(label) for _, label in data.test])
+    test, validation = train_test_split(
+        np.arange(len(labels)), test_size=fraction, random_state=VALIDATION_SPLIT_SEED, stratify=labels
+    )
+    return replace(data, test=Subset(data.test, test.tolist()), validation=Subset(data.test, validation.tolist()))
 
 
 def _existing_dir(data_dir: str | None, name: str, create: bool) -> Path:

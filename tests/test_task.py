@@ -13,6 +13,7 @@ from torch import nn
 from dpfl.errors import UsageError
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.settings import RunSettings
+from dpfl.task.recipes import UNSET
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
 from dpfl.task.data import load_dataset
 from dpfl.task.models import MODEL_BUILDERS, build_model
@@ -25,16 +26,18 @@ def test_run_config_defaults_in_pyproject_equal_run_settings():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert list(config) == RunSettings.keys()
     assert RunSettings.from_run_config(config) == RunSettings()
+    # Recipe keys are "not set" in both, so that `flwr run` applies the model's recipe too.
+    assert {name: config[name.replace("_", "-")] for name in UNSET} == UNSET
 
 
 @pytest.mark.parametrize(
     "key,value,message",
     [
         ("noise-multiplier", -1.0, "noise-multiplier must be > 0"),
-        ("clip-norm", 0.0, "clip-norm must be > 0"),
+        ("clip-norm", -1.0, "clip-norm must be > 0"),
         ("sample-rate", 1.5, "sample-rate must be in"),
         ("delta", 1.0, "delta must be in"),
-        ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
+        ("num-server-rounds", -1, "num-server-rounds must be >= 1"),
         ("model", "alexnet", "unknown model"),
         ("dataset", "imagenet", "unknown dataset"),
         ("not-a-key", 1, "unknown run-config key"),

@@ -1,0 +1,115 @@
+"""Public pretraining on synthetic fractals, cached on disk by a content hash.
+
+DP Transformers are trained in practice by public pretraining followed by private
+fine-tuning. Here the public data are formula-driven (``dpfl.task.fractals``): the
+pretrained weights are a pure function of the code, the model's shape and the
+configuration below, computed on first use and cached under the user's cache
+directory (``DPFL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``)
+in a file named by a hash of all of that. Nothing binary is committed; a change to
+the generator or to this module makes a new file.
+
+Only the server calls this (it sends the initial global model to the clients), and
+no client data is involved, so pretraining costs no privacy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpfl.errors import UsageError
+from dpfl.task import fractals
+from dpfl.task.checkpoint import ModelSpec
+from dpfl.task.files import load_tagged, save_tagged
+
+PRETRAINED_FORMAT = "dpfl-pretrained-v1"
+# Initial weights a recipe may ask for: "none" is the model's own random init.
+PRETRAINING_CHOICES = ("none", "fractal")
+# Keys of the classification head, which is re-initialised for the target task.
+HEAD_PREFIXES = ("heads.", "fc.")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    fractals: fractals.FractalConfig = field(default_factory=fractals.FractalConfig)
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    if "DPFL_CACHE_DIR" in os.environ:
+        return Path(os.environ["DPFL_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dpfl"
+
+
+def cache_key(spec: ModelSpec, config: PretrainConfig) -> str:
+    """Hash of everything the weights depend on: shape, configuration, code, torch version."""
+    shape = {**asdict(spec), "num_classes": None}  # the head is not kept
+    payload = json.dumps({"spec": shape, "config": asdict(config), "torch": torch.__version__}, sort_keys=True)
+    code = inspect.getsource(fractals) + inspect.getsource(inspect.getmodule(cache_key))
+    return hashlib.sha256((payload + code).encode()).hexdigest()[:16]
+
+
+def pretrain(spec: ModelSpec, config: PretrainConfig) -> dict[str, torch.Tensor]:
+    """Train the model to classify fractal categories; return its weights without the head."""
+    frac = replace(config.fractals, image_size=spec.image_size)
+    if frac.render_size % frac.image_size:
+        frac = replace(frac, render_size=frac.image_size * max(1, round(frac.render_size / frac.image_size)))
+    images, labels = fractals.generate_fractals(frac)
+    x = torch.from_numpy(images).unsqueeze(1)
+    x = ((x - x.mean()) / x.std()).expand(-1, spec.in_channels, -1, -1).contiguous()
+    y = torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = replace(spec, num_classes=frac.categories).build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * -(-len(y) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for batch in order.split(config.batch_size):
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch], label_smoothing=config.label_smoothing)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def pretrained_weights(spec: ModelSpec, config: PretrainConfig = PretrainConfig()) -> tuple[dict[str, torch.Tensor], Path, float]:
+    """(backbone weights, cache file, seconds spent pretraining now: 0 on a cache hit)."""
+    path = cache_dir() / "pretrained" / f"{spec.name}-w{spec.width}-{spec.image_size}px-{cache_key(spec, config)}.pt"
+    if path.exists():
+        return load_tagged(path, PRETRAINED_FORMAT, "pretrained weights")["state_dict"], path, 0.0
+    started = time.perf_counter()
+    weights = pretrain(spec, config)
+    seconds = time.perf_counter() - started
+    save_tagged(path, PRETRAINED_FORMAT, {"state_dict": weights, "config": asdict(config), "seconds": seconds})
+    return weights, path, seconds
+
+
+def initialise(model: nn.Module, spec: ModelSpec, pretraining: str) -> float:
+    """Load the pretrained backbone named by ``pretraining`` into ``model``; return seconds spent pretraining."""
+    if pretraining not in PRETRAINING_CHOICES:
+        raise UsageError(f"unknown pretraining {pretraining!r}; choose one of {', '.join(PRETRAINING_CHOICES)}")
+    if pretraining == "none":
+        return 0.0
+    weights, _, seconds = pretrained_weights(spec)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(HEAD_PREFIXES) for k in missing):
+        raise RuntimeError(f"pretrained weights do not fit {spec.name}: missing {missing}, unexpected {unexpected}")
+    return seconds
