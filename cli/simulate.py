@@ -135,7 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     # Fail here, in one line, rather than inside every simulated node.
     if args.download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, settings.validation_fraction)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
     return settings
 

@@ -47,7 +47,7 @@ def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
 def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientPartition:
     if not 0 <= partition_id < num_partitions:
         raise UsageError(f"partition-id {partition_id} must be in [0, {num_partitions})")
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, settings.validation_fraction)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     parts = partition_indices(
         data.train_labels, num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed
     )

@@ -31,14 +31,14 @@ FINAL_MODEL_FILE = "final_model.pt"
 PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
 
 # What a round line and the summary may hold: accuracy and loss of the global model
-# on the server's own test data, ε and the mechanism's public parameters, timings.
+# on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
 PUBLIC_ROUND_KEYS = frozenset(
     {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "round-time", "wall-time"}
+     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy"}
 )  # fmt: skip
 PUBLIC_SUMMARY_KEYS = frozenset(
     {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
-     "wall-time", "noise-multiplier", "local-steps", "strategy"}
+     "wall-time", "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy", "pretraining-seconds"}
 )  # fmt: skip
 
 

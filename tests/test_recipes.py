@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from dpfl.settings import RunSettings
 from dpfl.task.recipes import RECIPES, UNSET, Recipe, describe_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 
 
@@ -33,7 +36,8 @@ def test_explicit_value_overrides_the_recipe(model):
 @pytest.mark.parametrize("model", sorted(RECIPES))
 def test_flwr_run_config_applies_the_recipe_of_its_model(model):
     # `flwr run` always sends every key: the pyproject sentinels mean "not set".
-    config = {**RunSettings().to_run_config(), "model": model, "batch-size": 7}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config = {**pyproject, "model": model, "batch-size": 7}
     settings = RunSettings.from_run_config(config)
     assert settings.batch_size == 7
     assert settings.lr == RECIPES[model].lr and settings.pretraining == RECIPES[model].pretraining
