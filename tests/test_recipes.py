@@ -57,7 +57,7 @@ def test_config_json_records_the_recipe_and_the_override(dpfl, tmp_path):
     by_recipe = dpfl("simulate", *common, "--out", str(tmp_path / "a"))
     assert by_recipe.returncode == 0, by_recipe.stderr
     header = " ".join(by_recipe.stdout.split())  # rich wraps long lines
-    assert "recipe cnn:" in header and "overridden: model-width=4" in header
+    assert "recipe cnn: num-server-rounds 40," in header and "overridden: num-server-rounds=1, model-width=4" in header
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["lr"] == recipe.lr and config["local-epochs"] == recipe.local_epochs
     assert config["recipe"] == recipe.as_run_config()
@@ -92,4 +92,4 @@ def test_a_short_vit_run_with_its_recipe_learns(dpfl, tmp_path):
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     initial, final = rounds[0]["accuracy"], rounds[-1]["accuracy"]
     assert initial < 0.2
-    assert final >= initial + 0.35, [r["accuracy"] for r in rounds]
+    assert final >= initial + 0.2, [r["accuracy"] for r in rounds]  # > 10 standard errors of a guess
