@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.compression import sigma_norm
 from dpfl.compression.covariance import (
+    InputStatistics,
     check_statistics,
     collect_statistics,
     input_vectors,
@@ -24,7 +26,7 @@ from dpfl.compression.covariance import (
     save_statistics,
 )
 from dpfl.compression.cpd import CPD, cpd_frobenius, cpd_sigma_als
-from dpfl.compression.pipeline import Settings, compress_model
+from dpfl.compression.pipeline import Settings, compress_model, output_error
 from dpfl.compression.ranks import factorised_count, plan_ranks, ranks_for_ratio, weight_count
 from dpfl.compression.sigma_norm import regularise, sigma_objective
 from dpfl.compression.surgery import default_layers, factorised_structure, load_factors, weight_shape
@@ -305,6 +307,100 @@ def test_compressed_model_round_trips_through_a_checkpoint(tmp_path, method, nor
     restored = load_checkpoint(tmp_path / "c.pt").build_model().eval()
     with torch.no_grad():
         assert torch.allclose(restored(images), model(images))
+
+
+def layer_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each named layer receives when ``model`` runs on ``images``."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: captured.__setitem__(name, args[0]))
+        for name in names
+    ]
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def compressed_layers(method: str, settings: Settings, norm: str = "sigma"):
+    """Compress a small ResNet-10 through ``compress_model`` with statistics of a batch,
+    and return per layer (its result, the original module, the replacement, its input on
+    that batch): the original and the replacement can then be run on the very data the
+    statistics describe. Its layers' inputs follow ReLUs, so their mean is far from 0.
+    All in float64 (model and replacements alike), so that the measured output changes
+    are exact to ~1e-12 even where the approximation is nearly exact."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DOUBLE)
+    try:
+        model, _ = tiny_resnet()
+        images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        layers = default_layers(model, method)
+        originals = {name: copy.deepcopy(model.get_submodule(name)) for name in layers}
+        inputs = layer_inputs(model, layers, images)
+        statistics = collect_statistics(model, [(images,)], layers, max_batches=1)
+        shapes = {name: (method, weight_shape(model.get_submodule(name))) for name in layers}
+        ranks = plan_ranks(shapes, 0.3, "layer", 0, {})
+        _, results = compress_model(model, method, norm, ranks, statistics, (1, 8, 8), settings)
+    finally:
+        torch.set_default_dtype(default)
+    return [(r, originals[r.name], model.get_submodule(r.name), inputs[r.name]) for r in results]
+
+
+def as_rows(outputs: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs as one row per output vector: (N, T, H, W) → (N·H·W, T)."""
+    return outputs.movedim(1, -1).reshape(-1, outputs.shape[1])
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cpd"])
+def test_sigma_compression_keeps_each_layers_mean_output_on_its_data(method):
+    """Centred Σ-norm: b̃ = b + (W − W̃)μ makes the replacement's mean output on the
+    calibration data equal the original's (W̃μ + b̃ = Wμ + b). The correction b̃ − b is
+    a third of the output's spread or more wherever W̃ is not (nearly) exact, so a wrong
+    sign or a dropped term moves the mean by that much."""
+    for result, original, replacement, inputs in compressed_layers(method, Settings(max_iter=3)):
+        with torch.no_grad():
+            before, after = as_rows(original(inputs)), as_rows(replacement(inputs))
+        bias = original.bias if original.bias is not None else torch.zeros_like(replacement[-1].bias)
+        correction = (replacement[-1].bias - bias).norm()
+        spread = (before - before.mean(dim=0)).square().sum(dim=1).mean().sqrt()
+        assert correction > 0.3 * spread or result.sigma_rel_error < 1e-4, result.name
+        assert (after.mean(dim=0) - before.mean(dim=0)).norm() < 1e-9 * spread, result.name
+
+
+@pytest.mark.parametrize(
+    "method, norm, center", [("tucker2", "sigma", True), ("cpd", "sigma", True), ("tucker2", "sigma", False), ("tucker2", "frobenius", True)]
+)
+def test_reported_output_error_is_the_output_change_measured_on_the_data(method, norm, center):
+    """``sigma_rel_error`` = √(E‖ỹ − y‖² / E‖y − ȳ‖²) with the expectations taken over the
+    output vectors of the data the statistics came from, measured by running the
+    original layer and its replacement (bias correction included) on that data."""
+    for result, original, replacement, inputs in compressed_layers(method, Settings(max_iter=3, center=center), norm):
+        with torch.no_grad():
+            before, after = as_rows(original(inputs)), as_rows(replacement(inputs))
+        change = (after - before).square().sum(dim=1).mean()
+        variance = (before - before.mean(dim=0)).square().sum(dim=1).mean()
+        assert result.sigma_rel_error == pytest.approx(float((change / variance).sqrt()), rel=1e-6), result.name
+
+
+def test_output_error_matches_a_monte_carlo_estimate():
+    """output_error for any W̃ and bias shift Δb, against the sample mean of ‖ỹ − y‖² over
+    x ~ N(μ, Σ), ỹ − y = (W̃ − W)x + Δb, relative to E‖W(x − μ)‖² = tr(WΣWᵀ)."""
+    generator = torch.Generator().manual_seed(6)
+    dim, out = 12, 5
+    sigma, mean = random_spd(dim, seed=6), torch.randn(dim, generator=generator, dtype=DOUBLE)
+    statistics = InputStatistics({"kind": "linear", "dim": dim}, 1, mean, sigma + torch.outer(mean, mean))
+    weight = torch.randn(out, dim, generator=generator, dtype=DOUBLE)
+    approximation = weight + 0.3 * torch.randn(out, dim, generator=generator, dtype=DOUBLE)
+    bias_shift = torch.randn(out, generator=generator, dtype=DOUBLE)
+    normal = torch.randn(200_000, dim, generator=generator, dtype=DOUBLE)
+    samples = mean + normal @ torch.linalg.cholesky(sigma).T
+    change = (samples @ (approximation - weight).T + bias_shift).square().sum(dim=1).mean()
+    variance = ((samples - mean) @ weight.T).square().sum(dim=1).mean()
+    estimate = float((change / variance).sqrt())
+    assert output_error(weight, approximation, bias_shift, statistics) == pytest.approx(estimate, rel=1e-2)
+    # The bias shift matters here: without it the error differs well beyond the tolerance.
+    assert output_error(weight, approximation, torch.zeros(out, dtype=DOUBLE), statistics) != pytest.approx(estimate, rel=0.1)
 
 
 # ---------------------------------------------------------------- the dpfl compress command
