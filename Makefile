@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-docker clean
+.PHONY: venv run test test-fast test-docker mutation clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,25 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Unit tests only (nothing through a subprocess, Flower or Docker), for the edit-test
+# loop; CI runs `make test`. See docs/testing.md.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not docker and not cli"
+
 test-docker: $(STAMP)
 	$(BIN)/python -m pytest -m docker tests/test_docker_federation.py
 
+# Mutation testing of privacy/ and client/training.py with mutmut ([tool.mutmut] in
+# pyproject.toml; docs/testing.md says how to read it). mutmut names a mutant by its
+# file's path and matches that against the running module's name, so the package
+# (the repo root, installed as `dpfl`) is staged as src/dpfl with the tests beside it.
+MUTATION_DIR := build/mutation
+mutation: $(STAMP)
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/src/dpfl
+	git ls-files -z --cached --others --exclude-standard -- . ':!tests' | xargs -0 cp --parents -t $(MUTATION_DIR)/src/dpfl
+	cp -r tests pyproject.toml $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(BIN)/mutmut run; \
+	  status=$$?; $(CURDIR)/$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json; exit $$status
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build/mutation

@@ -48,3 +48,11 @@ def dpfl():
 @pytest.fixture
 def dpfl_quick():
     return run_dpfl_in_process
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that runs the console script pays a fresh interpreter's imports (~6 s) per
+    # call: `make test-fast` leaves these out by their marker.
+    for item in items:
+        if "dpfl" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cli)
