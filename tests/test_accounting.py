@@ -76,6 +76,9 @@ def test_fractional_order_rdp_equals_the_exact_integral(q, sigma, alpha):
     )
 
 
+# Flower's accountant composes one round at a time: about half of `make test-fast`'s CPU
+# time for these three cases, so they run with the slow tests (CI runs both).
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma,q,rounds,delta", GRID[:3])
 def test_no_looser_than_flowers_rdp_accountant(sigma, q, rounds, delta):
     population = 1000
