@@ -213,6 +213,8 @@ def test_control_api_is_reachable_neither_from_the_host_nor_from_another_contain
     # The published port answers the Fleet API and nothing else.
     assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/control/list-runs", ca)[0] == 404
     assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/runtime/get-run", ca)[0] == 404
+    for sneaky in ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "//v1/control/list-runs"):
+        assert _tls_get("127.0.0.1", fed.fleet_port, sneaky, ca)[0] in (400, 404), sneaky
     assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/fleet/get-run", ca)[0] not in (404, 502)
 
     # Another container on the federation's network: the same.
