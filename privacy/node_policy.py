@@ -19,8 +19,12 @@ from typing import Any
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import epsilon_for
+from dpfl.privacy.mechanism import CLIP_NORM, DELTA, EPSILON_VALID, NOISE_MULTIPLIER, SAMPLE_RATE
 
 POLICY_PREFIX = "policy-"
+# The round number in a train message's config (strategies.base.SERVER_ROUND_KEY, which
+# lives with the Flower glue this module must not import).
+SERVER_ROUND = "server-round"
 # δ at which the node computes ε when the policy does not name one.
 DEFAULT_POLICY_DELTA = 1e-5
 
@@ -41,23 +45,19 @@ class PolicyRequest:
     def from_train(cls, config: Mapping[str, Any], settings: Any) -> PolicyRequest:
         """From a train message's config record and the run's ``RunSettings``.
 
-        σ and C are what the server actually uses this round (σ may have been
+        σ, C, q and δ are what the server's mechanism actually uses (σ may have been
         calibrated from a target ε), so they come from the message. Rounds are the
         larger of the run's and the message's round number: a server that runs past
-        its announced rounds is judged by what it did.
+        its announced rounds is judged by what it does.
         """
-        noise_multiplier = float(config["noise-multiplier"])
-        clip_norm = float(config["clip-norm"])
-        # Without an explicit flag: ε is valid only for flat clipping with noise.
-        derived_valid = config.get("clipping", settings.clipping) == "flat" and noise_multiplier > 0 and clip_norm > 0
         return cls(
             strategy=str(settings.strategy),
-            noise_multiplier=noise_multiplier,
-            clip_norm=clip_norm,
-            sample_rate=float(config.get("sample-rate", settings.sample_rate)),
-            delta=float(config.get("delta", settings.delta)),
-            rounds=max(int(settings.num_server_rounds), int(config.get("server-round", 0))),
-            epsilon_valid=bool(config.get("epsilon-valid", derived_valid)),
+            noise_multiplier=float(config[NOISE_MULTIPLIER]),
+            clip_norm=float(config[CLIP_NORM]),
+            sample_rate=float(config[SAMPLE_RATE]),
+            delta=float(config[DELTA]),
+            rounds=max(int(settings.num_server_rounds), int(config[SERVER_ROUND])),
+            epsilon_valid=bool(config[EPSILON_VALID]),
         )
 
 

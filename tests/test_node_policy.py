@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import replace
+
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import epsilon_for
+from dpfl.privacy.accounting import create_accountant, epsilon_for
+from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
+from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
+from dpfl.strategies.base import SERVER_ROUND_KEY
 
 SETTINGS = RunSettings(num_server_rounds=40, sample_rate=0.25, delta=1e-5, strategy="dp-fedpgn")
+PARAMS = MechanismParams(noise_multiplier=1.0, clip_norm=0.2, sample_rate=0.25, num_clients=400, delta=1e-5)
 
 
-def train_config(**overrides) -> dict:
-    """A train message's config record as the platform's strategy sends it."""
-    return {"server-round": 1, "noise-multiplier": 1.0, "clip-norm": 0.2, "clipping": "flat", **overrides}
-
-
-def request(settings: RunSettings = SETTINGS, **overrides) -> PolicyRequest:
-    return PolicyRequest.from_train(train_config(**overrides), settings)
+def request(settings: RunSettings = SETTINGS, server_round: int = 1, **params) -> PolicyRequest:
+    """What the node reads from a train message the platform's mechanism sends for ``params``."""
+    mechanism_params = replace(PARAMS, **params)
+    mechanism = ClientLevelMechanism(
+        mechanism_params, create_accountant("rdp", mechanism_params.delta), Randomness(0 if mechanism_params.reproducible_noise else None)
+    )
+    config = {**mechanism.instructions(contribute_update=True), SERVER_ROUND_KEY: server_round}
+    return PolicyRequest.from_train(config, settings)
 
 
 def test_no_policy_keys_is_no_policy_and_refuses_nothing():
     policy = NodePrivacyPolicy.from_node_config({"partition-id": 0, "num-partitions": 3, "data-file": "/data/p.pt"})
     assert policy == NodePrivacyPolicy()
-    non_private = request(RunSettings(strategy="fedavg"), **{"noise-multiplier": 0.0, "clip-norm": 0.0})
+    non_private = request(RunSettings(strategy="fedavg"), private=False)
     assert policy.violation(non_private) is None
 
 
@@ -60,27 +67,27 @@ def test_malformed_policy_is_a_one_line_usage_error(node_config, message):
 
 def test_minimum_noise_multiplier():
     policy = NodePrivacyPolicy(min_noise_multiplier=1.0)
-    assert policy.violation(request(**{"noise-multiplier": 1.0})) is None
-    assert policy.violation(request(**{"noise-multiplier": 0.5})) == "noise multiplier 0.5 is below this node's minimum 1"
+    assert policy.violation(request(noise_multiplier=1.0)) is None
+    assert policy.violation(request(noise_multiplier=0.5)) == "noise multiplier 0.5 is below this node's minimum 1"
 
 
 def test_maximum_clip_norm_also_refuses_no_clipping():
     policy = NodePrivacyPolicy(max_clip_norm=0.5)
-    assert policy.violation(request(**{"clip-norm": 0.5})) is None
-    assert policy.violation(request(**{"clip-norm": 2.0})) == "clip norm 2 is above this node's maximum 0.5"
-    assert policy.violation(request(**{"clip-norm": 0.0})) == "clip norm 0 (no clipping) is above this node's maximum 0.5"
+    assert policy.violation(request(clip_norm=0.5)) is None
+    assert policy.violation(request(clip_norm=2.0)) == "clip norm 2 is above this node's maximum 0.5"
+    assert policy.violation(request(private=False)) == "clip norm 0 (no clipping) is above this node's maximum 0.5"
 
 
 @pytest.mark.parametrize(
-    ("settings", "config"),
+    ("settings", "params"),
     [
-        (RunSettings(strategy="fedavg"), {"noise-multiplier": 0.0, "clip-norm": 0.0}),  # non-private strategy
+        (RunSettings(strategy="fedavg"), {"private": False}),  # non-private strategy
         (SETTINGS, {"clipping": "paper"}),  # no formal guarantee
-        (SETTINGS, {"epsilon-valid": False}),  # e.g. --reproducible-noise, flagged by the server
+        (SETTINGS, {"reproducible_noise": True}),  # noise derivable from --seed
     ],
 )
-def test_private_only_refuses_runs_without_a_valid_guarantee(settings, config):
-    reason = NodePrivacyPolicy(private_only=True).violation(request(settings, **config))
+def test_private_only_refuses_runs_without_a_valid_guarantee(settings, params):
+    reason = NodePrivacyPolicy(private_only=True).violation(request(settings, **params))
     assert reason.startswith("run has no valid client-level DP guarantee") and reason.endswith("private runs only")
     assert NodePrivacyPolicy(private_only=True).violation(request()) is None
 
@@ -106,16 +113,16 @@ def test_maximum_epsilon_is_computed_by_the_node_from_the_mechanism():
 def test_maximum_epsilon_uses_the_values_in_the_message_over_the_run_config():
     # A server that calibrated σ, samples at another q or runs past its rounds is judged by what it sends.
     policy = NodePrivacyPolicy(max_epsilon=epsilon_for(1.0, 0.25, 40, 1e-5)[0] * 1.01)
-    assert policy.violation(request(**{"noise-multiplier": 0.9})) is not None
-    assert policy.violation(request(**{"sample-rate": 0.5})) is not None
-    assert policy.violation(request(**{"server-round": 41})) is not None
-    assert policy.violation(request(**{"delta": 1e-6})) is not None
+    assert policy.violation(request(noise_multiplier=0.9)) is not None
+    assert policy.violation(request(sample_rate=0.5)) is not None
+    assert policy.violation(request(server_round=41)) is not None
+    assert policy.violation(request(delta=1e-6)) is not None
 
 
 def test_maximum_epsilon_checks_at_the_policy_delta_when_the_run_asks_for_a_larger_one():
     # A large δ in the run would make any ε look small; the node checks at its own δ.
     at_node_delta = epsilon_for(1.0, 0.25, 40, 1e-5)[0]
-    reason = NodePrivacyPolicy(max_epsilon=at_node_delta * 0.99).violation(request(**{"delta": 0.1}))
+    reason = NodePrivacyPolicy(max_epsilon=at_node_delta * 0.99).violation(request(delta=0.1))
     assert reason is not None and "at delta 1e-05" in reason
     assert epsilon_for(1.0, 0.25, 40, 0.1)[0] < at_node_delta * 0.99
 
@@ -127,6 +134,6 @@ def test_maximum_epsilon_refuses_a_run_whose_epsilon_is_not_valid():
 
 def test_every_broken_limit_is_named_on_one_line():
     policy = NodePrivacyPolicy(min_noise_multiplier=2.0, max_clip_norm=0.1, registered_strategies_only=True)
-    reason = policy.violation(request(RunSettings(strategy="x:Y"), **{"noise-multiplier": 1.0, "clip-norm": 0.2}))
+    reason = policy.violation(request(RunSettings(strategy="x:Y"), noise_multiplier=1.0, clip_norm=0.2))
     assert reason.count("; ") == 2 and "\n" not in reason
     assert "module:Class" in reason and "below this node's minimum 2" in reason and "above this node's maximum 0.1" in reason
