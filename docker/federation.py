@@ -315,8 +315,12 @@ def online_nodes() -> list[dict]:
 
 
 def flwr(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-    """`flwr ARGS` in the tool container that shares the SuperLink's network namespace."""
-    return compose("run", "--rm", "-T", "flwr", *args, check=check, capture=capture)
+    """`flwr ARGS` in the tool container that shares the SuperLink's network namespace.
+
+    --no-deps: never start or recreate the SuperLink from here (compose would recreate
+    it if compose.yml changed since `up`, killing the runs it holds).
+    """
+    return compose("run", "--rm", "--no-deps", "-T", "flwr", *args, check=check, capture=capture)
 
 
 def flwr_passthrough(args: argparse.Namespace) -> int:
@@ -345,8 +349,8 @@ def run_job(args: argparse.Namespace) -> int:
     say(f"run {run_id} completed in {time.monotonic() - started:.0f} s; outputs in runs/{name}")
     guarantee = (
         f"client-level epsilon {summary['epsilon']:.2f} at delta {summary['delta']:g}" if summary.get("epsilon-valid")
-        else f"sample-level epsilon per silo {rows[-1]['local-epsilon-max']:.2f} at delta {config['local-delta']:g}"
-        if "local-epsilon-max" in rows[-1] else "no valid DP guarantee"
+        else f"sample-level epsilon per silo {rows[-1]['local-epsilon-nominal']:.2f} at delta {config['local-delta']:g}"
+        if "local-epsilon-nominal" in rows[-1] else "no valid DP guarantee"
     )
     print(f"final accuracy {summary['final-accuracy']:.3f} (best {summary['best-accuracy']:.3f}); {guarantee}")
     return 0
