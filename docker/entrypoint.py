@@ -287,7 +287,7 @@ def run_register(args: argparse.Namespace) -> int:
                 ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name, "--format", "json"],
                 capture_output=True, text=True, env=env, check=False,
             )
-            reply = _json_tail(proc.stdout)
+            reply = json_tail(proc.stdout)
             if proc.returncode == 0 and reply.get("success"):
                 print(f"{PROG} register: {name} registered as node {reply.get('node-id')}", flush=True)
             elif "already in use" in (proc.stdout + proc.stderr).lower():
@@ -461,7 +461,7 @@ def _exec(cmd: list[str]) -> int:
     return 1  # not reached: execvp replaces this process
 
 
-def _json_tail(text: str) -> dict:
+def json_tail(text: str) -> dict:
     """The JSON object that `flwr ... --format json` prints after its progress lines."""
     start = text.find("{")
     try:

@@ -39,6 +39,9 @@ import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+# The image's entry point, beside this script: what the two share lives there.
+from entrypoint import json_tail
+
 PROG = "federation"
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO / "docker"
@@ -307,7 +310,7 @@ def wait_ready(timeout: float = 300) -> None:
 
 def online_nodes() -> list[dict]:
     proc = flwr("supernode", "list", "--format", "json", check=False)
-    reply = _json_tail(proc.stdout)
+    reply = json_tail(proc.stdout)
     return [n for n in reply.get("nodes", []) if str(n.get("status", "")).lower() == "online"]
 
 
@@ -331,7 +334,7 @@ def run_job(args: argparse.Namespace) -> int:
     name = args.name or "docker-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_config = f"{EXAMPLE_JOB} {args.run_config} out-dir='runs/{name}'"
     started = time.monotonic()
-    reply = _json_tail(flwr("run", "/app", "--run-config", run_config, "--format", "json").stdout)
+    reply = json_tail(flwr("run", "/app", "--run-config", run_config, "--format", "json").stdout)
     if "run-id" not in reply:
         raise FederationError(f"`flwr run` did not start a run: {reply.get('error-message', reply)}")
     run_id = str(reply["run-id"])
@@ -360,7 +363,7 @@ def _run_status(run_id: str, timeout: float = 120) -> str:
     # `flwr log --stream` returns when the run ends; its status may lag a moment.
     deadline = time.monotonic() + timeout
     while True:
-        runs = _json_tail(flwr("list", "--run-id", run_id, "--format", "json").stdout).get("runs", [])
+        runs = json_tail(flwr("list", "--run-id", run_id, "--format", "json").stdout).get("runs", [])
         status = runs[0]["status"] if runs else "unknown"
         if status.startswith("finished") or time.monotonic() > deadline:
             return status
@@ -371,15 +374,6 @@ def down(_args: argparse.Namespace) -> int:
     compose("down", "--volumes", "--remove-orphans", "--timeout", "10", capture=False)
     say("federation removed (containers, network, volumes); images and certificates are kept")
     return 0
-
-
-def _json_tail(text: str) -> dict:
-    """The JSON object `flwr ... --format json` prints after any progress lines."""
-    start = text.find("{")
-    try:
-        return json.loads(text[start:]) if start >= 0 else {}
-    except json.JSONDecodeError:
-        return {}
 
 
 if __name__ == "__main__":
