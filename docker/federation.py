@@ -332,9 +332,11 @@ def flwr_passthrough(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace) -> int:
     name = args.name or "docker-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_config = f"{EXAMPLE_JOB} {args.run_config} out-dir='runs/{name}'"
+    # One --run-config per layer: flwr applies them in order, so later keys win.
+    layers = [EXAMPLE_JOB, args.run_config, f"out-dir='runs/{name}'"]
     started = time.monotonic()
-    reply = json_tail(flwr("run", "/app", "--run-config", run_config, "--format", "json").stdout)
+    run_config = [arg for layer in layers if layer.strip() for arg in ("--run-config", layer)]
+    reply = json_tail(flwr("run", "/app", *run_config, "--format", "json").stdout)
     if "run-id" not in reply:
         raise FederationError(f"`flwr run` did not start a run: {reply.get('error-message', reply)}")
     run_id = str(reply["run-id"])
