@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast test-docker mutation clean
+.PHONY: venv run test test-fast test-docker mutation federation federation-run federation-down federation-flwr clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,21 @@ mutation: $(STAMP)
 	cp -r tests pyproject.toml $(MUTATION_DIR)
 	cd $(MUTATION_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(BIN)/mutmut run; \
 	  status=$$?; $(CURDIR)/$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json; exit $$status
+
+# The docker federation (docker/federation.py; docs/docker.md). RUN_CONFIG overrides
+# the example job's run config, e.g. make federation-run RUN_CONFIG="num-server-rounds=3".
+federation: $(STAMP)
+	$(BIN)/python docker/federation.py up
+
+federation-run: $(STAMP)
+	$(BIN)/python docker/federation.py run --run-config "$(RUN_CONFIG)"
+
+federation-down: $(STAMP)
+	$(BIN)/python docker/federation.py down
+
+# Flower's CLI against the federation, e.g. make federation-flwr ARGS="list"
+federation-flwr: $(STAMP)
+	$(BIN)/python docker/federation.py flwr $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs build/mutation

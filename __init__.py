@@ -7,3 +7,12 @@ The top-level folders of the repository are the subpackages of this namespace:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# Opacus calls logging.basicConfig() when imported (opacus/utils/module_utils.py),
+# which gives the root logger a stderr handler. Flower's logger has its own console
+# handler and propagates to the root, so every Flower line was printed twice in any
+# process that imports Opacus (ClientApp, ServerApp). Flower's lines need no root
+# handler; dpfl's in-process engine sets the same attribute while it redirects them.
+_logging.getLogger("flwr").propagate = False

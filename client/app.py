@@ -13,7 +13,9 @@ from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
 from dpfl.deployment.node import DEPLOYMENT_KEY, run_node_deployment
+from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
+from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
 from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -25,6 +27,9 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
+    policy = NodePrivacyPolicy.from_node_config(context.node_config)
+    if refusal := policy.violation(PolicyRequest.from_train(msg.content[CONFIG_KEY], settings)):
+        raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     config = msg.content[CONFIG_KEY]
     instructions = ClientInstructions.from_config(config)
     server_round = int(config[SERVER_ROUND_KEY])

@@ -7,11 +7,16 @@ container exits at once with one line saying what to fix (and, with compose's bo
 ``on-failure`` restart policy, ends up shown as exited rather than restarting).
 
 Roles:
-  superlink    flower-superlink with TLS, SuperNode authentication and state on disk
-  supernode    flower-supernode for one partition, authenticated with its own key
+  superlink    flower-superlink with TLS, SuperNode authentication and state on disk, all
+               of its APIs on the container's loopback; an nginx gateway publishes only
+               the Fleet API (the SuperNodes' part) on FLEET_PORT
+  supernode    flower-supernode for one partition, authenticated with its own key, with
+               the data owner's privacy policy in its node config
   register     registers every SuperNode public key with the SuperLink (idempotent)
+  flwr         Flower's CLI against the SuperLink's Control API (inside its network
+               namespace), with a Flower configuration of its own
   partition    writes one node's data partition (a one-shot data-owner step)
-  healthcheck  succeeds when a TCP port accepts connections
+  healthcheck  succeeds when TCP ports accept connections
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -28,7 +34,16 @@ import time
 from pathlib import Path
 
 PROG = "dpfl-docker"
+# flower-superlink serves its Fleet, Control and Runtime APIs on one port; it listens
+# on loopback only, so the Control API (unauthenticated in Flower 1.41) and the
+# Runtime API are reachable from inside the SuperLink's network namespace alone.
 SUPERLINK_PORT = 8000
+# The Fleet gateway's port: the only one other containers and machines can reach.
+FLEET_PORT = 9092
+# What the SuperNodes need, and all the gateway forwards (flwr/supernode/fleet_http_client.py).
+FLEET_PATH = "/v1/fleet/"
+# The Flower connection name the `flwr` role registers.
+CONNECTION = "dpfl-docker"
 # compose.insecure.yml sets it for every container at once.
 INSECURE = os.environ.get("DPFL_INSECURE") == "1"
 # Loopback inside a SuperNode container: its ClientApp subprocess is the only client.
@@ -65,8 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--insecure", action="store_true", default=INSECURE, help="no TLS and no SuperNode auth (local debugging)")
     link.set_defaults(run=run_superlink)
 
+    tool = roles.add_parser("flwr", allow_abbrev=False, add_help=False,
+                            help=f"run `flwr ARGS` with a connection {CONNECTION!r} to the SuperLink's Control API")
+    tool.add_argument("flwr_args", nargs=argparse.REMAINDER)
+    tool.set_defaults(run=run_flwr)
+
     node = roles.add_parser("supernode", allow_abbrev=False, help="run one SuperNode")
     node.add_argument("--superlink", required=True, help="SuperLink Fleet API address, host:port")
+    node.add_argument("--policy", default=os.environ.get("DPFL_NODE_POLICY", ""),
+                      help='privacy policy, node-config style: "policy-min-noise-multiplier=1.0 policy-max-epsilon=8"')
     node.add_argument("--partition-id", type=int, required=True)
     node.add_argument("--num-partitions", type=int, required=True)
     node.add_argument("--data-file", default="/data/partition.pt", help="this node's partition")
@@ -94,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--out", default="/data/partition.pt")
     part.set_defaults(run=run_partition)
 
-    health = roles.add_parser("healthcheck", allow_abbrev=False, help="exit 0 when host:port accepts TCP connections")
-    health.add_argument("address", nargs="?", default=f"127.0.0.1:{SUPERLINK_PORT}")
+    health = roles.add_parser("healthcheck", allow_abbrev=False, help="exit 0 when every host:port accepts TCP connections")
+    health.add_argument("address", nargs="*", default=[f"127.0.0.1:{SUPERLINK_PORT}", f"127.0.0.1:{FLEET_PORT}"])
     health.set_defaults(run=run_healthcheck)
     return parser
 
@@ -109,11 +131,12 @@ def run_superlink(args: argparse.Namespace) -> int:
         raise InputError(f"state folder {state_dir} is not writable by uid {os.getuid()}")
     cmd = [
         "flower-superlink",
-        "--host", "0.0.0.0",
+        "--host", "127.0.0.1",
         "--port", str(SUPERLINK_PORT),
         "--database", str(state_dir / "state.db"),
         "--disable-runtime-dependency-installation",
     ]
+    certs = None
     if args.insecure:
         cmd.append("--insecure")
     else:
@@ -124,7 +147,82 @@ def run_superlink(args: argparse.Namespace) -> int:
             "--ssl-keyfile", certs["server.key"],
             "--enable-supernode-auth",
         ]
-    return _exec(cmd)
+    gateway = _write_fleet_gateway_config(Path(tempfile.mkdtemp(prefix="fleet-gateway-")), certs)
+    return _supervise([cmd, ["nginx", "-e", "stderr", "-c", str(gateway), "-g", "daemon off;"]])
+
+
+def _write_fleet_gateway_config(folder: Path, certs: dict[str, str] | None) -> Path:
+    """nginx: FLEET_PORT forwards the Fleet API's paths to the SuperLink, and nothing else.
+
+    Flower 1.41 serves all of the SuperLink's APIs on one port and cannot split them,
+    so the split is made by path in front of it (TLS is terminated here with the
+    SuperLink's own certificate and re-established to it on loopback).
+    """
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (folder / sub).mkdir()
+    scheme = "http" if certs is None else "https"
+    tls_in = "" if certs is None else (
+        f"ssl_certificate {certs['server.crt']};\n        ssl_certificate_key {certs['server.key']};"
+    )
+    tls_out = "" if certs is None else (
+        f"proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {certs['ca.crt']};\n"
+        "            proxy_ssl_name localhost;"
+    )
+    config = folder / "nginx.conf"
+    config.write_text(f"""worker_processes 1;
+pid {folder}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    # Model updates and FABs pass through; their size is the SuperLink's to limit.
+    client_max_body_size 0;
+    proxy_read_timeout 600s;
+    proxy_send_timeout 600s;
+    server {{
+        listen {FLEET_PORT}{'' if certs is None else ' ssl'};
+        {tls_in}
+        location {FLEET_PATH} {{
+            proxy_pass {scheme}://127.0.0.1:{SUPERLINK_PORT};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+            {tls_out}
+        }}
+        # The Control and Runtime APIs (and anything else) are not served here.
+        location / {{ return 404; }}
+    }}
+}}
+""")
+    return config
+
+
+def _supervise(commands: list[list[str]]) -> int:
+    """Run the commands side by side; when one exits, stop the others and exit with its code."""
+    procs = [subprocess.Popen(cmd) for cmd in commands]
+
+    def forward(signum, _frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(proc.poll() is None for proc in procs):
+        time.sleep(0.5)
+    first = next(proc for proc in procs if proc.returncode is not None)
+    forward(signal.SIGTERM, None)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return first.returncode
 
 
 def _check_partition_id(args: argparse.Namespace) -> None:
@@ -140,12 +238,14 @@ def _check_partition_id(args: argparse.Namespace) -> None:
 def run_supernode(args: argparse.Namespace) -> int:
     _check_partition_id(args)
     _check_partition_file(Path(args.data_file), args.partition_id, args.num_partitions)
+    _check_policy(args.policy)
     host, port = _split_address(args.superlink)
     cmd = [
         "flower-supernode",
         "--superlink", args.superlink,
         "--node-config",
-        f'partition-id={args.partition_id} num-partitions={args.num_partitions} data-file="{args.data_file}"',
+        f'partition-id={args.partition_id} num-partitions={args.num_partitions} data-file="{args.data_file}" '
+        + args.policy,
         "--host", SUPERNODE_RUNTIME_ADDRESS[0],
         "--port", str(SUPERNODE_RUNTIME_ADDRESS[1]),
     ]
@@ -179,19 +279,15 @@ def run_register(args: argparse.Namespace) -> int:
     host, port = _split_address(args.superlink)
     _wait_reachable(host, port, args.connect_timeout, ca_file=ca)
     with tempfile.TemporaryDirectory() as flwr_home:
-        # A Flower Configuration of its own, so nothing is read from or left in $HOME.
-        Path(flwr_home, "config.toml").write_text(
-            f'[superlink]\ndefault = "compose"\n\n[superlink.compose]\naddress = "{args.superlink}"\n'
-            f'root-certificates = "{ca}"\n'
-        )
+        _write_flower_config(Path(flwr_home), args.superlink, ca)
         env = {**os.environ, "FLWR_HOME": flwr_home}
         for key in keys:
             name = key.stem
             proc = subprocess.run(
-                ["flwr", "supernode", "register", str(key), "compose", "--name", name, "--format", "json"],
+                ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name, "--format", "json"],
                 capture_output=True, text=True, env=env, check=False,
             )
-            reply = _json_tail(proc.stdout)
+            reply = json_tail(proc.stdout)
             if proc.returncode == 0 and reply.get("success"):
                 print(f"{PROG} register: {name} registered as node {reply.get('node-id')}", flush=True)
             elif "already in use" in (proc.stdout + proc.stderr).lower():
@@ -201,6 +297,29 @@ def run_register(args: argparse.Namespace) -> int:
                 reason = reply.get("error-message") or _last_line(proc.stderr or proc.stdout)
                 raise InputError(f"registering {key.name} failed: {reason}")
     return 0
+
+
+def run_flwr(args: argparse.Namespace) -> int:
+    """`flwr ARGS` against the Control API on the SuperLink's loopback.
+
+    This container shares the SuperLink's network namespace (compose.yml), the only
+    place the Control API is reachable. Its Flower configuration is written fresh into
+    a folder of its own: no user's configuration is read or changed.
+    """
+    address = f"127.0.0.1:{SUPERLINK_PORT}"
+    ca = None if INSECURE else _require_files("/certs", "ca.crt")["ca.crt"]
+    _wait_reachable(*_split_address(address), float(os.environ.get("DPFL_CONNECT_TIMEOUT", 30)), ca_file=ca)
+    flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+    _write_flower_config(flwr_home, address, ca)
+    os.environ["FLWR_HOME"] = str(flwr_home)
+    return _exec(["flwr", *args.flwr_args])
+
+
+def _write_flower_config(flwr_home: Path, address: str, ca: str | None) -> None:
+    tls = "insecure = true" if ca is None else f'root-certificates = "{ca}"'
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}\n'
+    )
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -234,11 +353,11 @@ def run_partition(args: argparse.Namespace) -> int:
 
 
 def run_healthcheck(args: argparse.Namespace) -> int:
-    host, port = _split_address(args.address)
-    try:
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError as err:
-        raise InputError(f"{args.address} does not accept connections ({err.strerror or err})") from None
+    for address in args.address:
+        try:
+            socket.create_connection(_split_address(address), timeout=3).close()
+        except OSError as err:
+            raise InputError(f"{address} does not accept connections ({err.strerror or err})") from None
     return 0
 
 
@@ -257,6 +376,26 @@ def _require_files(folder: str, *names: str) -> dict[str, str]:
             f"chown the certificate folders to {os.getuid()} (docker/gen_certs.py does when run as root)"
         )
     return {name: str(p) for name, p in paths.items()}
+
+
+def _check_policy(policy: str) -> None:
+    """The data owner's privacy policy, parsed as Flower parses node config, checked at start."""
+    from flwr.common.config import parse_config_args
+
+    from dpfl.errors import UsageError
+    from dpfl.privacy.node_policy import POLICY_PREFIX, NodePrivacyPolicy
+
+    try:
+        values = parse_config_args([policy])
+    except Exception as err:  # noqa: BLE001 - Flower raises click's exception for bad syntax
+        raise InputError(f"privacy policy {policy!r} is not key=value pairs ({err})") from None
+    stray = [key for key in values if not key.startswith(POLICY_PREFIX)]
+    if stray:
+        raise InputError(f"privacy policy keys start with {POLICY_PREFIX!r}, got {', '.join(stray)}")
+    try:
+        NodePrivacyPolicy.from_node_config(values)
+    except UsageError as err:
+        raise InputError(str(err)) from None
 
 
 def _check_private_key(path: str) -> None:
@@ -322,7 +461,7 @@ def _exec(cmd: list[str]) -> int:
     return 1  # not reached: execvp replaces this process
 
 
-def _json_tail(text: str) -> dict:
+def json_tail(text: str) -> dict:
     """The JSON object that `flwr ... --format json` prints after its progress lines."""
     start = text.find("{")
     try:

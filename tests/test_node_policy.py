@@ -1,0 +1,139 @@
+"""A SuperNode's privacy policy: parsed strictly from its node config, and every limit refuses what breaks it."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataclasses import replace
+
+from dpfl.errors import UsageError
+from dpfl.privacy.accounting import create_accountant, epsilon_for
+from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
+from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
+from dpfl.privacy.randomness import Randomness
+from dpfl.settings import RunSettings
+from dpfl.strategies.base import SERVER_ROUND_KEY
+
+SETTINGS = RunSettings(num_server_rounds=40, sample_rate=0.25, delta=1e-5, strategy="dp-fedpgn")
+PARAMS = MechanismParams(noise_multiplier=1.0, clip_norm=0.2, sample_rate=0.25, num_clients=400, delta=1e-5)
+
+
+def request(settings: RunSettings = SETTINGS, server_round: int = 1, **params) -> PolicyRequest:
+    """What the node reads from a train message the platform's mechanism sends for ``params``."""
+    mechanism_params = replace(PARAMS, **params)
+    mechanism = ClientLevelMechanism(
+        mechanism_params, create_accountant("rdp", mechanism_params.delta), Randomness(0 if mechanism_params.reproducible_noise else None)
+    )
+    config = {**mechanism.instructions(contribute_update=True), SERVER_ROUND_KEY: server_round}
+    return PolicyRequest.from_train(config, settings)
+
+
+def test_no_policy_keys_is_no_policy_and_refuses_nothing():
+    policy = NodePrivacyPolicy.from_node_config({"partition-id": 0, "num-partitions": 3, "data-file": "/data/p.pt"})
+    assert policy == NodePrivacyPolicy()
+    non_private = request(RunSettings(strategy="fedavg"), private=False)
+    assert policy.violation(non_private) is None
+
+
+def test_policy_keys_are_parsed_with_their_types():
+    policy = NodePrivacyPolicy.from_node_config({
+        "policy-min-noise-multiplier": 1, "policy-max-clip-norm": 0.5, "policy-max-epsilon": 8.0,
+        "policy-delta": 1e-6, "policy-private-only": True, "policy-registered-strategies-only": True,
+    })  # fmt: skip
+    assert policy == NodePrivacyPolicy(1.0, 0.5, 8.0, 1e-6, True, True)
+    assert NodePrivacyPolicy.keys() == [
+        "policy-min-noise-multiplier", "policy-max-clip-norm", "policy-max-epsilon", "policy-delta",
+        "policy-private-only", "policy-registered-strategies-only",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"policy-min-sigma": 1.0}, "unknown node config key 'policy-min-sigma'; privacy policy keys: policy-min-noise"),
+        ({"policy-min-noise-multiplier": "high"}, "node config policy-min-noise-multiplier='high' must be a positive number"),
+        ({"policy-max-epsilon": True}, "node config policy-max-epsilon=True must be a positive number"),
+        ({"policy-max-clip-norm": -1.0}, "node config policy-max-clip-norm=-1.0 must be a positive number"),
+        ({"policy-max-epsilon": float("inf")}, "node config policy-max-epsilon=inf must be a positive number"),
+        ({"policy-private-only": "yes"}, "node config policy-private-only='yes' must be true or false"),
+        ({"policy-delta": 1.5}, "node config policy-delta=1.5 must be in (0, 1)"),
+    ],
+)
+def test_malformed_policy_is_a_one_line_usage_error(node_config, message):
+    with pytest.raises(UsageError) as err:
+        NodePrivacyPolicy.from_node_config(node_config)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_minimum_noise_multiplier():
+    policy = NodePrivacyPolicy(min_noise_multiplier=1.0)
+    assert policy.violation(request(noise_multiplier=1.0)) is None
+    assert policy.violation(request(noise_multiplier=0.5)) == "noise multiplier 0.5 is below this node's minimum 1"
+
+
+def test_maximum_clip_norm_also_refuses_no_clipping():
+    policy = NodePrivacyPolicy(max_clip_norm=0.5)
+    assert policy.violation(request(clip_norm=0.5)) is None
+    assert policy.violation(request(clip_norm=2.0)) == "clip norm 2 is above this node's maximum 0.5"
+    assert policy.violation(request(private=False)) == "clip norm 0 (no clipping) is above this node's maximum 0.5"
+
+
+@pytest.mark.parametrize(
+    ("settings", "params"),
+    [
+        (RunSettings(strategy="fedavg"), {"private": False}),  # non-private strategy
+        (SETTINGS, {"clipping": "paper"}),  # no formal guarantee
+        (SETTINGS, {"reproducible_noise": True}),  # noise derivable from --seed
+    ],
+)
+def test_private_only_refuses_runs_without_a_valid_guarantee(settings, params):
+    reason = NodePrivacyPolicy(private_only=True).violation(request(settings, **params))
+    assert reason.startswith("run has no valid client-level DP guarantee") and reason.endswith("private runs only")
+    assert NodePrivacyPolicy(private_only=True).violation(request()) is None
+
+
+def test_registered_strategies_only_refuses_module_class_plugins():
+    policy = NodePrivacyPolicy(registered_strategies_only=True)
+    assert policy.violation(request()) is None
+    reason = policy.violation(request(RunSettings(strategy="evil_plugin:NoNoise")))
+    assert reason == "strategy 'evil_plugin:NoNoise' is a plugin given as module:Class, but this node runs registered strategies only"
+
+
+def test_maximum_epsilon_is_computed_by_the_node_from_the_mechanism():
+    # The node's own RDP ε of 40 rounds at (σ, q, δ): the run's claims play no part.
+    epsilon = epsilon_for(1.0, 0.25, 40, 1e-5)[0]
+    assert NodePrivacyPolicy(max_epsilon=epsilon * 1.01).violation(request()) is None
+    reason = NodePrivacyPolicy(max_epsilon=epsilon * 0.99).violation(request())
+    assert reason == (
+        f"epsilon {epsilon:.3g} at delta 1e-05 after 40 rounds (noise multiplier 1, sample rate 0.25) "
+        f"is above this node's maximum {epsilon * 0.99:g}"
+    )
+
+
+def test_maximum_epsilon_uses_the_values_in_the_message_over_the_run_config():
+    # A server that calibrated σ, samples at another q or runs past its rounds is judged by what it sends.
+    policy = NodePrivacyPolicy(max_epsilon=epsilon_for(1.0, 0.25, 40, 1e-5)[0] * 1.01)
+    assert policy.violation(request(noise_multiplier=0.9)) is not None
+    assert policy.violation(request(sample_rate=0.5)) is not None
+    assert policy.violation(request(server_round=41)) is not None
+    assert policy.violation(request(delta=1e-6)) is not None
+
+
+def test_maximum_epsilon_checks_at_the_policy_delta_when_the_run_asks_for_a_larger_one():
+    # A large δ in the run would make any ε look small; the node checks at its own δ.
+    at_node_delta = epsilon_for(1.0, 0.25, 40, 1e-5)[0]
+    reason = NodePrivacyPolicy(max_epsilon=at_node_delta * 0.99).violation(request(delta=0.1))
+    assert reason is not None and "at delta 1e-05" in reason
+    assert epsilon_for(1.0, 0.25, 40, 0.1)[0] < at_node_delta * 0.99
+
+
+def test_maximum_epsilon_refuses_a_run_whose_epsilon_is_not_valid():
+    reason = NodePrivacyPolicy(max_epsilon=100.0).violation(request(clipping="paper"))
+    assert reason.endswith("so it cannot be held to this node's maximum epsilon 100")
+
+
+def test_every_broken_limit_is_named_on_one_line():
+    policy = NodePrivacyPolicy(min_noise_multiplier=2.0, max_clip_norm=0.1, registered_strategies_only=True)
+    reason = policy.violation(request(RunSettings(strategy="x:Y"), noise_multiplier=1.0, clip_norm=0.2))
+    assert reason.count("; ") == 2 and "\n" not in reason
+    assert "module:Class" in reason and "below this node's minimum 2" in reason and "above this node's maximum 0.1" in reason
