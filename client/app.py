@@ -5,10 +5,11 @@ from __future__ import annotations
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from dpfl.client.cache import resident_model, run_settings
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
@@ -17,7 +18,7 @@ from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
 from dpfl.privacy.randomness import Randomness
-from dpfl.settings import RunSettings
+from dpfl.records import record_tensors, tensor_record
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, SERVER_ROUND_KEY, UPDATE_KEY
 
@@ -26,7 +27,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = run_settings(context.run_config)
     policy = NodePrivacyPolicy.from_node_config(context.node_config)
     if refusal := policy.violation(PolicyRequest.from_train(msg.content[CONFIG_KEY], settings)):
         raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
@@ -38,20 +39,17 @@ def train(msg: Message, context: Context) -> Message:
     # Secure by default; seeded from --seed only when the run asked for reproducible noise.
     randomness = Randomness(settings.seed if instructions.reproducible_noise else None)
     noise_stream = randomness.stream("client-noise", server_round, identity)
-    global_weights = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    global_weights = record_tensors(msg.content[ARRAYS_KEY])
     if not instructions.contribute_update:  # not sampled: only this client's noise share
         return _reply(msg, noise_share(global_weights, instructions, noise_stream))
     partition = load_client_partition(settings, context.node_config)
-    records = {
-        key: record.to_torch_state_dict()
-        for key, record in msg.content.array_records.items()
-        if key != ARRAYS_KEY
-    }
+    records = {key: record_tensors(record) for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}
     rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
-    model = partition.spec.build()
+    model = resident_model(partition.spec)
     model.load_state_dict(global_weights)
     # --seed drives only the local shuffling (comparable experiments), never the noise.
-    shuffle = torch.Generator().manual_seed(hash((settings.seed, server_round, identity)) % 2**63)
+    local_seed = hash((settings.seed, server_round, identity)) % 2**63
+    shuffle = torch.Generator().manual_seed(local_seed)
     # Sample-level DP inside the client: the accountant of its earlier rounds comes
     # from the node's persistent state, so its epsilon is cumulative.
     local_dp = (
@@ -60,20 +58,24 @@ def train(msg: Message, context: Context) -> Message:
         if settings.local_dp
         else None
     )
-    result = train_private_update(
-        model,
-        partition.dataset,
-        rule,
-        steps=int(config[LOCAL_STEPS_KEY]),
-        lr=float(config[LR_KEY]),
-        batch_size=settings.batch_size,
-        weight_decay=settings.weight_decay,
-        grad_clip=settings.grad_clip,
-        instructions=instructions,
-        generator=shuffle,
-        noise_stream=noise_stream,
-        local_dp=local_dp,
-    )
+    # Anything else random in local training (a strategy's own draws) is seeded the same
+    # way, so that a client computes the same whichever process or engine runs it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(local_seed)
+        result = train_private_update(
+            model,
+            partition.dataset,
+            rule,
+            steps=int(config[LOCAL_STEPS_KEY]),
+            lr=float(config[LR_KEY]),
+            batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay,
+            grad_clip=settings.grad_clip,
+            instructions=instructions,
+            generator=shuffle,
+            noise_stream=noise_stream,
+            local_dp=local_dp,
+        )
     if local_dp is not None:
         local_dp.save(context.state)
         # The client's own sample-level epsilon depends on its data size: it stays in the node's log.
@@ -87,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
 def deploy(msg: Message, context: Context) -> Message:
     """The deployment round: compress the final model with this node's data and run it
     on this node's simulated CIM device; only the shareable summary goes back."""
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = run_settings(context.run_config)
     node_config = context.node_config
 
     def local_data():
@@ -95,10 +97,10 @@ def deploy(msg: Message, context: Context) -> Message:
         return partition.spec, settings.dataset, partition.dataset
 
     label = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{context.node_id}"
-    weights = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    weights = record_tensors(msg.content[ARRAYS_KEY])
     summary = run_node_deployment(context.run_config, node_config, label, local_data, weights)
     return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 
 def _reply(msg: Message, update: dict[str, torch.Tensor]) -> Message:
-    return Message(content=RecordDict({UPDATE_KEY: ArrayRecord(update)}), reply_to=msg)
+    return Message(content=RecordDict({UPDATE_KEY: tensor_record(update)}), reply_to=msg)

@@ -43,15 +43,22 @@ def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
     return ModelSpec(settings.model, data.num_classes, data.in_channels, data.image_size, settings.model_width)
 
 
-@lru_cache(maxsize=8)
 def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientPartition:
     if not 0 <= partition_id < num_partitions:
         raise UsageError(f"partition-id {partition_id} must be in [0, {num_partitions})")
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
-    parts = partition_indices(
-        data.train_labels, num_partitions, settings.partition, settings.dirichlet_alpha, settings.seed
-    )
-    return ClientPartition(Subset(data.train, parts[partition_id].tolist()), model_spec(settings, data))
+    parts = _split(settings.dataset, settings.data_dir, settings.image_size, settings.partition,
+                   settings.dirichlet_alpha, settings.seed, num_partitions)  # fmt: skip
+    return ClientPartition(Subset(data.train, parts[partition_id]), model_spec(settings, data))
+
+
+@lru_cache(maxsize=2)
+def _split(
+    dataset: str, data_dir: str, image_size: int, scheme: str, alpha: float, seed: int, num_partitions: int
+) -> tuple[list[int], ...]:
+    """Every partition's indices, computed once per process: one engine process serves many nodes."""
+    labels = cached_dataset(dataset, data_dir, image_size).train_labels
+    return tuple(part.tolist() for part in partition_indices(labels, num_partitions, scheme, alpha, seed))
 
 
 @lru_cache(maxsize=2)

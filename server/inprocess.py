@@ -3,20 +3,34 @@
 Flower's simulation runs the ClientApp in Ray actors behind a SuperLink, at a
 fixed cost per round and per message; for sweeps (benchmarks, many seeds) that
 cost dominates small models. ``InProcessGrid`` implements Flower's ``Grid`` by
-handing each message straight to the ClientApp in this process, one node
-``Context`` per simulated node (with its own persistent ``state``), so the
-unchanged apps run on either engine.
+handing each message straight to the ClientApp, one node ``Context`` per
+simulated node (with its own persistent ``state``), so the unchanged apps run on
+either engine. Records travel as Python objects, never as bytes
+(:mod:`dpfl.records`).
+
+With ``workers`` > 1 the messages of a round are split into that many contiguous
+shares, each run by one worker process (forked from this one, so it starts with
+the ClientApp and the data already loaded, with one torch thread). A message's
+node context goes with it and its updated ``state`` comes back, so a node's state
+does not depend on which worker served it; replies are returned in the order the
+messages were pushed. Since every client's computation depends only on its
+message and its node (dpfl's ClientApp seeds its local randomness from the run's
+seed, round and partition), a run's result does not depend on ``workers``.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
+
+import torch
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -31,9 +45,12 @@ CLIENT_APP_RAISED_EXCEPTION = 0
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, node_contexts: Mapping[int, Context]) -> None:
+    def __init__(
+        self, client_app: ClientApp, node_contexts: Mapping[int, Context], workers: ClientWorkers | None = None
+    ) -> None:
         self.client_app = client_app
         self.node_contexts = dict(node_contexts)
+        self.workers = workers
         self._run = Run.create_empty(RUN_ID)
         self._replies: dict[str, Message] = {}
 
@@ -53,18 +70,21 @@ class InProcessGrid(Grid):
         return list(self.node_contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
+        messages = list(messages)
         for message in messages:
-            message_id = str(uuid4())
             metadata = message.metadata
-            metadata.__dict__.update(_message_id=message_id, _run_id=self._run.run_id, _src_node_id=SERVER_NODE_ID)
+            metadata.__dict__.update(_message_id=str(uuid4()), _run_id=self._run.run_id, _src_node_id=SERVER_NODE_ID)
             metadata.created_at = time.time()
-            try:
-                reply = self.client_app(message, self.node_contexts[metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - a failing client is a reply with an error, as in Flower
-                reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-            self._replies[message_id] = reply
-            ids.append(message_id)
+        deliveries = [(message, self.node_contexts[message.metadata.dst_node_id]) for message in messages]
+        if self.workers is None or len(deliveries) < 2:
+            replies = [handle(self.client_app, message, context) for message, context in deliveries]
+        else:
+            replies = []
+            for (message, context), (reply, state) in zip(deliveries, self.workers.run(deliveries)):
+                context.state = state
+                replies.append(reply)
+        ids = [message.metadata.message_id for message in messages]
+        self._replies.update(zip(ids, replies))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -103,16 +123,87 @@ def node_contexts(run_config: Mapping[str, Any], num_nodes: int) -> dict[int, Co
     }
 
 
-def in_process_grid(client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int) -> InProcessGrid:
-    """A grid of ``num_nodes`` in-process nodes running ``client_app``."""
+def handle(client_app: ClientApp, message: Message, context: Context) -> Message:
+    """The ClientApp's reply to ``message``; a ClientApp that raises replies with an error, as in Flower."""
+    try:
+        return client_app(message, context)
+    except Exception as err:  # noqa: BLE001 - a failing client is a reply with an error
+        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
+class ClientWorkers:
+    """Worker processes that run shares of a round's messages through the ClientApp.
+
+    Forked rather than spawned: a worker inherits the loaded ClientApp (whatever
+    module defines it), the imported libraries and the cached data set at no cost,
+    where a spawned one would import them again for seconds. Each worker takes one
+    torch thread: the parallelism is over clients.
+    """
+
+    def __init__(self, client_app: ClientApp, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+            initargs=(client_app,),
+        )  # fmt: skip
+
+    def run(self, deliveries: Sequence[tuple[Message, Context]]) -> list[tuple[Message, RecordDict]]:
+        """(reply, the node's new state) for each (message, node context), in order."""
+        size, extra = divmod(len(deliveries), self.workers)
+        shares, start = [], 0
+        for worker in range(self.workers):
+            end = start + size + (worker < extra)
+            if end > start:
+                shares.append(deliveries[start:end])
+            start = end
+        return [result for share in self._pool.map(_run_share, shares) for result in share]
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+# The ClientApp of this worker process, set once when the worker starts.
+_worker_app: ClientApp | None = None
+
+
+def _start_worker(client_app: ClientApp) -> None:
+    # Flower's log handlers come with the fork: a worker logs where this process does.
+    global _worker_app
+    _worker_app = client_app
+    torch.set_num_threads(1)
+
+
+def _run_share(share: Sequence[tuple[Message, Context]]) -> list[tuple[Message, RecordDict]]:
+    assert _worker_app is not None, "worker not started"
+    return [(handle(_worker_app, message, context), context.state) for message, context in share]
+
+
+def in_process_grid(
+    client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int, workers: ClientWorkers | None = None
+) -> InProcessGrid:
+    """A grid of ``num_nodes`` in-process nodes running ``client_app`` (in ``workers``, if given)."""
     # Flower's runtimes set the identity of the task a process runs; messages read it.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = RUN_ID, RUN_ID, SERVER_NODE_ID
-    return InProcessGrid(client_app, node_contexts(run_config, num_nodes))
+    return InProcessGrid(client_app, node_contexts(run_config, num_nodes), workers)
 
 
 def run_in_process(
-    server_app: ServerApp, client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int
+    server_app: ServerApp,
+    client_app: ClientApp,
+    run_config: Mapping[str, Any],
+    num_nodes: int,
+    workers: int = 1,
 ) -> None:
-    """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would."""
-    grid = in_process_grid(client_app, run_config, num_nodes)
-    server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would;
+    ``workers`` > 1 runs each round's clients in that many worker processes."""
+    pool = ClientWorkers(client_app, workers) if workers > 1 else None
+    try:
+        grid = in_process_grid(client_app, run_config, num_nodes, pool)
+        server_context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                                 run_config=dict(run_config))  # fmt: skip
+        server_app(grid, server_context)
+    finally:
+        if pool is not None:
+            pool.close()

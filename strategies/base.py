@@ -40,6 +40,7 @@ from dpfl.privacy.mechanism import (
     MechanismParams,
 )
 from dpfl.privacy.randomness import Randomness
+from dpfl.records import record_tensors
 
 Tensors = dict[str, torch.Tensor]
 OptionValue = bool | int | float | str
@@ -340,7 +341,7 @@ class ClientLevelDPStrategy(Strategy):
         if reply.has_error():
             return None, f"the client failed: {reply.error.reason}"
         try:
-            update = reply.content.array_records[UPDATE_KEY].to_torch_state_dict()
+            update = record_tensors(reply.content.array_records[UPDATE_KEY])
         except Exception as err:  # noqa: BLE001 - whatever a broken or hostile client sent
             return None, f"no readable {UPDATE_KEY!r} record ({type(err).__name__}: {err})"
         reason = self.mechanism.screen(update, x)
