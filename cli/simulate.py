@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -96,9 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="node config of simulated nodes for the deployment round (device-*, compress-*, "
                         "share-accuracy); repeat for several device types, assigned round robin by partition")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/<strategy>-<time>)")
-    parser.add_argument("--engine", choices=ENGINES, default="flower",
-                        help="flower: Flower's local simulation (SuperLink, Ray); in-process: the same apps "
-                        "in this process, much faster for small models")  # fmt: skip
+    parser.add_argument("--engine", choices=ENGINES, default="in-process",
+                        help="in-process: the same apps in this process (and its --workers), without Flower's "
+                        "per-message costs; flower: Flower's local simulation (SuperLink, Ray)")  # fmt: skip
+    parser.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
+                        help="in-process engine: worker processes that train a round's clients in parallel "
+                        "(the result does not depend on it)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-dir")
     parser.set_defaults(func=run)
 
@@ -151,13 +155,15 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]dpfl simulate[/]: {settings.strategy} on {settings.dataset} with {settings.model} "
         f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
-        f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}\n  {describe_recipe(settings)}"
+        f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
+        + (f" ({args.workers} workers)" if args.engine == "in-process" else "")
+        + f"\n  {describe_recipe(settings)}"
         f"\n  records: {out}"
     )
     if args.engine == "flower":
         failure = _run_on_flower(settings, out, console)
     else:
-        failure = _run_in_process(settings, out, console)
+        failure = _run_in_process(settings, out, console, args.workers)
     summary_file = out / SUMMARY_FILE
     if failure or not summary_file.exists():
         console.print(f"[red]the run failed[/]: {failure or 'no summary was written'}")
@@ -216,7 +222,7 @@ def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | 
     return None
 
 
-def _run_in_process(settings: RunSettings, out: Path, console: Console) -> str | None:
+def _run_in_process(settings: RunSettings, out: Path, console: Console, workers: int) -> str | None:
     from dpfl.client.app import app as client_app
     from dpfl.server.app import app as server_app
     from dpfl.server.inprocess import flower_log_to, run_in_process
@@ -225,7 +231,7 @@ def _run_in_process(settings: RunSettings, out: Path, console: Console) -> str |
 
     def target() -> None:
         try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients)
+            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers)
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 

@@ -22,7 +22,8 @@ def read_rounds(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_simulate_trains_writes_metrics_and_accounts_every_round(dpfl, tmp_path):
     out = tmp_path / "run"
-    result = dpfl("simulate", *SMALL, "--rounds", "3", "--noise-multiplier", "1.0", "--max-epsilon", "0", "--out", str(out))
+    result = dpfl("simulate", *SMALL, "--rounds", "3", "--noise-multiplier", "1.0", "--max-epsilon", "0",
+                  "--engine", "flower", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rounds = read_rounds(out)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
