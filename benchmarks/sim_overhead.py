@@ -1,117 +1,221 @@
-"""Overhead of dpfl's Flower simulation against a plain PyTorch loop of the same work.
+"""Overhead of dpfl's simulation engines against a plain PyTorch loop of the same federated training.
 
-Both run the same federated training: 10 clients, 5 rounds, all clients every round
-(q = 1), the small GroupNorm CNN on digits, DP-FedPGN with the same local steps,
-clipping and noise. (a) is `dpfl simulate` (Flower's local simulation: SuperLink,
-SuperExec, Ray actors); (b) calls the same client and server functions in one
-process. Prints both wall times, the ratio, and peak memory of each.
+For each scale it runs, each as its own process, with one torch thread per process:
+  (a) a minimal plain PyTorch loop, written here independently of dpfl's engine, client
+      and strategy code: the model, the data, local SGD, clip-and-noise and the mean;
+  (b) `dpfl simulate --engine in-process --workers 1`;
+  (c) `dpfl simulate --engine in-process --workers <usable cores>`;
+  (d) `dpfl simulate --engine flower`;
+all DP-FedAvg with the same model, data, partition, local steps, learning-rate schedule,
+clip norm and noise multiplier (σ given, so no run spends time calibrating it). It prints
+each command's wall time (start-up included), the run's own time (from its records, or the
+loop's), the peak RSS and PSS summed over the command's process tree, the final accuracy,
+and the ratios to (a).
 
-    .venv/bin/python benchmarks/sim_overhead.py
+Scales (client-size sets a client's local steps, K = ⌈size/batch⌉; the data is each
+client's partition of the bundled digits, cycled):
+  10x600   10 clients × 600 samples, every client every round, 5 rounds, ResNet-10 w8
+  50x120   50 clients × 120 samples (the same data per round), 5 rounds, ResNet-10 w8
+  default  the default federation: 400 clients, q = 0.25, 40 rounds, ResNet-10 w8
+  1000x20  1000 clients × 20 samples, q = 0.25, 3 rounds, the small CNN: memory
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/sim_overhead.py [--scales ...] [--engines ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import resource
+import math
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-import torch
-from flwr.app import ArrayRecord
 
-from dpfl.client.data import cached_dataset, load_client_partition, model_spec
-from dpfl.client.training import train_private_update
-from dpfl.privacy.mechanism import ClientInstructions
-from dpfl.privacy.randomness import Randomness
-from dpfl.server.app import resolve_noise_multiplier
-from dpfl.server.evaluation import evaluate
-from dpfl.settings import RunSettings
-from dpfl.strategies import get_strategy_class
-
-CLIENTS, ROUNDS = 10, 5
-ARGS = {"num_clients": CLIENTS, "num_server_rounds": ROUNDS, "model": "cnn", "model_width": 16, "sample_rate": 1.0}
+DPFL = str(Path(sys.executable).parent / "dpfl")
+NOISE_MULTIPLIER = 1.0
 
 
-def run_flower(out: Path) -> tuple[float, float]:
-    """Wall time and peak summed RSS (GiB) of the whole `dpfl simulate` process tree."""
-    command = [str(Path(sys.executable).parent / "dpfl"), "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
-               "--model", "cnn", "--width", "16", "--sample-rate", "1.0", "--out", str(out)]  # fmt: skip
+@dataclass(frozen=True)
+class Scale:
+    clients: int
+    client_size: int  # 0: the data set's size / clients (dpfl's default)
+    sample_rate: float
+    rounds: int
+    model: str
+    width: int
+
+
+SCALES = {
+    "10x600": Scale(10, 600, 1.0, 5, "resnet10", 8),
+    "50x120": Scale(50, 120, 1.0, 5, "resnet10", 8),
+    "default": Scale(400, 0, 0.25, 40, "resnet10", 8),
+    "1000x20": Scale(1000, 20, 0.25, 3, "cnn", 8),
+}
+ENGINES = {
+    "plain": "(a) plain loop",
+    "in-process-1": "(b) in-process, 1 worker",
+    "in-process-n": f"(c) in-process, {len(os.sched_getaffinity(0))} workers",
+    "flower": "(d) Flower engine",
+}
+
+
+def plain_loop(scale: Scale) -> dict:
+    """DP-FedAvg in plain PyTorch, one process, one thread: the baseline."""
+    import torch
+    from torch import nn
+
+    from dpfl.settings import RunSettings
+    from dpfl.task.data import load_dataset
+    from dpfl.task.models import build_model
+    from dpfl.task.partition import partition_indices
+
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    peak, done = 0.0, threading.Event()
+    # The recipe's hyper-parameters, the data and the model are shared with dpfl; the loop is not.
+    settings = RunSettings(num_clients=scale.clients, client_size=scale.client_size, model=scale.model,
+                           model_width=scale.width)  # fmt: skip
+    steps, clip, lr0 = settings.local_steps(), settings.clip_norm, settings.lr
+    data = load_dataset("digits")
+    x_train, y_train = data.train.tensors
+    x_test, y_test = data.test.tensors
+    parts = [torch.from_numpy(p) for p in partition_indices(data.train_labels, scale.clients, "iid", seed=0)]
+    torch.manual_seed(0)
+    model = build_model(scale.model, data.num_classes, data.in_channels, data.image_size, scale.width)
+    weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def batches(part: torch.Tensor):
+        while True:
+            for idx in part[torch.randperm(len(part), generator=generator)].split(settings.batch_size):
+                yield x_train[idx], y_train[idx]
+
+    accuracy = 0.0
+    for server_round in range(1, scale.rounds + 1):
+        lr = lr0 * settings.lr_decay**server_round
+        sampled = (torch.rand(scale.clients, generator=generator) < scale.sample_rate).nonzero().flatten()
+        total = {name: torch.zeros_like(t) for name, t in weights.items()}
+        for client in sampled.tolist():
+            model.load_state_dict(weights)
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
+            local = batches(parts[client])
+            for _ in range(steps):
+                inputs, targets = next(local)
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(inputs), targets).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+            delta = {name: weights[name] - t for name, t in model.state_dict().items()}
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta.values()]))
+            scale_by = min(1.0, clip / float(norm))
+            for name, d in delta.items():
+                total[name] += scale_by * d
+        expected = scale.sample_rate * scale.clients
+        weights = {
+            name: weights[name] - (t + NOISE_MULTIPLIER * clip * torch.randn(t.shape, generator=generator)) / expected
+            for name, t in total.items()
+        }
+        model.load_state_dict(weights)
+        model.eval()
+        with torch.no_grad():
+            accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+        model.train()
+    return {"run-time": time.perf_counter() - start, "accuracy": accuracy}
+
+
+def dpfl_command(scale: Scale, engine: str, out: Path) -> list[str]:
+    engine_args = {
+        "in-process-1": ["--engine", "in-process", "--workers", "1"],
+        "in-process-n": ["--engine", "in-process", "--workers", str(len(os.sched_getaffinity(0)))],
+        "flower": ["--engine", "flower"],
+    }[engine]
+    return [DPFL, "simulate", "--strategy", "dp-fedavg", "--model", scale.model, "--width", str(scale.width),
+            "--clients", str(scale.clients), "--client-size", str(scale.client_size),
+            "--sample-rate", str(scale.sample_rate), "--rounds", str(scale.rounds),
+            "--noise-multiplier", str(NOISE_MULTIPLIER), "--max-epsilon", "0", *engine_args, "--out", str(out)]  # fmt: skip
+
+
+def measure(command: list[str]) -> tuple[float, float, float, str]:
+    """Wall time, peak RSS and peak PSS (GiB) summed over the process tree, and stdout of ``command``.
+
+    RSS counts a page shared by several processes (the in-process engine's forked
+    workers share their parent's) once per process; PSS splits it between them, so
+    its sum is the memory the tree really holds.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak_rss, peak_pss, done = 0.0, 0.0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**30)
-            except psutil.Error:
+                memory = [p.memory_full_info() for p in [root, *root.children(recursive=True)]]
+                peak_rss = max(peak_rss, sum(m.rss for m in memory) / 2**30)
+                peak_pss = max(peak_pss, sum(m.pss for m in memory) / 2**30)
+            except psutil.Error:  # a process ended while being read
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    process.wait()
-    done.set()
+    output, _ = process.communicate()
     elapsed = time.perf_counter() - start
-    assert process.returncode == 0, "dpfl simulate failed"
-    return elapsed, peak
+    done.set()
+    sampler.join()
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return elapsed, peak_rss, peak_pss, output
 
 
-def run_plain_loop() -> tuple[float, float, float]:
-    """The same rounds in one process: wall time, final accuracy, peak RSS (GiB)."""
-    start = time.perf_counter()
-    settings = RunSettings(**ARGS)
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
-    torch.manual_seed(settings.seed)
-    model = model_spec(settings, data).build()
-    strategy_cls = get_strategy_class(settings.strategy)
-    strategy = strategy_cls.from_settings(
-        settings, noise_multiplier=resolve_noise_multiplier(settings), local_steps=settings.local_steps()
-    )
-    x = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluate(model, data.test)
-    for server_round in range(1, ROUNDS + 1):
-        # What the ServerApp would send: the strategy's extra records and round config.
-        strategy.global_arrays = ArrayRecord(x)
-        records = {key: record.to_torch_state_dict() for key, record in strategy.extra_records(server_round).items()}
-        rule = strategy_cls.local_update_rule(strategy.round_config(server_round), records)
-        instructions = ClientInstructions.from_config(strategy.mechanism.instructions(True))
-        updates = []
-        for client in range(CLIENTS):
-            partition = load_client_partition(settings, {"partition-id": client, "num-partitions": CLIENTS})
-            model.load_state_dict(x)
-            updates.append(
-                train_private_update(
-                    model, partition.dataset, rule, steps=strategy.local_steps, lr=strategy.round_lr(server_round),
-                    batch_size=settings.batch_size, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-                    instructions=instructions, generator=torch.Generator().manual_seed(server_round * CLIENTS + client),
-                    noise_stream=Randomness().stream("client-noise"),
-                ).update
-            )  # fmt: skip
-        x = strategy.aggregate_updates(server_round, x, updates)
-        model.load_state_dict(x)
-        _, accuracy = evaluate(model, data.test)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return time.perf_counter() - start, accuracy, peak
+def run_engine(scale: Scale, engine: str, tmp: Path) -> dict:
+    if engine == "plain":
+        command = [sys.executable, __file__, "--plain-loop", json.dumps(asdict(scale))]
+        wall, rss, pss, output = measure(command)
+        return {"wall": wall, "rss": rss, "pss": pss, **json.loads(output.strip().splitlines()[-1])}
+    out = tmp / f"{engine}-{time.monotonic_ns()}"
+    wall, rss, pss, _ = measure(dpfl_command(scale, engine, out))
+    summary = json.loads((out / "summary.json").read_text())
+    return {"wall": wall, "rss": rss, "pss": pss, "run-time": summary["wall-time"], "accuracy": summary["final-accuracy"]}
 
 
 def main() -> None:
-    plain_time, plain_accuracy, plain_peak = run_plain_loop()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", nargs="+", choices=SCALES, default=list(SCALES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--plain-loop", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_loop:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(plain_loop(Scale(**json.loads(args.plain_loop)))))
+        return
+    engines = ["plain", *[engine for engine in args.engines if engine != "plain"]]
+    print(f"DP-FedAvg on digits, sigma {NOISE_MULTIPLIER}, one torch thread per process, "
+          f"{len(os.sched_getaffinity(0))} usable cores")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        flower_time, flower_peak = run_flower(Path(tmp) / "run")
-        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-    print(f"{CLIENTS} clients x {ROUNDS} rounds, cnn width 16 on digits, DP-FedPGN")
-    print(f"plain PyTorch loop : {plain_time:7.1f} s  peak {plain_peak:.2f} GiB  accuracy {plain_accuracy:.4f}")
-    print(f"dpfl simulate      : {flower_time:7.1f} s  peak {flower_peak:.2f} GiB  accuracy {summary['final-accuracy']:.4f}")
-    print(f"ratio (simulate / plain): time {flower_time / plain_time:.2f}x, memory {flower_peak / plain_peak:.2f}x")
+        for name in args.scales:
+            scale = SCALES[name]
+            print(f"\n{name}: {scale.clients} clients, client-size {scale.client_size or 'default'}, "
+                  f"q={scale.sample_rate}, {scale.rounds} rounds, {scale.model} w{scale.width}")  # fmt: skip
+            print(f"  {'':28} {'wall s':>7} {'run s':>7} {'RSS GiB':>8} {'PSS GiB':>8} {'accuracy':>9} "
+                  f"{'wall/(a)':>9} {'run/(a)':>8} {'PSS/(a)':>8}")  # fmt: skip
+            baseline = None
+            for engine in engines:
+                result = run_engine(scale, engine, Path(tmp))
+                baseline = baseline or result
+                print(f"  {ENGINES[engine]:28} {result['wall']:7.1f} {result['run-time']:7.1f} {result['rss']:8.2f} "
+                      f"{result['pss']:8.2f} {result['accuracy']:9.4f} {result['wall'] / baseline['wall']:8.2f}x "
+                      f"{result['run-time'] / baseline['run-time']:7.2f}x {result['pss'] / baseline['pss']:7.2f}x",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
