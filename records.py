@@ -59,6 +59,11 @@ class TensorArray(Array):
         return Array, (self.dtype, self.shape, self.stype, self.data)
 
 
+# Flower's transport names an object by its class's qualified name and rebuilds it as the
+# class registered under that name: on the wire a TensorArray is an Array.
+TensorArray.__qualname__ = Array.__qualname__
+
+
 def _tensor_array(values: np.ndarray) -> TensorArray:
     return TensorArray(torch.from_numpy(values))
 

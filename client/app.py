@@ -61,7 +61,9 @@ def train(msg: Message, context: Context) -> Message:
     # Anything else random in local training (a strategy's own draws) is seeded the same
     # way, so that a client computes the same whichever process or engine runs it.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(local_seed)
+        # The CPU generator only: torch.manual_seed also queues a seeding of every
+        # accelerator backend, with a formatted stack, at each call.
+        torch.default_generator.manual_seed(local_seed)
         result = train_private_update(
             model,
             partition.dataset,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
@@ -27,16 +27,15 @@ class PrivateUpdate:
 
 def cycle_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Iterator:
     """Mini-batches over reshuffled passes of the data, endlessly; a last partial batch is a batch."""
-    if _indexable_by_batch(dataset):
-        # The same sampler and so the same batches as batch_size=batch_size, shuffle=True, but
-        # one indexing per batch instead of one per example and a collate: most of a small
-        # model's step otherwise.
-        sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-        loader = DataLoader(dataset, batch_size=None, sampler=sampler, generator=generator)
-    else:
+    if not _indexable_by_batch(dataset):
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        while True:
+            yield from loader
+    # By hand for tensors: a permutation per pass and one indexing per batch. A DataLoader's
+    # per-pass set-up and per-example fetch and collate cost more than a small model's step.
     while True:
-        yield from loader
+        for batch in torch.randperm(len(dataset), generator=generator).split(batch_size):
+            yield dataset[batch.tolist()]
 
 
 def _indexable_by_batch(dataset: Dataset) -> bool:

@@ -10,12 +10,19 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.client.app import app as client_app
+from dpfl.client.cache import resident_model
+from dpfl.client.data import load_client_partition
+from dpfl.client.training import cycle_batches, train_private_update
+from dpfl.privacy.mechanism import ClientInstructions
+from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
 from dpfl.server.inprocess import ClientWorkers, in_process_grid, run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
+from dpfl.strategies.base import LocalUpdateRule
 from dpfl.task.checkpoint import load_checkpoint
 
 # Client-side noise placement: every node gets a message each round (noise-only ones too).
@@ -97,3 +104,54 @@ def test_flowers_engine_and_the_in_process_engine_give_the_same_run(dpfl, tmp_pa
         result = dpfl("simulate", *common, *engine, "--out", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
     assert_same_run(*outs)
+
+
+# --- what one engine process reuses between messages ----------------------------------------
+
+
+@pytest.mark.parametrize("as_tensors", [True, False], ids=["tensors", "examples"])
+def test_local_batches_cover_the_data_once_per_pass_in_a_new_order(as_tensors):
+    data = TensorDataset(torch.arange(40.0).unsqueeze(1), torch.arange(40))
+    part = Subset(data if as_tensors else ExampleByExample(data), list(range(3, 40, 3)))  # 13 examples
+    batches = cycle_batches(part, 5, torch.Generator().manual_seed(0))
+    passes = [[int(y) for _ in range(3) for y in next(batches)[1]] for _ in range(4)]
+    assert all(sorted(labels) == list(range(3, 40, 3)) for labels in passes)
+    assert len({tuple(labels) for labels in passes}) == 4
+    again = cycle_batches(part, 5, torch.Generator().manual_seed(0))
+    assert [int(y) for _ in range(3) for y in next(again)[1]] == passes[0]
+
+
+class ExampleByExample(Dataset):
+    """A data set read one example at a time, as torchvision's are."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]
+
+
+def test_a_reused_model_trains_as_a_freshly_built_one():
+    settings = RunSettings(model="cnn", model_width=4, num_clients=4)
+    partitions = [load_client_partition(settings, {"partition-id": i, "num-partitions": 4}) for i in range(2)]
+    spec = partitions[0].spec
+    torch.manual_seed(0)
+    weights = spec.build().state_dict()
+
+    def update(model, partition):
+        model.load_state_dict(weights)
+        return train_private_update(
+            model, partition.dataset, LocalUpdateRule({}, {}), steps=3, lr=0.1, batch_size=4, weight_decay=1e-3,
+            grad_clip=10.0, instructions=ClientInstructions.flat(1.0), generator=torch.Generator().manual_seed(1),
+            noise_stream=Randomness(0).stream("test"),
+        ).update  # fmt: skip
+
+    resident = resident_model(spec)
+    update(resident, partitions[1])  # another client trained on it before
+    assert resident_model(spec) is resident
+    reused, fresh = update(resident, partitions[0]), update(spec.build(), partitions[0])
+    for name in fresh:
+        assert torch.equal(reused[name], fresh[name])
