@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 from rich.console import Console
@@ -33,22 +34,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--accountant", choices=[*ACCOUNTANTS, ALL], default=ALL, help="accountant, or all of them side by side"
     )
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list, for scripts")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     names = list(ACCOUNTANTS) if args.accountant == ALL else [args.accountant]
-    table = Table(title="client-level DP (Poisson-subsampled Gaussian)")
-    for column in ("accountant", "noise multiplier", "sample rate", "rounds", "delta", "epsilon", "best RDP order"):
-        table.add_column(column, justify="right")
+    rows = []
     for name in names:
         sigma = args.noise_multiplier or calibrate_noise_multiplier(
             args.target_epsilon, args.delta, args.sample_rate, args.rounds, accountant=name
         )
         epsilon, order = create_accountant(name, args.delta).spent([(sigma, args.sample_rate, args.rounds)])
+        rows.append({"accountant": name, "noise-multiplier": sigma, "sample-rate": args.sample_rate,
+                     "rounds": args.rounds, "delta": args.delta, "epsilon": epsilon,
+                     "best-rdp-order": None if math.isnan(order) else order})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="client-level DP (Poisson-subsampled Gaussian)")
+    for column in ("accountant", "noise multiplier", "sample rate", "rounds", "delta", "epsilon", "best RDP order"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        order = row["best-rdp-order"]
         table.add_row(
-            name, f"{sigma:.4f}", f"{args.sample_rate:g}", str(args.rounds), f"{args.delta:g}",
-            f"{epsilon:.4f}", "" if math.isnan(order) else f"{order:.3f}",
+            row["accountant"], f"{row['noise-multiplier']:.4f}", f"{row['sample-rate']:g}", str(row["rounds"]),
+            f"{row['delta']:g}", f"{row['epsilon']:.4f}", "" if order is None else f"{order:.3f}",
         )  # fmt: skip
     Console().print(table)
     return 0

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` (one JSON object per round, flushed as it is written, so a
 watcher can follow it), ``config.json`` (the run settings, resolved noise
 multiplier and K), ``final_model.pt`` (a ``dpfl.task.checkpoint`` file) and
-``summary.json`` (outcome, final and best accuracy, ε spent, wall time).
+``summary.json`` (outcome, final and best accuracy, ε spent, wall time) and
+``curves.png`` (accuracy and ε by round, accuracy against ε).
 
 The public records hold only what ε covers or what is public by construction
 (:data:`PUBLIC_ROUND_KEYS`, :data:`PUBLIC_SUMMARY_KEYS`); any other key is refused
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dpfl.server.curves import plot_curves
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,6 +31,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_MODEL_FILE = "final_model.pt"
 PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
+CURVES_FILE = "curves.png"
 
 # What a round line and the summary may hold: accuracy and loss of the global model
 # on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
@@ -122,4 +125,7 @@ class RunRecorder:
             Checkpoint(spec=spec, dataset=dataset, state_dict=state_dict, extra={"summary": summary}),
         )
         (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if self.rounds:  # drawn last: whatever happens here, the run's records are saved
+            title = f"{self.config['strategy']}, {self.config['model']} on {self.config['dataset']}: {outcome}"
+            plot_curves(self.rounds, self.out_dir / CURVES_FILE, title)
         return summary

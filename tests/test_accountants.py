@@ -221,3 +221,12 @@ def test_cli_rejects_an_unknown_accountant_in_one_line(capsys):
     stderr = capsys.readouterr().err
     assert "invalid choice: 'gdp' (choose from 'rdp', 'prv', 'pld', 'all')" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_prints_json_for_scripts(capsys):
+    args = ["privacy", "--noise-multiplier", "1.22", "--sample-rate", "0.25", "--rounds", "40", "--accountant", "rdp", "--json"]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["accountant"] == "rdp" and row["noise-multiplier"] == 1.22 and row["rounds"] == 40
+    epsilon, order = create_accountant("rdp", 1e-5).spent([(1.22, 0.25, 40)])
+    assert row["epsilon"] == pytest.approx(epsilon, rel=1e-12) and row["best-rdp-order"] == pytest.approx(order)

@@ -64,6 +64,7 @@ def test_worker_processes_do_not_change_a_run(tmp_path):
     # The same clients each round: the sample comes from the seed's stream over the same nodes.
     sampled = [[row["sampled"] for row in lines(out / PRIVATE_DIAGNOSTICS_FILE)] for out in outs]
     assert sampled[0] == sampled[1] and len(set(sampled[0])) > 1
+    assert (outs[0] / "curves.png").read_bytes().startswith(b"\x89PNG")  # every run draws its curves
 
 
 def test_worker_processes_carry_each_nodes_state_and_keep_the_order_of_replies():

@@ -34,6 +34,7 @@ def test_simulate_trains_writes_metrics_and_accounts_every_round(dpfl, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == 3
     assert f"epsilon {epsilons[-1]:.3f}" in result.stdout and "clients" not in result.stdout.split("records:")[1]
+    assert (out / "curves.png").stat().st_size > 10_000
     model = load_checkpoint(out / "final_model.pt").build_model()
     assert sum(p.numel() for p in model.parameters()) > 0
     # The same folder is never overwritten.
