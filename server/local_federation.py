@@ -11,6 +11,7 @@ ClientApp objects run as with ``flwr run .`` from a clone.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import signal
@@ -109,7 +110,9 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
         "--host", "127.0.0.1", "--port", http_port, "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     with log_file.open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+        )
     try:
         deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
         while True:
@@ -125,6 +128,16 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
         yield
     finally:
         _stop_group(process)
+
+
+# Linux's prctl option that signals a child when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the SuperLink's process: get SIGTERM when dpfl dies, even by SIGKILL, so no SuperLink
+    is left running a federation nobody follows (its own session escapes a group kill)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop_group(process: subprocess.Popen) -> None:
