@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from dpfl.settings import RunSettings
 
 SUPERLINK_START_TIMEOUT_S = 60.0
@@ -141,7 +143,12 @@ def _die_with_parent() -> None:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    """Stop a process and everything it started (its session's process group)."""
+    """Stop a process and everything it started: its session's process group, and any
+    descendant that left it (Ray starts its agents in sessions of their own)."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
@@ -157,6 +164,12 @@ def _stop_group(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         break
+    for descendant in descendants:
+        try:
+            descendant.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=10)
 
 
 @contextmanager
