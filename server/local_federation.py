@@ -103,11 +103,12 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
-    """A simulation SuperLink on the ports in ``env``, stopped (with its children) on exit."""
+def local_superlink(env: dict[str, str], log_file: Path, simulation: bool = True) -> Iterator[None]:
+    """A SuperLink on the loopback ports in ``env``, stopped (with its children) on exit: for
+    Flower's simulation, or (``simulation=False``) for SuperNodes to connect to its HTTP port."""
     http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     command = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "flower-superlink", "--insecure", *(["--simulation"] if simulation else []), "--isolation", "subprocess",
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host", "127.0.0.1", "--port", http_port, "--disable-runtime-dependency-installation",
     ]  # fmt: skip
