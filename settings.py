@@ -153,6 +153,12 @@ class RunSettings:
         _positive("round-timeout", self.round_timeout)
         _at_least("min-replies", self.min_replies, 0)
         _positive("reply-count-noise", self.reply_count_noise)
+        if self.min_replies and not self.target_epsilon and self.reply_count_noise <= self.noise_multiplier:
+            # (A calibrated sigma is checked when the ServerApp has it.)
+            raise UsageError(
+                f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when min-replies "
+                f"is set (its cost is taken from the update's noise), got {self.reply_count_noise:g}"
+            )
         _positive("clip-norm", self.clip_norm)
         if not 0 < self.sample_rate <= 1:
             raise UsageError(f"sample-rate must be in (0, 1], got {self.sample_rate}")

@@ -144,3 +144,19 @@ def test_count_noise_not_above_sigma_is_refused():
     with pytest.raises(ValueError, match="reply-count-noise must exceed"):
         mechanism(min_replies=1, sigma=2.0, count_noise=2.0)
     assert math.isfinite(mechanism(min_replies=0, sigma=2.0, count_noise=2.0).params.update_noise_multiplier)
+
+
+def test_a_skipped_round_keeps_the_model_and_the_strategy_state_and_says_so():
+    from dpfl.strategies.base import UPDATE_SKIPPED
+    from dpfl.strategies.dp_fedpgn import DPFedPGN
+
+    strategy = DPFedPGN(noise_multiplier=0.01, clip_norm=1.0, sample_rate=1.0, num_clients=3, local_steps=3, lr=0.1,
+                        lr_decay=1.0, delta=1e-5, min_replies=3, reply_count_noise=0.02)  # fmt: skip
+    x = {"w": torch.ones(4)}
+    direction = {"w": torch.full((4,), 0.5)}
+    strategy.global_direction = dict(direction)
+    new_x = strategy.aggregate_updates(1, x, [{"w": torch.ones(4) * 0.1}], contributions=1)
+    assert torch.equal(new_x["w"], x["w"]) and torch.equal(strategy.global_direction["w"], direction["w"])
+    assert strategy.last_metrics[UPDATE_SKIPPED] == 1.0 and strategy.accountant.history == [(0.01, 1.0, 1)]
+    moved = strategy.aggregate_updates(2, x, [{"w": torch.ones(4) * 0.1}] * 3, contributions=3)
+    assert not torch.equal(moved["w"], x["w"]) and strategy.last_metrics[UPDATE_SKIPPED] == 0.0
