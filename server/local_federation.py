@@ -165,12 +165,17 @@ def _stop_group(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         break
-    for descendant in descendants:
+    kill_processes(descendants)
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of ``processes`` that still runs, and reap them."""
+    for process in processes:
         try:
-            descendant.kill()
+            process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(descendants, timeout=10)
+    psutil.wait_procs(processes, timeout=10)
 
 
 @contextmanager

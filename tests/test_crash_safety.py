@@ -16,7 +16,7 @@ import torch
 
 from dpfl.privacy.accounting import epsilon_for
 from dpfl.server.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_run_checkpoint
-from dpfl.server.local_federation import local_superlink, private_flower_environment, write_app
+from dpfl.server.local_federation import kill_processes, local_superlink, private_flower_environment, write_app
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import load_checkpoint
@@ -36,13 +36,7 @@ def read_rounds(out: Path) -> list[int]:
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process and everything it started, whatever session each is in."""
     parent = psutil.Process(process.pid)
-    tree = [parent, *parent.children(recursive=True)]
-    for member in tree:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    kill_processes([parent, *parent.children(recursive=True)])
 
 
 def wait_for_checkpoint(out: Path, process: subprocess.Popen, at_least: int, timeout: float = 600) -> int:
