@@ -158,5 +158,5 @@ def test_a_skipped_round_keeps_the_model_and_the_strategy_state_and_says_so():
     new_x = strategy.aggregate_updates(1, x, [{"w": torch.ones(4) * 0.1}], contributions=1)
     assert torch.equal(new_x["w"], x["w"]) and torch.equal(strategy.global_direction["w"], direction["w"])
     assert strategy.last_metrics[UPDATE_SKIPPED] == 1.0 and strategy.accountant.history == [(0.01, 1.0, 1)]
-    moved = strategy.aggregate_updates(2, x, [{"w": torch.ones(4) * 0.1}] * 3, contributions=3)
+    moved = strategy.aggregate_updates(2, x, [{"w": torch.ones(4) * 0.1}] * 5, contributions=5)
     assert not torch.equal(moved["w"], x["w"]) and strategy.last_metrics[UPDATE_SKIPPED] == 0.0
