@@ -48,6 +48,11 @@ class RunSettings:
     accountant: str = "rdp"
     clipping: str = "flat"
     reproducible_noise: bool = False
+    # Client failures: per-round reply timeout; skip a round's update below min-replies
+    # replies (a count released with Gaussian noise of std reply-count-noise; 0 = never skip)
+    round_timeout: float = 3600.0
+    min_replies: int = 0
+    reply_count_noise: float = 20.0
     # Local training
     lr: float = 0.0  # recipe
     lr_decay: float = 0.0  # recipe
@@ -78,6 +83,11 @@ class RunSettings:
     # Bookkeeping
     seed: int = 0
     out_dir: str = "runs/latest"
+    # Crash safety: continue a run folder (its own init-from then no longer applies), or
+    # start from a checkpoint carrying its privacy ledger
+    resume_from: str = ""
+    init_from: str = ""
+    init_new_data: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -139,6 +149,15 @@ class RunSettings:
             raise UsageError(
                 f"target-epsilon {self.target_epsilon} is over the budget max-epsilon {self.max_epsilon}; "
                 "lower the target or raise the budget"
+            )
+        _positive("round-timeout", self.round_timeout)
+        _at_least("min-replies", self.min_replies, 0)
+        _positive("reply-count-noise", self.reply_count_noise)
+        if self.min_replies and not self.target_epsilon and self.reply_count_noise <= self.noise_multiplier:
+            # (A calibrated sigma is checked when the ServerApp has it.)
+            raise UsageError(
+                f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when min-replies "
+                f"is set (its cost is taken from the update's noise), got {self.reply_count_noise:g}"
             )
         _positive("clip-norm", self.clip_norm)
         if not 0 < self.sample_rate <= 1:

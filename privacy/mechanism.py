@@ -17,6 +17,15 @@ shares of clients that did not reply. The released noise is then N(0, σ²C²)
 whatever the number of sampled or replying clients, so its level reveals neither;
 it assumes every client adds its share honestly.
 
+A minimum number of replies (``min_replies`` > 0): whether a round's update is
+applied depends on how many sampled clients replied, a private count. The server
+therefore releases that count only with Gaussian noise (std ``reply_count_noise``,
+sensitivity 1) and skips the update when the noisy count is below the minimum.
+The count and the update are then one Gaussian release of the vector
+(Σu/C, Σ1) whose noise multiplier is σ when the update's own multiplier is
+σ_Δ = (σ⁻² − σ_c⁻²)^(−1/2) (:func:`split_noise_multiplier`, Andrew et al. 2021,
+Thm. 1): the accountant, told σ, stays exact.
+
 A strategy with ``private = False`` is a reference curve without DP: no
 clipping, no noise, a plain mean over the clients that replied, no accounting.
 ``clipping = "paper"`` reproduces the DP-FedPGN reference code (per-tensor median
@@ -28,7 +37,7 @@ Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomnes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +66,18 @@ REPRODUCIBLE_NOISE_WARNING = (
 PLAUSIBLE_NOISE_TAIL = 10.0
 # Relative slack under which a received update counts as clipped (its norm is C).
 CLIPPED_TOLERANCE = 1e-6
+
+
+def split_noise_multiplier(total: float, other: float) -> float:
+    """σ_Δ such that a σ_Δ release and an ``other``-multiplier release of the same sample cost one σ release.
+
+    Two Gaussian releases of the same clients with multipliers σ_Δ and σ_o
+    (noise std over sensitivity) are one Gaussian release of their concatenation
+    with multiplier (σ_Δ⁻² + σ_o⁻²)^(−1/2); solving for σ_Δ gives (σ⁻² − σ_o⁻²)^(−1/2).
+    """
+    if not other > total:
+        raise ValueError(f"the second release's noise multiplier {other:g} must exceed the total {total:g}")
+    return (total**-2 - other**-2) ** -0.5
 
 # The train-config entries the mechanism sends; a strategy may not set or override them.
 CLIP_NORM = "clip-norm"
@@ -88,6 +109,27 @@ class MechanismParams:
     clipping: str = "flat"
     private: bool = True
     reproducible_noise: bool = False
+    # Skip a round's update when fewer replies arrived (a noisy count; 0 = never skip).
+    min_replies: int = 0
+    reply_count_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.counts_replies and self.flat and not self.reply_count_noise > self.noise_multiplier:
+            raise ValueError(
+                f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when "
+                f"min-replies is set, got {self.reply_count_noise:g}"
+            )
+
+    @property
+    def counts_replies(self) -> bool:
+        return self.min_replies > 0
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The multiplier of the update's own noise: σ, or σ_Δ when a noisy reply count shares the round."""
+        if self.counts_replies and self.flat:
+            return split_noise_multiplier(self.noise_multiplier, self.reply_count_noise)
+        return self.noise_multiplier
 
     @property
     def expected_clients(self) -> float:
@@ -111,27 +153,39 @@ class MechanismParams:
         """Each client's share: σC/√N (every client adds one each round, sampled or not)."""
         if not self.flat or self.noise_placement != "client":
             return 0.0
-        return self.noise_multiplier * self.clip_norm / math.sqrt(self.num_clients)
+        return self.update_noise_multiplier * self.clip_norm / math.sqrt(self.num_clients)
 
     def server_noise_std(self, shares: int) -> float:
         """Std of the noise the server adds when ``shares`` client shares arrived."""
         if not self.flat:
             return 0.0
         if self.noise_placement == "server":
-            return self.noise_multiplier * self.clip_norm
+            return self.update_noise_multiplier * self.clip_norm
         missing = max(0.0, 1.0 - shares / self.num_clients)
-        return self.noise_multiplier * self.clip_norm * math.sqrt(missing)
+        return self.update_noise_multiplier * self.clip_norm * math.sqrt(missing)
 
 
 class ClientLevelMechanism:
-    """The server's half of the mechanism for one run, with its accountant."""
+    """The server's half of the mechanism for one run, with its accountant.
 
-    def __init__(self, params: MechanismParams, accountant: Accountant, randomness: Randomness) -> None:
+    ``journal``, if given, is called with the accountant's state each time a round
+    is recorded, before that round's noise is drawn: the server persists it there,
+    so the ledger on disk is never behind what has been released.
+    """
+
+    def __init__(
+        self,
+        params: MechanismParams,
+        accountant: Accountant,
+        randomness: Randomness,
+        journal: Callable[[dict], None] | None = None,
+    ) -> None:
         if params.reproducible_noise != randomness.reproducible:
             raise ValueError("the mechanism's reproducible-noise flag must match its randomness")
         self.params = params
         self.accountant = accountant
         self.randomness = randomness
+        self.journal = journal
 
     # --- before the round -----------------------------------------------------------
 
@@ -204,17 +258,25 @@ class ClientLevelMechanism:
                 return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
         return None
 
-    def release(self, updates: Sequence[Tensors], like: Tensors, server_round: int) -> dict[str, torch.Tensor]:
-        """The released mean of the screened replies ``updates``; accounts the round.
+    def release(
+        self, updates: Sequence[Tensors], like: Tensors, server_round: int, contributions: int | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The released mean of the screened replies ``updates``, or None if the round's update is skipped.
 
-        Under client placement ``updates`` also holds the noise-only replies of the
-        clients that were not sampled: each reply carries one noise share. Computed
-        in float64 and returned in the dtypes of ``like``.
+        Accounts the round either way. Under client placement ``updates`` also holds
+        the noise-only replies of the clients that were not sampled (each carries
+        one noise share); ``contributions`` is then the number of sampled clients'
+        updates among them (default: all). Computed in float64 and returned in
+        the dtypes of ``like``.
         """
         p = self.params
         if p.epsilon_valid:
-            # Write-ahead: the round is spent before its noise exists.
+            # Write-ahead: the round is spent (and journaled) before its noise exists.
             self.accountant.step(p.noise_multiplier, p.sample_rate)
+            if self.journal is not None:
+                self.journal(self.accountant.state_dict())
+        if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
+            return None
         total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
         for update in updates:
             if p.flat and p.noise_placement == "server":
@@ -231,6 +293,13 @@ class ClientLevelMechanism:
         else:
             denominator = max(1, len(updates))
         return {name: (t / denominator).to(like[name].dtype) for name, t in total.items()}
+
+    def too_few_replies(self, contributions: int, server_round: int) -> bool:
+        """Whether the (noisy, for a private strategy) count of contributions is below ``min_replies``."""
+        count = float(contributions)
+        if self.params.flat:
+            count += float(self.randomness.stream("reply-count", server_round).gaussian((), self.params.reply_count_noise))
+        return count < self.params.min_replies
 
     def privacy_spent(self) -> tuple[float, float]:
         """(ε, best RDP order) so far, or NaNs when ε is not a valid guarantee of this run."""
