@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -173,6 +174,10 @@ def _start_worker(client_app: ClientApp) -> None:
     global _worker_app
     _worker_app = client_app
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the parent stops the run, its workers
+    # finish their share and exit with it, without a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_share(share: Sequence[tuple[Message, Context]]) -> list[tuple[Message, RecordDict]]:
