@@ -309,17 +309,25 @@ def _run_in_process(settings: RunSettings, out: Path, console: Console, workers:
     from dpfl.server.inprocess import flower_log_to, run_in_process
 
     failure: list[str] = []
+    stop = threading.Event()
 
     def target() -> None:
         try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers)
+            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop)
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 
     with flower_log_to(out / FLOWER_LOG):
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
-        follow_metrics(out / METRICS_FILE, worker.is_alive, settings, console)
+        try:
+            follow_metrics(out / METRICS_FILE, worker.is_alive, settings, console)
+        except KeyboardInterrupt:
+            # End the run before its next client: a thread still inside torch when the
+            # interpreter exits aborts the process.
+            stop.set()
+            worker.join()
+            raise
     return failure[0] if failure else None
 
 

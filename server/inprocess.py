@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -45,13 +46,23 @@ RUN_ID = 1
 CLIENT_APP_RAISED_EXCEPTION = 0
 
 
+class RunStopped(Exception):
+    """The run was asked to stop (Ctrl-C, SIGTERM) and ends before its next client."""
+
+
 class InProcessGrid(Grid):
     def __init__(
-        self, client_app: ClientApp, node_contexts: Mapping[int, Context], workers: ClientWorkers | None = None
+        self,
+        client_app: ClientApp,
+        node_contexts: Mapping[int, Context],
+        workers: ClientWorkers | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.client_app = client_app
         self.node_contexts = dict(node_contexts)
         self.workers = workers
+        # Set by another thread to end the run before its next client (or round, with workers).
+        self.stop = stop
         self._run = Run.create_empty(RUN_ID)
         self._replies: dict[str, Message] = {}
 
@@ -78,8 +89,12 @@ class InProcessGrid(Grid):
             metadata.created_at = time.time()
         deliveries = [(message, self.node_contexts[message.metadata.dst_node_id]) for message in messages]
         if self.workers is None or len(deliveries) < 2:
-            replies = [handle(self.client_app, message, context) for message, context in deliveries]
+            replies = []
+            for message, context in deliveries:
+                self._stop_if_asked()
+                replies.append(handle(self.client_app, message, context))
         else:
+            self._stop_if_asked()
             replies = []
             for (message, context), (reply, state) in zip(deliveries, self.workers.run(deliveries)):
                 context.state = state
@@ -87,6 +102,10 @@ class InProcessGrid(Grid):
         ids = [message.metadata.message_id for message in messages]
         self._replies.update(zip(ids, replies))
         return ids
+
+    def _stop_if_asked(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RunStopped("the run was stopped")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(message_id) for message_id in message_ids if message_id in self._replies]
@@ -186,12 +205,16 @@ def _run_share(share: Sequence[tuple[Message, Context]]) -> list[tuple[Message, 
 
 
 def in_process_grid(
-    client_app: ClientApp, run_config: Mapping[str, Any], num_nodes: int, workers: ClientWorkers | None = None
+    client_app: ClientApp,
+    run_config: Mapping[str, Any],
+    num_nodes: int,
+    workers: ClientWorkers | None = None,
+    stop: threading.Event | None = None,
 ) -> InProcessGrid:
     """A grid of ``num_nodes`` in-process nodes running ``client_app`` (in ``workers``, if given)."""
     # Flower's runtimes set the identity of the task a process runs; messages read it.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = RUN_ID, RUN_ID, SERVER_NODE_ID
-    return InProcessGrid(client_app, node_contexts(run_config, num_nodes), workers)
+    return InProcessGrid(client_app, node_contexts(run_config, num_nodes), workers, stop)
 
 
 def run_in_process(
@@ -200,12 +223,14 @@ def run_in_process(
     run_config: Mapping[str, Any],
     num_nodes: int,
     workers: int = 1,
+    stop: threading.Event | None = None,
 ) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would;
-    ``workers`` > 1 runs each round's clients in that many worker processes."""
+    ``workers`` > 1 runs each round's clients in that many worker processes. Setting
+    ``stop`` (from another thread) ends the run with :class:`RunStopped`."""
     pool = ClientWorkers(client_app, workers) if workers > 1 else None
     try:
-        grid = in_process_grid(client_app, run_config, num_nodes, pool)
+        grid = in_process_grid(client_app, run_config, num_nodes, pool, stop)
         server_context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                                  run_config=dict(run_config))  # fmt: skip
         server_app(grid, server_context)

@@ -4,6 +4,7 @@ under Flower's engine and the in-process engine, with one worker process or seve
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from dpfl.client.training import cycle_batches, train_private_update
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
-from dpfl.server.inprocess import ClientWorkers, in_process_grid, run_in_process
+from dpfl.server.inprocess import ClientWorkers, RunStopped, in_process_grid, run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies.base import LocalUpdateRule
@@ -92,6 +93,16 @@ def test_worker_processes_carry_each_nodes_state_and_keep_the_order_of_replies()
         workers.close()
     counts = {node: context.state["count"]["n"] for node, context in grid.node_contexts.items() if "count" in context.state}
     assert counts == {node: 3 for node in nodes if node != nodes[3]}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stopped_run_ends_before_its_next_client(tmp_path, workers):
+    stop = threading.Event()
+    stop.set()  # as the CLI does on Ctrl-C or SIGTERM, here before the first round
+    settings = RunSettings(**REPRODUCIBLE, out_dir=str(tmp_path / "stopped"))
+    with pytest.raises(RunStopped):
+        run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop)
+    assert [row["round"] for row in lines(tmp_path / "stopped" / "metrics.jsonl")] == [0]
 
 
 @pytest.mark.slow
