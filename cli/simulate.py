@@ -118,9 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="in-process",
                         help="in-process: the same apps in this process (and its --workers), without Flower's "
                         "per-message costs; flower: Flower's local simulation (SuperLink, Ray)")  # fmt: skip
-    parser.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help="in-process engine: worker processes that train a round's clients in parallel "
-                        "(the result does not depend on it)")  # fmt: skip
+                        "(default: the usable cores; the result does not depend on it)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-dir")
     parser.set_defaults(func=run)
 
@@ -199,6 +199,9 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "flower" and args.workers is not None:
+        raise UsageError(f"--workers {args.workers} is for --engine in-process; Flower's engine runs its own workers")
+    workers = args.workers or len(os.sched_getaffinity(0))
     settings = settings_from_args(args)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
-        + (f" ({args.workers} workers)" if args.engine == "in-process" else "")
+        + (f" ({workers} workers)" if args.engine == "in-process" else "")
         + f"\n  {describe_recipe(settings)}"
         f"\n  records: {out}"
     )
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             if args.engine == "flower":
                 failure = _run_on_flower(settings, out, console)
             else:
-                failure = _run_in_process(settings, out, console, args.workers)
+                failure = _run_in_process(settings, out, console, workers)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted[/]: {_completed_rounds(out)}; resume with\n  {RESUME_HINT.format(out=out)}")
         return INTERRUPTED_EXIT_CODE
