@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from dpfl.client.training import train_private_update
+from dpfl.client.training import cycle_batches, train_private_update
 from dpfl.privacy.accounting import create_accountant
 from dpfl.privacy.clipping import flat_clip, global_l2_norm
 from dpfl.privacy.mechanism import ClientInstructions, ClientLevelMechanism, MechanismParams
@@ -255,3 +255,30 @@ def test_laplacian_smoothing_solves_the_implicit_system(shape):
     assert torch.allclose(smoothed.reshape(-1), expected, atol=1e-10)
     assert float(smoothed.sum()) == pytest.approx(float(v.sum()))  # the mean is kept
     assert float(smoothed.norm()) < float(v.norm())  # high frequencies (noise) are damped
+
+
+@pytest.mark.parametrize("as_tensors", [True, False], ids=["tensors", "examples"])
+def test_local_batches_cover_the_data_once_per_pass_in_a_new_order(as_tensors):
+    data = TensorDataset(torch.arange(40.0).unsqueeze(1), torch.arange(40))
+    part = Subset(data if as_tensors else ExampleByExample(data), list(range(3, 40, 3)))  # 13 examples
+    batches = cycle_batches(part, 5, torch.Generator().manual_seed(0))
+    passes = [[next(batches)[1].tolist() for _ in range(3)] for _ in range(4)]
+    assert all([len(batch) for batch in one_pass] == [5, 5, 3] for one_pass in passes)  # the last one partial
+    passes = [[label for batch in one_pass for label in batch] for one_pass in passes]
+    assert all(sorted(labels) == list(range(3, 40, 3)) for labels in passes)
+    assert len({tuple(labels) for labels in passes}) == 4
+    again = cycle_batches(part, 5, torch.Generator().manual_seed(0))
+    assert [int(y) for _ in range(3) for y in next(again)[1]] == passes[0]
+
+
+class ExampleByExample(Dataset):
+    """A data set read one example at a time, as torchvision's are."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]

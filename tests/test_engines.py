@@ -11,12 +11,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.client.app import app as client_app
 from dpfl.client.cache import resident_model
 from dpfl.client.data import load_client_partition
-from dpfl.client.training import cycle_batches, train_private_update
+from dpfl.client.training import train_private_update
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
@@ -119,31 +118,6 @@ def test_flowers_engine_and_the_in_process_engine_give_the_same_run(dpfl, tmp_pa
 
 
 # --- what one engine process reuses between messages ----------------------------------------
-
-
-@pytest.mark.parametrize("as_tensors", [True, False], ids=["tensors", "examples"])
-def test_local_batches_cover_the_data_once_per_pass_in_a_new_order(as_tensors):
-    data = TensorDataset(torch.arange(40.0).unsqueeze(1), torch.arange(40))
-    part = Subset(data if as_tensors else ExampleByExample(data), list(range(3, 40, 3)))  # 13 examples
-    batches = cycle_batches(part, 5, torch.Generator().manual_seed(0))
-    passes = [[int(y) for _ in range(3) for y in next(batches)[1]] for _ in range(4)]
-    assert all(sorted(labels) == list(range(3, 40, 3)) for labels in passes)
-    assert len({tuple(labels) for labels in passes}) == 4
-    again = cycle_batches(part, 5, torch.Generator().manual_seed(0))
-    assert [int(y) for _ in range(3) for y in next(again)[1]] == passes[0]
-
-
-class ExampleByExample(Dataset):
-    """A data set read one example at a time, as torchvision's are."""
-
-    def __init__(self, data: TensorDataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        return self.data[index]
 
 
 def test_a_reused_model_trains_as_a_freshly_built_one():
