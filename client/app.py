@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -19,7 +19,7 @@ from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
 from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, SERVER_ROUND_KEY, UPDATE_KEY
+from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, METRICS_KEY, SERVER_ROUND_KEY, UPDATE_KEY
 
 app = ClientApp()
 
@@ -79,8 +79,9 @@ def train(msg: Message, context: Context) -> Message:
         # The client's own sample-level epsilon depends on its data size: it stays in the node's log.
         log(INFO, "dpfl client: sample-level epsilon %.3f (delta %g) after round %d", local_dp.epsilon(),
             settings.local_delta, server_round)  # fmt: skip
-    # Only the privatised update leaves the client: no loss, norm or data size.
-    return _reply(msg, result.update)
+    # Only the privatised update leaves the client (with adaptive clipping, also the bit
+    # [norm <= C] the server noises): no loss, norm or data size.
+    return _reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
 
 
 @app.query()
@@ -100,5 +101,6 @@ def deploy(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 
-def _reply(msg: Message, update: dict[str, torch.Tensor]) -> Message:
-    return Message(content=RecordDict({UPDATE_KEY: ArrayRecord(update)}), reply_to=msg)
+def _reply(msg: Message, update: dict[str, torch.Tensor], report: dict[str, int] | None = None) -> Message:
+    records = {UPDATE_KEY: ArrayRecord(update), **({METRICS_KEY: MetricRecord(report)} if report else {})}
+    return Message(content=RecordDict(records), reply_to=msg)

@@ -10,6 +10,12 @@ round in the accountant *before* any noise is drawn (write-ahead: a crash can
 only over-count), sum, add the noise, and divide by the fixed qN (dividing by the
 realised count would release it).
 
+Adaptive clipping (:mod:`dpfl.privacy.adaptive_clipping`): the clip norm C is then
+the mechanism's state, each sampled client also reports [‖u‖ ≤ C], and
+:meth:`ClientLevelMechanism.release` releases the noisy unclipped fraction with the
+update and moves C; the update's noise multiplier is σ_Δ > σ, so that the
+accountant, told σ, covers both releases.
+
 Noise placement. ``server``: the server adds N(0, σ²C²) to the sum. ``client``:
 every one of the N clients adds a share N(0, σ²C²/N) each round, the sampled ones
 to their update and the others to a zero update, and the server adds only the
@@ -35,6 +41,12 @@ from typing import Any
 import torch
 
 from dpfl.privacy.accountants import Accountant
+from dpfl.privacy.adaptive_clipping import (
+    AdaptiveClipping,
+    check_adaptive_clipping_supported,
+    unclipped_bit,
+    update_noise_multiplier,
+)
 from dpfl.privacy.clipping import all_finite, flat_clip, global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -69,10 +81,13 @@ SAMPLE_SIZE = "sample-size"
 DELTA = "delta"
 EPSILON_VALID = "epsilon-valid"
 REPRODUCIBLE_NOISE = "reproducible-noise"
+REPORT_UNCLIPPED = "report-unclipped"
 INSTRUCTION_KEYS = frozenset(
     {CLIP_NORM, CLIENT_NOISE_STD, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, SAMPLE_RATE, SAMPLE_SIZE,
-     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE}
+     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED}
 )  # fmt: skip
+# The reply's entry holding an adaptive-clipping client's bit [‖u‖ ≤ C].
+UNCLIPPED = "unclipped"
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,20 @@ class MechanismParams:
     clipping: str = "flat"
     private: bool = True
     reproducible_noise: bool = False
+    adaptive_clipping: AdaptiveClipping | None = None
+
+    def __post_init__(self) -> None:
+        if self.adaptive_clipping is not None:
+            check_adaptive_clipping_supported(self.noise_placement, self.clipping)
+            # Refuses a count noise that would cost the whole budget.
+            update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """σ_Δ, the update's multiplier: σ, or less of σ's budget under adaptive clipping."""
+        if self.adaptive_clipping is None or not self.flat:
+            return self.noise_multiplier
+        return update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
 
     @property
     def expected_clients(self) -> float:
@@ -107,20 +136,23 @@ class MechanismParams:
     def flat(self) -> bool:
         return self.private and self.clipping == "flat"
 
-    def client_noise_std(self) -> float:
-        """Each client's share: σC/√N (every client adds one each round, sampled or not)."""
+    def client_noise_std(self, clip_norm: float | None = None) -> float:
+        """Each client's share: σC/√N (every client adds one each round, sampled or not).
+
+        ``clip_norm`` is the round's C (default: the initial one).
+        """
         if not self.flat or self.noise_placement != "client":
             return 0.0
-        return self.noise_multiplier * self.clip_norm / math.sqrt(self.num_clients)
+        return self.update_noise_multiplier * (clip_norm or self.clip_norm) / math.sqrt(self.num_clients)
 
-    def server_noise_std(self, shares: int) -> float:
-        """Std of the noise the server adds when ``shares`` client shares arrived."""
+    def server_noise_std(self, shares: int, clip_norm: float | None = None) -> float:
+        """Std of the noise the server adds when ``shares`` client shares arrived, at the round's C."""
         if not self.flat:
             return 0.0
+        std = self.update_noise_multiplier * (clip_norm or self.clip_norm)
         if self.noise_placement == "server":
-            return self.noise_multiplier * self.clip_norm
-        missing = max(0.0, 1.0 - shares / self.num_clients)
-        return self.noise_multiplier * self.clip_norm * math.sqrt(missing)
+            return std
+        return std * math.sqrt(max(0.0, 1.0 - shares / self.num_clients))
 
 
 class ClientLevelMechanism:
@@ -132,6 +164,14 @@ class ClientLevelMechanism:
         self.params = params
         self.accountant = accountant
         self.randomness = randomness
+        # The round's C: fixed, or moved by adaptive clipping after every release.
+        self.clip_norm = params.clip_norm
+        # Adaptive clipping's public release of the last round: (its C, its noisy unclipped fraction).
+        self.last_adaptive_release: tuple[float, float] | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.params.flat and self.params.adaptive_clipping is not None
 
     # --- before the round -----------------------------------------------------------
 
@@ -161,7 +201,7 @@ class ClientLevelMechanism:
         asked; only the sampled ones contribute their update.
         """
         chosen = set(sampled)
-        if self.params.client_noise_std() > 0:
+        if self.params.client_noise_std(self.clip_norm) > 0:
             return [(node, node in chosen) for node in nodes]
         return [(node, True) for node in nodes if node in chosen]
 
@@ -171,14 +211,15 @@ class ClientLevelMechanism:
         return {
             CONTRIBUTE_UPDATE: contribute_update,
             CLIPPING: p.clipping,
-            CLIP_NORM: p.clip_norm if p.private else 0.0,  # 0: no clipping
-            CLIENT_NOISE_STD: p.client_noise_std(),
+            CLIP_NORM: self.clip_norm if p.private else 0.0,  # 0: no clipping
+            CLIENT_NOISE_STD: p.client_noise_std(self.clip_norm),
             NOISE_MULTIPLIER: p.noise_multiplier,
             SAMPLE_RATE: p.sample_rate,
             SAMPLE_SIZE: p.sample_size,
             DELTA: p.delta,
             EPSILON_VALID: p.epsilon_valid,
             REPRODUCIBLE_NOISE: p.reproducible_noise,
+            REPORT_UNCLIPPED: self.adaptive,
         }
 
     # --- after the replies ------------------------------------------------------------
@@ -195,34 +236,44 @@ class ClientLevelMechanism:
                 return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
         if not all_finite(update):
             return "the update has NaN or Inf values"
-        share = self.params.client_noise_std()
+        share = self.params.client_noise_std(self.clip_norm)
         if share > 0:
             dimension = sum(t.numel() for t in like.values())
-            bound = self.params.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
+            bound = self.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
             norm = global_l2_norm(update)
             if norm > bound:
                 return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
         return None
 
-    def release(self, updates: Sequence[Tensors], like: Tensors, server_round: int) -> dict[str, torch.Tensor]:
+    def screen_unclipped(self, value: Any) -> str | None:
+        """Why an adaptive-clipping client's reported bit must be dropped (with its update), or None."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+            return None
+        return f"the reported {UNCLIPPED!r} bit must be 0 or 1, got {value!r}"
+
+    def release(
+        self, updates: Sequence[Tensors], like: Tensors, server_round: int, unclipped: Sequence[float] = ()
+    ) -> dict[str, torch.Tensor]:
         """The released mean of the screened replies ``updates``; accounts the round.
 
         Under client placement ``updates`` also holds the noise-only replies of the
         clients that were not sampled: each reply carries one noise share. Computed
-        in float64 and returned in the dtypes of ``like``.
+        in float64 and returned in the dtypes of ``like``. Under adaptive clipping
+        ``unclipped`` holds the bits of the same replies: their noisy fraction is
+        released too (:attr:`last_adaptive_release`) and moves C for the next round.
         """
         p = self.params
         if p.epsilon_valid:
-            # Write-ahead: the round is spent before its noise exists.
+            # Write-ahead: the round is spent (the update and the count) before its noise exists.
             self.accountant.step(p.noise_multiplier, p.sample_rate)
         total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
         for update in updates:
             if p.flat and p.noise_placement == "server":
                 # Re-clip: the sensitivity bound holds whatever a client sent.
-                update, _ = flat_clip(update, p.clip_norm)
+                update, _ = flat_clip(update, self.clip_norm)
             for name, t in update.items():
                 total[name] += t.double()
-        std = p.server_noise_std(len(updates))
+        std = p.server_noise_std(len(updates), self.clip_norm)
         if std > 0:
             stream = self.randomness.stream("server-noise", server_round)
             total = {name: t + stream.gaussian(t.shape, std) for name, t in total.items()}
@@ -230,7 +281,24 @@ class ClientLevelMechanism:
             denominator = p.expected_clients if p.clipping == "flat" else p.sample_size
         else:
             denominator = max(1, len(updates))
+        if self.adaptive:
+            self._adapt_clip_norm(unclipped, server_round)
         return {name: (t / denominator).to(like[name].dtype) for name, t in total.items()}
+
+    def _adapt_clip_norm(self, unclipped: Sequence[float], server_round: int) -> None:
+        adaptive = self.params.adaptive_clipping
+        assert adaptive is not None
+        stream = self.randomness.stream("clip-count-noise", server_round)
+        fraction = adaptive.noisy_unclipped_fraction(unclipped, self.params.expected_clients, stream)
+        self.last_adaptive_release = (self.clip_norm, fraction)
+        self.clip_norm = adaptive.next_clip_norm(self.clip_norm, fraction)
+
+    def state_dict(self) -> dict[str, float]:
+        """The mechanism's public state (C under adaptive clipping); never its randomness."""
+        return {"clip-norm": self.clip_norm}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.clip_norm = float(state["clip-norm"])
 
     def privacy_spent(self) -> tuple[float, float]:
         """(ε, best RDP order) so far, or NaNs when ε is not a valid guarantee of this run."""
@@ -240,7 +308,7 @@ class ClientLevelMechanism:
 
     def is_clipped(self, update: Tensors) -> bool:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
-        return global_l2_norm(update) >= self.params.clip_norm * (1 - CLIPPED_TOLERANCE)
+        return global_l2_norm(update) >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -254,11 +322,16 @@ class ClientInstructions:
     noise_multiplier: float
     sample_size: int
     reproducible_noise: bool
+    report_unclipped: bool = False
 
     @classmethod
     def flat(cls, clip_norm: float, client_noise_std: float = 0.0) -> ClientInstructions:
         """Flat clipping to ``clip_norm`` (0: none) and a noise share of ``client_noise_std``."""
         return cls(True, "flat", clip_norm, client_noise_std, 0.0, 1, False)
+
+    def unclipped_report(self, norm: float) -> dict[str, int]:
+        """What the client reports beside its update: {``UNCLIPPED``: [‖u‖ ≤ C]} if asked, else nothing."""
+        return {UNCLIPPED: unclipped_bit(norm, self.clip_norm)} if self.report_unclipped else {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientInstructions:
@@ -270,6 +343,7 @@ class ClientInstructions:
             noise_multiplier=float(config[NOISE_MULTIPLIER]),
             sample_size=int(config[SAMPLE_SIZE]),
             reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
+            report_unclipped=bool(config[REPORT_UNCLIPPED]),
         )
 
 

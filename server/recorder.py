@@ -34,7 +34,9 @@ PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
 # on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
 PUBLIC_ROUND_KEYS = frozenset(
     {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy"}
+     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy",
+     # adaptive clipping: the round's C and its noisy clipped fraction, both covered by ε
+     "clip-norm", "noisy-clipped-fraction"}
 )  # fmt: skip
 PUBLIC_SUMMARY_KEYS = frozenset(
     {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",

@@ -32,10 +32,12 @@ from torch import nn
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.adaptive_clipping import AdaptiveClipping
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,
     PAPER_MODE_WARNING,
     REPRODUCIBLE_NOISE_WARNING,
+    UNCLIPPED,
     ClientLevelMechanism,
     MechanismParams,
 )
@@ -146,6 +148,7 @@ class ClientLevelDPStrategy(Strategy):
         clipping: str = "flat",
         accountant: str = "rdp",
         reproducible_noise: bool = False,
+        adaptive_clipping: AdaptiveClipping | None = None,
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
     ) -> None:
@@ -160,6 +163,7 @@ class ClientLevelDPStrategy(Strategy):
             clipping=clipping,
             private=self.private,
             reproducible_noise=reproducible_noise,
+            adaptive_clipping=adaptive_clipping if self.private else None,
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
@@ -193,6 +197,7 @@ class ClientLevelDPStrategy(Strategy):
             clipping=settings.clipping,
             accountant=settings.accountant,
             reproducible_noise=settings.reproducible_noise,
+            adaptive_clipping=settings.adaptive_clipping(noise_multiplier),
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
         )
@@ -316,18 +321,29 @@ class ClientLevelDPStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = self.global_arrays.to_torch_state_dict()
-        updates, dropped = [], []
+        updates, unclipped, dropped = [], [], []
         for reply in replies:
             update, reason = self.screen_reply(reply, x)
+            bit = None
+            if update is not None and self.mechanism.adaptive:
+                bit, reason = read_unclipped(reply, self.mechanism)
+                if bit is None:  # a reply without a valid bit is dropped whole
+                    update = None
             if update is None:  # its reason goes to the server-private diagnostics only
                 dropped.append(reason)
             else:
                 updates.append(update)
-        new_x = self.aggregate_updates(server_round, x, updates)
+                if bit is not None:
+                    unclipped.append(bit)
         diagnostics = {"accepted": len(updates), "dropped": len(dropped), "drop-reasons": dropped}
         if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
-            clipped = [self.mechanism.is_clipped(update) for update in updates]
+            # At this round's C, before adaptive clipping moves it.
+            if self.mechanism.adaptive:
+                clipped = [not bit for bit in unclipped]
+            else:
+                clipped = [self.mechanism.is_clipped(update) for update in updates]
             diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
+        new_x = self.aggregate_updates(server_round, x, updates, unclipped)
         self.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
 
@@ -346,9 +362,11 @@ class ClientLevelDPStrategy(Strategy):
         reason = self.mechanism.screen(update, x)
         return (None, reason) if reason else (update, "")
 
-    def aggregate_updates(self, server_round: int, x: Tensors, updates: list[Tensors]) -> Tensors:
-        """The new global weights from the screened replies; accounts the round."""
-        mean_delta = self.mechanism.release(updates, x, server_round)
+    def aggregate_updates(
+        self, server_round: int, x: Tensors, updates: list[Tensors], unclipped: list[float] = ()
+    ) -> Tensors:
+        """The new global weights from the screened replies (and their bits under adaptive clipping)."""
+        mean_delta = self.mechanism.release(updates, x, server_round, unclipped)
         public = self.public_update(server_round, x)
         if public is not None:
             mean_delta = {name: t + public[name] for name, t in mean_delta.items()}
@@ -361,13 +379,17 @@ class ClientLevelDPStrategy(Strategy):
     def public_metrics(self, server_round: int) -> dict[str, float]:
         """What may be released about the round: ε and the mechanism's public parameters."""
         epsilon, order = self.mechanism.privacy_spent()
-        return {
+        metrics = {
             "epsilon": epsilon,
             "rdp-order": order,
             "lr": self.round_lr(server_round),
             "noise-multiplier": self.noise_multiplier,
             "expected-clients": self.expected_clients,
         }
+        if self.mechanism.last_adaptive_release is not None:  # released under the same ε
+            clip_norm, unclipped = self.mechanism.last_adaptive_release
+            metrics.update({"clip-norm": clip_norm, "noisy-clipped-fraction": 1 - unclipped})
+        return metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -392,14 +414,20 @@ class ClientLevelDPStrategy(Strategy):
             params.delta, self.max_epsilon, "reproducible" if params.reproducible_noise else "secure",
             self.option_values,
         )  # fmt: skip
+        if adaptive := params.adaptive_clipping:
+            log(INFO, "%s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
+                "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,
+                adaptive.learning_rate, adaptive.count_noise_std, params.update_noise_multiplier)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The server state beside the global weights; never the noise or sampling randomness."""
-        return {"round": self.current_round, "accountant": self.accountant.state_dict(), "strategy": self.extra_state()}
+        return {"round": self.current_round, "accountant": self.accountant.state_dict(),
+                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current_round = int(state["round"])
         self.accountant.load_state_dict(state["accountant"])
+        self.mechanism.load_state_dict(state["mechanism"])
         self.load_extra_state(state["strategy"])
 
 
@@ -409,6 +437,16 @@ def not_valid_reasons(params: MechanismParams) -> list[str]:
         return []
     return [text for text, applies in ((PAPER_MODE_WARNING, params.clipping == "paper"),
                                        (REPRODUCIBLE_NOISE_WARNING, params.reproducible_noise)) if applies]  # fmt: skip
+
+
+def read_unclipped(reply: Message, mechanism: ClientLevelMechanism) -> tuple[float | None, str]:
+    """An adaptive-clipping reply's bit [‖u‖ ≤ C], or None and why the reply must be dropped."""
+    try:
+        value = reply.content.metric_records[METRICS_KEY][UNCLIPPED]
+    except Exception as err:  # noqa: BLE001 - whatever a broken or hostile client sent
+        return None, f"no readable {UNCLIPPED!r} bit in {METRICS_KEY!r} ({type(err).__name__}: {err})"
+    reason = mechanism.screen_unclipped(value)
+    return (None, reason) if reason else (float(value), "")
 
 
 def checked_round_config(config: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
