@@ -178,14 +178,16 @@ class RunSettings:
             check_model_supported(self.model)
 
     def _validate_adaptive_clipping(self) -> None:
-        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported
+        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, update_noise_multiplier
 
         _one_of("clip-mode", self.clip_mode, CLIP_MODES)
         if self.clip_count_noise < 0:
             raise UsageError(f"clip-count-noise must be >= 0 (0 = automatic), got {self.clip_count_noise}")
         if self.clip_mode == "adaptive":
             check_adaptive_clipping_supported(self.noise_placement, self.clipping)
-            self.adaptive_clipping(self.noise_multiplier)  # its own checks of the ranges
+            adaptive = self.adaptive_clipping(self.noise_multiplier)  # its own checks of the ranges
+            if self.target_epsilon == 0:  # σ is known now; a calibrated σ is checked by the server
+                update_noise_multiplier(self.noise_multiplier, adaptive.count_noise_std)
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""
