@@ -169,7 +169,8 @@ def test_clients_report_their_bit_and_forged_bits_drop_the_reply(tmp_path):
         partition = int(context.node_config["partition-id"])
         return hostile[partition](msg, reply) if partition in hostile else reply
 
-    out = run(tmp_path, "hostile", app)
+    # Count noise 0.1 on 4 centred bits over qN = 8: b̃ is 0.25 ± 0.0125, far below γ = 0.5.
+    out = run(tmp_path, "hostile", app, noise_multiplier=0.1, clip_count_noise=0.1)
     diagnostics = rows(out / PRIVATE_DIAGNOSTICS_FILE)
     for facts in diagnostics:
         assert facts["accepted"] == 4 and facts["dropped"] == 4
@@ -182,7 +183,7 @@ def test_clients_report_their_bit_and_forged_bits_drop_the_reply(tmp_path):
     assert all(set(row) <= PUBLIC_ROUND_KEYS for row in public)
     trained = public[1:]
     assert trained[0]["clip-norm"] == 0.01
-    # All clipped: b̃ < γ, so C grows every round (by exp(0.2·(γ − b̃)), noise allowing).
+    # All clipped: b̃ < γ, so C grows every round, by exp(−0.2·(b̃ − γ)).
     assert all(later["clip-norm"] > earlier["clip-norm"] for earlier, later in zip(trained, trained[1:]))
     for row, after in zip(trained, trained[1:]):
         step = math.exp(-0.2 * ((1 - row["noisy-clipped-fraction"]) - 0.5))
