@@ -40,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     noise_stream = randomness.stream("client-noise", server_round, identity)
     global_weights = msg.content[ARRAYS_KEY].to_torch_state_dict()
     if not instructions.contribute_update:  # not sampled: only this client's noise share
-        return _reply(msg, noise_share(global_weights, instructions, noise_stream))
+        return update_reply(msg, noise_share(global_weights, instructions, noise_stream))
     partition = load_client_partition(settings, context.node_config)
     records = {
         key: record.to_torch_state_dict()
@@ -81,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
             settings.local_delta, server_round)  # fmt: skip
     # Only the privatised update leaves the client (with adaptive clipping, also the bit
     # [norm <= C] the server noises): no loss, norm or data size.
-    return _reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
+    return update_reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
 
 
 @app.query()
@@ -101,6 +101,6 @@ def deploy(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 
-def _reply(msg: Message, update: dict[str, torch.Tensor], report: dict[str, int] | None = None) -> Message:
+def update_reply(msg: Message, update: dict[str, torch.Tensor], report: dict[str, int] | None = None) -> Message:
     records = {UPDATE_KEY: ArrayRecord(update), **({METRICS_KEY: MetricRecord(report)} if report else {})}
     return Message(content=RecordDict(records), reply_to=msg)
