@@ -49,18 +49,23 @@ def add_audit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpfl.server.audit import run_audit
-
     args.out = args.out or f"runs/audit-{datetime.now():%Y%m%d-%H%M%S}"
     settings = settings_from_args(args)
-    out = Path(settings.out_dir)
     console = Console()
     console.print(f"[bold]dpfl audit[/]: {settings.strategy}, {settings.num_clients} clients + {args.canaries} "
-                  f"canaries (each present with probability 1/2), {settings.num_server_rounds} rounds; records: {out}")  # fmt: skip
-    report = run_audit(settings, args.canaries, args.confidence, out)
-    print_audit(report, console)
-    console.print(f"  {out / 'audit.json'}\n  plot: {out / 'audit.png'}")
+                  f"canaries (each present with probability 1/2), {settings.num_server_rounds} rounds; "
+                  f"records: {settings.out_dir}")  # fmt: skip
+    audit_and_print(settings, args.canaries, args.confidence, Path(settings.out_dir), console)
     return 0
+
+
+def audit_and_print(settings, canaries: int, confidence: float, out: Path, console: Console) -> None:
+    """Run the audit of ``settings`` into ``out`` and print its table and files."""
+    from dpfl.server.audit import AUDIT_FILE, AUDIT_PLOT, run_audit
+
+    report = run_audit(settings, canaries, confidence, out)
+    print_audit(report, console)
+    console.print(f"  {out / AUDIT_FILE}\n  plot: {out / AUDIT_PLOT}")
 
 
 def print_audit(report, console: Console) -> None:

@@ -105,6 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="flower: Flower's local simulation (SuperLink, Ray); in-process: the same apps "
                         "in this process, much faster for small models")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-dir")
+    parser.add_argument("--audit", action="store_true",
+                        help="then audit this configuration (`dpfl audit`: a second run with canary clients) into OUT/audit")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -175,8 +177,12 @@ def run(args: argparse.Namespace) -> int:
         f"{epsilon} at delta {summary['delta']:g}, sigma {summary['noise-multiplier']:.4f}, "
         f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
-    if settings.deploy:
-        return _show_deployment(out, console)
+    if settings.deploy and (code := _show_deployment(out, console)):
+        return code
+    if args.audit:
+        from dpfl.cli.audit import DEFAULT_CANARIES, DEFAULT_CONFIDENCE, audit_and_print
+
+        audit_and_print(settings, DEFAULT_CANARIES, DEFAULT_CONFIDENCE, out / "audit", console)
     return 0
 
 

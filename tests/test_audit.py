@@ -94,3 +94,17 @@ def test_the_audit_catches_a_mechanism_whose_noise_is_below_what_the_accountant_
     report = run_audit(settings, canaries=128, confidence=0.95, out=tmp_path / broken)
     assert report.accountant_epsilon == pytest.approx(1.0, rel=1e-3)
     assert report.bound.epsilon_lower > report.accountant_epsilon
+
+
+@pytest.mark.slow
+def test_simulate_with_audit_appends_the_check_to_a_run(dpfl_quick, tmp_path):
+    out = tmp_path / "run"
+    result = dpfl_quick("simulate", "--engine", "in-process", "--strategy", "dp-fedavg", "--model", "cnn", "--width", "16",
+                        "--clients", "10", "--sample-rate", "0.5", "--rounds", "2", "--target-epsilon", "2",
+                        "--max-epsilon", "0", "--audit", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "audit" / "audit.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert report["accountant_epsilon"] == pytest.approx(summary["epsilon"])
+    assert 0 <= report["bound"]["epsilon_lower"] <= report["accountant_epsilon"]
+    assert len(report["scores"]) == 128
