@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dpfl.cli.options import open_unit, positive_float, positive_int
-from dpfl.cli.simulate import OPTIONS, add_option, settings_from_args
+from dpfl.cli.options import open_unit, positive_int
+from dpfl.cli.simulate import add_run_options, settings_from_args
 
 DEFAULT_CANARIES = 128
 DEFAULT_CONFIDENCE = 0.95
@@ -28,14 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_audit_options(parser)
-    for option in OPTIONS:
-        add_option(parser, *option)
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
-                       help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
-    noise.add_argument("--target-epsilon", type=positive_float, default=None, help="calibrate sigma to this epsilon")
-    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="an option of the strategy (repeatable)")  # fmt: skip
+    add_run_options(parser)
     parser.add_argument("--out", default=None, help="output folder (default runs/audit-<time>)")
     parser.set_defaults(func=run, deploy_node_configs=[], download=False)
 

@@ -87,15 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and ClientApp as `flwr run .`), printing accuracy and epsilon after every round.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for option in OPTIONS:
-        add_option(parser, *option)
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
-                       help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
-    noise.add_argument("--target-epsilon", type=positive_float, default=None,
-                       help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
-    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
+    add_run_options(parser)
     parser.add_argument("--deploy-node-config", dest="deploy_node_configs", action="append", default=[],
                         metavar="'KEY=VALUE ...'",
                         help="node config of simulated nodes for the deployment round (device-*, compress-*, "
@@ -108,6 +100,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--audit", action="store_true",
                         help="then audit this configuration (`dpfl audit`: a second run with canary clients) into OUT/audit")  # fmt: skip
     parser.set_defaults(func=run)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every run-configuration flag: :data:`OPTIONS`, σ or the target ε, the strategy's options."""
+    for option in OPTIONS:
+        add_option(parser, *option)
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
+                       help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
+    noise.add_argument("--target-epsilon", type=positive_float, default=None,
+                       help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
 
 
 def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Callable, text: str) -> None:
