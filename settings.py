@@ -55,6 +55,11 @@ class RunSettings:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     clip_count_noise: float = 0.0
+    # Client failures: per-round reply timeout; skip a round's update below min-replies
+    # replies (a count released with Gaussian noise of std reply-count-noise; 0 = never skip)
+    round_timeout: float = 3600.0
+    min_replies: int = 0
+    reply_count_noise: float = 20.0
     # Local training
     lr: float = 0.0  # recipe
     lr_decay: float = 0.0  # recipe
@@ -85,6 +90,11 @@ class RunSettings:
     # Bookkeeping
     seed: int = 0
     out_dir: str = "runs/latest"
+    # Crash safety: continue a run folder (its own init-from then no longer applies), or
+    # start from a checkpoint carrying its privacy ledger
+    resume_from: str = ""
+    init_from: str = ""
+    init_new_data: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -148,6 +158,15 @@ class RunSettings:
                 f"target-epsilon {self.target_epsilon} is over the budget max-epsilon {self.max_epsilon}; "
                 "lower the target or raise the budget"
             )
+        _positive("round-timeout", self.round_timeout)
+        _at_least("min-replies", self.min_replies, 0)
+        _positive("reply-count-noise", self.reply_count_noise)
+        if self.min_replies and not self.target_epsilon and self.reply_count_noise <= self.noise_multiplier:
+            # (A calibrated sigma is checked when the ServerApp has it.)
+            raise UsageError(
+                f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when min-replies "
+                f"is set (its cost is taken from the update's noise), got {self.reply_count_noise:g}"
+            )
         _positive("clip-norm", self.clip_norm)
         if not 0 < self.sample_rate <= 1:
             raise UsageError(f"sample-rate must be in (0, 1], got {self.sample_rate}")
@@ -178,7 +197,7 @@ class RunSettings:
             check_model_supported(self.model)
 
     def _validate_adaptive_clipping(self) -> None:
-        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, update_noise_multiplier
+        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
 
         _one_of("clip-mode", self.clip_mode, CLIP_MODES)
         if self.clip_count_noise < 0:
@@ -187,7 +206,7 @@ class RunSettings:
             check_adaptive_clipping_supported(self.noise_placement, self.clipping)
             adaptive = self.adaptive_clipping(self.noise_multiplier)  # its own checks of the ranges
             if self.target_epsilon == 0:  # σ is known now; a calibrated σ is checked by the server
-                update_noise_multiplier(self.noise_multiplier, adaptive.count_noise_std)
+                check_count_noise(self.noise_multiplier, adaptive.count_noise_std)
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""

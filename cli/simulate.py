@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from dpfl.task.recipes import UNSET, describe_recipe
 DEFAULTS = RunSettings()
 FLOWER_LOG = "flower.log"
 ENGINES = ("flower", "in-process")
+# A run stopped by Ctrl-C or SIGTERM exits as a shell reports a SIGINT death.
+INTERRUPTED_EXIT_CODE = 130
 # (flag, settings field, type, help): every flag sets the run-config key of that field.
 OPTIONS = [
     ("--rounds", "num_server_rounds", positive_int, "federated rounds"),
@@ -51,6 +55,11 @@ OPTIONS = [
     ("--clipping", "clipping", str, "flat (sound DP) or paper (the reference code's clipping: NO DP guarantee)"),
     ("--reproducible-noise", "reproducible_noise", bool,
      "derive the privacy noise and client sampling from --seed, for debugging and exact reproduction: epsilon NOT valid"),
+    ("--round-timeout", "round_timeout", positive_float, "seconds to wait for a round's replies; later ones are left out"),
+    ("--min-replies", "min_replies", int,
+     "skip a round's update (still accounted) when its noisy count of replies is below this (0 = never)"),
+    ("--reply-count-noise", "reply_count_noise", positive_float,
+     "std of the noise on the reply count (with --min-replies; must exceed sigma, whose cost it shares)"),
     ("--lr", "lr", positive_float, "initial local learning rate"),
     ("--lr-decay", "lr_decay", positive_float, "learning-rate decay per round"),
     ("--local-epochs", "local_epochs", positive_int, "local epochs over a nominal client's data"),
@@ -76,7 +85,13 @@ OPTIONS = [
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
     ("--pretraining", "pretraining", str, "initial weights: none (random) or fractal (public synthetic pretraining, cached)"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
+    ("--init-from", "init_from", str,
+     "start from this checkpoint's weights (a run folder, checkpoint.pt or final_model.pt), carrying its privacy ledger"),
+    ("--init-new-data", "init_new_data", bool,
+     "with --init-from: this run's clients hold other data, so no ledger is carried (needed for a checkpoint without one)"),
 ]
+# What a resumed run may be given on the command line beside --resume.
+RESUME_HINT = "dpfl simulate --resume {out} [--rounds N] [--max-epsilon E] [--engine ...]"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,6 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="node config of simulated nodes for the deployment round (device-*, compress-*, "
                         "share-accuracy); repeat for several device types, assigned round robin by partition")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/<strategy>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue the run in RUN_DIR from its last completed round, with its run config "
+                        "(only --rounds, --max-epsilon and --round-timeout may change)")  # fmt: skip
     parser.add_argument("--engine", choices=ENGINES, default="flower",
                         help="flower: Flower's local simulation (SuperLink, Ray); in-process: the same apps "
                         "in this process, much faster for small models")  # fmt: skip
@@ -125,19 +143,55 @@ def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Cal
         parser.add_argument(flag, dest=field, type=kind, default=UNSET.get(field, getattr(DEFAULTS, field)), help=text)
 
 
-def settings_from_args(args: argparse.Namespace) -> RunSettings:
+def option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
+    """The run settings the options set; ``given_only``: only those that differ from their defaults."""
     values = {field: getattr(args, field) for _, field, _, _ in OPTIONS}
-    values["strategy_options"] = " ".join(args.strategy_options)
-    values["deploy_node_configs"] = "; ".join(args.deploy_node_configs)
+    if given_only:
+        values = {field: value for field, value in values.items() if value != UNSET.get(field, getattr(DEFAULTS, field))}
+    if args.strategy_options or not given_only:
+        values["strategy_options"] = " ".join(args.strategy_options)
+    if args.deploy_node_configs or not given_only:
+        values["deploy_node_configs"] = "; ".join(args.deploy_node_configs)
     if args.target_epsilon is not None:
         values["target_epsilon"] = args.target_epsilon
     elif args.noise_multiplier is not None:
         values.update(noise_multiplier=args.noise_multiplier, target_epsilon=0.0)
-    out = Path(args.out or f"runs/{args.strategy}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
-    if holds_run(out):
-        raise UsageError(f"output folder {str(out)!r} already holds a run; choose another --out")
-    settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
+    return values
+
+
+def resumed_settings(args: argparse.Namespace) -> RunSettings:
+    """The settings of the run in ``--resume``, with what the command line changes (checked)."""
+    from dpfl.server.checkpoint import check_resumable, load_run_checkpoint
+    from dpfl.server.recorder import lock_run_dir
+
+    run_dir = Path(args.resume).expanduser().resolve()
+    if args.out and Path(args.out).expanduser().resolve() != run_dir:
+        raise UsageError(f"--resume continues in {str(run_dir)!r}; leave out --out (got {args.out!r})")
+    checkpoint = load_run_checkpoint(run_dir)
+    saved = RunSettings.from_run_config(checkpoint.run_config)
+    settings = dataclasses.replace(saved, **option_values(args, given_only=True), resume_from=str(run_dir), out_dir=str(run_dir))
     settings.validate()
+    check_resumable(checkpoint, settings.to_run_config(), run_dir)
+    lock_run_dir(run_dir).close()  # refused now, in one line, if another process writes it
+    return settings
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    if args.resume:
+        settings = resumed_settings(args)
+    else:
+        out = Path(args.out or f"runs/{args.strategy}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
+        if holds_run(out):
+            raise UsageError(f"output folder {str(out)!r} already holds a run; choose another --out, or --resume it")
+        values = option_values(args)
+        if values["init_from"]:  # the ServerApp may run in another folder
+            values["init_from"] = str(Path(values["init_from"]).expanduser().resolve())
+        settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
+        settings.validate()
+        if settings.init_from:  # here, in one line, rather than in the ServerApp
+            from dpfl.server.checkpoint import load_initial_state
+
+            load_initial_state(settings.init_from, settings.init_new_data)
     from dpfl.client.data import cached_dataset
     from dpfl.strategies import get_strategy_class, smoke_test_strategy
     from dpfl.task.data import load_dataset
@@ -166,10 +220,15 @@ def run(args: argparse.Namespace) -> int:
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}\n  {describe_recipe(settings)}"
         f"\n  records: {out}"
     )
-    if args.engine == "flower":
-        failure = _run_on_flower(settings, out, console)
-    else:
-        failure = _run_in_process(settings, out, console)
+    try:
+        with signals_interrupt():
+            if args.engine == "flower":
+                failure = _run_on_flower(settings, out, console)
+            else:
+                failure = _run_in_process(settings, out, console)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted[/]: {_completed_rounds(out)}; resume with\n  {RESUME_HINT.format(out=out)}")
+        return INTERRUPTED_EXIT_CODE
     summary_file = out / SUMMARY_FILE
     if failure or not summary_file.exists():
         console.print(f"[red]the run failed[/]: {failure or 'no summary was written'}")
@@ -189,6 +248,28 @@ def run(args: argparse.Namespace) -> int:
 
         audit_and_print(settings, DEFAULT_CANARIES, DEFAULT_CONFIDENCE, out / "audit", console)
     return 0
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM as Ctrl-C: the engines' clean-up (stopping Flower's processes) runs for both."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _completed_rounds(out: Path) -> str:
+    from dpfl.server.checkpoint import CHECKPOINT_FILE, load_run_checkpoint
+
+    if not (out / CHECKPOINT_FILE).exists():
+        return "no round was completed"
+    return f"the checkpoint holds round {load_run_checkpoint(out).round}"
 
 
 def _show_deployment(out: Path, console: Console) -> int:

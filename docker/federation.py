@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run a job and copy its outputs to runs/")
     run.add_argument("--run-config", default="", help="run-config overrides of the example job, 'key=value ...'")
     run.add_argument("--name", default="", help="output folder name under runs/ (default: docker-<time>)")
+    run.add_argument("--resume", metavar="NAME", default="",
+                     help="continue the run runs/NAME from its last completed round (after a SuperLink crash); "
+                     "give the same --run-config (only num-server-rounds, max-epsilon, round-timeout may change)")
     commands.add_parser("down", help="remove the federation's containers, network and volumes")
     tool = commands.add_parser("flwr", help="Flower's CLI against the federation")
     tool.add_argument("flwr_args", nargs=argparse.REMAINDER)
@@ -331,9 +334,11 @@ def flwr_passthrough(args: argparse.Namespace) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    name = args.name or "docker-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if args.resume and args.name and args.name != args.resume:
+        raise FederationError(f"--resume {args.resume} continues runs/{args.resume}; leave out --name (got {args.name!r})")
+    name = args.resume or args.name or "docker-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     # One --run-config per layer: flwr applies them in order, so later keys win.
-    layers = [EXAMPLE_JOB, args.run_config, f"out-dir='runs/{name}'"]
+    layers = [EXAMPLE_JOB, args.run_config, f"out-dir='runs/{name}'", f"resume-from='runs/{name}'" if args.resume else ""]
     started = time.monotonic()
     run_config = [arg for layer in layers if layer.strip() for arg in ("--run-config", layer)]
     reply = json_tail(flwr("run", "/app", *run_config, "--format", "json").stdout)

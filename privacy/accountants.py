@@ -79,6 +79,18 @@ class Accountant(ABC):
     def state_dict(self) -> dict:
         return {"accountant": self.mechanism, "delta": self.delta, "history": [list(h) for h in self._history]}
 
+    def continue_from(self, history: History) -> None:
+        """Count the rounds of ``history`` (another run's ledger over the same clients) as already spent.
+
+        Only the (σ, q, rounds) history carries over: composition does not depend on
+        δ or on which accountant recorded it, so this accountant's ε covers both runs.
+        """
+        merged: list[tuple[float, float, int]] = []
+        for sigma, q, steps in [*history, *self._history]:
+            for _ in range(int(steps)):
+                merged = _with_round(merged, float(sigma), float(q))
+        self._history = merged
+
     def load_state_dict(self, state: dict) -> None:
         # States saved before the accountant was selectable are RDP's.
         saved = state.get("accountant", "rdp")

@@ -130,15 +130,25 @@ def create_accountant(name: str, delta: float) -> Accountant:
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp"
+    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp",
+    prior: History = (),
 ) -> float:
-    """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``."""
+    """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``.
+
+    ``prior``: rounds already spent on the same clients (an earlier run's ledger),
+    which the target includes.
+    """
     if not target_epsilon > 0:
         raise UsageError(f"target epsilon must be > 0, got {target_epsilon}")
     spent = create_accountant(accountant, delta).spent
+    already = spent(prior)[0]
+    if already >= target_epsilon:
+        raise UsageError(
+            f"target epsilon {target_epsilon} is already spent: the ledger carried over gives epsilon {already:.3f}"
+        )
 
     def excess(sigma: float) -> float:
-        return spent([(sigma, sample_rate, rounds)])[0] - target_epsilon
+        return spent([*prior, (sigma, sample_rate, rounds)])[0] - target_epsilon
 
     if accountant == "rdp":
         low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
@@ -151,7 +161,7 @@ def calibrate_noise_multiplier(
         # PRV and PLD bound ε more tightly than RDP, so RDP's σ meets the target and the
         # search brackets the answer below it: these accountants get slow at small σ.
         # The guard covers their small numerical error.
-        high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds)
+        high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, prior=prior)
         while excess(high) > 0:
             high *= 1.01
         low = max(high / 2, MIN_NOISE_MULTIPLIER)

@@ -9,11 +9,11 @@ towards the target quantile γ of the update norms:
 The bits are centred (b − ½ ∈ {−½, +½}, sensitivity ½) and the ½ added back with
 the *expected* count qN: under Poisson sampling the realised count is private, so
 the shift must not depend on it (Flower and the paper, with a fixed cohort size m,
-shift by m). The update's noise multiplier is raised to
+shift by m). The mechanism raises the update's noise multiplier to
 
     σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2)
 
-(the paper's Theorem 1): per client the two releases then form one Gaussian
+(the paper's Theorem 1; with ``min-replies`` the reply count's share is taken too): per client the two releases then form one Gaussian
 mechanism whose noise-normalised sensitivity is √(σ_Δ⁻² + (2σ_b)⁻²) = 1/σ, so the
 accountant, told σ, accounts both exactly, sampling amplification included.
 
@@ -40,18 +40,22 @@ COUNT_NOISE_PER_EXPECTED_CLIENT = 1 / 20
 MAX_UPDATE_NOISE_INFLATION = 1.05
 
 
-def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
-    """σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2): the update's share of a total multiplier σ.
+def count_noise_multiplier(count_noise_std: float) -> float:
+    """The clipped count's noise multiplier: σ_b over the centred bit's sensitivity ½.
 
-    Refused when 2σ_b ≤ σ: the count alone would then cost at least the whole budget.
+    The mechanism splits σ with it (:func:`dpfl.privacy.mechanism.split_noise_multiplier`):
+    σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2).
     """
-    count_multiplier = count_noise_std / CENTRED_BIT_SENSITIVITY
-    if not count_multiplier > noise_multiplier:
+    return count_noise_std / CENTRED_BIT_SENSITIVITY
+
+
+def check_count_noise(noise_multiplier: float, count_noise_std: float) -> None:
+    """Refuse 2σ_b ≤ σ: the count alone would then cost at least the whole budget."""
+    if not count_noise_multiplier(count_noise_std) > noise_multiplier:
         raise UsageError(
             f"clip-count-noise {count_noise_std:g} must be more than half the noise multiplier "
             f"({noise_multiplier / 2:.4g}): the clipped count would cost the whole privacy budget"
         )
-    return (noise_multiplier**-2 - count_multiplier**-2) ** -0.5
 
 
 def default_count_noise_std(expected_clients: float, noise_multiplier: float) -> float:

@@ -23,6 +23,15 @@ shares of clients that did not reply. The released noise is then N(0, σ²C²)
 whatever the number of sampled or replying clients, so its level reveals neither;
 it assumes every client adds its share honestly.
 
+A minimum number of replies (``min_replies`` > 0): whether a round's update is
+applied depends on how many sampled clients replied, a private count. The server
+therefore releases that count only with Gaussian noise (std ``reply_count_noise``,
+sensitivity 1) and skips the update when the noisy count is below the minimum.
+The count and the update are then one Gaussian release of the vector
+(Σu/C, Σ1) whose noise multiplier is σ when the update's own multiplier is
+σ_Δ = (σ⁻² − σ_c⁻²)^(−1/2) (:func:`split_noise_multiplier`, Andrew et al. 2021,
+Thm. 1): the accountant, told σ, stays exact.
+
 A strategy with ``private = False`` is a reference curve without DP: no
 clipping, no noise, a plain mean over the clients that replied, no accounting.
 ``clipping = "paper"`` reproduces the DP-FedPGN reference code (per-tensor median
@@ -34,7 +43,7 @@ Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomnes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +53,9 @@ from dpfl.privacy.accountants import Accountant
 from dpfl.privacy.adaptive_clipping import (
     AdaptiveClipping,
     check_adaptive_clipping_supported,
+    check_count_noise,
+    count_noise_multiplier,
     unclipped_bit,
-    update_noise_multiplier,
 )
 from dpfl.privacy.clipping import all_finite, flat_clip, global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.randomness import Randomness, RandomStream
@@ -69,6 +79,22 @@ REPRODUCIBLE_NOISE_WARNING = (
 PLAUSIBLE_NOISE_TAIL = 10.0
 # Relative slack under which a received update counts as clipped (its norm is C).
 CLIPPED_TOLERANCE = 1e-6
+
+
+def split_noise_multiplier(total: float, *others: float) -> float:
+    """σ_Δ such that a σ_Δ release and releases of the same sample with multipliers ``others`` cost one σ release.
+
+    Gaussian releases of the same clients with multipliers σ_Δ and σ_o (noise std
+    over sensitivity) are one Gaussian release of their concatenation with
+    multiplier (σ_Δ⁻² + Σσ_o⁻²)^(−1/2); solving for σ_Δ gives (σ⁻² − Σσ_o⁻²)^(−1/2).
+    """
+    if not others:
+        return total
+    remaining = total**-2 - sum(other**-2 for other in others)
+    if not remaining > 0:
+        listed = ", ".join(f"{other:g}" for other in others)
+        raise ValueError(f"the other releases' noise multipliers ({listed}) leave no part of the total {total:g}")
+    return remaining**-0.5
 
 # The train-config entries the mechanism sends; a strategy may not set or override them.
 CLIP_NORM = "clip-norm"
@@ -104,19 +130,39 @@ class MechanismParams:
     private: bool = True
     reproducible_noise: bool = False
     adaptive_clipping: AdaptiveClipping | None = None
+    # Skip a round's update when fewer replies arrived (a noisy count; 0 = never skip).
+    min_replies: int = 0
+    reply_count_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.counts_replies and self.flat and not self.reply_count_noise > self.noise_multiplier:
+            raise ValueError(
+                f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when "
+                f"min-replies is set, got {self.reply_count_noise:g}"
+            )
         if self.adaptive_clipping is not None:
             check_adaptive_clipping_supported(self.noise_placement, self.clipping)
-            # Refuses a count noise that would cost the whole budget.
-            update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
+            check_count_noise(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
+        if self.flat:  # together, the other releases must leave the update a part of σ
+            split_noise_multiplier(self.noise_multiplier, *self.other_release_multipliers())
+
+    @property
+    def counts_replies(self) -> bool:
+        return self.min_replies > 0
+
+    def other_release_multipliers(self) -> list[float]:
+        """Multipliers of the round's releases beside the update: the reply count, adaptive clipping's count."""
+        others = [self.reply_count_noise] if self.counts_replies else []
+        if self.adaptive_clipping is not None:
+            others.append(count_noise_multiplier(self.adaptive_clipping.count_noise_std))
+        return others
 
     @property
     def update_noise_multiplier(self) -> float:
-        """σ_Δ, the update's multiplier: σ, or less of σ's budget under adaptive clipping."""
-        if self.adaptive_clipping is None or not self.flat:
-            return self.noise_multiplier
-        return update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
+        """The multiplier of the update's own noise: σ, or σ_Δ when other noisy releases share the round."""
+        if self.flat:
+            return split_noise_multiplier(self.noise_multiplier, *self.other_release_multipliers())
+        return self.noise_multiplier
 
     @property
     def expected_clients(self) -> float:
@@ -156,14 +202,26 @@ class MechanismParams:
 
 
 class ClientLevelMechanism:
-    """The server's half of the mechanism for one run, with its accountant."""
+    """The server's half of the mechanism for one run, with its accountant.
 
-    def __init__(self, params: MechanismParams, accountant: Accountant, randomness: Randomness) -> None:
+    ``journal``, if given, is called with the accountant's state each time a round
+    is recorded, before that round's noise is drawn: the server persists it there,
+    so the ledger on disk is never behind what has been released.
+    """
+
+    def __init__(
+        self,
+        params: MechanismParams,
+        accountant: Accountant,
+        randomness: Randomness,
+        journal: Callable[[dict], None] | None = None,
+    ) -> None:
         if params.reproducible_noise != randomness.reproducible:
             raise ValueError("the mechanism's reproducible-noise flag must match its randomness")
         self.params = params
         self.accountant = accountant
         self.randomness = randomness
+        self.journal = journal
         # The round's C: fixed, or moved by adaptive clipping after every release.
         self.clip_norm = params.clip_norm
         # Adaptive clipping's public release of the last round: (its C, its noisy unclipped fraction).
@@ -252,20 +310,32 @@ class ClientLevelMechanism:
         return f"the reported {UNCLIPPED!r} bit must be 0 or 1, got {value!r}"
 
     def release(
-        self, updates: Sequence[Tensors], like: Tensors, server_round: int, unclipped: Sequence[float] = ()
-    ) -> dict[str, torch.Tensor]:
-        """The released mean of the screened replies ``updates``; accounts the round.
+        self,
+        updates: Sequence[Tensors],
+        like: Tensors,
+        server_round: int,
+        contributions: int | None = None,
+        unclipped: Sequence[float] = (),
+    ) -> dict[str, torch.Tensor] | None:
+        """The released mean of the screened replies ``updates``, or None if the round's update is skipped.
 
-        Under client placement ``updates`` also holds the noise-only replies of the
-        clients that were not sampled: each reply carries one noise share. Computed
-        in float64 and returned in the dtypes of ``like``. Under adaptive clipping
-        ``unclipped`` holds the bits of the same replies: their noisy fraction is
-        released too (:attr:`last_adaptive_release`) and moves C for the next round.
+        Accounts the round either way. Under client placement ``updates`` also holds
+        the noise-only replies of the clients that were not sampled (each carries
+        one noise share); ``contributions`` is then the number of sampled clients'
+        updates among them (default: all). Under adaptive clipping ``unclipped``
+        holds the bits of the same replies: their noisy fraction is released too
+        (:attr:`last_adaptive_release`) and moves C for the next round. Computed in
+        float64 and returned in the dtypes of ``like``.
         """
         p = self.params
+        self.last_adaptive_release = None
         if p.epsilon_valid:
-            # Write-ahead: the round is spent (the update and the count) before its noise exists.
+            # Write-ahead: the round is spent (and journaled) before its noise exists.
             self.accountant.step(p.noise_multiplier, p.sample_rate)
+            if self.journal is not None:
+                self.journal(self.accountant.state_dict())
+        if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
+            return None
         total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
         for update in updates:
             if p.flat and p.noise_placement == "server":
@@ -299,6 +369,13 @@ class ClientLevelMechanism:
 
     def load_state_dict(self, state: Mapping[str, float]) -> None:
         self.clip_norm = float(state["clip-norm"])
+
+    def too_few_replies(self, contributions: int, server_round: int) -> bool:
+        """Whether the (noisy, for a private strategy) count of contributions is below ``min_replies``."""
+        count = float(contributions)
+        if self.params.flat:
+            count += float(self.randomness.stream("reply-count", server_round).gaussian((), self.params.reply_count_noise))
+        return count < self.params.min_replies
 
     def privacy_spent(self) -> tuple[float, float]:
         """(ε, best RDP order) so far, or NaNs when ε is not a valid guarantee of this run."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 import math
+import time
+from collections.abc import Sequence
 from logging import INFO, WARNING
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -15,6 +18,16 @@ from dpfl.client.data import cached_dataset, model_spec
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import calibrate_noise_multiplier, epsilon_for
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
+from dpfl.server.checkpoint import (
+    InitialState,
+    RunCheckpoint,
+    check_resumable,
+    load_initial_state,
+    load_run_checkpoint,
+    resumed_ledger,
+    save_run_checkpoint,
+    write_ledger,
+)
 from dpfl.server.deployment_round import run_deployment_round
 from dpfl.server.evaluation import evaluate
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
@@ -27,9 +40,6 @@ from dpfl.task.recipes import recipe_for
 # How long to wait for the federation's nodes to connect, and how often to look.
 NODE_WAIT_TIMEOUT_S = 600.0
 NODE_WAIT_POLL_S = 1.0
-# Per-round reply timeout.
-ROUND_TIMEOUT_S = 3600.0
-
 app = ServerApp()
 
 
@@ -38,14 +48,32 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunSettings.from_run_config(context.run_config))
 
 
-def resolve_noise_multiplier(settings: RunSettings) -> float:
-    """σ as given, or calibrated so that the planned rounds end at ``target-epsilon``."""
+def resolve_noise_multiplier(settings: RunSettings, prior: Sequence[tuple[float, float, int]] = ()) -> float:
+    """σ as given, or calibrated so that the rounds of ``prior`` (an init-from ledger) and the
+    planned rounds together end at ``target-epsilon``."""
     if settings.target_epsilon > 0:
         return calibrate_noise_multiplier(
             settings.target_epsilon, settings.delta, settings.sample_rate, settings.num_server_rounds,
-            accountant=settings.accountant,
+            accountant=settings.accountant, prior=prior,
         )
     return settings.noise_multiplier
+
+
+def load_resume(settings: RunSettings) -> RunCheckpoint | None:
+    """The checkpoint ``resume-from`` names, checked against this run's config; None for a new run."""
+    if not settings.resume_from:
+        return None
+    checkpoint = load_run_checkpoint(settings.resume_from)
+    check_resumable(checkpoint, settings.to_run_config(), Path(settings.resume_from))
+    return checkpoint
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # other names or shapes: another architecture
+        first = str(err).strip().splitlines()[-1].strip()
+        raise UsageError(f"{source}: its weights do not fit this run's model ({first})") from None
 
 
 def wait_for_nodes(grid: Grid, wanted: int) -> None:
@@ -68,18 +96,38 @@ def local_epsilon_nominal(settings: RunSettings, local_steps: int, server_round:
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
+    resume = load_resume(settings)
+    if resume:  # the records continue in the folder being resumed
+        settings = dataclasses.replace(settings, out_dir=settings.resume_from)
     # The server holds only its own held-out data: no training set is loaded here.
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False,
                           validation_fraction=settings.validation_fraction)
     spec = model_spec(settings, data)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
-    pretraining_seconds = initialise(model, spec, settings.pretraining)
-    noise_multiplier = resolve_noise_multiplier(settings)
+    initial: InitialState | None = None
+    if resume:
+        load_weights(model, resume.weights, f"resume-from {settings.resume_from!r}")
+        pretraining_seconds, noise_multiplier = resume.pretraining_seconds, resume.noise_multiplier
+    else:
+        if settings.init_from:
+            initial = load_initial_state(settings.init_from, settings.init_new_data)
+            load_weights(model, initial.weights, f"init-from {settings.init_from!r}")
+            pretraining_seconds = 0.0
+        else:
+            pretraining_seconds = initialise(model, spec, settings.pretraining)
+        noise_multiplier = resolve_noise_multiplier(settings, initial.history if initial else ())
     local_steps = settings.local_steps()
-    strategy = get_strategy_class(settings.strategy).from_settings(
-        settings, noise_multiplier=noise_multiplier, local_steps=local_steps
-    )
+    try:
+        strategy = get_strategy_class(settings.strategy).from_settings(
+            settings, noise_multiplier=noise_multiplier, local_steps=local_steps
+        )
+    except ValueError as err:  # the mechanism's parameters do not fit together
+        raise UsageError(str(err)) from None
+    if resume:
+        strategy.load_state_dict({**resume.strategy_state, "accountant": resumed_ledger(resume, Path(settings.out_dir))})
+    elif initial:
+        strategy.accountant.continue_from(initial.history)
     recorder = RunRecorder(
         settings.out_dir,
         {
@@ -90,8 +138,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "recipe": recipe_for(settings.model).as_run_config(),
             "pretraining-seconds": pretraining_seconds,
         },
+        resume=resume,
     )
-    log(INFO, "dpfl: writing run records to %s", recorder.out_dir)
+    # Write-ahead: the ledger reaches the disk before each round's noise is drawn.
+    strategy.mechanism.journal = lambda ledger: write_ledger(recorder.out_dir, ledger)
+    log(INFO, "dpfl: writing run records to %s%s", recorder.out_dir, f" (resumed after round {resume.round})" if resume else "")
     log(WARNING, "dpfl: raw server-side diagnostics (not covered by epsilon, never to be shared) go to %s",
         recorder.out_dir / PRIVATE_DIAGNOSTICS_FILE)  # fmt: skip
     for warning in [*not_valid_reasons(strategy.mechanism.params), settings.delta_warning()]:
@@ -113,6 +164,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         if data.validation is not None:
             train_metrics["validation-accuracy"] = evaluate(model, data.validation)[1]
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
+        save_run_checkpoint(recorder.out_dir, RunCheckpoint(
+            round=server_round, weights=arrays.to_torch_state_dict(), strategy_state=strategy.state_dict(),
+            run_config=settings.to_run_config(), noise_multiplier=noise_multiplier, epsilon_valid=strategy.epsilon_valid,
+            rounds=recorder.rounds, wall_time=recorder.wall_time, pretraining_seconds=pretraining_seconds,
+        ))  # fmt: skip
         log(
             INFO,
             "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g), %.1f s",
@@ -127,8 +183,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             grid,
             latest["arrays"],
             num_rounds=settings.num_server_rounds,
-            timeout=ROUND_TIMEOUT_S,
+            timeout=settings.round_timeout,
             evaluate_fn=evaluate_fn,
+            first_round=resume.round + 1 if resume else 1,
         )
         outcome = "completed"
     except BudgetExhausted as stop:
@@ -144,6 +201,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "pretraining-seconds": pretraining_seconds,
             "final-validation-accuracy": recorder.rounds[-1].get("validation-accuracy") if recorder.rounds else None,
         },  # fmt: skip
+        ledger=strategy.accountant.state_dict() if strategy.epsilon_valid else None,
     )
     # After the trained model is saved: a failing deployment cannot cost it.
     if settings.deploy:

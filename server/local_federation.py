@@ -11,6 +11,7 @@ ClientApp objects run as with ``flwr run .`` from a clone.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import signal
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from dpfl.settings import RunSettings
 
@@ -100,16 +103,19 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
-    """A simulation SuperLink on the ports in ``env``, stopped (with its children) on exit."""
+def local_superlink(env: dict[str, str], log_file: Path, simulation: bool = True) -> Iterator[None]:
+    """A SuperLink on the loopback ports in ``env``, stopped (with its children) on exit: for
+    Flower's simulation, or (``simulation=False``) for SuperNodes to connect to its HTTP port."""
     http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     command = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "flower-superlink", "--insecure", *(["--simulation"] if simulation else []), "--isolation", "subprocess",
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host", "127.0.0.1", "--port", http_port, "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     with log_file.open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+        )
     try:
         deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
         while True:
@@ -127,8 +133,23 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[None]:
         _stop_group(process)
 
 
+# Linux's prctl option that signals a child when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the SuperLink's process: get SIGTERM when dpfl dies, even by SIGKILL, so no SuperLink
+    is left running a federation nobody follows (its own session escapes a group kill)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _stop_group(process: subprocess.Popen) -> None:
-    """Stop a process and everything it started (its session's process group)."""
+    """Stop a process and everything it started: its session's process group, and any
+    descendant that left it (Ray starts its agents in sessions of their own)."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
@@ -144,6 +165,17 @@ def _stop_group(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         break
+    kill_processes(descendants)
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of ``processes`` that still runs, and reap them."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
 
 
 @contextmanager

@@ -10,10 +10,16 @@ The public records hold only what ε covers or what is public by construction
 rather than written. Raw facts only the server may see (the realised number of
 clients, drop reasons, the clipped fraction) go to
 ``server_private_diagnostics.jsonl``, never mixed into the public files.
+
+One process at a time writes a run folder: the recorder holds an exclusive lock on
+it (a resume of a folder still being written is refused). A resumed recorder
+rewrites ``metrics.jsonl`` from the checkpoint's records, so a round that was
+recorded but not checkpointed before a crash appears once, from its rerun.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import time
@@ -22,19 +28,23 @@ from typing import Any
 
 import torch
 
+from dpfl.errors import UsageError
+from dpfl.server.checkpoint import LEDGER_KEY, RunCheckpoint
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
+from dpfl.task.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_MODEL_FILE = "final_model.pt"
 PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
+LOCK_FILE = ".dpfl-run.lock"
 
 # What a round line and the summary may hold: accuracy and loss of the global model
 # on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
 PUBLIC_ROUND_KEYS = frozenset(
     {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy",
+     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy", "update-skipped",
      # adaptive clipping: the round's C and its noisy clipped fraction, both covered by ε
      "clip-norm", "noisy-clipped-fraction"}
 )  # fmt: skip
@@ -73,17 +83,37 @@ def fresh_run_dir(path: Path) -> Path:
     return candidate
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir``, held while the returned file stays open."""
+    lock = (run_dir / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"run folder {str(run_dir)!r} is being written by another dpfl process; stop it first") from None
+    return lock
+
+
 class RunRecorder:
-    def __init__(self, out_dir: str | Path, config: dict[str, Any]) -> None:
-        self.out_dir = fresh_run_dir(Path(out_dir).expanduser().resolve())
+    """The public and server-private records of a run; ``resume``: continue a checkpointed run in place."""
+
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], resume: RunCheckpoint | None = None) -> None:
+        out_dir = Path(out_dir).expanduser().resolve()
+        self.out_dir = out_dir if resume else fresh_run_dir(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run_dir(self.out_dir)
         self.config = config
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        self._metrics = (self.out_dir / METRICS_FILE).open("w")
-        self._private = (self.out_dir / PRIVATE_DIAGNOSTICS_FILE).open("w")
-        self.started = time.time()
-        self._last = self.started
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(resume.rounds) if resume else []
+        write_atomically(self.out_dir / METRICS_FILE, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rounds)))
+        self._metrics = (self.out_dir / METRICS_FILE).open("a")
+        self._private = (self.out_dir / PRIVATE_DIAGNOSTICS_FILE).open("a" if resume else "w")
+        self._last = time.time()
+        self.started = self._last - (resume.wall_time if resume else 0.0)
+
+    @property
+    def wall_time(self) -> float:
+        return time.time() - self.started
 
     def record_round(self, row: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
@@ -102,8 +132,15 @@ class RunRecorder:
         self._private.flush()
 
     def finish(
-        self, spec: ModelSpec, dataset: str, state_dict: dict[str, torch.Tensor], outcome: str, extra: dict[str, Any]
+        self,
+        spec: ModelSpec,
+        dataset: str,
+        state_dict: dict[str, torch.Tensor],
+        outcome: str,
+        extra: dict[str, Any],
+        ledger: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        """Write the summary and the final model (with the privacy ledger behind it); release the folder."""
         self._metrics.close()
         self._private.close()
         trained = [r for r in self.rounds if r["round"] > 0]
@@ -121,7 +158,8 @@ class RunRecorder:
         }, PUBLIC_SUMMARY_KEYS, "the summary")
         save_checkpoint(
             self.out_dir / FINAL_MODEL_FILE,
-            Checkpoint(spec=spec, dataset=dataset, state_dict=state_dict, extra={"summary": summary}),
+            Checkpoint(spec=spec, dataset=dataset, state_dict=state_dict, extra={"summary": summary, LEDGER_KEY: ledger}),
         )
-        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomically(self.out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        self._lock.close()
         return summary

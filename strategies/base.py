@@ -18,7 +18,7 @@ and its own options.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
 
@@ -51,6 +51,8 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
+# Public metric of a run with min-replies: 1 when the round's noisy reply count was below it.
+UPDATE_SKIPPED = "update-skipped"
 # Train-config keys the platform sets beside the mechanism's instructions.
 SERVER_ROUND_KEY = "server-round"
 LR_KEY = "lr"
@@ -149,6 +151,8 @@ class ClientLevelDPStrategy(Strategy):
         accountant: str = "rdp",
         reproducible_noise: bool = False,
         adaptive_clipping: AdaptiveClipping | None = None,
+        min_replies: int = 0,
+        reply_count_noise: float = 0.0,
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
     ) -> None:
@@ -164,6 +168,8 @@ class ClientLevelDPStrategy(Strategy):
             private=self.private,
             reproducible_noise=reproducible_noise,
             adaptive_clipping=adaptive_clipping if self.private else None,
+            min_replies=min_replies,
+            reply_count_noise=reply_count_noise,
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
@@ -176,6 +182,7 @@ class ClientLevelDPStrategy(Strategy):
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
         self.last_metrics: dict[str, float] = {}
+        self.sampled: frozenset[int] = frozenset()
         # Raw per-round facts only the server may see (realised counts, drop reasons):
         # never part of the public records.
         self.private_diagnostics: dict[str, Any] = {}
@@ -198,6 +205,8 @@ class ClientLevelDPStrategy(Strategy):
             accountant=settings.accountant,
             reproducible_noise=settings.reproducible_noise,
             adaptive_clipping=settings.adaptive_clipping(noise_multiplier),
+            min_replies=settings.min_replies,
+            reply_count_noise=settings.reply_count_noise,
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
         )
@@ -281,6 +290,45 @@ class ClientLevelDPStrategy(Strategy):
 
     # --- the platform's part ----------------------------------------------------------
 
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's round loop, from ``first_round`` (a resumed run starts after its checkpoint).
+
+        Rounds ``first_round`` … ``num_rounds``: train on the sampled clients (replies
+        that do not arrive within ``timeout`` seconds are left out), aggregate, then
+        ``evaluate_fn``; round 0's evaluation only when starting from round 1. There
+        is no client-side evaluation: the server evaluates on its own data.
+        """
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        arrays = initial_arrays
+        if evaluate_fn and first_round == 1:
+            if (metrics := evaluate_fn(0, arrays)) is not None:
+                result.evaluate_metrics_serverapp[0] = metrics
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            messages = list(self.configure_train(server_round, arrays, train_config, grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            if evaluate_fn and (metrics := evaluate_fn(server_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[server_round] = metrics
+        return result
+
     def round_lr(self, server_round: int) -> float:
         """η_t = η₀·decay^(t+1) with t = server_round − 1: decayed before round 1 too."""
         return self.lr * self.lr_decay**server_round
@@ -296,6 +344,7 @@ class ClientLevelDPStrategy(Strategy):
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
         sampled = self.mechanism.sample(nodes, server_round)
+        self.sampled = frozenset(sampled)
         records = checked_extra_records(self.extra_records(server_round))
         strategy_config = checked_round_config(self.round_config(server_round))
         messages = []
@@ -321,8 +370,10 @@ class ClientLevelDPStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = self.global_arrays.to_torch_state_dict()
-        updates, unclipped, dropped = [], [], []
+        updates, unclipped, dropped, contributions, failed, arrived = [], [], [], 0, 0, 0
         for reply in replies:
+            arrived += 1
+            failed += reply.has_error()
             update, reason = self.screen_reply(reply, x)
             bit = None
             if update is not None and self.mechanism.adaptive:
@@ -333,17 +384,21 @@ class ClientLevelDPStrategy(Strategy):
                 dropped.append(reason)
             else:
                 updates.append(update)
+                contributions += reply.metadata.src_node_id in self.sampled
                 if bit is not None:
                     unclipped.append(bit)
-        diagnostics = {"accepted": len(updates), "dropped": len(dropped), "drop-reasons": dropped}
+        # At this round's C, before adaptive clipping moves it.
+        if self.mechanism.adaptive:
+            clipped = [not bit for bit in unclipped]
+        else:
+            clipped = [self.mechanism.is_clipped(update) for update in updates]
+        new_x = self.aggregate_updates(server_round, x, updates, contributions, unclipped)
+        # A client that raised, timed out or whose node died: the round goes on without it.
+        diagnostics = {"accepted": len(updates), "dropped": len(dropped), "drop-reasons": dropped, "failed": failed,
+                       "no-reply": self.private_diagnostics.get("messages", arrived) - arrived,
+                       "update-skipped": self.last_metrics.get(UPDATE_SKIPPED, 0.0) > 0}  # fmt: skip
         if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
-            # At this round's C, before adaptive clipping moves it.
-            if self.mechanism.adaptive:
-                clipped = [not bit for bit in unclipped]
-            else:
-                clipped = [self.mechanism.is_clipped(update) for update in updates]
             diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
-        new_x = self.aggregate_updates(server_round, x, updates, unclipped)
         self.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
 
@@ -363,17 +418,32 @@ class ClientLevelDPStrategy(Strategy):
         return (None, reason) if reason else (update, "")
 
     def aggregate_updates(
-        self, server_round: int, x: Tensors, updates: list[Tensors], unclipped: list[float] = ()
+        self,
+        server_round: int,
+        x: Tensors,
+        updates: list[Tensors],
+        contributions: int | None = None,
+        unclipped: list[float] = (),
     ) -> Tensors:
-        """The new global weights from the screened replies (and their bits under adaptive clipping)."""
-        mean_delta = self.mechanism.release(updates, x, server_round, unclipped)
+        """The new global weights from the screened replies; accounts the round.
+
+        ``contributions``: how many of ``updates`` come from sampled clients (default
+        all); with ``min-replies``, a round whose noisy count is below it keeps x.
+        ``unclipped``: the replies' bits under adaptive clipping.
+        """
+        mean_delta = self.mechanism.release(updates, x, server_round, contributions, unclipped)
+        self.current_round = server_round
+        if mean_delta is None:
+            self.last_metrics = {**self.public_metrics(server_round), UPDATE_SKIPPED: 1.0}
+            return dict(x)
         public = self.public_update(server_round, x)
         if public is not None:
             mean_delta = {name: t + public[name] for name, t in mean_delta.items()}
         mean_delta = self.transform_update(server_round, mean_delta)
         self.after_aggregate(server_round, mean_delta)
-        self.current_round = server_round
         self.last_metrics = self.public_metrics(server_round)
+        if self.mechanism.params.counts_replies:
+            self.last_metrics[UPDATE_SKIPPED] = 0.0
         return {name: x[name] - mean_delta[name] for name in x}
 
     def public_metrics(self, server_round: int) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +12,32 @@ import torch
 from dpfl.errors import UsageError
 
 
-def save_tagged(path: str | Path, file_format: str, payload: dict[str, Any]) -> None:
-    """Write ``payload`` under the tag ``file_format``; a save cut short never leaves half a file."""
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, make it durable, then rename it to ``path``.
+
+    A crash at any point leaves either the old file or the new one, never half a
+    file: the data are fsynced before the rename, and the folder after it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": file_format, **payload}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with tmp.open("rb+") as written:
+            os.fsync(written.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_tagged(path: str | Path, file_format: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` under the tag ``file_format``; a save cut short never leaves half a file."""
+    write_atomically(path, lambda tmp: torch.save({"format": file_format, **payload}, tmp))
 
 
 def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]:

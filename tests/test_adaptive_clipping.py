@@ -19,13 +19,18 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from dpfl.client import app as client_module
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import create_accountant
-from dpfl.privacy.adaptive_clipping import AdaptiveClipping, default_count_noise_std, update_noise_multiplier
-from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
+from dpfl.privacy.adaptive_clipping import AdaptiveClipping, check_count_noise, count_noise_multiplier, default_count_noise_std
+from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_noise_multiplier
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
 from dpfl.server.inprocess import run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS
 from dpfl.settings import RunSettings
+
+def update_noise_multiplier(sigma: float, count_std: float) -> float:
+    """σ_Δ as the mechanism computes it for adaptive clipping alone."""
+    return split_noise_multiplier(sigma, count_noise_multiplier(count_std))
+
 
 CASES = [(1.0, 5.0, 0.25), (0.7, 0.5, 0.1), (2.5, 1.5, 0.5), (1.1, 100.0, 0.02)]  # (σ, σ_b, q)
 
@@ -66,9 +71,27 @@ def test_the_two_dimensional_release_has_the_rdp_of_one_gaussian(sigma, count_st
     assert rdp == pytest.approx(list(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)), rel=1e-6)
 
 
+def test_with_min_replies_too_the_three_releases_cost_one_gaussian_of_sigma():
+    sigma, count_std, reply_noise, q = 1.0, 5.0, 20.0, 0.25
+    params = MechanismParams(noise_multiplier=sigma, clip_norm=0.2, sample_rate=q, num_clients=400, delta=1e-5,
+                             adaptive_clipping=AdaptiveClipping(0.5, 0.2, count_std), min_replies=10,
+                             reply_count_noise=reply_noise)  # fmt: skip
+    releases = [params.update_noise_multiplier, 2 * count_std, reply_noise]
+    assert sum(multiplier**-2 for multiplier in releases) == pytest.approx(sigma**-2, rel=1e-12)
+    both = dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(m) for m in releases])
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(both, 40)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(create_accountant("rdp", 1e-5).spent([(sigma, q, 40)])[0], rel=0.02)
+    with pytest.raises(ValueError, match="leave no part of the total"):  # each alone is fine, together too costly
+        MechanismParams(noise_multiplier=sigma, clip_norm=0.2, sample_rate=q, num_clients=400, delta=1e-5,
+                        adaptive_clipping=AdaptiveClipping(0.5, 0.2, 0.6), min_replies=10, reply_count_noise=1.5)  # fmt: skip
+
+
 def test_a_count_noise_that_would_cost_the_whole_budget_is_refused_in_one_line():
     with pytest.raises(UsageError, match=r"clip-count-noise 0.5 must be more than half the noise multiplier \(0.5\)"):
-        update_noise_multiplier(1.0, 0.5)
+        check_count_noise(1.0, 0.5)
     with pytest.raises(UsageError, match="clip-count-noise 0.2"):
         RunSettings(clip_mode="adaptive", target_epsilon=0.0, noise_multiplier=1.0, clip_count_noise=0.2).validate()
     with pytest.raises(UsageError, match="adaptive clipping needs noise-placement server"):
@@ -101,7 +124,7 @@ def test_with_little_count_noise_c_converges_to_the_target_quantile_of_the_norms
     like = {"v": torch.zeros(1)}
     for server_round in range(1, 301):
         bits = [float(norm <= mech.clip_norm) for norm in norms]
-        mech.release([], like, server_round, bits)  # only the bits matter here
+        mech.release([], like, server_round, unclipped=bits)  # only the bits matter here
     assert np.mean(norms <= mech.clip_norm) == pytest.approx(quantile, abs=0.01)
     assert mech.clip_norm == pytest.approx(np.quantile(norms, quantile), rel=0.05)
 
@@ -112,7 +135,7 @@ def test_released_count_noise_has_the_stated_std_and_hostile_bits_are_clamped():
     fractions = []
     for server_round in range(1, 2001):
         mech.clip_norm = 1.0
-        mech.release([like] * 4, like, server_round, [1.0, 0.0, 1e9, -1e9])  # clamped to 1, 0, 1, 0
+        mech.release([like] * 4, like, server_round, unclipped=[1.0, 0.0, 1e9, -1e9])  # clamped to 1, 0, 1, 0
         fractions.append(mech.last_adaptive_release[1])
     # (Σ(b − ½) + N(0, 3²)) / 10 + ½ with Σ(b − ½) = 0: mean ½, std 0.3.
     assert np.mean(fractions) == pytest.approx(0.5, abs=0.03)
@@ -128,7 +151,7 @@ def test_the_budget_stop_is_the_same_with_adaptive_clipping():
         mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness())
         server_round = 1
         while mech.budget_refusal(server_round, 4.0) is None:
-            mech.release([], {"v": torch.zeros(1)}, server_round, [])
+            mech.release([], {"v": torch.zeros(1)}, server_round)
             server_round += 1
         stops.append((server_round, mech.accountant.history))
     assert stops[0] == stops[1] and stops[0][1] == [(1.0, 0.3, stops[0][0] - 1)]

@@ -6,7 +6,8 @@ them: every SuperNode holds only its own partition; the Control API cannot be
 reached from the host or from another container (only the Fleet API is published);
 a SuperNode whose privacy policy requires sigma >= 1 refuses a run with sigma = 0.5
 and says why in its log while the others train; the run records survive a SuperLink
-restart; an unregistered SuperNode is refused; bad input makes a container exit with
+restart; a run whose SuperLink is killed mid-run resumes from its last checkpoint once the
+SuperLink is back; an unregistered SuperNode is refused; bad input makes a container exit with
 one line.
 
 Needs a Docker engine. As root (CI) `make federation` installs and starts one when
@@ -257,6 +258,42 @@ def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others
         this_run = log[log.index(f"[RUN {run_id}]"):]
         assert "Receiving: train message" in this_run and "Sent successfully" in this_run, this_run
         assert "privacy policy refuses" not in log and "Traceback" not in this_run, this_run
+
+
+def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
+    fed = federation
+    name, rounds = "resume-check", 4
+    job = subprocess.Popen(
+        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", f"num-server-rounds={rounds}"],
+        env={**os.environ, **fed.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    read_round = (f"import os, torch; p = '/var/lib/dpfl/runs/{name}/checkpoint.pt'; "
+                  "print(torch.load(p, weights_only=True)['round'] if os.path.exists(p) else -1)")  # fmt: skip
+    deadline = time.monotonic() + 900
+    while int(fed.exec_python("superlink", read_round).strip()) < 2:
+        assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "timeout"
+        time.sleep(2)
+    fed.compose("kill", "superlink", timeout=120)  # the SuperLink and the ServerApp in it die mid-run
+    job.communicate(timeout=300)
+    assert job.returncode != 0
+    fed.compose("start", "superlink", timeout=120)
+    fed.wait_healthy("superlink")
+    deadline = time.monotonic() + 180
+    while fed.online_nodes() < len(SUPERNODES):
+        assert time.monotonic() < deadline, "the SuperNodes did not reconnect"
+        time.sleep(3)
+    out = fed.federation("run", "--resume", name, "--run-config", f"num-server-rounds={rounds}", timeout=1800).stdout
+    local = REPO / "runs" / name
+    try:
+        summary = json.loads((local / "summary.json").read_text())
+        seen = [json.loads(line)["round"] for line in (local / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        last = json.loads((local / "metrics.jsonl").read_text().splitlines()[-1])
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    assert summary["outcome"] == "completed" and summary["rounds-completed"] == rounds, out
+    assert seen == list(range(rounds + 1))  # each round once, the first ones from before the kill
+    # Each silo's sample-level epsilon counts every round, those before the kill included.
+    assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, 8 * rounds, 1e-5)[0])
 
 
 def test_unregistered_supernode_is_refused(federation):
