@@ -262,9 +262,11 @@ def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others
 
 def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
     fed = federation
-    name, rounds = "resume-check", 4
+    # The example job, lighter: 4 rounds of 2 DP-SGD steps per silo.
+    name, rounds, steps = "resume-check", 4, 2
+    config = f"num-server-rounds={rounds} local-epochs={steps}"
     job = subprocess.Popen(
-        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", f"num-server-rounds={rounds}"],
+        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", config],
         env={**os.environ, **fed.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     read_round = (f"import os, torch; p = '/var/lib/dpfl/runs/{name}/checkpoint.pt'; "
@@ -282,7 +284,7 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     while fed.online_nodes() < len(SUPERNODES):
         assert time.monotonic() < deadline, "the SuperNodes did not reconnect"
         time.sleep(3)
-    out = fed.federation("run", "--resume", name, "--run-config", f"num-server-rounds={rounds}", timeout=1800).stdout
+    out = fed.federation("run", "--resume", name, "--run-config", config, timeout=1800).stdout
     local = REPO / "runs" / name
     try:
         summary = json.loads((local / "summary.json").read_text())
@@ -293,7 +295,7 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == rounds, out
     assert seen == list(range(rounds + 1))  # each round once, the first ones from before the kill
     # Each silo's sample-level epsilon counts every round, those before the kill included.
-    assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, 8 * rounds, 1e-5)[0])
+    assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, steps * rounds, 1e-5)[0])
 
 
 def test_unregistered_supernode_is_refused(federation):
