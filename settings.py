@@ -48,6 +48,13 @@ class RunSettings:
     accountant: str = "rdp"
     clipping: str = "flat"
     reproducible_noise: bool = False
+    # Adaptive clipping (Andrew et al. 2021): clip-mode "adaptive" moves C (from clip-norm)
+    # towards the target-quantile of the update norms at rate clip-lr, from a count noised
+    # with std clip-count-noise (0 = expected clients / 20, raised so sigma grows <= 5%)
+    clip_mode: str = "fixed"
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_noise: float = 0.0
     # Client failures: per-round reply timeout; skip a round's update below min-replies
     # replies (a count released with Gaussian noise of std reply-count-noise; 0 = never skip)
     round_timeout: float = 3600.0
@@ -135,6 +142,7 @@ class RunSettings:
         _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)
         _one_of("clipping", self.clipping, CLIPPING_MODES)
         _one_of("accountant", self.accountant, ACCOUNTANTS)
+        self._validate_adaptive_clipping()
         _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         if not 0 <= self.validation_fraction < 1:
@@ -187,6 +195,27 @@ class RunSettings:
             from dpfl.client.local_dp import check_model_supported
 
             check_model_supported(self.model)
+
+    def _validate_adaptive_clipping(self) -> None:
+        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
+
+        _one_of("clip-mode", self.clip_mode, CLIP_MODES)
+        if self.clip_count_noise < 0:
+            raise UsageError(f"clip-count-noise must be >= 0 (0 = automatic), got {self.clip_count_noise}")
+        if self.clip_mode == "adaptive":
+            check_adaptive_clipping_supported(self.noise_placement, self.clipping)
+            adaptive = self.adaptive_clipping(self.noise_multiplier)  # its own checks of the ranges
+            if self.target_epsilon == 0:  # σ is known now; a calibrated σ is checked by the server
+                check_count_noise(self.noise_multiplier, adaptive.count_noise_std)
+
+    def adaptive_clipping(self, noise_multiplier: float):
+        """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""
+        from dpfl.privacy.adaptive_clipping import AdaptiveClipping
+
+        if self.clip_mode != "adaptive":
+            return None
+        return AdaptiveClipping.resolve(self.target_quantile, self.clip_lr, self.clip_count_noise,
+                                        self.sample_rate * self.num_clients, noise_multiplier)  # fmt: skip
 
     def _validate_deployment(self) -> None:
         from dpfl.cim.mapping import MAPPINGS

@@ -8,12 +8,19 @@ non-private FedAvg as the reference curve; seeds 0-2. It is `dpfl compare` with
 these settings (the in-process engine), so the table and plot are the ones a
 researcher gets from the CLI.
 
+``--clip-mode adaptive`` runs the private strategies with quantile-based adaptive
+clipping (C starts at the recipe's and tracks ``--target-quantile``); tune it with
+``--validation-fraction`` > 0, which holds out part of the server's data and prints
+the final validation accuracy beside the test accuracy (choose on validation only).
+
     .venv/bin/python benchmarks/privacy_utility.py [--model vit] [--seeds 3] [--out DIR]
+        [--clip-mode adaptive --target-quantile 0.5 --clip-lr 0.2] [--validation-fraction 0.3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -39,21 +46,40 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES, help="a subset, e.g. to split the work")
     parser.add_argument("--model", default="resnet10", help="a built-in model, trained with its recipe")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/privacy_utility[-MODEL]")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/privacy_utility[-MODEL][-adaptive]")
+    parser.add_argument("--clip-mode", default="fixed", choices=["fixed", "adaptive"])
+    parser.add_argument("--target-quantile", type=float, default=RunSettings.target_quantile)
+    parser.add_argument("--clip-lr", type=float, default=RunSettings.clip_lr)
+    parser.add_argument("--validation-fraction", type=float, default=0.0, help="for tuning: report validation accuracy")
     args = parser.parse_args()
-    settings = RunSettings(**SETTINGS, model=args.model)
+    settings = RunSettings(**SETTINGS, model=args.model, clip_mode=args.clip_mode, target_quantile=args.target_quantile,
+                           clip_lr=args.clip_lr, validation_fraction=args.validation_fraction)  # fmt: skip
     settings.validate()
-    out = args.out or "benchmarks/results/privacy_utility" + ("" if args.model == "resnet10" else f"-{args.model}")
+    out = args.out or "benchmarks/results/privacy_utility" + ("" if args.model == "resnet10" else f"-{args.model}") + (
+        "-adaptive" if args.clip_mode == "adaptive" else "")
     console = Console()
     console.print(describe_recipe(settings))
     started = time.perf_counter()
     rows = run_comparison(settings, args.strategies, args.seeds, Path(out).resolve(), console, [])
     print_table(rows, console)
+    if args.validation_fraction:
+        print_validation(Path(out).resolve(), console)
     by_name = {row["strategy"]: row for row in rows}
     if {"dp-fedpgn", "dp-fedavg"} <= by_name.keys():
         gain = by_name["dp-fedpgn"]["final-accuracy-mean"] - by_name["dp-fedavg"]["final-accuracy-mean"]
         console.print(f"DP-FedPGN - DP-FedAvg at epsilon {settings.target_epsilon}: {100 * gain:+.1f} points (goal +3.0)")
     console.print(f"{time.perf_counter() - started:.0f} s in all; plot {Path(out) / 'comparison.png'}")
+
+
+def print_validation(out: Path, console: Console) -> None:
+    """Final validation accuracy per strategy (mean over its seeds): what tuning may look at."""
+    by_strategy: dict[str, list[float]] = {}
+    for summary_file in sorted(out.glob("*-seed*/summary.json")):
+        summary = json.loads(summary_file.read_text())
+        by_strategy.setdefault(summary["strategy"], []).append(summary["final-validation-accuracy"])
+    for strategy, accuracies in by_strategy.items():
+        console.print(f"{strategy}: final validation accuracy {sum(accuracies) / len(accuracies):.4f} "
+                      f"over {len(accuracies)} seed(s)")  # fmt: skip
 
 
 if __name__ == "__main__":

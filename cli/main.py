@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "dpfl.cli.compare",
     "dpfl.cli.strategies",
     "dpfl.cli.privacy",
+    "dpfl.cli.audit",
     "dpfl.cli.compress",
     "dpfl.cli.deploy",
 )

@@ -42,7 +42,12 @@ OPTIONS = [
     ("--partition", "partition", str, "iid or dirichlet"),
     ("--validation-fraction", "validation_fraction", non_negative_float, "share of the server's held-out data used as its validation set (0 = none)"),
     ("--alpha", "dirichlet_alpha", positive_float, "Dirichlet concentration of the label skew"),
-    ("--clip", "clip_norm", positive_float, "clip norm C of each client's private update"),
+    ("--clip", "clip_norm", positive_float, "clip norm C of each client's private update (the initial C under --clip-mode adaptive)"),
+    ("--clip-mode", "clip_mode", str, "fixed (C = --clip) or adaptive (C starts at --clip and tracks --target-quantile)"),
+    ("--target-quantile", "target_quantile", probability, "adaptive clipping: fraction of updates left unclipped"),
+    ("--clip-lr", "clip_lr", positive_float, "adaptive clipping: rate of the geometric update of C"),
+    ("--clip-count-noise", "clip_count_noise", non_negative_float,
+     "adaptive clipping: noise std on the clipped count (0 = expected clients / 20, raised so sigma grows <= 5%%)"),
     ("--sample-rate", "sample_rate", probability, "Poisson client sampling rate q"),
     ("--delta", "delta", open_unit, "delta of the (epsilon, delta) guarantee"),
     ("--max-epsilon", "max_epsilon", non_negative_float, "stop before a round would exceed this epsilon (0 = no budget)"),
@@ -93,20 +98,13 @@ RESUME_HINT = "dpfl simulate --resume {out} [--rounds N] [--max-epsilon E] [--en
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "simulate",
-        help="run a DP federation in Flower's local simulation",
-        description="Run a client-level DP federation in Flower's local simulation (the same ServerApp "
-        "and ClientApp as `flwr run .`), printing accuracy and epsilon after every round.",
+        help="run a DP federation in simulation (in-process, or Flower's local simulation)",
+        description="Run a client-level DP federation in simulation, on the in-process engine or in Flower's "
+        "local simulation (the same ServerApp and ClientApp as `flwr run .`), printing accuracy and epsilon "
+        "after every round.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for option in OPTIONS:
-        add_option(parser, *option)
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
-                       help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
-    noise.add_argument("--target-epsilon", type=positive_float, default=None,
-                       help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
-    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
+    add_run_options(parser)
     parser.add_argument("--deploy-node-config", dest="deploy_node_configs", action="append", default=[],
                         metavar="'KEY=VALUE ...'",
                         help="node config of simulated nodes for the deployment round (device-*, compress-*, "
@@ -122,7 +120,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="in-process engine: worker processes that train a round's clients in parallel "
                         "(default: the usable cores; the result does not depend on it)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-dir")
+    parser.add_argument("--audit", action="store_true",
+                        help="then audit this configuration (`dpfl audit`: a second run with canary clients) into OUT/audit")  # fmt: skip
     parser.set_defaults(func=run)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every run-configuration flag: :data:`OPTIONS`, σ or the target ε, the strategy's options."""
+    for option in OPTIONS:
+        add_option(parser, *option)
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
+                       help="noise multiplier sigma (instead of calibrating it to --target-epsilon)")  # fmt: skip
+    noise.add_argument("--target-epsilon", type=positive_float, default=None,
+                       help=f"calibrate sigma so that all rounds together spend this epsilon (default {DEFAULTS.target_epsilon})")  # fmt: skip
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
 
 
 def add_option(parser: argparse.ArgumentParser, flag: str, field: str, kind: Callable, text: str) -> None:
@@ -238,8 +251,12 @@ def run(args: argparse.Namespace) -> int:
         f"{epsilon} at delta {summary['delta']:g}, sigma {summary['noise-multiplier']:.4f}, "
         f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
-    if settings.deploy:
-        return _show_deployment(out, console)
+    if settings.deploy and (code := _show_deployment(out, console)):
+        return code
+    if args.audit:
+        from dpfl.cli.audit import DEFAULT_CANARIES, DEFAULT_CONFIDENCE, audit_and_print
+
+        audit_and_print(settings, DEFAULT_CANARIES, DEFAULT_CONFIDENCE, out / "audit", console)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging import INFO
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -20,7 +20,7 @@ from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors, tensor_record
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, SERVER_ROUND_KEY, UPDATE_KEY
+from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, LOCAL_STEPS_KEY, LR_KEY, METRICS_KEY, SERVER_ROUND_KEY, UPDATE_KEY
 
 app = ClientApp()
 
@@ -41,7 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     noise_stream = randomness.stream("client-noise", server_round, identity)
     global_weights = record_tensors(msg.content[ARRAYS_KEY])
     if not instructions.contribute_update:  # not sampled: only this client's noise share
-        return _reply(msg, noise_share(global_weights, instructions, noise_stream))
+        return update_reply(msg, noise_share(global_weights, instructions, noise_stream))
     partition = load_client_partition(settings, context.node_config)
     records = {key: record_tensors(record) for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}
     rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
@@ -83,8 +83,9 @@ def train(msg: Message, context: Context) -> Message:
         # The client's own sample-level epsilon depends on its data size: it stays in the node's log.
         log(INFO, "dpfl client: sample-level epsilon %.3f (delta %g) after round %d", local_dp.epsilon(),
             settings.local_delta, server_round)  # fmt: skip
-    # Only the privatised update leaves the client: no loss, norm or data size.
-    return _reply(msg, result.update)
+    # Only the privatised update leaves the client (with adaptive clipping, also the bit
+    # [norm <= C] the server noises): no loss, norm or data size.
+    return update_reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
 
 
 @app.query()
@@ -104,5 +105,6 @@ def deploy(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 
-def _reply(msg: Message, update: dict[str, torch.Tensor]) -> Message:
-    return Message(content=RecordDict({UPDATE_KEY: tensor_record(update)}), reply_to=msg)
+def update_reply(msg: Message, update: dict[str, torch.Tensor], report: dict[str, int] | None = None) -> Message:
+    records = {UPDATE_KEY: tensor_record(update), **({METRICS_KEY: MetricRecord(report)} if report else {})}
+    return Message(content=RecordDict(records), reply_to=msg)

@@ -152,7 +152,8 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], node_label
             raise UsageError(f"node config {key} {value!r} is not one of {', '.join(allowed)}")
     if not 0 < ratio < 1:
         raise UsageError(f"node config {RATIO_KEY} must be in (0, 1), got {ratio}")
-    storage = Path(config.get(STORAGE_KEY) or Path(settings.out_dir) / "nodes" / node_label)
+    # A node's own storage keeps one folder per run (named as the run's records folder).
+    storage = Path(config[STORAGE_KEY]) / Path(settings.out_dir).name if config.get(STORAGE_KEY) else Path(settings.out_dir) / "nodes" / node_label
     return NodeDeployment(
         device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
         mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,

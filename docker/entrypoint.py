@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--superlink", required=True, help="SuperLink Fleet API address, host:port")
     node.add_argument("--policy", default=os.environ.get("DPFL_NODE_POLICY", ""),
                       help='privacy policy, node-config style: "policy-min-noise-multiplier=1.0 policy-max-epsilon=8"')
+    node.add_argument("--device", default=os.environ.get("DPFL_NODE_DEVICE", ""),
+                      help='this node\'s simulated CIM device and compression for the deployment round, node-config style: '
+                      '"device-name=edge device-tile-size=64 device-r-wire=1 share-accuracy=false" (docs/cim.md)')
+    node.add_argument("--reports", default="/reports",
+                      help="folder (the node's own volume) where the deployment round writes its reports, one subfolder per run")
     node.add_argument("--partition-id", type=int, required=True)
     node.add_argument("--num-partitions", type=int, required=True)
     node.add_argument("--data-file", default="/data/partition.pt", help="this node's partition")
@@ -239,13 +244,14 @@ def run_supernode(args: argparse.Namespace) -> int:
     _check_partition_id(args)
     _check_partition_file(Path(args.data_file), args.partition_id, args.num_partitions)
     _check_policy(args.policy)
+    _check_device(args.device)
     host, port = _split_address(args.superlink)
     cmd = [
         "flower-supernode",
         "--superlink", args.superlink,
         "--node-config",
         f'partition-id={args.partition_id} num-partitions={args.num_partitions} data-file="{args.data_file}" '
-        + args.policy,
+        f'deploy-dir="{args.reports}" {args.policy} {args.device}',
         "--host", SUPERNODE_RUNTIME_ADDRESS[0],
         "--port", str(SUPERNODE_RUNTIME_ADDRESS[1]),
     ]
@@ -396,6 +402,26 @@ def _check_policy(policy: str) -> None:
         NodePrivacyPolicy.from_node_config(values)
     except UsageError as err:
         raise InputError(str(err)) from None
+
+
+def _check_device(device: str) -> None:
+    """The syntax and keys of the node's device settings, checked at start. Their values are
+    judged by the deployment round itself: a bad device fails that node's deployment only,
+    with its reason in the server's table, and never stops the node from training."""
+    from flwr.common.config import parse_config_args
+
+    from dpfl.deployment.node import DEVICE_PREFIX, METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY
+
+    try:
+        values = parse_config_args([device])
+    except Exception as err:  # noqa: BLE001 - Flower raises click's exception for bad syntax
+        raise InputError(f"device settings {device!r} are not key=value pairs ({err})") from None
+    if device.strip() and not values:  # Flower reads a lone word as nothing at all
+        raise InputError(f"device settings {device!r} are not key=value pairs (strings in double quotes)")
+    allowed = {METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY}
+    stray = [key for key in values if not key.startswith(DEVICE_PREFIX) and key not in allowed]
+    if stray:
+        raise InputError(f"device settings take {DEVICE_PREFIX}* keys and {', '.join(sorted(allowed))}, got {', '.join(stray)}")
 
 
 def _check_private_key(path: str) -> None:

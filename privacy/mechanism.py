@@ -10,6 +10,12 @@ round in the accountant *before* any noise is drawn (write-ahead: a crash can
 only over-count), sum, add the noise, and divide by the fixed qN (dividing by the
 realised count would release it).
 
+Adaptive clipping (:mod:`dpfl.privacy.adaptive_clipping`): the clip norm C is then
+the mechanism's state, each sampled client also reports [‖u‖ ≤ C], and
+:meth:`ClientLevelMechanism.release` releases the noisy unclipped fraction with the
+update and moves C; the update's noise multiplier is σ_Δ > σ, so that the
+accountant, told σ, covers both releases.
+
 Noise placement. ``server``: the server adds N(0, σ²C²) to the sum. ``client``:
 every one of the N clients adds a share N(0, σ²C²/N) each round, the sampled ones
 to their update and the others to a zero update, and the server adds only the
@@ -44,6 +50,13 @@ from typing import Any
 import torch
 
 from dpfl.privacy.accountants import Accountant
+from dpfl.privacy.adaptive_clipping import (
+    AdaptiveClipping,
+    check_adaptive_clipping_supported,
+    check_count_noise,
+    count_noise_multiplier,
+    unclipped_bit,
+)
 from dpfl.privacy.clipping import all_finite, flat_clip, global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -68,16 +81,20 @@ PLAUSIBLE_NOISE_TAIL = 10.0
 CLIPPED_TOLERANCE = 1e-6
 
 
-def split_noise_multiplier(total: float, other: float) -> float:
-    """σ_Δ such that a σ_Δ release and an ``other``-multiplier release of the same sample cost one σ release.
+def split_noise_multiplier(total: float, *others: float) -> float:
+    """σ_Δ such that a σ_Δ release and releases of the same sample with multipliers ``others`` cost one σ release.
 
-    Two Gaussian releases of the same clients with multipliers σ_Δ and σ_o
-    (noise std over sensitivity) are one Gaussian release of their concatenation
-    with multiplier (σ_Δ⁻² + σ_o⁻²)^(−1/2); solving for σ_Δ gives (σ⁻² − σ_o⁻²)^(−1/2).
+    Gaussian releases of the same clients with multipliers σ_Δ and σ_o (noise std
+    over sensitivity) are one Gaussian release of their concatenation with
+    multiplier (σ_Δ⁻² + Σσ_o⁻²)^(−1/2); solving for σ_Δ gives (σ⁻² − Σσ_o⁻²)^(−1/2).
     """
-    if not other > total:
-        raise ValueError(f"the second release's noise multiplier {other:g} must exceed the total {total:g}")
-    return (total**-2 - other**-2) ** -0.5
+    if not others:
+        return total
+    remaining = total**-2 - sum(other**-2 for other in others)
+    if not remaining > 0:
+        listed = ", ".join(f"{other:g}" for other in others)
+        raise ValueError(f"the other releases' noise multipliers ({listed}) leave no part of the total {total:g}")
+    return remaining**-0.5
 
 # The train-config entries the mechanism sends; a strategy may not set or override them.
 CLIP_NORM = "clip-norm"
@@ -90,10 +107,13 @@ SAMPLE_SIZE = "sample-size"
 DELTA = "delta"
 EPSILON_VALID = "epsilon-valid"
 REPRODUCIBLE_NOISE = "reproducible-noise"
+REPORT_UNCLIPPED = "report-unclipped"
 INSTRUCTION_KEYS = frozenset(
     {CLIP_NORM, CLIENT_NOISE_STD, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, SAMPLE_RATE, SAMPLE_SIZE,
-     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE}
+     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED}
 )  # fmt: skip
+# The reply's entry holding an adaptive-clipping client's bit [‖u‖ ≤ C].
+UNCLIPPED = "unclipped"
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ class MechanismParams:
     clipping: str = "flat"
     private: bool = True
     reproducible_noise: bool = False
+    adaptive_clipping: AdaptiveClipping | None = None
     # Skip a round's update when fewer replies arrived (a noisy count; 0 = never skip).
     min_replies: int = 0
     reply_count_noise: float = 0.0
@@ -119,16 +140,28 @@ class MechanismParams:
                 f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when "
                 f"min-replies is set, got {self.reply_count_noise:g}"
             )
+        if self.adaptive_clipping is not None:
+            check_adaptive_clipping_supported(self.noise_placement, self.clipping)
+            check_count_noise(self.noise_multiplier, self.adaptive_clipping.count_noise_std)
+        if self.flat:  # together, the other releases must leave the update a part of σ
+            split_noise_multiplier(self.noise_multiplier, *self.other_release_multipliers())
 
     @property
     def counts_replies(self) -> bool:
         return self.min_replies > 0
 
+    def other_release_multipliers(self) -> list[float]:
+        """Multipliers of the round's releases beside the update: the reply count, adaptive clipping's count."""
+        others = [self.reply_count_noise] if self.counts_replies else []
+        if self.adaptive_clipping is not None:
+            others.append(count_noise_multiplier(self.adaptive_clipping.count_noise_std))
+        return others
+
     @property
     def update_noise_multiplier(self) -> float:
-        """The multiplier of the update's own noise: σ, or σ_Δ when a noisy reply count shares the round."""
-        if self.counts_replies and self.flat:
-            return split_noise_multiplier(self.noise_multiplier, self.reply_count_noise)
+        """The multiplier of the update's own noise: σ, or σ_Δ when other noisy releases share the round."""
+        if self.flat:
+            return split_noise_multiplier(self.noise_multiplier, *self.other_release_multipliers())
         return self.noise_multiplier
 
     @property
@@ -149,20 +182,23 @@ class MechanismParams:
     def flat(self) -> bool:
         return self.private and self.clipping == "flat"
 
-    def client_noise_std(self) -> float:
-        """Each client's share: σC/√N (every client adds one each round, sampled or not)."""
+    def client_noise_std(self, clip_norm: float | None = None) -> float:
+        """Each client's share: σC/√N (every client adds one each round, sampled or not).
+
+        ``clip_norm`` is the round's C (default: the initial one).
+        """
         if not self.flat or self.noise_placement != "client":
             return 0.0
-        return self.update_noise_multiplier * self.clip_norm / math.sqrt(self.num_clients)
+        return self.update_noise_multiplier * (clip_norm or self.clip_norm) / math.sqrt(self.num_clients)
 
-    def server_noise_std(self, shares: int) -> float:
-        """Std of the noise the server adds when ``shares`` client shares arrived."""
+    def server_noise_std(self, shares: int, clip_norm: float | None = None) -> float:
+        """Std of the noise the server adds when ``shares`` client shares arrived, at the round's C."""
         if not self.flat:
             return 0.0
+        std = self.update_noise_multiplier * (clip_norm or self.clip_norm)
         if self.noise_placement == "server":
-            return self.update_noise_multiplier * self.clip_norm
-        missing = max(0.0, 1.0 - shares / self.num_clients)
-        return self.update_noise_multiplier * self.clip_norm * math.sqrt(missing)
+            return std
+        return std * math.sqrt(max(0.0, 1.0 - shares / self.num_clients))
 
 
 class ClientLevelMechanism:
@@ -186,6 +222,14 @@ class ClientLevelMechanism:
         self.accountant = accountant
         self.randomness = randomness
         self.journal = journal
+        # The round's C: fixed, or moved by adaptive clipping after every release.
+        self.clip_norm = params.clip_norm
+        # Adaptive clipping's public release of the last round: (its C, its noisy unclipped fraction).
+        self.last_adaptive_release: tuple[float, float] | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.params.flat and self.params.adaptive_clipping is not None
 
     # --- before the round -----------------------------------------------------------
 
@@ -215,7 +259,7 @@ class ClientLevelMechanism:
         asked; only the sampled ones contribute their update.
         """
         chosen = set(sampled)
-        if self.params.client_noise_std() > 0:
+        if self.params.client_noise_std(self.clip_norm) > 0:
             return [(node, node in chosen) for node in nodes]
         return [(node, True) for node in nodes if node in chosen]
 
@@ -225,14 +269,15 @@ class ClientLevelMechanism:
         return {
             CONTRIBUTE_UPDATE: contribute_update,
             CLIPPING: p.clipping,
-            CLIP_NORM: p.clip_norm if p.private else 0.0,  # 0: no clipping
-            CLIENT_NOISE_STD: p.client_noise_std(),
+            CLIP_NORM: self.clip_norm if p.private else 0.0,  # 0: no clipping
+            CLIENT_NOISE_STD: p.client_noise_std(self.clip_norm),
             NOISE_MULTIPLIER: p.noise_multiplier,
             SAMPLE_RATE: p.sample_rate,
             SAMPLE_SIZE: p.sample_size,
             DELTA: p.delta,
             EPSILON_VALID: p.epsilon_valid,
             REPRODUCIBLE_NOISE: p.reproducible_noise,
+            REPORT_UNCLIPPED: self.adaptive,
         }
 
     # --- after the replies ------------------------------------------------------------
@@ -249,27 +294,41 @@ class ClientLevelMechanism:
                 return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
         if not all_finite(update):
             return "the update has NaN or Inf values"
-        share = self.params.client_noise_std()
+        share = self.params.client_noise_std(self.clip_norm)
         if share > 0:
             dimension = sum(t.numel() for t in like.values())
-            bound = self.params.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
+            bound = self.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
             norm = global_l2_norm(update)
             if norm > bound:
                 return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
         return None
 
+    def screen_unclipped(self, value: Any) -> str | None:
+        """Why an adaptive-clipping client's reported bit must be dropped (with its update), or None."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+            return None
+        return f"the reported {UNCLIPPED!r} bit must be 0 or 1, got {value!r}"
+
     def release(
-        self, updates: Sequence[Tensors], like: Tensors, server_round: int, contributions: int | None = None
+        self,
+        updates: Sequence[Tensors],
+        like: Tensors,
+        server_round: int,
+        contributions: int | None = None,
+        unclipped: Sequence[float] = (),
     ) -> dict[str, torch.Tensor] | None:
         """The released mean of the screened replies ``updates``, or None if the round's update is skipped.
 
         Accounts the round either way. Under client placement ``updates`` also holds
         the noise-only replies of the clients that were not sampled (each carries
         one noise share); ``contributions`` is then the number of sampled clients'
-        updates among them (default: all). Computed in float64 and returned in
-        the dtypes of ``like``.
+        updates among them (default: all). Under adaptive clipping ``unclipped``
+        holds the bits of the same replies: their noisy fraction is released too
+        (:attr:`last_adaptive_release`) and moves C for the next round. Computed in
+        float64 and returned in the dtypes of ``like``.
         """
         p = self.params
+        self.last_adaptive_release = None
         if p.epsilon_valid:
             # Write-ahead: the round is spent (and journaled) before its noise exists.
             self.accountant.step(p.noise_multiplier, p.sample_rate)
@@ -281,10 +340,10 @@ class ClientLevelMechanism:
         for update in updates:
             if p.flat and p.noise_placement == "server":
                 # Re-clip: the sensitivity bound holds whatever a client sent.
-                update, _ = flat_clip(update, p.clip_norm)
+                update, _ = flat_clip(update, self.clip_norm)
             for name, t in update.items():
                 total[name] += t.double()
-        std = p.server_noise_std(len(updates))
+        std = p.server_noise_std(len(updates), self.clip_norm)
         if std > 0:
             stream = self.randomness.stream("server-noise", server_round)
             total = {name: t + stream.gaussian(t.shape, std) for name, t in total.items()}
@@ -292,7 +351,24 @@ class ClientLevelMechanism:
             denominator = p.expected_clients if p.clipping == "flat" else p.sample_size
         else:
             denominator = max(1, len(updates))
+        if self.adaptive:
+            self._adapt_clip_norm(unclipped, server_round)
         return {name: (t / denominator).to(like[name].dtype) for name, t in total.items()}
+
+    def _adapt_clip_norm(self, unclipped: Sequence[float], server_round: int) -> None:
+        adaptive = self.params.adaptive_clipping
+        assert adaptive is not None
+        stream = self.randomness.stream("clip-count-noise", server_round)
+        fraction = adaptive.noisy_unclipped_fraction(unclipped, self.params.expected_clients, stream)
+        self.last_adaptive_release = (self.clip_norm, fraction)
+        self.clip_norm = adaptive.next_clip_norm(self.clip_norm, fraction)
+
+    def state_dict(self) -> dict[str, float]:
+        """The mechanism's public state (C under adaptive clipping); never its randomness."""
+        return {"clip-norm": self.clip_norm}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.clip_norm = float(state["clip-norm"])
 
     def too_few_replies(self, contributions: int, server_round: int) -> bool:
         """Whether the (noisy, for a private strategy) count of contributions is below ``min_replies``."""
@@ -309,7 +385,7 @@ class ClientLevelMechanism:
 
     def is_clipped(self, update: Tensors) -> bool:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
-        return global_l2_norm(update) >= self.params.clip_norm * (1 - CLIPPED_TOLERANCE)
+        return global_l2_norm(update) >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -323,11 +399,16 @@ class ClientInstructions:
     noise_multiplier: float
     sample_size: int
     reproducible_noise: bool
+    report_unclipped: bool = False
 
     @classmethod
     def flat(cls, clip_norm: float, client_noise_std: float = 0.0) -> ClientInstructions:
         """Flat clipping to ``clip_norm`` (0: none) and a noise share of ``client_noise_std``."""
         return cls(True, "flat", clip_norm, client_noise_std, 0.0, 1, False)
+
+    def unclipped_report(self, norm: float) -> dict[str, int]:
+        """What the client reports beside its update: {``UNCLIPPED``: [‖u‖ ≤ C]} if asked, else nothing."""
+        return {UNCLIPPED: unclipped_bit(norm, self.clip_norm)} if self.report_unclipped else {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientInstructions:
@@ -339,6 +420,7 @@ class ClientInstructions:
             noise_multiplier=float(config[NOISE_MULTIPLIER]),
             sample_size=int(config[SAMPLE_SIZE]),
             reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
+            report_unclipped=bool(config[REPORT_UNCLIPPED]),
         )
 
 

@@ -47,7 +47,9 @@ LOCK_FILE = ".dpfl-run.lock"
 # on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
 PUBLIC_ROUND_KEYS = frozenset(
     {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy", "update-skipped"}
+     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy", "update-skipped",
+     # adaptive clipping: the round's C and its noisy clipped fraction, both covered by ε
+     "clip-norm", "noisy-clipped-fraction"}
 )  # fmt: skip
 PUBLIC_SUMMARY_KEYS = frozenset(
     {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",

@@ -32,10 +32,12 @@ from torch import nn
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.adaptive_clipping import AdaptiveClipping
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,
     PAPER_MODE_WARNING,
     REPRODUCIBLE_NOISE_WARNING,
+    UNCLIPPED,
     ClientLevelMechanism,
     MechanismParams,
 )
@@ -149,6 +151,7 @@ class ClientLevelDPStrategy(Strategy):
         clipping: str = "flat",
         accountant: str = "rdp",
         reproducible_noise: bool = False,
+        adaptive_clipping: AdaptiveClipping | None = None,
         min_replies: int = 0,
         reply_count_noise: float = 0.0,
         seed: int = 0,
@@ -165,6 +168,7 @@ class ClientLevelDPStrategy(Strategy):
             clipping=clipping,
             private=self.private,
             reproducible_noise=reproducible_noise,
+            adaptive_clipping=adaptive_clipping if self.private else None,
             min_replies=min_replies,
             reply_count_noise=reply_count_noise,
         )
@@ -201,6 +205,7 @@ class ClientLevelDPStrategy(Strategy):
             clipping=settings.clipping,
             accountant=settings.accountant,
             reproducible_noise=settings.reproducible_noise,
+            adaptive_clipping=settings.adaptive_clipping(noise_multiplier),
             min_replies=settings.min_replies,
             reply_count_noise=settings.reply_count_noise,
             seed=settings.seed,
@@ -366,23 +371,34 @@ class ClientLevelDPStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = self.global_arrays.to_torch_state_dict()
-        updates, dropped, contributions, failed, arrived = [], [], 0, 0, 0
+        updates, unclipped, dropped, contributions, failed, arrived = [], [], [], 0, 0, 0
         for reply in replies:
             arrived += 1
             failed += reply.has_error()
             update, reason = self.screen_reply(reply, x)
+            bit = None
+            if update is not None and self.mechanism.adaptive:
+                bit, reason = read_unclipped(reply, self.mechanism)
+                if bit is None:  # a reply without a valid bit is dropped whole
+                    update = None
             if update is None:  # its reason goes to the server-private diagnostics only
                 dropped.append(reason)
             else:
                 updates.append(update)
                 contributions += reply.metadata.src_node_id in self.sampled
-        new_x = self.aggregate_updates(server_round, x, updates, contributions)
+                if bit is not None:
+                    unclipped.append(bit)
+        # At this round's C, before adaptive clipping moves it.
+        if self.mechanism.adaptive:
+            clipped = [not bit for bit in unclipped]
+        else:
+            clipped = [self.mechanism.is_clipped(update) for update in updates]
+        new_x = self.aggregate_updates(server_round, x, updates, contributions, unclipped)
         # A client that raised, timed out or whose node died: the round goes on without it.
         diagnostics = {"accepted": len(updates), "dropped": len(dropped), "drop-reasons": dropped, "failed": failed,
                        "no-reply": self.private_diagnostics.get("messages", arrived) - arrived,
                        "update-skipped": self.last_metrics.get(UPDATE_SKIPPED, 0.0) > 0}  # fmt: skip
         if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
-            clipped = [self.mechanism.is_clipped(update) for update in updates]
             diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
         self.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
@@ -403,14 +419,20 @@ class ClientLevelDPStrategy(Strategy):
         return (None, reason) if reason else (update, "")
 
     def aggregate_updates(
-        self, server_round: int, x: Tensors, updates: list[Tensors], contributions: int | None = None
+        self,
+        server_round: int,
+        x: Tensors,
+        updates: list[Tensors],
+        contributions: int | None = None,
+        unclipped: list[float] = (),
     ) -> Tensors:
         """The new global weights from the screened replies; accounts the round.
 
         ``contributions``: how many of ``updates`` come from sampled clients (default
         all); with ``min-replies``, a round whose noisy count is below it keeps x.
+        ``unclipped``: the replies' bits under adaptive clipping.
         """
-        mean_delta = self.mechanism.release(updates, x, server_round, contributions)
+        mean_delta = self.mechanism.release(updates, x, server_round, contributions, unclipped)
         self.current_round = server_round
         if mean_delta is None:
             self.last_metrics = {**self.public_metrics(server_round), UPDATE_SKIPPED: 1.0}
@@ -428,13 +450,17 @@ class ClientLevelDPStrategy(Strategy):
     def public_metrics(self, server_round: int) -> dict[str, float]:
         """What may be released about the round: ε and the mechanism's public parameters."""
         epsilon, order = self.mechanism.privacy_spent()
-        return {
+        metrics = {
             "epsilon": epsilon,
             "rdp-order": order,
             "lr": self.round_lr(server_round),
             "noise-multiplier": self.noise_multiplier,
             "expected-clients": self.expected_clients,
         }
+        if self.mechanism.last_adaptive_release is not None:  # released under the same ε
+            clip_norm, unclipped = self.mechanism.last_adaptive_release
+            metrics.update({"clip-norm": clip_norm, "noisy-clipped-fraction": 1 - unclipped})
+        return metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -459,14 +485,20 @@ class ClientLevelDPStrategy(Strategy):
             params.delta, self.max_epsilon, "reproducible" if params.reproducible_noise else "secure",
             self.option_values,
         )  # fmt: skip
+        if adaptive := params.adaptive_clipping:
+            log(INFO, "%s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
+                "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,
+                adaptive.learning_rate, adaptive.count_noise_std, params.update_noise_multiplier)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The server state beside the global weights; never the noise or sampling randomness."""
-        return {"round": self.current_round, "accountant": self.accountant.state_dict(), "strategy": self.extra_state()}
+        return {"round": self.current_round, "accountant": self.accountant.state_dict(),
+                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current_round = int(state["round"])
         self.accountant.load_state_dict(state["accountant"])
+        self.mechanism.load_state_dict(state["mechanism"])
         self.load_extra_state(state["strategy"])
 
 
@@ -476,6 +508,16 @@ def not_valid_reasons(params: MechanismParams) -> list[str]:
         return []
     return [text for text, applies in ((PAPER_MODE_WARNING, params.clipping == "paper"),
                                        (REPRODUCIBLE_NOISE_WARNING, params.reproducible_noise)) if applies]  # fmt: skip
+
+
+def read_unclipped(reply: Message, mechanism: ClientLevelMechanism) -> tuple[float | None, str]:
+    """An adaptive-clipping reply's bit [‖u‖ ≤ C], or None and why the reply must be dropped."""
+    try:
+        value = reply.content.metric_records[METRICS_KEY][UNCLIPPED]
+    except Exception as err:  # noqa: BLE001 - whatever a broken or hostile client sent
+        return None, f"no readable {UNCLIPPED!r} bit in {METRICS_KEY!r} ({type(err).__name__}: {err})"
+    reason = mechanism.screen_unclipped(value)
+    return (None, reason) if reason else (float(value), "")
 
 
 def checked_round_config(config: Mapping[str, OptionValue]) -> dict[str, OptionValue]:

@@ -266,3 +266,24 @@ def test_register_needs_public_keys_unless_insecure(capsys, tmp_path, certs):
 def test_argument_errors_are_one_line(capsys, argv, message):
     code, err = run(capsys, *argv)
     assert code == 2 and err.startswith("dpfl-docker") and message in err
+
+
+# --- the node's device for the deployment round --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("device-tile-size=64 lr=0.5", "device settings take device-* keys and compress-method, compress-norm, "
+                                       "compress-ratio, share-accuracy, got lr"),
+        ("device-tile-size", "device settings 'device-tile-size' are not key=value pairs"),
+    ],
+)
+def test_device_settings_with_other_keys_or_bad_syntax_are_refused(capsys, data_file, device, message):
+    code, err = run(capsys, *supernode(data_file, "--superlink", "superlink:8000", "--device", device))
+    assert code == 2 and err.startswith(f"dpfl-docker supernode: error: {message}")
+
+
+def test_device_values_are_left_to_the_deployment_round():
+    # An invalid value (R_off below R_on) fails that node's deployment only, never its start.
+    entrypoint._check_device('device-name="bad" device-r-on=1e5 device-r-off=1e3 share-accuracy=true')

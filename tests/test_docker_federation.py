@@ -6,7 +6,8 @@ them: every SuperNode holds only its own partition; the Control API cannot be
 reached from the host or from another container (only the Fleet API is published);
 a SuperNode whose privacy policy requires sigma >= 1 refuses a run with sigma = 0.5
 and says why in its log while the others train; the run records survive a SuperLink
-restart; a run whose SuperLink is killed mid-run resumes from its last checkpoint once the
+restart; a deployment round writes each node's report into that node's volume, for
+the two device types of compose.yml; a run whose SuperLink is killed mid-run resumes from its last checkpoint once the
 SuperLink is back; an unregistered SuperNode is refused; bad input makes a container exit with
 one line.
 
@@ -262,17 +263,20 @@ def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others
 
 def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
     fed = federation
-    name, rounds = "resume-check", 4
+    # The example job, lighter: 4 rounds of 2 DP-SGD steps per silo.
+    name, rounds, steps = "resume-check", 4, 2
+    config = f"num-server-rounds={rounds} local-epochs={steps}"
     job = subprocess.Popen(
-        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", f"num-server-rounds={rounds}"],
+        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", config],
         env={**os.environ, **fed.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    read_round = (f"import os, torch; p = '/var/lib/dpfl/runs/{name}/checkpoint.pt'; "
-                  "print(torch.load(p, weights_only=True)['round'] if os.path.exists(p) else -1)")  # fmt: skip
+    # Rounds recorded so far (each round's checkpoint follows its record within milliseconds).
+    recorded = (f"import os; p = '/var/lib/dpfl/runs/{name}/metrics.jsonl'; "
+                "print(len(open(p).readlines()) - 1 if os.path.exists(p) else -1)")  # fmt: skip
     deadline = time.monotonic() + 900
-    while int(fed.exec_python("superlink", read_round).strip()) < 2:
+    while int(fed.exec_python("superlink", recorded).strip()) < 1:
         assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "timeout"
-        time.sleep(2)
+        time.sleep(1)
     fed.compose("kill", "superlink", timeout=120)  # the SuperLink and the ServerApp in it die mid-run
     job.communicate(timeout=300)
     assert job.returncode != 0
@@ -282,7 +286,7 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     while fed.online_nodes() < len(SUPERNODES):
         assert time.monotonic() < deadline, "the SuperNodes did not reconnect"
         time.sleep(3)
-    out = fed.federation("run", "--resume", name, "--run-config", f"num-server-rounds={rounds}", timeout=1800).stdout
+    out = fed.federation("run", "--resume", name, "--run-config", config, timeout=1800).stdout
     local = REPO / "runs" / name
     try:
         summary = json.loads((local / "summary.json").read_text())
@@ -293,7 +297,27 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     assert summary["outcome"] == "completed" and summary["rounds-completed"] == rounds, out
     assert seen == list(range(rounds + 1))  # each round once, the first ones from before the kill
     # Each silo's sample-level epsilon counts every round, those before the kill included.
-    assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, 8 * rounds, 1e-5)[0])
+    assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, steps * rounds, 1e-5)[0])
+
+
+def test_a_deployment_round_writes_one_report_per_node_volume_for_two_device_types(federation):
+    fed = federation
+    name = "deploy-check"
+    out = fed.federation("run", "--name", name, "--run-config",
+                         "num-server-rounds=1 local-epochs=1 deploy=true deploy-sweep-tiles='64'", timeout=1800).stdout  # fmt: skip
+    local = REPO / "runs" / name
+    try:
+        rows = json.loads((local / "deployment.json").read_text())["nodes"]
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    assert len(rows) == len(SUPERNODES) and all(row["status"] == "deployed" for row in rows), (rows, out)
+    # compose.yml gives the nodes two device types; their reports differ accordingly.
+    assert {row["device-name"] for row in rows} == {"edge-64", "edge-128"}
+    assert {row["device-tile-size"] for row in rows} == {64, 128}
+    assert not any("accuracy" in key for row in rows for key in row)  # no node opted in to share it
+    for node in SUPERNODES:  # each node's full report stays in its own volume
+        files = fed.exec_python(node, f"import os; print(sorted(os.listdir('/reports/{name}')))")
+        assert all(f in files for f in ("report.json", "compression_report.json", "compressed_model.pt")), (node, files)
 
 
 def test_unregistered_supernode_is_refused(federation):
