@@ -17,6 +17,7 @@ from typing import Any
 
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.deployment.node import DEVICE_NAME_KEY, FAILED, REASON_KEY, STATUS_KEY, SUMMARY_KEYS
+from dpfl.task.files import write_atomically
 
 DEPLOYMENT_FILE = "deployment.json"
 NODE_KEY = "node"
@@ -58,9 +59,7 @@ def error_row(node_id: int, reason: str) -> dict[str, Any]:
 def write_deployment(out_dir: Path, rows: list[dict[str, Any]], seconds: float) -> Path:
     path = Path(out_dir) / DEPLOYMENT_FILE
     payload = {"wall-time": seconds, "note": NOT_COVERED, "nodes": sorted(rows, key=lambda row: row[NODE_KEY])}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
     return path
 
 
