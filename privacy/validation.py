@@ -17,16 +17,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dpfl.errors import UsageError
 
 
-def convert_batch_norm(model: nn.Module) -> int:
-    """Replace every BatchNorm in ``model`` by Opacus's GroupNorm equivalent; return the count."""
-    converted = 0
+def convert_batch_norm(model: nn.Module) -> None:
+    """Replace every BatchNorm in ``model``, at any depth, by Opacus's GroupNorm equivalent."""
     for name, child in list(model.named_children()):
         if isinstance(child, _BatchNorm):
             setattr(model, name, batch_norm.fix(child))
-            converted += 1
         else:
-            converted += convert_batch_norm(child)
-    return converted
+            convert_batch_norm(child)
 
 
 def ensure_client_level_dp_compatible(model: nn.Module, convert: bool = True) -> nn.Module:

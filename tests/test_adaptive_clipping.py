@@ -19,7 +19,9 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from dpfl.client import app as client_module
 from dpfl.errors import UsageError
 from dpfl.privacy.accounting import create_accountant
-from dpfl.privacy.adaptive_clipping import AdaptiveClipping, check_count_noise, count_noise_multiplier, default_count_noise_std
+from dpfl.privacy.adaptive_clipping import (
+    AdaptiveClipping, check_count_noise, count_noise_multiplier, default_count_noise_std, unclipped_bit,
+)
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_noise_multiplier
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
@@ -108,6 +110,30 @@ def test_the_automatic_count_noise_is_the_papers_unless_that_costs_over_five_per
     assert update_noise_multiplier(sigma, count_std) <= 1.05 * sigma * (1 + 1e-12)
     if expected_clients == 2000.0:  # large cohorts: qN/20 itself, nearly free
         assert count_std == 100.0 and update_noise_multiplier(sigma, count_std) < 1.0001 * sigma
+    if expected_clients == 4.0:  # small cohorts: raised to exactly the 5% bound
+        assert update_noise_multiplier(sigma, count_std) == pytest.approx(1.05 * sigma, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("quantile", "learning_rate", "count_std", "message"),
+    [
+        (0.0, 0.2, 1.0, "target-quantile must be in (0, 1), got 0.0"),
+        (1.0, 0.2, 1.0, "target-quantile must be in (0, 1), got 1.0"),
+        (0.5, 0.0, 1.0, "clip-lr must be > 0, got 0.0"),
+        (0.5, 0.2, 0.0, "clip-count-noise must be > 0, got 0.0"),
+    ],
+)
+def test_adaptive_clipping_parameters_outside_their_range_are_refused_by_name(quantile, learning_rate, count_std, message):
+    with pytest.raises(UsageError) as err:
+        AdaptiveClipping(quantile, learning_rate, count_std)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("norm", "bit"), [(0.0, 1), (0.5, 1), (1.0, 1), (1.0 + 1e-12, 0), (7.0, 0), (math.nan, 0), (math.inf, 0)]
+)
+def test_the_unclipped_bit_is_one_exactly_when_the_norm_is_finite_and_at_most_c(norm, bit):
+    assert unclipped_bit(norm, 1.0) == bit
 
 
 def adaptive_mechanism(sigma: float, count_std: float, quantile: float, clip: float, n: int, q: float = 1.0):
@@ -219,3 +245,14 @@ def test_adaptive_clipping_runs_through_the_cli_and_bad_values_are_one_line_erro
     assert len(result.stderr.strip().splitlines()) == 1
     result = dpfl_quick("simulate", "--clip-mode", "sometimes", "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and "unknown clip-mode 'sometimes'; choose one of fixed, adaptive" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [(0, True), (1, True), (0.0, True), (1.0, True), (2, False), (-1, False), (0.5, False), (True, False), ("1", False)],
+)
+def test_only_a_zero_or_one_bit_passes_the_screen(value, accepted):
+    reason = adaptive_mechanism(sigma=1.0, count_std=3.0, quantile=0.5, clip=1.0, n=10).screen_unclipped(value)
+    assert (reason is None) == accepted
+    if not accepted:
+        assert reason == f"the reported 'unclipped' bit must be 0 or 1, got {value!r}"

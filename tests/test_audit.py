@@ -64,6 +64,20 @@ def test_guess_choices_and_bad_inputs():
         audit_scores([1.0, 2.0], [True], 1e-5, 0.95)
     with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
         audit_scores([1.0], [True], 1e-5, 1.0)
+    # Few canaries: at least one guess per choice, and never more guesses than canaries.
+    assert guess_choices(4) == [(1, 0), (2, 0), (1, 1), (2, 2)]
+    assert guess_choices(3) == [(1, 0), (2, 0), (1, 1)]
+
+
+def test_a_perfect_separation_is_scored_on_both_ends_and_its_reverse_gives_nothing():
+    included = np.arange(200) % 2 == 0
+    scores = np.where(included, 1.0, -1.0) + np.linspace(0, 0.1, 200)  # every included canary scores higher
+    best = audit_scores(scores, included, delta=0.0, confidence=0.95)
+    assert best.negative_guesses > 0  # "excluded" guesses on the lowest scores count too
+    assert best.correct == best.positive_guesses + best.negative_guesses
+    assert best.epsilon_lower == pytest.approx(
+        one_run_epsilon_lower_bound(200, best.correct, best.correct, 0.0, 0.05 / best.choices_tried), rel=1e-9)
+    assert audit_scores(-scores, included, delta=0.0, confidence=0.95).epsilon_lower == 0.0
 
 
 # --- through the real ServerApp, strategy, mechanism and ClientApp -------------------------

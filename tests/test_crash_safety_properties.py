@@ -132,6 +132,21 @@ def test_too_few_replies_skip_the_update_but_the_round_is_accounted_and_journale
     assert mech.accountant.history == [(0.01, 0.5, 2)] and len(journaled) == 2
 
 
+def test_without_privacy_the_count_is_exact_and_min_replies_is_enough():
+    params = MechanismParams(noise_multiplier=0.0, clip_norm=0.0, sample_rate=0.5, num_clients=20, delta=1e-5,
+                             private=False, min_replies=3)  # fmt: skip
+    mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(None))
+    assert [mech.too_few_replies(count, server_round=1) for count in (0, 2, 3, 4)] == [True, True, False, False]
+
+
+def test_the_noisy_count_has_the_stated_noise():
+    mech = mechanism(min_replies=10, sigma=1.0, count_noise=4.0)
+    # P[10 + N(0, 4²) < 10] = ½ and P[14 + N(0, 4²) < 10] = Φ(−1) ≈ 0.159.
+    at_threshold = np.mean([mech.too_few_replies(10, r) for r in range(4000)])
+    one_std_above = np.mean([mech.too_few_replies(14, r) for r in range(4000)])
+    assert at_threshold == pytest.approx(0.5, abs=0.03) and one_std_above == pytest.approx(0.1587, abs=0.02)
+
+
 def test_with_min_replies_the_update_noise_is_the_split_multiplier():
     sigma, count_noise = 1.0, 3.0
     mech = mechanism(min_replies=1, sigma=sigma, count_noise=count_noise)

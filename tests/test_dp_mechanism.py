@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -63,6 +64,14 @@ def mechanism(placement="server", sigma=1.3, clip=0.7, q=0.5, n=8, reproducible=
                              noise_placement=placement, clipping=clipping, private=private,
                              reproducible_noise=reproducible is not None)  # fmt: skip
     return ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(reproducible))
+
+
+def test_flat_instructions_are_what_the_mechanism_tells_a_sampled_client_under_flat_clipping():
+    told = ClientInstructions.from_config(mechanism(placement="client").instructions(contribute_update=True))
+    flat = ClientInstructions.flat(told.clip_norm, told.client_noise_std)
+    assert flat == dataclasses.replace(told, noise_multiplier=0.0, sample_size=1)  # only the paper mode reads those
+    assert (flat.contribute_update, flat.clipping, flat.reproducible_noise, flat.report_unclipped) == (
+        True, "flat", False, False)
 
 
 def zero_updates(count: int, size: int = 200_000) -> list[dict[str, torch.Tensor]]:

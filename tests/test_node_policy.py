@@ -54,6 +54,7 @@ def test_policy_keys_are_parsed_with_their_types():
         ({"policy-min-noise-multiplier": "high"}, "node config policy-min-noise-multiplier='high' must be a positive number"),
         ({"policy-max-epsilon": True}, "node config policy-max-epsilon=True must be a positive number"),
         ({"policy-max-clip-norm": -1.0}, "node config policy-max-clip-norm=-1.0 must be a positive number"),
+        ({"policy-max-clip-norm": 0}, "node config policy-max-clip-norm=0 must be a positive number"),
         ({"policy-max-epsilon": float("inf")}, "node config policy-max-epsilon=inf must be a positive number"),
         ({"policy-private-only": "yes"}, "node config policy-private-only='yes' must be true or false"),
         ({"policy-delta": 1.5}, "node config policy-delta=1.5 must be in (0, 1)"),
@@ -63,6 +64,19 @@ def test_malformed_policy_is_a_one_line_usage_error(node_config, message):
     with pytest.raises(UsageError) as err:
         NodePrivacyPolicy.from_node_config(node_config)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("noise_multiplier", "sample_rate"), [(0.0, 0.25), (1.0, 0.0), (1.0, 1.5)])
+def test_the_node_counts_a_mechanism_without_noise_or_a_sample_rate_outside_0_1_as_infinite_epsilon(
+    noise_multiplier, sample_rate
+):
+    run = PolicyRequest("dp-fedavg", noise_multiplier, 0.2, sample_rate, 1e-5, rounds=10, epsilon_valid=True)
+    assert NodePrivacyPolicy.epsilon_of(run, 1e-5) == float("inf")
+
+
+def test_the_node_computes_epsilon_at_sample_rate_one():
+    run = PolicyRequest("dp-fedavg", 2.0, 0.2, 1.0, 1e-5, rounds=10, epsilon_valid=True)
+    assert NodePrivacyPolicy.epsilon_of(run, 1e-5) == epsilon_for(2.0, 1.0, 10, 1e-5)[0] < float("inf")
 
 
 def test_minimum_noise_multiplier():

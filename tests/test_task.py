@@ -125,10 +125,24 @@ def test_batch_norm_models_are_converted_or_refused():
     def bn_model():
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
 
-    with pytest.raises(UsageError, match="BatchNorm"):
+    def nested_bn_model():
+        return nn.Sequential(bn_model(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+    with pytest.raises(UsageError, match="^the model has BatchNorm layers, whose running statistics would leave"):
         ensure_client_level_dp_compatible(bn_model(), convert=False)
     converted = ensure_client_level_dp_compatible(bn_model(), convert=True)
     assert isinstance(converted[1], nn.GroupNorm)
+    nested = ensure_client_level_dp_compatible(nested_bn_model(), convert=True)
+    assert [type(m) for m in nested.modules() if isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm))] == [
+        nn.GroupNorm, nn.GroupNorm]
+    assert not list(nested.buffers())
+
+
+def test_state_that_is_not_a_parameter_is_refused_by_name():
+    model = nn.Linear(3, 2)
+    model.register_buffer("running_scale", torch.ones(2))
+    with pytest.raises(UsageError, match=r"^the model has state that is not a parameter \(running_scale\); client-level"):
+        ensure_client_level_dp_compatible(model)
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):
