@@ -18,7 +18,7 @@ from scipy.stats import norm
 from dpfl.cli.main import main
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import PLD_VALUE_DISCRETIZATION
-from dpfl.privacy.accounting import ACCOUNTANTS, calibrate_noise_multiplier, create_accountant
+from dpfl.privacy.accounting import ACCOUNTANTS, RDPClientAccountant, calibrate_noise_multiplier, create_accountant
 
 # Opacus's PRV accountant reports estimate + eps_error (0.01) at δ - δ/1000.
 PRV_SLACK = 0.011
@@ -147,6 +147,28 @@ def test_calibration_round_trips(name):
     assert spent(name, sigma * 0.99, q, rounds, 1e-5) > target
     # A tighter accountant needs less noise for the same ε.
     assert sigma < calibrate_noise_multiplier(target, 1e-5, q, rounds)
+
+
+class ScaledRDPAccountant(RDPClientAccountant):
+    """RDP's ε as if every σ were ``factor`` times larger: an accountant tighter (> 1) or looser (< 1) than RDP."""
+
+    mechanism = "scaled-rdp"
+    factor = 1.0
+
+    def _privacy_spent(self, history):
+        return super()._privacy_spent(tuple((sigma * self.factor, q, n) for sigma, q, n in history))
+
+
+@pytest.mark.parametrize("factor", [4.0, 1 / 1.05])
+def test_calibration_brackets_sigma_for_accountants_far_tighter_or_looser_than_rdp(monkeypatch, factor):
+    # The search for non-RDP accountants starts from RDP's σ and widens its bracket from
+    # there: down (halving) when the accountant is much tighter, up when it is looser.
+    monkeypatch.setattr(ScaledRDPAccountant, "factor", factor)
+    monkeypatch.setitem(ACCOUNTANTS, "scaled-rdp", ScaledRDPAccountant)
+    target, q, rounds = 8.0, 0.25, 40
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, rounds, accountant="scaled-rdp")
+    assert sigma == pytest.approx(calibrate_noise_multiplier(target, 1e-5, q, rounds) / factor, rel=1e-3)
+    assert create_accountant("scaled-rdp", 1e-5).spent([(sigma, q, rounds)])[0] <= target
 
 
 @pytest.mark.parametrize("name", list(ACCOUNTANTS))

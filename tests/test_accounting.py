@@ -99,6 +99,30 @@ def test_calibration_round_trips(target, q, rounds):
     assert epsilon_for(sigma * 0.99, q, rounds, 1e-5)[0] > target
 
 
+@pytest.mark.parametrize("target", [0.0, -1.0])
+def test_calibration_refuses_a_target_that_is_not_positive(target):
+    with pytest.raises(UsageError) as err:
+        calibrate_noise_multiplier(target, 1e-5, 0.25, 40)
+    assert str(err.value) == f"target epsilon must be > 0, got {target}"
+
+
+def test_calibration_counts_the_carried_ledger_in_the_target():
+    prior = [(1.5, 0.25, 20)]
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, 0.25, 20, prior=prior)
+    total = RDPClientAccountant(1e-5).spent([*prior, (sigma, 0.25, 20)])[0]
+    assert 8.0 * (1 - 1e-3) <= total <= 8.0
+    assert sigma > calibrate_noise_multiplier(8.0, 1e-5, 0.25, 20)  # less budget left: more noise
+
+
+def test_calibration_refuses_a_target_the_carried_ledger_has_spent():
+    prior = [(1.0, 0.25, 40)]
+    spent_already = RDPClientAccountant(1e-5).spent(prior)[0]
+    with pytest.raises(UsageError) as err:
+        calibrate_noise_multiplier(spent_already, 1e-5, 0.25, 10, prior=prior)  # exactly spent: nothing left
+    assert str(err.value) == (
+        f"target epsilon {spent_already} is already spent: the ledger carried over gives epsilon {spent_already:.3f}")
+
+
 def test_calibration_rejects_unreachable_targets():
     with pytest.raises(UsageError, match="cannot be reached"):
         calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10_000)

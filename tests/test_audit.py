@@ -34,6 +34,9 @@ def test_delta_only_loosens_the_bound_and_chance_gives_nothing():
     assert one_run_epsilon_lower_bound(500, 100, 55, 1e-5, 0.05) == 0.0  # 55 of 100 is chance
     with pytest.raises(ValueError, match="correct <= guesses <= canaries"):
         one_run_p_value(10, 20, 5, 1.0, 0.0)
+    with pytest.raises(ValueError, match="correct <= guesses <= canaries"):
+        one_run_p_value(10, 5, -1, 1.0, 0.0)
+    assert one_run_p_value(10, 5, 0, 3.0, 1e-5) == 1.0  # no correct guess: P[W ≥ 0] = 1
 
 
 def randomised_response_scores(epsilon: float, canaries: int, stream) -> tuple[np.ndarray, np.ndarray]:

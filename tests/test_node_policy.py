@@ -117,6 +117,7 @@ def test_maximum_epsilon_is_computed_by_the_node_from_the_mechanism():
     # The node's own RDP ε of 40 rounds at (σ, q, δ): the run's claims play no part.
     epsilon = epsilon_for(1.0, 0.25, 40, 1e-5)[0]
     assert NodePrivacyPolicy(max_epsilon=epsilon * 1.01).violation(request()) is None
+    assert NodePrivacyPolicy(max_epsilon=epsilon).violation(request()) is None  # the maximum itself is allowed
     reason = NodePrivacyPolicy(max_epsilon=epsilon * 0.99).violation(request())
     assert reason == (
         f"epsilon {epsilon:.3g} at delta 1e-05 after 40 rounds (noise multiplier 1, sample rate 0.25) "
