@@ -74,6 +74,14 @@ def test_flat_instructions_are_what_the_mechanism_tells_a_sampled_client_under_f
         True, "flat", False, False)
 
 
+def test_an_update_counts_as_clipped_when_its_norm_is_c_to_a_relative_1e_6():
+    mech = mechanism(clip=0.7)  # a server-private diagnostic of server placement
+    at_bound, _ = flat_clip(random_tensors(3, 10.0), 0.7)
+    assert mech.is_clipped(at_bound)
+    assert mech.is_clipped({k: t * (1 - 5e-7) for k, t in at_bound.items()})
+    assert not mech.is_clipped({k: t * (1 - 1e-5) for k, t in at_bound.items()})
+
+
 def zero_updates(count: int, size: int = 200_000) -> list[dict[str, torch.Tensor]]:
     return [{"v": torch.zeros(size)} for _ in range(count)]
 
