@@ -131,15 +131,18 @@ def test_screening_names_what_is_wrong_with_a_reply():
     like = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
     good = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
     assert mech.screen(good, like) is None
+    bound = 1.0 + 1.0 / math.sqrt(4) * (math.sqrt(8) + 10.0)  # C + one noise share σC/√N over 8 coordinates
     cases = {
-        "names differ": {"w": torch.ones(3, 2)},
-        "shape (2, 3)": {"w": torch.ones(2, 3), "b": torch.zeros(2)},
-        "dtype torch.float64": {"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)},
-        "NaN or Inf": {"w": torch.full((3, 2), math.nan), "b": torch.zeros(2)},
-        "implausible": {"w": torch.full((3, 2), 1e3), "b": torch.zeros(2)},
+        "tensor names differ from the model's (missing ['b'], unexpected ['x'])": {"w": torch.ones(3, 2), "x": torch.ones(1)},
+        "tensor 'w' has shape (2, 3), the model's is (3, 2)": {"w": torch.ones(2, 3), "b": torch.zeros(2)},
+        "tensor 'w' has dtype torch.float64, the model's is torch.float32": {
+            "w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)},
+        "the update has NaN or Inf values": {"w": torch.full((3, 2), math.nan), "b": torch.zeros(2)},
+        f"the update's norm {1e3 * math.sqrt(6):.4g} is implausible for C plus one noise share (bound {bound:.4g})": {
+            "w": torch.full((3, 2), 1e3), "b": torch.zeros(2)},
     }
     for reason, update in cases.items():
-        assert reason in mech.screen(update, like)
+        assert mech.screen(update, like) == reason
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
