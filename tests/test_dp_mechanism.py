@@ -82,6 +82,32 @@ def test_an_update_counts_as_clipped_when_its_norm_is_c_to_a_relative_1e_6():
     assert not mech.is_clipped({k: t * (1 - 1e-5) for k, t in at_bound.items()})
 
 
+def test_the_budget_allows_a_round_that_spends_it_exactly_and_refuses_one_beyond():
+    mech = mechanism(sigma=1.0, clip=1.0, q=0.1, n=10)
+    mech.accountant.step(1.0, 0.1)
+    projected = mech.accountant.epsilon_after_step(1.0, 0.1)
+    assert mech.budget_refusal(2, projected) is None
+    assert mech.budget_refusal(2, projected * 0.999) == (
+        f"round 2 would raise epsilon to {projected:.3f}, over the budget {projected * 0.999:g} "
+        f"(spent so far: {mech.accountant.epsilon():.3f})"
+    )
+
+
+def test_reproducible_noise_repeats_with_the_seed_and_is_fresh_each_round():
+    nodes = list(range(100))
+    like = {"v": torch.zeros(1000)}
+
+    def run(seed):
+        mech = mechanism(q=0.3, n=100, reproducible=seed)
+        return [(mech.sample(nodes, r), mech.release([], like, server_round=r)["v"]) for r in (1, 2)]
+
+    (sample_1, noise_1), (sample_2, noise_2) = run(7)
+    again = run(7)
+    assert again[0][0] == sample_1 and torch.equal(again[1][1], noise_2)  # the same seed: the same run
+    assert sample_1 != sample_2 and not torch.equal(noise_1, noise_2)  # never the same draw twice
+    assert run(8)[0][0] != sample_1
+
+
 def zero_updates(count: int, size: int = 200_000) -> list[dict[str, torch.Tensor]]:
     return [{"v": torch.zeros(size)} for _ in range(count)]
 
