@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 from torch.utils.data import Subset
 
@@ -99,6 +100,13 @@ def solver_speed(batch: int, repeats: int) -> None:
               f"{exact / fast32:>11.2f} {difference:>13.1e}", flush=True)
 
 
+def images_interval(score: float, images: int) -> str:
+    """Clopper-Pearson 95% interval of an accuracy measured on ``images`` test images:
+    the uncertainty of a deterministic device (nothing to repeat over trials)."""
+    interval = stats.binomtest(round(score * images), images).proportion_ci(0.95)
+    return f"[{interval.low:.2%}, {interval.high:.2%}]"
+
+
 def _percent(interval: Interval) -> str:
     if interval.half_width is None:
         return f"{interval.mean:.2%}"
@@ -111,7 +119,8 @@ def mapping_study(model, data, device: CrossbarDevice, statistics, tiles, mode: 
     test = Subset(data.test, range(min(images, len(data.test))))
     if mode == "exact" and device.programs_exactly and not device.read_noise:
         trials = 1  # nothing random: every trial would give the same numbers
-    print(f"{'tile':>5} {'mapping':>8} {'NF':>18} {'out err':>18} {'accuracy':>18} {'seconds':>8}")
+    print(f"{'tile':>5} {'mapping':>8} {'NF':>18} {'out err':>18} {'accuracy':>18} {'seconds':>8}"
+          + (f" {'test-set 95% CI':>18}" if trials == 1 else ""))
     results = {}
     for size in tiles:
         sized = dataclasses.replace(device, tile_size=size)
@@ -126,7 +135,8 @@ def mapping_study(model, data, device: CrossbarDevice, statistics, tiles, mode: 
             row = {"nf": Interval.of(nf), "output_error": Interval.of(error), "accuracy": Interval.of(score)}
             results[(size, mapping)] = row
             print(f"{size:>5} {mapping:>8} {str(row['nf']):>18} {str(row['output_error']):>18} "
-                  f"{_percent(row['accuracy']):>18} {time.perf_counter() - started:>8.1f}", flush=True)
+                  f"{_percent(row['accuracy']):>18} {time.perf_counter() - started:>8.1f}"
+                  + (f" {images_interval(score[0], len(test)):>18}" if trials == 1 else ""), flush=True)
     return results
 
 
@@ -256,7 +266,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=0, help="resize digits (0 = native 8x8)")
     parser.add_argument("--tiles", default=",".join(map(str, SWEEP_TILE_SIZES)))
-    parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline)
+    parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline,
+                        help="wire resistance per segment, ohm (NeuroSim: 2.46 at 22 nm wires, 5.05 at 14 nm)")
+    parser.add_argument("--r-on", type=float, default=CrossbarDevice.r_on, help="ON resistance, ohm (NeuroSim RRAM: 6e3)")
+    parser.add_argument("--r-off", type=float, default=CrossbarDevice.r_off, help="OFF resistance, ohm (NeuroSim RRAM: 9e5)")
     parser.add_argument("--mode", default="fast", choices=("fast", "exact"))
     parser.add_argument("--images", type=int, default=360, help="test images for accuracy")
     parser.add_argument("--trials", type=int, default=3)
@@ -280,7 +293,7 @@ def main() -> None:
     spec = ModelSpec(args.model, data.num_classes, data.in_channels, data.image_size, args.width)
     started = time.perf_counter()
     model = train(spec, data, args.epochs, args.seed)
-    base = CrossbarDevice(r_wordline=args.r_wire, r_bitline=args.r_wire)
+    base = CrossbarDevice(r_on=args.r_on, r_off=args.r_off, r_wordline=args.r_wire, r_bitline=args.r_wire)
     statistics = calibrate(model, data.train.tensors[0][:64], base, 16, torch.Generator().manual_seed(args.seed))
     test = Subset(data.test, range(min(args.images, len(data.test))))
     print(f"\n{spec.name} width {args.width}, digits {data.image_size}x{data.image_size}, trained in "
@@ -290,7 +303,8 @@ def main() -> None:
     if "mapping" in sections:
         for noise in args.noise.split(","):
             device = dataclasses.replace(base, **NOISY) if noise == "on" else base
-            label = f"{'PCM-like noise' if noise == 'on' else 'ideal cells'}, wire {args.r_wire:g} ohm, {args.mode}"
+            label = (f"{'PCM-like noise' if noise == 'on' else 'ideal cells'}, R_on {args.r_on:g}, R_off {args.r_off:g}, "
+                     f"wire {args.r_wire:g} ohm, {args.mode}")
             print(f"\n== mapping study: {label}, {len(test)} images, {args.trials} trial(s) ==")
             tiles = [int(size) for size in args.tiles.split(",")]
             mapping_results[label] = mapping_study(model, data, device, statistics, tiles, args.mode, args.images,
