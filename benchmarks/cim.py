@@ -119,22 +119,25 @@ def mapping_study(model, data, device: CrossbarDevice, statistics, tiles, mode: 
     test = Subset(data.test, range(min(images, len(data.test))))
     if mode == "exact" and device.programs_exactly and not device.read_noise:
         trials = 1  # nothing random: every trial would give the same numbers
-    print(f"{'tile':>5} {'mapping':>8} {'NF':>18} {'out err':>18} {'accuracy':>18} {'seconds':>8}"
+    print(f"{'tile':>5} {'mapping':>8} {'NF':>18} {'out err':>18} {'gain-free err':>18} {'accuracy':>18} {'seconds':>8}"
           + (f" {'test-set 95% CI':>18}" if trials == 1 else ""))
     results = {}
     for size in tiles:
         sized = dataclasses.replace(device, tile_size=size)
         for mapping in MAPPINGS:
             started = time.perf_counter()
-            nf, error, score = [], [], []
+            nf, error, gain_free, score = [], [], [], []
             for trial in range(trials):
                 distortion = model_distortion(model, statistics, sized, mapping, seed + trial)
                 nf.append(distortion.nf)
                 error.append(distortion.output_error)
+                gain_free.append(distortion.gain_free_error)
                 score.append(accuracy(to_crossbars(model, statistics, sized, mapping, mode, seed + trial), test))
-            row = {"nf": Interval.of(nf), "output_error": Interval.of(error), "accuracy": Interval.of(score)}
+            row = {"nf": Interval.of(nf), "output_error": Interval.of(error), "gain_free_error": Interval.of(gain_free),
+                   "accuracy": Interval.of(score)}
             results[(size, mapping)] = row
             print(f"{size:>5} {mapping:>8} {str(row['nf']):>18} {str(row['output_error']):>18} "
+                  f"{str(row['gain_free_error']):>18} "
                   f"{_percent(row['accuracy']):>18} {time.perf_counter() - started:>8.1f}"
                   + (f" {images_interval(score[0], len(test)):>18}" if trials == 1 else ""), flush=True)
     return results

@@ -42,6 +42,7 @@ class LayerDistortion:
     tiles: int
     nf: float
     output_error: float
+    gain_free_error: float
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ModelDistortion:
     tile_size: int
     nf: float
     output_error: float
+    gain_free_error: float
     layers: list[LayerDistortion] = field(default_factory=list)
 
 
@@ -73,35 +75,48 @@ class Interval:
         return f"{self.mean:.4f}" if self.half_width is None else f"{self.mean:.4f} ± {self.half_width:.4f}"
 
 
+def relative_errors(analog: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Relative L2 error of ``analog`` outputs against ``exact`` ones, as measured and
+    after the best common gain g = <analog, exact> / <analog, analog>: the part of the
+    distortion a normalisation layer (GroupNorm after every convolution) cannot divide out."""
+    if not exact.any():
+        return 0.0, 0.0
+    norm = exact.norm()
+    power = float((analog * analog).sum())
+    gain = float((analog * exact).sum()) / power if power > 0 else 0.0
+    return float((analog - exact).norm() / norm), float((gain * analog - exact).norm() / norm)
+
+
 def _layer_distortion(
     layer: nn.Module, statistics: InputStatistics, device: CrossbarDevice, mapping: str,
     generators: DeviceGenerators, cell_loss: dict[int, CellLoss] | None = None,
-) -> tuple[int, Distortion, float]:
+) -> tuple[int, Distortion, tuple[float, float]]:
     q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
     tiles = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
     analog, distortion = simulate_matmul(
         tiles, statistics.sample, q.shape[0], device, cell_loss=cell_loss, generator=generators.read
     )
     exact = statistics.sample.double() @ q.T.double()
-    error = float((analog - exact).norm() / exact.norm()) if exact.any() else 0.0
-    return len(tiles), distortion, error
+    return len(tiles), distortion, relative_errors(analog, exact)
 
 
 def model_distortion(
     model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, mapping: str,
     seed: int = 0,
 ) -> ModelDistortion:
-    """NF and output error of every layer on its sampled calibration inputs, on the
-    device instance of ``seed`` (the same tiles ``to_crossbars`` programs with it)."""
+    """NF, output error and gain-free output error (:func:`relative_errors`) of every
+    layer on its sampled calibration inputs, on the device instance of ``seed`` (the
+    same tiles ``to_crossbars`` programs with it); the model's errors are layer means."""
     generators = DeviceGenerators.from_seed(seed)
     pooled = Distortion()
     layers = []
     for name, layer in mappable_layers(model).items():
-        tiles, distortion, error = _layer_distortion(layer, statistics[name], device, mapping, generators)
+        tiles, distortion, (error, gain_free) = _layer_distortion(layer, statistics[name], device, mapping, generators)
         pooled.add(distortion)
-        layers.append(LayerDistortion(name, tiles, distortion.nf, error))
+        layers.append(LayerDistortion(name, tiles, distortion.nf, error, gain_free))
     mean_error = sum(layer.output_error for layer in layers) / len(layers)
-    return ModelDistortion(mapping, device.tile_size, pooled.nf, mean_error, layers)
+    mean_gain_free = sum(layer.gain_free_error for layer in layers) / len(layers)
+    return ModelDistortion(mapping, device.tile_size, pooled.nf, mean_error, mean_gain_free, layers)
 
 
 def tile_current_loss(
@@ -136,7 +151,7 @@ class DeployReport:
     mode: str
     accuracy: dict[str, float]  # analog entries: mean over trials
     distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping (first trial)
-    trials: dict[str, dict[str, Interval]]  # by mapping: accuracy, nf, output_error over trials
+    trials: dict[str, dict[str, Interval]]  # by mapping: accuracy, nf, output_error, gain_free_error over trials
     sweep: list[ModelDistortion]  # every swept tile size (SWEEP_TILE_SIZES by default) and mapping (first trial)
     heatmap_layer: str
     context: dict = field(default_factory=dict)
@@ -174,6 +189,7 @@ def run_study(
             "accuracy": Interval.of([score for _, score in runs]),
             "nf": Interval.of([measured.nf for measured, _ in runs]),
             "output_error": Interval.of([measured.output_error for measured, _ in runs]),
+            "gain_free_error": Interval.of([measured.gain_free_error for measured, _ in runs]),
         }
         scores[f"analog_{name}"] = per_trial[name]["accuracy"].mean
     sweep = []
@@ -232,4 +248,7 @@ def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path
     return paths
 
 
-__all__ = ["SWEEP_TILE_SIZES", "DeployReport", "Interval", "ModelDistortion", "accuracy", "model_distortion", "run_study", "save_report"]
+__all__ = [
+    "SWEEP_TILE_SIZES", "DeployReport", "Interval", "ModelDistortion", "accuracy", "model_distortion", "relative_errors",
+    "run_study", "save_report",
+]

@@ -132,16 +132,17 @@ def _print(console, report: DeployReport) -> None:
 
     trials = len(report.trials[MAPPINGS[0]]["accuracy"].values)
     accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode})")
-    for column in ("model", "accuracy", "NF", "out err"):
+    for column in ("model", "accuracy", "NF", "out err", "gain-free err"):
         accuracy.add_column(column, justify="left" if column == "model" else "right")
-    accuracy.add_row("digital (float)", f"{report.accuracy['digital']:.2%}", "", "")
-    accuracy.add_row("quantised, ideal crossbar", f"{report.accuracy['quantised']:.2%}", "", "")
+    accuracy.add_row("digital (float)", f"{report.accuracy['digital']:.2%}", "", "", "")
+    accuracy.add_row("quantised, ideal crossbar", f"{report.accuracy['quantised']:.2%}", "", "", "")
     for name in MAPPINGS:
         marker = " (deployed)" if name == report.mapping else ""
         summary = report.trials[name]
         score = summary["accuracy"]
         shown = f"{score.mean:.2%}" + ("" if score.half_width is None else f" ± {score.half_width:.2%}")
-        accuracy.add_row(f"analog, {name}{marker}", shown, str(summary["nf"]), str(summary["output_error"]))
+        accuracy.add_row(f"analog, {name}{marker}", shown, str(summary["nf"]), str(summary["output_error"]),
+                         str(summary["gain_free_error"]))
     console.print(accuracy)
     if trials > 1:
         console.print(f"analog rows: mean ± 95% interval over {trials} device instances")

@@ -54,7 +54,7 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
                   "--mapping", "mdm", "--samples", "40", "--trials", "2", *NOISY_DEVICE, "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "NF / output error per layer" in result.stdout and "analog, mdm (deployed)" in result.stdout
-    assert "mean ± 95% interval over 2 device instances" in result.stdout
+    assert "mean ± 95% interval over 2 device instances" in result.stdout and "gain-free err" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}
     assert report["accuracy"]["digital"] > 0.6
@@ -63,8 +63,10 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
         model = report["distortion"][mapping]
         assert [layer["name"] for layer in model["layers"]] == ["features.0", "features.3", "fc"]
         assert 0 < model["nf"] < 0.1 and 0 < model["output_error"] < 0.2
+        # The best common gain can only lower the error (what GroupNorm divides out).
+        assert 0 < model["gain_free_error"] <= model["output_error"]
         trials = report["trials"][mapping]
-        for metric in ("accuracy", "nf", "output_error"):
+        for metric in ("accuracy", "nf", "output_error", "gain_free_error"):
             values = trials[metric]["values"]
             assert len(values) == 2 and trials[metric]["mean"] == pytest.approx(sum(values) / 2)
         # Every trial is a new device instance: NF differs between them.

@@ -13,7 +13,7 @@ from dpfl.cim.engine import bit_serial_variance, effective_weights, read_noise_v
 from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.model import calibrate, to_crossbars
 from dpfl.cim.nonideal import adc_quantise, adc_step, program
-from dpfl.cim.report import Interval
+from dpfl.cim.report import Interval, model_distortion, relative_errors
 from dpfl.errors import UsageError
 
 IDEAL_WIRES = {"r_wordline": 0.0, "r_bitline": 0.0}
@@ -261,3 +261,37 @@ def test_trial_interval_is_the_student_t_interval_of_the_mean():
     # t quantile 0.975 with 3 degrees of freedom, from tables: 3.182446305284263
     assert interval.half_width == pytest.approx(3.182446305284263 * sample_std / 2, rel=1e-12)
     assert Interval.of([0.5]).half_width is None and Interval.of([0.7, 0.7]).half_width == 0.0
+
+
+# --- gain-free output error ----------------------------------------------------------
+
+
+def test_gain_free_error_removes_a_common_gain_and_keeps_orthogonal_error():
+    """analog = exact + e with e orthogonal to exact and |e| = a |exact|: the output error
+    is a; the best gain 1 / (1 + a²) leaves a / sqrt(1 + a²). A pure gain leaves nothing."""
+    exact = torch.randn(64, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    other = torch.randn(64, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    orthogonal = other - (other * exact).sum() / (exact * exact).sum() * exact
+    a = 0.3
+    analog = exact + a * exact.norm() / orthogonal.norm() * orthogonal
+    error, gain_free = relative_errors(analog, exact)
+    assert error == pytest.approx(a, rel=1e-12)
+    assert gain_free == pytest.approx(a / math.sqrt(1 + a * a), rel=1e-12)
+    error, gain_free = relative_errors(0.7 * exact, exact)
+    assert error == pytest.approx(0.3, rel=1e-12) and gain_free == pytest.approx(0.0, abs=1e-12)
+    assert relative_errors(analog, torch.zeros_like(exact)) == (0.0, 0.0)
+
+
+def test_uniform_drift_is_all_gain_error_in_the_model_distortion():
+    """nu with no spread, ideal wires, no compensation: every weight decays by the same
+    (t/t0)^-nu, so the output error is 1 - that and the gain-free error vanishes."""
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 6)
+    t, nu = 1e5, 0.05
+    device = CrossbarDevice(tile_size=64, drift_nu=nu, drift_time=t, **IDEAL_WIRES)
+    statistics = calibrate(layer, torch.rand(16, 40), device, 8, torch.Generator().manual_seed(0))
+    measured = model_distortion(layer, statistics, device, "mdm")
+    # The reads are solved in float32 (dpfl.cim.engine.SIMULATION_DTYPE): ~1e-7 relative.
+    assert measured.output_error == pytest.approx(1 - (t / 20.0) ** -nu, rel=1e-6)
+    assert measured.gain_free_error < 1e-6
+    assert measured.layers[0].gain_free_error == measured.gain_free_error
