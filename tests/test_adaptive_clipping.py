@@ -256,3 +256,11 @@ def test_only_a_zero_or_one_bit_passes_the_screen(value, accepted):
     assert (reason is None) == accepted
     if not accepted:
         assert reason == f"the reported 'unclipped' bit must be 0 or 1, got {value!r}"
+
+
+def test_the_update_noise_follows_c_as_adaptive_clipping_moves_it():
+    mech = adaptive_mechanism(sigma=1.0, count_std=3.0, quantile=0.5, clip=1.0, n=50, q=0.2)  # qN = 10
+    mech.clip_norm = 2.5  # where adaptive clipping has taken C
+    like = {"v": torch.zeros(200_000)}
+    released = mech.release([], like, server_round=1)["v"].double() * 10
+    assert float(released.std()) == pytest.approx(2.5 * update_noise_multiplier(1.0, 3.0), rel=0.01)

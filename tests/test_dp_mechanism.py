@@ -108,6 +108,26 @@ def test_reproducible_noise_repeats_with_the_seed_and_is_fresh_each_round():
     assert run(8)[0][0] != sample_1
 
 
+def test_without_privacy_the_release_is_the_exact_mean_summed_in_float64():
+    mech = mechanism(private=False, sigma=0.0, clip=0.0)
+    like = {"v": torch.zeros(2)}
+    # 1e8 + 1 is 1e8 in float32: only a float64 sum keeps the 1.
+    updates = [{"v": torch.tensor([1e8, 2.0])}, {"v": torch.tensor([1.0, 4.0])}, {"v": torch.tensor([-1e8, 6.0])}]
+    assert torch.equal(mech.release(updates, like, server_round=1)["v"], torch.tensor([1 / 3, 4.0]))
+    assert torch.equal(mech.release([], like, server_round=2)["v"], torch.zeros(2))
+    assert global_l2_norm({}) == 0.0
+
+
+def test_the_reply_count_counts_sampled_contributions_not_noise_shares():
+    params = MechanismParams(noise_multiplier=0.5, clip_norm=1.0, sample_rate=0.5, num_clients=8, delta=1e-5,
+                             noise_placement="client", min_replies=5, reply_count_noise=0.6)  # fmt: skip
+    mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness())
+    like = {"v": torch.zeros(3)}
+    replies = [{"v": torch.zeros(3)}] * 8  # 2 sampled clients' updates and 6 noise-only shares
+    assert mech.release(replies, like, server_round=1, contributions=2) is None  # 2 + N(0, 0.6²) < 5
+    assert mech.release(replies, like, server_round=2, contributions=8) is not None
+
+
 def zero_updates(count: int, size: int = 200_000) -> list[dict[str, torch.Tensor]]:
     return [{"v": torch.zeros(size)} for _ in range(count)]
 
