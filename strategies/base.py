@@ -43,6 +43,7 @@ from dpfl.privacy.mechanism import (
 )
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors
+from dpfl.strategies.server_optimizer import ServerOptimizer
 
 Tensors = dict[str, torch.Tensor]
 OptionValue = bool | int | float | str
@@ -156,6 +157,8 @@ class ClientLevelDPStrategy(Strategy):
         reply_count_noise: float = 0.0,
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
+        server_optimizer: str = "sgd",
+        server_lr: float = 1.0,
     ) -> None:
         super().__init__()
         params = MechanismParams(
@@ -180,6 +183,8 @@ class ClientLevelDPStrategy(Strategy):
         self.lr_decay = lr_decay
         self.max_epsilon = max_epsilon
         self.option_values = {**self.options, **(option_values or {})}
+        # How the released Δ̄ moves x (post-processing): x − Δ̄ for sgd at lr 1.
+        self.server_optimizer = ServerOptimizer(server_optimizer, server_lr)
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
         self.last_metrics: dict[str, float] = {}
@@ -210,6 +215,8 @@ class ClientLevelDPStrategy(Strategy):
             reply_count_noise=settings.reply_count_noise,
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
+            server_optimizer=settings.server_optimizer,
+            server_lr=settings.server_lr,
         )
         strategy.apply_settings(settings)
         return strategy
@@ -445,7 +452,7 @@ class ClientLevelDPStrategy(Strategy):
         self.last_metrics = self.public_metrics(server_round)
         if self.mechanism.params.counts_replies:
             self.last_metrics[UPDATE_SKIPPED] = 0.0
-        return {name: x[name] - mean_delta[name] for name in x}
+        return self.server_optimizer.step(x, mean_delta)
 
     def public_metrics(self, server_round: int) -> dict[str, float]:
         """What may be released about the round: ε and the mechanism's public parameters."""
@@ -493,13 +500,16 @@ class ClientLevelDPStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """The server state beside the global weights; never the noise or sampling randomness."""
         return {"round": self.current_round, "accountant": self.accountant.state_dict(),
-                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state()}  # fmt: skip
+                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state(),
+                "server-optimizer": self.server_optimizer.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current_round = int(state["round"])
         self.accountant.load_state_dict(state["accountant"])
         self.mechanism.load_state_dict(state["mechanism"])
         self.load_extra_state(state["strategy"])
+        # Checkpoints from before server optimisers had only x − Δ̄, which keeps no state.
+        self.server_optimizer.load_state_dict(state.get("server-optimizer", {}))
 
 
 def not_valid_reasons(params: MechanismParams) -> list[str]:
