@@ -113,7 +113,8 @@ class ClientLevelDPStrategy(Strategy):
     forms Δ = x − y, removes the strategy's public part, clips the rest to C and
     (with client-side placement) adds its share of the noise; the server screens
     the replies, sums, adds the noise (or its shortfall), divides by the expected
-    count qN, adds the public part back, post-processes, and sets x ← x − Δ̄. The
+    count qN, adds the public part back, post-processes, and moves x by Δ̄ with the
+    server optimiser (x ← x − Δ̄ for sgd at lr 1; post-processing of the release). The
     mechanism itself (sampling, instructions, clipping, noise, denominator,
     accounting) is :class:`dpfl.privacy.mechanism.ClientLevelMechanism`; this class
     is its Flower glue and the strategy hooks. A strategy with ``private = False``
