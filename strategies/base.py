@@ -453,7 +453,14 @@ class ClientLevelDPStrategy(Strategy):
         self.last_metrics = self.public_metrics(server_round)
         if self.mechanism.params.counts_replies:
             self.last_metrics[UPDATE_SKIPPED] = 0.0
-        return self.server_optimizer.step(x, mean_delta)
+        if public is None:
+            return self.server_optimizer.step(x, mean_delta)
+        # The server optimiser steps along what is new this round; the public part (for
+        # DP-FedPGN 0.8 of the last released mean, a momentum of its own) is applied as
+        # it is, since an optimiser's momentum and scaling on top of it re-amplify the
+        # noise it carries (docs/vit.md).
+        stepped = self.server_optimizer.step(x, {name: t - public[name] for name, t in mean_delta.items()})
+        return {name: stepped[name] - public[name] if name in public else stepped[name] for name in stepped}
 
     def public_metrics(self, server_round: int) -> dict[str, float]:
         """What may be released about the round: ε and the mechanism's public parameters."""

@@ -74,6 +74,20 @@ def test_the_strategy_applies_the_released_mean_with_its_server_optimizer():
     assert "server-optimizer" in state and state["server-optimizer"]["state"]
 
 
+def test_dp_fedpgns_public_part_is_applied_as_it_is_and_the_optimizer_steps_the_rest():
+    x = {"w": torch.zeros(4)}
+    kwargs = dict(noise_multiplier=0.0, clip_norm=1e6, sample_rate=1.0, num_clients=1, local_steps=2, lr=0.1,
+                  lr_decay=1.0, delta=1e-5)  # fmt: skip
+    pgn = DPFedPGN(**kwargs, gamma=0.2, server_optimizer="adam", server_lr=0.1)
+    pgn.global_direction = {"w": torch.tensor([1.0, -1.0, 2.0, 0.0])}
+    private = {"w": torch.tensor([0.5, 0.5, -0.5, 0.0])}
+    public = 0.8 * 2 * 0.1 * pgn.global_direction["w"]  # (1 − γ)·K·η·c
+    new_x = pgn.aggregate_updates(1, x, [private])
+    adam_step = 0.1 * private["w"] / (private["w"].abs() + SERVER_ADAM_EPS)
+    assert torch.allclose(new_x["w"], -adam_step - public, atol=1e-6)
+    assert torch.allclose(pgn.global_direction["w"], (private["w"] + public) / (2 * 0.1))
+
+
 def test_a_bad_server_optimizer_or_lr_is_refused_in_one_line():
     with pytest.raises(UsageError, match="server-optimizer.*'rmsprop'"):
         RunSettings(server_optimizer="rmsprop").validate()
