@@ -73,7 +73,7 @@ RECIPES: dict[str, Recipe] = {
         batch_size=16,
         clip_norm=0.3,
         server_optimizer="adam",
-        server_lr=0.05,
+        server_lr=0.03,
         pretraining="fractal",
     ),
 }
