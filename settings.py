@@ -69,6 +69,9 @@ class RunSettings:
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
     gamma: float = 0.2
+    # How the server applies the released mean update (post-processing, dpfl.strategies.server_optimizer)
+    server_optimizer: str = "auto"  # recipe: "sgd", "momentum" or "adam"
+    server_lr: float = 0.0  # recipe
     pretraining: str = "auto"  # recipe: "none" or "fractal" (public synthetic pretraining)
     # Sample-level DP inside clients (DP-SGD), on top of client-level DP
     local_dp: bool = False
@@ -131,6 +134,7 @@ class RunSettings:
         from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.task.data import DATASET_NAMES
         from dpfl.task.models import MODEL_BUILDERS
+        from dpfl.strategies.server_optimizer import SERVER_OPTIMIZERS
         from dpfl.task.pretraining import PRETRAINING_CHOICES
         from dpfl.task.partition import PARTITION_SCHEMES
 
@@ -144,6 +148,8 @@ class RunSettings:
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         self._validate_adaptive_clipping()
         _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
+        _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _positive("server-lr", self.server_lr)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         if not 0 <= self.validation_fraction < 1:
             raise UsageError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")

@@ -43,6 +43,7 @@ from dpfl.privacy.mechanism import (
 )
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors
+from dpfl.strategies.server_optimizer import ServerOptimizer
 
 Tensors = dict[str, torch.Tensor]
 OptionValue = bool | int | float | str
@@ -112,7 +113,8 @@ class ClientLevelDPStrategy(Strategy):
     forms Δ = x − y, removes the strategy's public part, clips the rest to C and
     (with client-side placement) adds its share of the noise; the server screens
     the replies, sums, adds the noise (or its shortfall), divides by the expected
-    count qN, adds the public part back, post-processes, and sets x ← x − Δ̄. The
+    count qN, adds the public part back, post-processes, and moves x by Δ̄ with the
+    server optimiser (x ← x − Δ̄ for sgd at lr 1; post-processing of the release). The
     mechanism itself (sampling, instructions, clipping, noise, denominator,
     accounting) is :class:`dpfl.privacy.mechanism.ClientLevelMechanism`; this class
     is its Flower glue and the strategy hooks. A strategy with ``private = False``
@@ -156,6 +158,8 @@ class ClientLevelDPStrategy(Strategy):
         reply_count_noise: float = 0.0,
         seed: int = 0,
         option_values: Mapping[str, OptionValue] | None = None,
+        server_optimizer: str = "sgd",
+        server_lr: float = 1.0,
     ) -> None:
         super().__init__()
         params = MechanismParams(
@@ -180,6 +184,8 @@ class ClientLevelDPStrategy(Strategy):
         self.lr_decay = lr_decay
         self.max_epsilon = max_epsilon
         self.option_values = {**self.options, **(option_values or {})}
+        # How the released Δ̄ moves x (post-processing): x − Δ̄ for sgd at lr 1.
+        self.server_optimizer = ServerOptimizer(server_optimizer, server_lr)
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
         self.last_metrics: dict[str, float] = {}
@@ -210,6 +216,8 @@ class ClientLevelDPStrategy(Strategy):
             reply_count_noise=settings.reply_count_noise,
             seed=settings.seed,
             option_values=cls.parse_options(settings.strategy_options),
+            server_optimizer=settings.server_optimizer,
+            server_lr=settings.server_lr,
         )
         strategy.apply_settings(settings)
         return strategy
@@ -445,7 +453,14 @@ class ClientLevelDPStrategy(Strategy):
         self.last_metrics = self.public_metrics(server_round)
         if self.mechanism.params.counts_replies:
             self.last_metrics[UPDATE_SKIPPED] = 0.0
-        return {name: x[name] - mean_delta[name] for name in x}
+        if public is None:
+            return self.server_optimizer.step(x, mean_delta)
+        # The server optimiser steps along what is new this round; the public part (for
+        # DP-FedPGN 0.8 of the last released mean, a momentum of its own) is applied as
+        # it is, since an optimiser's momentum and scaling on top of it re-amplify the
+        # noise it carries (docs/vit.md).
+        stepped = self.server_optimizer.step(x, {name: t - public[name] for name, t in mean_delta.items()})
+        return {name: stepped[name] - public[name] if name in public else stepped[name] for name in stepped}
 
     def public_metrics(self, server_round: int) -> dict[str, float]:
         """What may be released about the round: ε and the mechanism's public parameters."""
@@ -493,13 +508,16 @@ class ClientLevelDPStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """The server state beside the global weights; never the noise or sampling randomness."""
         return {"round": self.current_round, "accountant": self.accountant.state_dict(),
-                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state()}  # fmt: skip
+                "mechanism": self.mechanism.state_dict(), "strategy": self.extra_state(),
+                "server-optimizer": self.server_optimizer.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current_round = int(state["round"])
         self.accountant.load_state_dict(state["accountant"])
         self.mechanism.load_state_dict(state["mechanism"])
         self.load_extra_state(state["strategy"])
+        # Checkpoints from before server optimisers had only x − Δ̄, which keeps no state.
+        self.server_optimizer.load_state_dict(state.get("server-optimizer", {}))
 
 
 def not_valid_reasons(params: MechanismParams) -> list[str]:

@@ -1,7 +1,8 @@
 """DP-FedPGN: a first-order global gradient-norm penalty (Liu et al. 2025).
 
 Each local step moves along d = γ·g + (1−γ)·c, with c the previous global step per
-local step, c = (x_{t−1} − x_t)/(K·η). The c-part of the client's update,
+local step, c = Δ̄_{t−1}/(K·η) (the released mean update, = (x_{t−1} − x_t)/(K·η) under
+the default server optimiser, sgd at lr 1). The c-part of the client's update,
 (1−γ)·K·η·c, is public (it is built from released models only), so it is removed
 before clipping and added back by the server: only u = Δ − (1−γ)Kηc is clipped
 and noised, and it is γ times smaller than a FedAvg update. Momentum must be 0

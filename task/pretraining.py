@@ -55,9 +55,13 @@ def cache_dir() -> Path:
 
 
 def cache_key(spec: ModelSpec, config: PretrainConfig) -> str:
-    """Hash of everything the weights depend on: shape, configuration, code, torch version."""
+    """Hash of everything the weights depend on: shape, architecture, configuration, code, torch version."""
     shape = {**asdict(spec), "num_classes": None}  # the head is not kept
-    payload = json.dumps({"spec": shape, "config": asdict(config), "torch": torch.__version__}, sort_keys=True)
+    # The built model's parameter shapes, so a change to the architecture (e.g. its
+    # depth, which ModelSpec does not name) never loads stale weights.
+    architecture = {name: list(t.shape) for name, t in spec.build().state_dict().items() if not name.startswith(HEAD_PREFIXES)}
+    payload = json.dumps({"spec": shape, "architecture": architecture, "config": asdict(config),
+                          "torch": torch.__version__}, sort_keys=True)  # fmt: skip
     code = inspect.getsource(fractals) + inspect.getsource(inspect.getmodule(cache_key))
     return hashlib.sha256((payload + code).encode()).hexdigest()[:16]
 

@@ -29,6 +29,9 @@ class Recipe:
     local_epochs: int
     batch_size: int
     clip_norm: float
+    # The server's optimiser on the released mean update (dpfl.strategies.server_optimizer)
+    server_optimizer: str
+    server_lr: float
     # Initial weights: "none" (the model's random init) or "fractal" (dpfl.task.pretraining)
     pretraining: str
 
@@ -50,6 +53,8 @@ _CONVOLUTIONAL = Recipe(
     local_epochs=1,
     batch_size=16,
     clip_norm=0.2,
+    server_optimizer="sgd",
+    server_lr=1.0,
     pretraining="none",
 )
 
@@ -63,10 +68,12 @@ RECIPES: dict[str, Recipe] = {
         sample_rate=0.25,
         model_width=8,
         lr=0.1,
-        lr_decay=0.98,
+        lr_decay=1.0,
         local_epochs=5,
         batch_size=16,
         clip_norm=0.3,
+        server_optimizer="adam",
+        server_lr=0.03,
         pretraining="fractal",
     ),
 }
