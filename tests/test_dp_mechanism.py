@@ -115,6 +115,10 @@ def test_without_privacy_the_release_is_the_exact_mean_summed_in_float64():
     updates = [{"v": torch.tensor([1e8, 2.0])}, {"v": torch.tensor([1.0, 4.0])}, {"v": torch.tensor([-1e8, 6.0])}]
     assert torch.equal(mech.release(updates, like, server_round=1)["v"], torch.tensor([1 / 3, 4.0]))
     assert torch.equal(mech.release([], like, server_round=2)["v"], torch.zeros(2))
+    assert torch.equal(mech.release(updates[1:2], like, server_round=3)["v"], torch.tensor([1.0, 4.0]))
+    with pytest.raises(ValueError) as err:  # a seeded mechanism must have seeded streams, and the converse
+        ClientLevelMechanism(mech.params, create_accountant("rdp", 1e-5), Randomness(3))
+    assert str(err.value) == "the mechanism's reproducible-noise flag must match its randomness"
     assert global_l2_norm({}) == 0.0
 
 

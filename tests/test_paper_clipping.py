@@ -87,3 +87,13 @@ def test_the_paper_mode_samples_round_qN_clients_every_round():
     assert all(len(s) == 3 and len(set(s)) == 3 and set(s) <= set(nodes) for s in samples)
     assert len({tuple(s) for s in samples}) > 50  # a new sample each round (120 subsets exist)
     assert not params.epsilon_valid
+
+
+def test_the_paper_mode_mean_divides_by_the_fixed_sample_size():
+    # q = 0.25 of N = 10: the sample size is round(2.5) = 2, where flat clipping divides by qN = 2.5.
+    params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.25, num_clients=10, delta=1e-5,
+                             noise_placement="client", clipping="paper")
+    mechanism = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness())
+    like = {"v": torch.zeros(3)}
+    updates = [{"v": torch.tensor([1.0, 2.0, 3.0])}, {"v": torch.tensor([3.0, 2.0, 1.0])}]
+    assert torch.equal(mechanism.release(updates, like, server_round=1)["v"], torch.tensor([2.0, 2.0, 2.0]))
