@@ -264,3 +264,15 @@ def test_the_update_noise_follows_c_as_adaptive_clipping_moves_it():
     like = {"v": torch.zeros(200_000)}
     released = mech.release([], like, server_round=1)["v"].double() * 10
     assert float(released.std()) == pytest.approx(2.5 * update_noise_multiplier(1.0, 3.0), rel=0.01)
+
+
+def test_a_reproducible_clipped_count_is_drawn_afresh_each_round():
+    params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.2, num_clients=50, delta=1e-5,
+                             reproducible_noise=True, adaptive_clipping=AdaptiveClipping(0.5, 0.2, 3.0))  # fmt: skip
+    mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(5))
+    like = {"v": torch.zeros(1)}
+    fractions = set()
+    for server_round in (1, 2, 3):
+        mech.release([like] * 2, like, server_round, unclipped=[1.0, 0.0])
+        fractions.add(mech.last_adaptive_release[1])
+    assert len(fractions) == 3

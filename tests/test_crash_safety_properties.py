@@ -147,6 +147,14 @@ def test_the_noisy_count_has_the_stated_noise():
     assert at_threshold == pytest.approx(0.5, abs=0.03) and one_std_above == pytest.approx(0.1587, abs=0.02)
 
 
+def test_a_reproducible_noisy_count_is_drawn_afresh_each_round():
+    params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, num_clients=20, delta=1e-5,
+                             min_replies=10, reply_count_noise=4.0, reproducible_noise=True)  # fmt: skip
+    mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(5))
+    outcomes = {mech.too_few_replies(10, r) for r in range(1, 41)}  # P[skip] = ½ each round
+    assert outcomes == {True, False}
+
+
 def test_with_min_replies_the_update_noise_is_the_split_multiplier():
     sigma, count_noise = 1.0, 3.0
     mech = mechanism(min_replies=1, sigma=sigma, count_noise=count_noise)
