@@ -160,6 +160,10 @@ def test_the_mean_divides_by_the_expected_count_not_the_reported_one():
         updates = [{"v": torch.full((4,), float(i + 1))} for i in range(count)]
         mean = mech.release(updates, like, server_round=1)["v"]
         assert torch.allclose(mean, torch.full((4,), sum(range(1, count + 1)) / 5.0), atol=1e-6)
+    # q = 0.25 of N = 10: qN = 2.5 itself, not a rounded sample size.
+    mech = mechanism(sigma=1e-12, clip=100.0, q=0.25, n=10)
+    mean = mech.release([{"v": torch.full((4,), 5.0)}], like, server_round=2)["v"]
+    assert torch.allclose(mean, torch.full((4,), 2.0), atol=1e-6)
 
 
 def test_the_round_is_accounted_before_its_noise_is_drawn():

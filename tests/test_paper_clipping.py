@@ -34,6 +34,9 @@ def test_each_tensor_is_clipped_to_the_median_of_the_per_tensor_norms():
     assert torch.equal(clipped["a"], tensors["a"])  # below the median: untouched
     assert torch.allclose(clipped["c"], tensors["c"] / 2)  # above: scaled down to the median
     assert [float(clipped[k].double().norm()) for k in "abc"] == pytest.approx([1.0, 2.0, 2.0], rel=1e-6)
+    small = {name: t / 20 for name, t in tensors.items()}  # norms 0.05, 0.1, 0.2: the median is below 1 too
+    clipped, median, _ = per_tensor_median_clip(small)
+    assert [float(clipped[k].double().norm()) for k in "abc"] == pytest.approx([0.05, 0.1, 0.1], rel=1e-6)
 
 
 def test_median_clipping_keeps_a_zero_tensor_and_takes_the_middle_of_an_even_count():
