@@ -123,6 +123,14 @@ def test_calibration_refuses_a_target_the_carried_ledger_has_spent():
         f"target epsilon {spent_already} is already spent: the ledger carried over gives epsilon {spent_already:.3f}")
 
 
+def test_the_accountant_reports_the_refined_order_by_default():
+    history = [(1.1, 0.25, 40)]
+    grid = epsilon_of_history(history, 1e-5, refine=False)[0]
+    refined = epsilon_of_history(history, 1e-5)[0]
+    assert refined < grid  # refining between grid orders tightens this case
+    assert RDPClientAccountant(1e-5).spent(history)[0] == refined
+
+
 def test_calibration_rejects_unreachable_targets():
     with pytest.raises(UsageError, match="cannot be reached"):
         calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10_000)

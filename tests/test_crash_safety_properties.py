@@ -166,6 +166,10 @@ def test_with_min_replies_the_update_noise_is_the_split_multiplier():
 def test_count_noise_not_above_sigma_is_refused():
     with pytest.raises(ValueError, match="reply-count-noise must exceed"):
         mechanism(min_replies=1, sigma=2.0, count_noise=2.0)
+    with pytest.raises(ValueError) as err:
+        split_noise_multiplier(1.0, 2.0, 1.5, 1.2)
+    assert str(err.value) == "the other releases' noise multipliers (2, 1.5, 1.2) leave no part of the total 1"
+    assert mechanism(min_replies=1, sigma=1.0, count_noise=3.0).last_adaptive_release is None  # nothing released yet
     assert math.isfinite(mechanism(min_replies=0, sigma=2.0, count_noise=2.0).params.update_noise_multiplier)
 
 

@@ -283,3 +283,9 @@ def test_local_steps_come_from_the_published_size_not_the_data():
 def test_a_delta_above_one_over_n_is_warned_about():
     assert "1/num-clients" in RunSettings(num_clients=10, delta=0.2).delta_warning()
     assert RunSettings(num_clients=400, delta=1e-5).delta_warning() is None
+
+
+def test_a_stream_key_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError) as err:
+        RandomStream(bytes(16))
+    assert str(err.value) == "a stream key has 32 bytes, got 16"
