@@ -129,6 +129,7 @@ def test_the_accountant_reports_the_refined_order_by_default():
     refined = epsilon_of_history(history, 1e-5)[0]
     assert refined < grid  # refining between grid orders tightens this case
     assert RDPClientAccountant(1e-5).spent(history)[0] == refined
+    assert RDPClientAccountant(1e-5, refine=False).spent(history)[0] == grid
 
 
 def test_calibration_rejects_unreachable_targets():
