@@ -151,7 +151,9 @@ def test_a_reproducible_noisy_count_is_drawn_afresh_each_round():
     params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, num_clients=20, delta=1e-5,
                              min_replies=10, reply_count_noise=4.0, reproducible_noise=True)  # fmt: skip
     mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(5))
-    outcomes = {mech.too_few_replies(10, r) for r in range(1, 41)}  # P[skip] = ½ each round
+    like = {"v": torch.zeros(1)}
+    # 10 contributions against min-replies 10: P[skip] = ½ each round, through the round's release.
+    outcomes = {mech.release([like] * 10, like, server_round=r) is None for r in range(1, 41)}
     assert outcomes == {True, False}
 
 
