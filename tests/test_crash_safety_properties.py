@@ -147,7 +147,7 @@ def test_the_noisy_count_has_the_stated_noise():
     assert at_threshold == pytest.approx(0.5, abs=0.03) and one_std_above == pytest.approx(0.1587, abs=0.02)
 
 
-def test_a_reproducible_noisy_count_is_drawn_afresh_each_round():
+def test_a_reproducible_reply_count_is_fresh_in_each_rounds_release():
     params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, num_clients=20, delta=1e-5,
                              min_replies=10, reply_count_noise=4.0, reproducible_noise=True)  # fmt: skip
     mech = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness(5))
