@@ -130,7 +130,7 @@ class RunSettings:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
-        from dpfl.privacy.accounting import ACCOUNTANTS
+        from dpfl.privacy.accountants import ACCOUNTANTS
         from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.task.data import DATASET_NAMES
         from dpfl.task.models import MODEL_BUILDERS

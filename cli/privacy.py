@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dpfl.cli.options import open_unit, positive_float, positive_int, probability
-from dpfl.privacy.accounting import ACCOUNTANTS, calibrate_noise_multiplier, create_accountant
+from dpfl.privacy.accountants import ACCOUNTANTS, create_accountant
+from dpfl.privacy.calibration import calibrate_noise_multiplier
 
 ALL = "all"
 

@@ -4,6 +4,7 @@
 are told, their clip-and-noise, screening, the noisy mean, write-ahead accounting),
 ``randomness`` (secure ChaCha20 streams for noise and sampling), ``sampling``
 (Poisson client sampling), ``clipping`` (flat L2 clipping in float64),
-``accounting`` and ``accountants`` (RDP, PRV, PLD, calibration) and ``validation``
+``accountants`` (one file per accountant: RDP, PRV, PLD, and their registry),
+``calibration`` (σ for a target ε) and ``validation``
 (which models can be trained under DP).
 """

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import epsilon_for
+from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.mechanism import CLIP_NORM, DELTA, EPSILON_VALID, NOISE_MULTIPLIER, SAMPLE_RATE
 
 POLICY_PREFIX = "policy-"

@@ -16,7 +16,8 @@ from flwr.supercore import log
 
 from dpfl.client.data import cached_dataset, model_spec
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+from dpfl.privacy.accountants.rdp import epsilon_for
+from dpfl.privacy.calibration import calibrate_noise_multiplier
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.server.checkpoint import (
     InitialState,

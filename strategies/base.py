@@ -31,7 +31,7 @@ from flwr.supercore import log
 from torch import nn
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,

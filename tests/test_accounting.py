@@ -13,13 +13,9 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import (
-    DEFAULT_ORDERS,
-    RDPClientAccountant,
-    calibrate_noise_multiplier,
-    epsilon_for,
-    epsilon_of_history,
-)
+from dpfl.privacy.accountants import RDPClientAccountant, create_accountant
+from dpfl.privacy.accountants.rdp import DEFAULT_ORDERS, epsilon_for, epsilon_of_history
+from dpfl.privacy.calibration import calibrate_noise_multiplier
 
 # (sigma, q, rounds, delta)
 GRID = [
@@ -91,12 +87,15 @@ def test_no_looser_than_flowers_rdp_accountant(sigma, q, rounds, delta):
     assert epsilon_for(sigma, q, rounds, delta)[0] <= flower.get_privacy_spent().epsilon
 
 
-@pytest.mark.parametrize("target,q,rounds", [(9.0, 0.25, 40), (1.0, 0.01, 500), (4.0, 0.1, 100)])
-def test_calibration_round_trips(target, q, rounds):
-    sigma = calibrate_noise_multiplier(target, 1e-5, q, rounds)
-    eps, _ = epsilon_for(sigma, q, rounds, 1e-5)
-    assert target * (1 - 1e-3) <= eps <= target
-    assert epsilon_for(sigma * 0.99, q, rounds, 1e-5)[0] > target
+@pytest.mark.parametrize(
+    "accountant,target,q,rounds",
+    [("rdp", 9.0, 0.25, 40), ("rdp", 1.0, 0.01, 500), ("rdp", 4.0, 0.1, 100), ("prv", 8.0, 0.25, 40), ("pld", 8.0, 0.25, 40)],
+)
+def test_calibration_round_trips(accountant, target, q, rounds):
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, rounds, accountant=accountant)
+    spent = create_accountant(accountant, 1e-5).spent
+    assert target * (1 - 1e-3) <= spent([(sigma, q, rounds)])[0] <= target
+    assert spent([(sigma * 0.99, q, rounds)])[0] > target
 
 
 @pytest.mark.parametrize("target", [0.0, -1.0])

@@ -18,7 +18,7 @@ from opacus.accountants.analysis.rdp import compute_rdp
 
 from dpfl.client import app as client_module
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.adaptive_clipping import (
     AdaptiveClipping, check_count_noise, count_noise_multiplier, default_count_noise_std, unclipped_bit,
 )

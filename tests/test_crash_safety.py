@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from dpfl.privacy.accounting import epsilon_for
+from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.server.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_run_checkpoint
 from dpfl.server.local_federation import kill_processes, local_superlink, private_flower_environment, write_app
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from dpfl.privacy.accounting import create_accountant, epsilon_for
+from dpfl.privacy.accountants import create_accountant
+from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.clipping import flat_clip, global_l2_norm
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_noise_multiplier
 from dpfl.privacy.randomness import Randomness

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.privacy.accounting import epsilon_for
+from dpfl.privacy.accountants.rdp import epsilon_for
 
 pytestmark = pytest.mark.docker
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.client.training import cycle_batches, train_private_update
-from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.clipping import flat_clip, global_l2_norm
 from dpfl.privacy.mechanism import ClientInstructions, ClientLevelMechanism, MechanismParams
 from dpfl.privacy.randomness import Randomness

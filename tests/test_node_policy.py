@@ -7,7 +7,8 @@ import pytest
 from dataclasses import replace
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accounting import create_accountant, epsilon_for
+from dpfl.privacy.accountants import create_accountant
+from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
 from dpfl.privacy.randomness import Randomness

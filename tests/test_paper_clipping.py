@@ -18,7 +18,7 @@ from dpfl.privacy.clipping import global_l2_norm, per_tensor_median_clip
 from dpfl.privacy.mechanism import ClientInstructions, ClientLevelMechanism, MechanismParams, privatise_update
 from dpfl.privacy.randomness import Randomness
 from dpfl.privacy.sampling import fixed_size_sample
-from dpfl.privacy.accounting import create_accountant
+from dpfl.privacy.accountants import create_accountant
 
 
 def tensor_of_norm(norm: float, size: int, seed: int) -> torch.Tensor:

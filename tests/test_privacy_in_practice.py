@@ -20,7 +20,8 @@ from flwr.clientapp import ClientApp
 from dpfl.client import app as client_module
 from dpfl.client import data as data_module
 from dpfl.client.data import load_client_partition
-from dpfl.privacy.accounting import calibrate_noise_multiplier, create_accountant
+from dpfl.privacy.accountants import create_accountant
+from dpfl.privacy.calibration import calibrate_noise_multiplier
 from dpfl.privacy.clipping import flat_clip
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.randomness import RandomStream, Randomness, largest_standard_normal

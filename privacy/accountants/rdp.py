@@ -6,29 +6,23 @@ Thm. 21). What is added here: after Opacus's order grid, the best order is refin
 by a bounded scalar minimisation between its grid neighbours (any order gives a
 valid bound, so the minimum over a continuum is as sound as over a grid and never
 larger). Flower's ``RdpAccountant`` stops at its fixed grid.
-
-This module also holds the registry of client-level accountants (``rdp`` here,
-``prv`` and ``pld`` in :mod:`dpfl.privacy.accountants`) and calibration for each.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from scipy.optimize import brentq, minimize_scalar
+from scipy.optimize import minimize_scalar
 
-from dpfl.errors import UsageError
-from dpfl.privacy.accountants import Accountant, History, HistoryKey, PLDClientAccountant, PRVClientAccountant
+from dpfl.privacy.accountants.base import Accountant, History, HistoryKey
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80.0, 128.0, 256.0, 512.0)
-# Noise multipliers searched by calibration.
-MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e3
 
 
 def _rdp(history: History, orders: np.ndarray | float) -> np.ndarray:
@@ -113,64 +107,3 @@ class RDPClientAccountant(Accountant):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.refine = bool(state["refine"])
-
-
-ACCOUNTANTS: dict[str, type[Accountant]] = {
-    "rdp": RDPClientAccountant,
-    "prv": PRVClientAccountant,
-    "pld": PLDClientAccountant,
-}
-
-
-def create_accountant(name: str, delta: float) -> Accountant:
-    """A fresh client-level accountant of the kind ``name`` (a key of :data:`ACCOUNTANTS`)."""
-    if name not in ACCOUNTANTS:
-        raise UsageError(f"unknown accountant {name!r}; known accountants: {', '.join(ACCOUNTANTS)}")
-    return ACCOUNTANTS[name](delta)
-
-
-def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp",
-    prior: History = (),
-) -> float:
-    """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``.
-
-    ``prior``: rounds already spent on the same clients (an earlier run's ledger),
-    which the target includes.
-    """
-    if not target_epsilon > 0:
-        raise UsageError(f"target epsilon must be > 0, got {target_epsilon}")
-    spent = create_accountant(accountant, delta).spent
-    already = spent(prior)[0]
-    if already >= target_epsilon:
-        raise UsageError(
-            f"target epsilon {target_epsilon} is already spent: the ledger carried over gives epsilon {already:.3f}"
-        )
-
-    def excess(sigma: float) -> float:
-        return spent([*prior, (sigma, sample_rate, rounds)])[0] - target_epsilon
-
-    if accountant == "rdp":
-        low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
-        if excess(high) > 0:
-            raise UsageError(
-                f"target epsilon {target_epsilon} cannot be reached in {rounds} rounds at sample rate "
-                f"{sample_rate} with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}"
-            )
-    else:
-        # PRV and PLD bound ε more tightly than RDP, so RDP's σ meets the target and the
-        # search brackets the answer below it: these accountants get slow at small σ.
-        # The guard covers their small numerical error.
-        high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, prior=prior)
-        while excess(high) > 0:
-            high *= 1.01
-        low = max(high / 2, MIN_NOISE_MULTIPLIER)
-        while excess(low) <= 0 and low > MIN_NOISE_MULTIPLIER:
-            low = max(low / 2, MIN_NOISE_MULTIPLIER)
-    if excess(low) <= 0:
-        return low
-    sigma = brentq(excess, low, high, rtol=1e-6)
-    # brentq may land a hair on the wrong side of the root: step up until within budget.
-    while excess(sigma) > 0:
-        sigma *= 1 + 1e-4
-    return float(sigma)

@@ -1,40 +1,24 @@
-"""The client-level accountant interface, and the PRV and PLD accountants.
+"""The client-level accountant interface.
 
 Every accountant counts one Poisson-subsampled Gaussian release per round and
 keeps Opacus's history format, ``[(noise multiplier, sample rate, rounds), ...]``,
 with consecutive equal rounds merged. Its ε is a pure, memoised function of that
 history: a run asks for ε after the next round (the budget check), then for the
 same ε once the round is released, so each round costs one computation.
-
-``prv`` is Opacus's PRV accountant (Gopi et al. 2021), ``pld`` is dp-accounting's
-PLD accountant (Koskela et al.; Doroshenko et al. 2022). Both compose the exact
-privacy loss numerically and are tighter than RDP; the RDP accountant and the
-registry of all three are in :mod:`dpfl.privacy.accounting`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import ClassVar
-
-import dp_accounting
-import numpy as np
-from dp_accounting.pld import PLDAccountant
-from opacus.accountants import PRVAccountant
 
 from dpfl.errors import UsageError
 
 # (noise multiplier, sample rate, number of rounds), as in Opacus's accountant history.
 History = Sequence[tuple[float, float, int]]
 HistoryKey = tuple[tuple[float, float, int], ...]
-
-# dp-accounting's default is 1e-4. Its PLD is a pessimistic estimate, an upper bound at
-# any interval; 1e-3 is ~10x faster and on the test grid at most 0.3% (0.002 in ε) looser.
-PLD_VALUE_DISCRETIZATION = 1e-3
 
 
 class Accountant(ABC):
@@ -107,53 +91,3 @@ def _with_round(history: History, noise_multiplier: float, sample_rate: float) -
     if history and history[-1][:2] == (noise_multiplier, sample_rate):
         return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + 1)]
     return [*history, (noise_multiplier, sample_rate, 1)]
-
-
-@lru_cache(maxsize=64)
-def prv_epsilon(history: HistoryKey, delta: float) -> float:
-    """Opacus's PRV bound on ε after ``history``.
-
-    The PRV accountant estimates ε with an error bound (eps_error 0.01, delta_error
-    δ/1000); Opacus's ``get_epsilon`` returns the upper end of that bound, which is what
-    keeps the budget stop sound, not the central estimate.
-    """
-    accountant = PRVAccountant()
-    accountant.history = list(history)
-    # At q = 1 Opacus's PRV takes log(1 - q) = -inf on purpose, and it sizes its domain
-    # with an RDP bound that may warn about its order grid: both warnings are noise here.
-    with np.errstate(divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta))
-
-
-@lru_cache(maxsize=64)
-def pld_epsilon(history: HistoryKey, delta: float) -> float:
-    """dp-accounting's PLD (pessimistic, add-or-remove-one) ε after ``history``.
-
-    Each entry is composed as one round's PLD self-convolved ``rounds`` times (one FFT
-    power), not round by round.
-    """
-    accountant = PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    for noise_multiplier, sample_rate, rounds in history:
-        accountant.compose(
-            dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), rounds
-        )
-    return float(accountant.get_epsilon(delta))
-
-
-class PRVClientAccountant(Accountant):
-    """Opacus's PRV accountant, one step per round; ε is its upper bound."""
-
-    mechanism = "prv"
-
-    def _privacy_spent(self, history: HistoryKey) -> tuple[float, float]:
-        return prv_epsilon(history, self.delta), math.nan
-
-
-class PLDClientAccountant(Accountant):
-    """dp-accounting's PLD accountant, one Poisson-sampled Gaussian event per round."""
-
-    mechanism = "pld"
-
-    def _privacy_spent(self, history: HistoryKey) -> tuple[float, float]:
-        return pld_epsilon(history, self.delta), math.nan
