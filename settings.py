@@ -12,7 +12,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.model import MODES
+from dpfl.compression.pipeline import METHODS, NORMS
 from dpfl.errors import UsageError
+from dpfl.privacy.accountants import ACCOUNTANTS
+from dpfl.privacy.adaptive_clipping import AdaptiveClipping, CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
+from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
+from dpfl.privacy.validation import check_local_dp_supported
+from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
+from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model
+from dpfl.task.partition import PARTITION_SCHEMES
+from dpfl.task.pretraining import PRETRAINING_CHOICES
+from dpfl.task.recipes import UNSET, recipe_for
+from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ class RunSettings:
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
     gamma: float = 0.2
-    # How the server applies the released mean update (post-processing, dpfl.strategies.server_optimizer)
+    # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe
     pretraining: str = "auto"  # recipe: "none" or "fractal" (public synthetic pretraining)
@@ -112,14 +125,12 @@ class RunSettings:
             name = key.replace("-", "_")
             if name not in known:
                 raise UsageError(f"unknown run-config key {key!r}; known keys: {', '.join(cls.keys())}")
-            values[name] = _coerce(key, value, type(getattr(cls, name)))
+            values[name] = coerce_config_value(key, value, type(getattr(cls, name)))
         settings = cls(**values)
         settings.validate()
         return settings
 
     def __post_init__(self) -> None:
-        from dpfl.task.recipes import UNSET, recipe_for
-
         unset = [name for name, sentinel in UNSET.items() if getattr(self, name) == sentinel]
         if unset:
             recipe = recipe_for(self.model)
@@ -130,14 +141,6 @@ class RunSettings:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
-        from dpfl.privacy.accountants import ACCOUNTANTS
-        from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
-        from dpfl.task.data import DATASET_NAMES
-        from dpfl.task.models import MODEL_BUILDERS
-        from dpfl.strategies.server_optimizer import SERVER_OPTIMIZERS
-        from dpfl.task.pretraining import PRETRAINING_CHOICES
-        from dpfl.task.partition import PARTITION_SCHEMES
-
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("num-clients", self.num_clients, 1)
         _one_of("model", self.model, MODEL_BUILDERS)
@@ -198,13 +201,10 @@ class RunSettings:
             raise UsageError(f"local-delta must be in (0, 1), got {self.local_delta}")
         self._validate_deployment()
         if self.local_dp:
-            from dpfl.client.local_dp import check_model_supported
-
-            check_model_supported(self.model)
+            # Layer types do not depend on the data's shape, so a nominal shape will do.
+            check_local_dp_supported(build_model(self.model, 10, 3, 32, 2 * GROUP_NORM_GROUPS), self.model)
 
     def _validate_adaptive_clipping(self) -> None:
-        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
-
         _one_of("clip-mode", self.clip_mode, CLIP_MODES)
         if self.clip_count_noise < 0:
             raise UsageError(f"clip-count-noise must be >= 0 (0 = automatic), got {self.clip_count_noise}")
@@ -216,19 +216,12 @@ class RunSettings:
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""
-        from dpfl.privacy.adaptive_clipping import AdaptiveClipping
-
         if self.clip_mode != "adaptive":
             return None
         return AdaptiveClipping.resolve(self.target_quantile, self.clip_lr, self.clip_count_noise,
                                         self.sample_rate * self.num_clients, noise_multiplier)  # fmt: skip
 
     def _validate_deployment(self) -> None:
-        from dpfl.cim.mapping import MAPPINGS
-        from dpfl.cim.model import MODES
-        from dpfl.compression.pipeline import METHODS, NORMS
-        from dpfl.deployment.node import parse_node_configs
-
         if self.deploy_clients < 0:
             raise UsageError(f"deploy-clients must be >= 0 (0 = every node), got {self.deploy_clients}")
         _one_of("deploy-method", self.deploy_method, METHODS)
@@ -261,7 +254,6 @@ class RunSettings:
         """
         if self.client_size:
             return self.client_size
-        from dpfl.task.data import PUBLISHED_TRAIN_SIZES
 
         if self.dataset not in PUBLISHED_TRAIN_SIZES:
             raise UsageError(f"dataset {self.dataset!r} has no published size: set client-size (examples per client)")
@@ -295,7 +287,7 @@ class RunSettings:
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def coerce_config_value(key: str, value: Any, kind: type) -> Any:
     try:
         if kind is bool:
             return value if isinstance(value, bool) else _BOOL_WORDS[str(value).strip().lower()]
@@ -319,3 +311,18 @@ def _at_least(key: str, value: int, low: int) -> None:
 def _one_of(key: str, value: str, allowed) -> None:
     if value not in allowed:
         raise UsageError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def parse_node_configs(text: str) -> list[dict[str, str]]:
+    """``"k=v k=v; k=v"``: one node config per ``;``-separated entry (a simulation's
+    stand-in for the node configs of real SuperNodes)."""
+    configs = []
+    for entry in filter(str.strip, text.split(";")):
+        config = {}
+        for item in entry.split():
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise UsageError(f"deploy-node-configs: {item!r} is not key=value (entries: 'k=v k=v; k=v ...')")
+            config[key] = value
+        configs.append(config)
+    return configs

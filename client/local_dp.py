@@ -36,14 +36,12 @@ from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.models.resnet import BasicBlock
 
 from dpfl.errors import UsageError
 from dpfl.privacy.randomness import Randomness, RandomStream
-from dpfl.task.models import GROUP_NORM_GROUPS, build_model
 
 STATE_KEY = "local-dp-accountant"
 # Relative mismatch above which the gradient is not the mean of the per-sample gradients.
@@ -219,13 +217,3 @@ def _has_extra_term(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-
-
-@functools.lru_cache(maxsize=8)
-def check_model_supported(model_name: str) -> None:
-    """Refuse, in one line, a model whose per-sample gradients Opacus cannot compute."""
-    # Layer types do not depend on the data's shape, so a nominal shape will do.
-    errors = ModuleValidator.validate(build_model(model_name, 10, 3, 32, 2 * GROUP_NORM_GROUPS), strict=False)
-    if errors:
-        reasons = dict.fromkeys(str(err).split(". ")[0].strip() for err in errors)
-        raise UsageError(f"local-dp does not support model {model_name!r}: {'; '.join(reasons)}")

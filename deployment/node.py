@@ -24,15 +24,13 @@ from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import MODES
 from dpfl.cim.report import save_report
 from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, weight_shape
 from dpfl.deployment.study import cim_study
 from dpfl.errors import UsageError
-from dpfl.settings import RunSettings
-from dpfl.settings import _coerce as coerce_config_value
+from dpfl.settings import RunSettings, coerce_config_value, parse_node_configs
 from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 
@@ -86,21 +84,6 @@ class NodeDeployment:
         device = {DEVICE_PREFIX + k.replace("_", "-"): (0 if v is None else v) for k, v in self.device.as_dict().items()}
         return {DEVICE_NAME_KEY: self.device_name, DEVICE_MAPPING_KEY: self.mapping, METHOD_KEY: self.method,
                 NORM_KEY: self.norm, RATIO_KEY: self.ratio, **device}  # fmt: skip
-
-
-def parse_node_configs(text: str) -> list[dict[str, str]]:
-    """``"k=v k=v; k=v"``: one node config per ``;``-separated entry (a simulation's
-    stand-in for the node configs of real SuperNodes)."""
-    configs = []
-    for entry in filter(str.strip, text.split(";")):
-        config = {}
-        for item in entry.split():
-            key, sep, value = item.partition("=")
-            if not sep or not key or not value:
-                raise UsageError(f"deploy-node-configs: {item!r} is not key=value (entries: 'k=v k=v; k=v ...')")
-            config[key] = value
-        configs.append(config)
-    return configs
 
 
 def effective_node_config(node_config: Mapping[str, Any], simulated: list[dict[str, str]]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ GroupNorm with Opacus's BatchNorm fixer, or refused. (Opacus's full
 
 from __future__ import annotations
 
-from opacus.validators import batch_norm
+from opacus.validators import ModuleValidator, batch_norm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -42,3 +42,11 @@ def ensure_client_level_dp_compatible(model: nn.Module, convert: bool = True) ->
             "client-level DP can only privatise parameters"
         )
     return model
+
+
+def check_local_dp_supported(model: nn.Module, model_name: str) -> None:
+    """Refuse, in one line, a model whose per-sample gradients Opacus cannot compute (for local DP-SGD)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        reasons = dict.fromkeys(str(err).split(". ")[0].strip() for err in errors)
+        raise UsageError(f"local-dp does not support model {model_name!r}: {'; '.join(reasons)}")

@@ -43,7 +43,7 @@ from dpfl.privacy.mechanism import (
 )
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors
-from dpfl.strategies.server_optimizer import ServerOptimizer
+from dpfl.task.server_optimizer import ServerOptimizer
 
 Tensors = dict[str, torch.Tensor]
 OptionValue = bool | int | float | str

@@ -29,7 +29,7 @@ class Recipe:
     local_epochs: int
     batch_size: int
     clip_norm: float
-    # The server's optimiser on the released mean update (dpfl.strategies.server_optimizer)
+    # The server's optimiser on the released mean update (dpfl.task.server_optimizer)
     server_optimizer: str
     server_lr: float
     # Initial weights: "none" (the model's random init) or "fractal" (dpfl.task.pretraining)

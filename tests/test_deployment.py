@@ -11,10 +11,11 @@ from torch.utils.data import Subset
 from dpfl.cli.main import main
 from dpfl.deployment.federation import choose_nodes, screen_summary
 from dpfl.deployment.node import (
-    DEPLOYMENT_KEY, SHARED_ACCURACY_KEYS, SUMMARY_KEYS, device_from_config, effective_node_config, parse_node_configs,
+    DEPLOYMENT_KEY, SHARED_ACCURACY_KEYS, SUMMARY_KEYS, device_from_config, effective_node_config,
     run_node_deployment,
 )  # fmt: skip
 from dpfl.errors import UsageError
+from dpfl.settings import parse_node_configs
 from dpfl.server.inprocess import InProcessGrid
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset

@@ -9,7 +9,7 @@ from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
 from dpfl.strategies.dp_fedpgn import DPFedPGN
 from dpfl.strategies.fedavg import FedAvg
-from dpfl.strategies.server_optimizer import SERVER_ADAM_EPS, SERVER_MOMENTUM, ServerOptimizer
+from dpfl.task.server_optimizer import SERVER_ADAM_EPS, SERVER_MOMENTUM, ServerOptimizer
 
 
 def tensors(seed: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,9 @@ no privacy and is sound for every strategy. The clients' local optimiser is not
 touched (plain SGD, momentum 0, which DP-FedPGN's exact public part needs).
 
 The steps are torch.optim's own, run on the global weights with Δ̄ as their
-gradient; pure math, no Flower and no I/O.
+gradient; pure math, no Flower and no I/O. It sits in ``task/`` beside the models'
+recipes, which choose it, so that the run settings can check its name without
+importing the strategies that run it.
 """
 
 from __future__ import annotations
