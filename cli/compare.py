@@ -52,7 +52,8 @@ def run_comparison(
     from dpfl.server.app import app as server_app
     from dpfl.server.inprocess import flower_log_to, run_in_process
     from dpfl.server.report import plot_comparison, privacy_label, read_rounds, summarise
-    from dpfl.strategies import get_strategy_class, smoke_test_strategy
+    from dpfl.plugins import smoke_test_strategy
+    from dpfl.strategies import get_strategy_class
 
     plans = {}
     for name in strategies:

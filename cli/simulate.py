@@ -201,7 +201,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
             load_initial_state(settings.init_from, settings.init_new_data)
     from dpfl.client.data import cached_dataset
-    from dpfl.strategies import get_strategy_class, smoke_test_strategy
+    from dpfl.plugins import smoke_test_strategy
+    from dpfl.strategies import get_strategy_class
     from dpfl.task.data import load_dataset
     from dpfl.task.partition import partition_indices
 

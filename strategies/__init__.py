@@ -6,12 +6,11 @@ are registered in dpfl's own pyproject.toml) or given as ``module:Class``; see
 """
 
 from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule
-from dpfl.strategies.registry import get_strategy_class, registered_strategies, smoke_test_strategy
+from dpfl.strategies.registry import get_strategy_class, registered_strategies
 
 __all__ = [
     "ClientLevelDPStrategy",
     "LocalUpdateRule",
     "get_strategy_class",
     "registered_strategies",
-    "smoke_test_strategy",
 ]

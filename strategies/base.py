@@ -43,6 +43,7 @@ from dpfl.privacy.mechanism import (
 )
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors
+from dpfl.settings import RunSettings
 from dpfl.task.server_optimizer import ServerOptimizer
 
 Tensors = dict[str, torch.Tensor]
@@ -195,7 +196,7 @@ class ClientLevelDPStrategy(Strategy):
         self.private_diagnostics: dict[str, Any] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:
+    def from_settings(cls, settings: RunSettings, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:
         """Build from the run's ``RunSettings`` and its ``strategy-options``."""
         strategy = cls(
             noise_multiplier=noise_multiplier,
@@ -269,7 +270,7 @@ class ClientLevelDPStrategy(Strategy):
 
     # --- what a strategy may override -------------------------------------------------
 
-    def apply_settings(self, settings: Any) -> None:
+    def apply_settings(self, settings: RunSettings) -> None:
         """Take what the strategy needs from the run's settings (e.g. DP-FedPGN's gamma)."""
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from dpfl.settings import RunSettings
 from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors
 
 GLOBAL_DIRECTION_KEY = "global-direction"
@@ -80,7 +81,7 @@ class DPFedPGN(ClientLevelDPStrategy):
         self.gamma = gamma
         self.global_direction: Tensors | None = None  # c; zeros before the first round
 
-    def apply_settings(self, settings: Any) -> None:
+    def apply_settings(self, settings: RunSettings) -> None:
         self.gamma = settings.gamma
 
     def _direction(self, like: Tensors) -> Tensors:
