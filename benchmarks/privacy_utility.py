@@ -26,7 +26,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dpfl.cli.compare import print_table, run_comparison
+from dpfl.analysis.comparison import run_comparison
+from dpfl.cli.compare import print_run, print_table
 from dpfl.settings import RunSettings
 from dpfl.task.recipes import describe_recipe
 
@@ -60,7 +61,7 @@ def main() -> None:
     console = Console()
     console.print(describe_recipe(settings))
     started = time.perf_counter()
-    rows = run_comparison(settings, args.strategies, args.seeds, Path(out).resolve(), console, [])
+    rows = run_comparison(settings, args.strategies, args.seeds, Path(out).resolve(), [], on_run=print_run(console))
     print_table(rows, console)
     if args.validation_fraction:
         print_validation(Path(out).resolve(), console)

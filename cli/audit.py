@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 def audit_and_print(settings, canaries: int, confidence: float, out: Path, console: Console) -> None:
     """Run the audit of ``settings`` into ``out`` and print its table and files."""
-    from dpfl.server.audit import AUDIT_FILE, AUDIT_PLOT, run_audit
+    from dpfl.analysis.audit import AUDIT_FILE, AUDIT_PLOT, run_audit
 
     report = run_audit(settings, canaries, confidence, out)
     print_audit(report, console)

@@ -313,7 +313,7 @@ def run_warnings(settings: RunSettings) -> list[str]:
 
 
 def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | None:
-    from dpfl.server.local_federation import FederationError, simulation
+    from dpfl.engines.local_federation import FederationError, simulation
 
     console.print(f"  Flower log: {out / FLOWER_LOG}")
     try:
@@ -330,7 +330,7 @@ def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | 
 def _run_in_process(settings: RunSettings, out: Path, console: Console, workers: int) -> str | None:
     from dpfl.client.app import app as client_app
     from dpfl.server.app import app as server_app
-    from dpfl.server.inprocess import flower_log_to, run_in_process
+    from dpfl.engines.inprocess import flower_log_to, run_in_process
 
     failure: list[str] = []
     stop = threading.Event()

@@ -25,7 +25,7 @@ from dpfl.privacy.adaptive_clipping import (
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_noise_multiplier
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
-from dpfl.server.inprocess import run_in_process
+from dpfl.engines.inprocess import run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS
 from dpfl.settings import RunSettings
 

@@ -10,7 +10,7 @@ import pytest
 
 from dpfl.privacy.audit import audit_scores, guess_choices, one_run_epsilon_lower_bound, one_run_p_value
 from dpfl.privacy.randomness import Randomness
-from dpfl.server.audit import run_audit
+from dpfl.analysis.audit import run_audit
 from dpfl.settings import RunSettings
 
 

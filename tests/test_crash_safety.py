@@ -16,7 +16,7 @@ import torch
 
 from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.server.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_run_checkpoint
-from dpfl.server.local_federation import kill_processes, local_superlink, private_flower_environment, write_app
+from dpfl.engines.local_federation import kill_processes, local_superlink, private_flower_environment, write_app
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import load_checkpoint

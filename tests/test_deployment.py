@@ -16,7 +16,7 @@ from dpfl.deployment.node import (
 )  # fmt: skip
 from dpfl.errors import UsageError
 from dpfl.settings import parse_node_configs
-from dpfl.server.inprocess import InProcessGrid
+from dpfl.engines.inprocess import InProcessGrid
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset
 

@@ -19,7 +19,7 @@ from dpfl.client.training import train_private_update
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
-from dpfl.server.inprocess import ClientWorkers, RunStopped, in_process_grid, run_in_process
+from dpfl.engines.inprocess import ClientWorkers, RunStopped, in_process_grid, run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies.base import LocalUpdateRule

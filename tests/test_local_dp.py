@@ -19,7 +19,7 @@ from dpfl.client.training import train_private_update
 from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
-from dpfl.server.inprocess import RUN_ID, SERVER_NODE_ID, InProcessGrid
+from dpfl.engines.inprocess import RUN_ID, SERVER_NODE_ID, InProcessGrid
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import LocalUpdateRule

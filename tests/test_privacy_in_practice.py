@@ -26,7 +26,7 @@ from dpfl.privacy.clipping import flat_clip
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.randomness import RandomStream, Randomness, largest_standard_normal
 from dpfl.server.app import app as server_app
-from dpfl.server.inprocess import in_process_grid, run_in_process
+from dpfl.engines.inprocess import in_process_grid, run_in_process
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.server.local_federation import local_superlink, private_flower_environment
+from dpfl.engines.local_federation import local_superlink, private_flower_environment
 from dpfl.task.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

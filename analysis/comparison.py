@@ -1,16 +1,24 @@
-"""Comparing runs: a table of final and best accuracy over seeds, and a plot."""
+"""Comparing strategies: runs over seeds at the same ε, a table of final and best accuracy, and a plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpfl.client.app import app as client_app
+from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.plugins import smoke_test_strategy
+from dpfl.server.app import app as server_app
 from dpfl.server.recorder import CONFIG_FILE, METRICS_FILE
+from dpfl.settings import RunSettings
+from dpfl.strategies import get_strategy_class
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -78,3 +86,40 @@ def plot_comparison(runs: Mapping[str, Sequence[list[dict[str, Any]]]], path: Pa
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def run_comparison(
+    base: RunSettings, strategies: list[str], seeds: int, out: Path, option_items: list[str],
+    on_run: Callable[[str, int, list[dict[str, Any]]], None] = lambda name, seed, rounds: None,
+) -> list[dict[str, Any]]:
+    """Run every (strategy, seed) on the in-process engine, write comparison.json and
+    comparison.png, return the table rows; ``on_run`` sees each finished run's rounds."""
+    plans = {}
+    for name in strategies:
+        cls = get_strategy_class(name)
+        own = " ".join(item for item in option_items if item.partition("=")[0] in cls.options)
+        settings = dataclasses.replace(base, strategy=name, strategy_options=own)
+        smoke_test_strategy(cls, settings, name)
+        plans[name] = settings
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list] = {}
+    labels: dict[str, str] = {}
+    for name, settings in plans.items():
+        for seed in range(seeds):
+            run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-seed{seed}"
+            seeded = dataclasses.replace(settings, seed=seed, out_dir=str(run_dir))
+            with flower_log_to(out / "flower.log"):
+                run_in_process(server_app, client_app, seeded.to_run_config(), seeded.num_clients)
+            rounds = read_rounds(run_dir)
+            runs.setdefault(name, []).append(rounds)
+            labels[name] = privacy_label(run_dir)
+            on_run(name, seed, rounds)
+    rows = summarise(runs, labels)
+    title = (
+        f"{base.dataset}, {base.model} w{base.model_width}, {base.num_clients} clients, q={base.sample_rate}, "
+        f"{base.partition}{f' alpha={base.dirichlet_alpha}' if base.partition == 'dirichlet' else ''}, "
+        f"target epsilon {base.target_epsilon} (delta {base.delta:g}), {seeds} seeds"
+    )
+    plot_comparison(runs, out / "comparison.png", title)
+    (out / "comparison.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    return rows

@@ -35,7 +35,7 @@ from dpfl.privacy.audit import AuditBound, audit_scores
 from dpfl.privacy.mechanism import ClientInstructions, noise_share, privatise_update
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
-from dpfl.server.inprocess import flower_log_to, run_in_process
+from dpfl.engines.inprocess import flower_log_to, run_in_process
 from dpfl.server.recorder import SUMMARY_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class

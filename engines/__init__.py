@@ -1,0 +1,3 @@
+"""Engines that run a federation: the same ServerApp and ClientApp in this process
+(``inprocess``), or in Flower's local simulation with its own SuperLink and
+processes (``local_federation``); ``simulation`` runs a configured run on either."""
