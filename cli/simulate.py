@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,15 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpfl.cli.options import non_negative_float, open_unit, positive_float, positive_int, probability
+from dpfl.engines.simulation import ENGINES, FLOWER_LOG, prepare_run, resumed_settings, run_simulation, run_warnings
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings
-from dpfl.privacy.mechanism import MechanismParams
 from dpfl.task.recipes import UNSET, describe_recipe
 
 DEFAULTS = RunSettings()
-FLOWER_LOG = "flower.log"
-ENGINES = ("flower", "in-process")
 # A run stopped by Ctrl-C or SIGTERM exits as a shell reports a SIGINT death.
 INTERRUPTED_EXIT_CODE = 130
 # (flag, settings field, type, help): every flag sets the run-config key of that field.
@@ -167,26 +164,12 @@ def option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
     return values
 
 
-def resumed_settings(args: argparse.Namespace) -> RunSettings:
-    """The settings of the run in ``--resume``, with what the command line changes (checked)."""
-    from dpfl.server.checkpoint import check_resumable, load_run_checkpoint
-    from dpfl.server.recorder import lock_run_dir
-
-    run_dir = Path(args.resume).expanduser().resolve()
-    if args.out and Path(args.out).expanduser().resolve() != run_dir:
-        raise UsageError(f"--resume continues in {str(run_dir)!r}; leave out --out (got {args.out!r})")
-    checkpoint = load_run_checkpoint(run_dir)
-    saved = RunSettings.from_run_config(checkpoint.run_config)
-    settings = dataclasses.replace(saved, **option_values(args, given_only=True), resume_from=str(run_dir), out_dir=str(run_dir))
-    settings.validate()
-    check_resumable(checkpoint, settings.to_run_config(), run_dir)
-    lock_run_dir(run_dir).close()  # refused now, in one line, if another process writes it
-    return settings
-
-
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if args.resume:
-        settings = resumed_settings(args)
+        run_dir = Path(args.resume).expanduser().resolve()
+        if args.out and Path(args.out).expanduser().resolve() != run_dir:
+            raise UsageError(f"--resume continues in {str(run_dir)!r}; leave out --out (got {args.out!r})")
+        settings = resumed_settings(run_dir, option_values(args, given_only=True))
     else:
         out = Path(args.out or f"runs/{args.strategy}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
         if holds_run(out):
@@ -196,22 +179,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             values["init_from"] = str(Path(values["init_from"]).expanduser().resolve())
         settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
         settings.validate()
-        if settings.init_from:  # here, in one line, rather than in the ServerApp
-            from dpfl.server.checkpoint import load_initial_state
-
-            load_initial_state(settings.init_from, settings.init_new_data)
-    from dpfl.client.data import cached_dataset
-    from dpfl.plugins import smoke_test_strategy
-    from dpfl.strategies import get_strategy_class
-    from dpfl.task.data import load_dataset
-    from dpfl.task.partition import partition_indices
-
-    smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
-    # Fail here, in one line, rather than inside every simulated node.
-    if args.download:
-        load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
-    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
-    partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
+    prepare_run(settings, args.download)
     return settings
 
 
@@ -234,12 +202,12 @@ def run(args: argparse.Namespace) -> int:
         + f"\n  {describe_recipe(settings)}"
         f"\n  records: {out}"
     )
+    if args.engine == "flower":
+        console.print(f"  Flower log: {out / FLOWER_LOG}")
     try:
         with signals_interrupt():
-            if args.engine == "flower":
-                failure = _run_on_flower(settings, out, console)
-            else:
-                failure = _run_in_process(settings, out, console, workers)
+            failure = run_simulation(settings, args.engine, workers, lambda running: follow_metrics(
+                out / METRICS_FILE, running, settings, console))
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted[/]: {_completed_rounds(out)}; resume with\n  {RESUME_HINT.format(out=out)}")
         return INTERRUPTED_EXIT_CODE
@@ -297,62 +265,6 @@ def _show_deployment(out: Path, console: Console) -> int:
     Console(file=console.file, width=max(console.width, TABLE_WIDTH)).print(deployment_table(json.loads(path.read_text())))
     console.print(f"  {path} ({NOT_COVERED})")
     return 0
-
-
-def run_warnings(settings: RunSettings) -> list[str]:
-    """Why this run's epsilon is not a guarantee, and a delta too large for its clients."""
-    from dpfl.strategies import get_strategy_class
-    from dpfl.strategies.base import not_valid_reasons
-
-    params = MechanismParams(
-        noise_multiplier=settings.noise_multiplier, clip_norm=settings.clip_norm, sample_rate=settings.sample_rate,
-        num_clients=settings.num_clients, delta=settings.delta, clipping=settings.clipping,
-        private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
-    )  # fmt: skip
-    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
-
-
-def _run_on_flower(settings: RunSettings, out: Path, console: Console) -> str | None:
-    from dpfl.engines.local_federation import FederationError, simulation
-
-    console.print(f"  Flower log: {out / FLOWER_LOG}")
-    try:
-        with simulation(settings, settings.num_clients, out / FLOWER_LOG) as flower:
-            follow_metrics(out / METRICS_FILE, lambda: flower.poll() is None, settings, console)
-    except FederationError as err:
-        return str(err)
-    if flower.returncode:
-        tail = (out / FLOWER_LOG).read_text(errors="replace").strip().splitlines()[-15:]
-        return "flwr run exited with code {}; last lines of the Flower log:\n{}".format(flower.returncode, "\n".join(tail))
-    return None
-
-
-def _run_in_process(settings: RunSettings, out: Path, console: Console, workers: int) -> str | None:
-    from dpfl.client.app import app as client_app
-    from dpfl.server.app import app as server_app
-    from dpfl.engines.inprocess import flower_log_to, run_in_process
-
-    failure: list[str] = []
-    stop = threading.Event()
-
-    def target() -> None:
-        try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop)
-        except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
-            failure.append(f"{type(err).__name__}: {err}")
-
-    with flower_log_to(out / FLOWER_LOG):
-        worker = threading.Thread(target=target, daemon=True)
-        worker.start()
-        try:
-            follow_metrics(out / METRICS_FILE, worker.is_alive, settings, console)
-        except KeyboardInterrupt:
-            # End the run before its next client: a thread still inside torch when the
-            # interpreter exits aborts the process.
-            stop.set()
-            worker.join()
-            raise
-    return failure[0] if failure else None
 
 
 def follow_metrics(path: Path, running: Callable[[], bool], settings: RunSettings, console: Console) -> None:

@@ -1,0 +1,119 @@
+"""A configured run on either engine: its checks before start, resuming, and running it.
+
+``dpfl simulate`` and ``dpfl audit`` call these and only print; what a run needs
+before its first round (the strategy's smoke test, the data set and its partition,
+an ``init-from`` checkpoint) fails here, in one line, rather than inside every
+simulated node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dpfl.client.app import app as client_app
+from dpfl.client.data import cached_dataset
+from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.engines.local_federation import FederationError, simulation
+from dpfl.plugins import smoke_test_strategy
+from dpfl.privacy.mechanism import MechanismParams
+from dpfl.server.app import app as server_app
+from dpfl.server.checkpoint import check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.recorder import lock_run_dir
+from dpfl.settings import RunSettings
+from dpfl.strategies import get_strategy_class
+from dpfl.strategies.base import not_valid_reasons
+from dpfl.task.data import load_dataset
+from dpfl.task.partition import partition_indices
+
+FLOWER_LOG = "flower.log"
+ENGINES = ("flower", "in-process")
+# Lines of the Flower log shown when `flwr run` fails.
+LOG_TAIL_LINES = 15
+
+
+def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
+    """The settings of the run in ``run_dir`` with ``changes`` applied, checked against its checkpoint."""
+    checkpoint = load_run_checkpoint(run_dir)
+    saved = RunSettings.from_run_config(checkpoint.run_config)
+    settings = dataclasses.replace(saved, **changes, resume_from=str(run_dir), out_dir=str(run_dir))
+    settings.validate()
+    check_resumable(checkpoint, settings.to_run_config(), run_dir)
+    lock_run_dir(run_dir).close()  # refused now, in one line, if another process writes it
+    return settings
+
+
+def prepare_run(settings: RunSettings, download: bool = False) -> None:
+    """Everything a run needs before its first round, checked (and the data set cached)."""
+    if settings.init_from and not settings.resume_from:
+        load_initial_state(settings.init_from, settings.init_new_data)
+    smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
+    if download:
+        load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
+    data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
+    partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
+
+
+def run_warnings(settings: RunSettings) -> list[str]:
+    """Why this run's epsilon is not a guarantee, and a delta too large for its clients."""
+    params = MechanismParams(
+        noise_multiplier=settings.noise_multiplier, clip_norm=settings.clip_norm, sample_rate=settings.sample_rate,
+        num_clients=settings.num_clients, delta=settings.delta, clipping=settings.clipping,
+        private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
+    )  # fmt: skip
+    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
+
+
+def run_simulation(
+    settings: RunSettings, engine: str, workers: int, follow: Callable[[Callable[[], bool]], None]
+) -> str | None:
+    """Run ``settings`` on ``engine`` while ``follow(running)`` watches; the failure, or None.
+
+    ``follow`` is called in this thread and returns once ``running()`` is false. A
+    KeyboardInterrupt inside it stops the run cleanly before it propagates.
+    """
+    out = Path(settings.out_dir)
+    if engine == "flower":
+        return _run_on_flower(settings, out, follow)
+    return _run_in_process(settings, out, workers, follow)
+
+
+def _run_on_flower(settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None]) -> str | None:
+    try:
+        with simulation(settings, settings.num_clients, out / FLOWER_LOG) as flower:
+            follow(lambda: flower.poll() is None)
+    except FederationError as err:
+        return str(err)
+    if flower.returncode:
+        tail = (out / FLOWER_LOG).read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
+        return "flwr run exited with code {}; last lines of the Flower log:\n{}".format(flower.returncode, "\n".join(tail))
+    return None
+
+
+def _run_in_process(
+    settings: RunSettings, out: Path, workers: int, follow: Callable[[Callable[[], bool]], None]
+) -> str | None:
+    failure: list[str] = []
+    stop = threading.Event()
+
+    def target() -> None:
+        try:
+            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop)
+        except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
+            failure.append(f"{type(err).__name__}: {err}")
+
+    with flower_log_to(out / FLOWER_LOG):
+        worker = threading.Thread(target=target, daemon=True)
+        worker.start()
+        try:
+            follow(worker.is_alive)
+        except KeyboardInterrupt:
+            # End the run before its next client: a thread still inside torch when the
+            # interpreter exits aborts the process.
+            stop.set()
+            worker.join()
+            raise
+    return failure[0] if failure else None
