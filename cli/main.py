@@ -13,6 +13,7 @@ import os
 import sys
 
 from dpfl import __version__
+from dpfl.cli.options import OneLineErrorParser
 from dpfl.errors import UsageError
 
 SUBCOMMAND_MODULES = (
@@ -24,14 +25,6 @@ SUBCOMMAND_MODULES = (
     "dpfl.cli.compress",
     "dpfl.cli.deploy",
 )
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,19 @@
-"""Argument types shared by the subcommands: each rejects a bad value in one line."""
+"""The one-line-error parser and the argument types shared by the subcommands (and the docker
+entrypoint): each rejects a bad value in one line."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
 
 
 def positive_float(text: str) -> float:

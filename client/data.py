@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import ModelSpec
-from dpfl.task.data import TaskData, hold_out_validation, load_dataset
-from dpfl.task.partition import partition_indices
+from dpfl.task.data import cached_dataset
+from dpfl.task.partition import check_partition_id, partition_indices
 
 
 @dataclass(frozen=True)
@@ -31,25 +31,12 @@ class ClientPartition:
     spec: ModelSpec
 
 
-@lru_cache(maxsize=2)
-def cached_dataset(
-    name: str, data_dir: str, image_size: int, with_train: bool = True, validation_fraction: float = 0.0
-) -> TaskData:
-    """The data set, loaded once per process (a simulation reuses its processes)."""
-    return hold_out_validation(load_dataset(name, data_dir or None, image_size, with_train=with_train), validation_fraction)
-
-
-def model_spec(settings: RunSettings, data: TaskData) -> ModelSpec:
-    return ModelSpec(settings.model, data.num_classes, data.in_channels, data.image_size, settings.model_width)
-
-
 def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientPartition:
-    if not 0 <= partition_id < num_partitions:
-        raise UsageError(f"partition-id {partition_id} must be in [0, {num_partitions})")
+    check_partition_id(partition_id, num_partitions)
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     parts = _split(settings.dataset, settings.data_dir, settings.image_size, settings.partition,
                    settings.dirichlet_alpha, settings.seed, num_partitions)  # fmt: skip
-    return ClientPartition(Subset(data.train, parts[partition_id]), model_spec(settings, data))
+    return ClientPartition(Subset(data.train, parts[partition_id]), ModelSpec.for_data(settings.model, settings.model_width, data))
 
 
 @lru_cache(maxsize=2)

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpfl.cli.options import OneLineErrorParser
+
 PROG = "dpfl-docker"
 # flower-superlink serves its Fleet, Control and Runtime APIs on one port; it listens
 # on loopback only, so the Control API (unauthenticated in Flower 1.41) and the
@@ -64,14 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line, like every other mistake here (argparse would print usage first).
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     roles = parser.add_subparsers(dest="role", required=True)
 
     link = roles.add_parser("superlink", allow_abbrev=False, help="run the SuperLink")
@@ -231,13 +227,13 @@ def _supervise(commands: list[list[str]]) -> int:
 
 
 def _check_partition_id(args: argparse.Namespace) -> None:
-    if args.num_partitions < 1:
-        raise InputError(f"num-partitions must be >= 1, got {args.num_partitions}")
-    if not 0 <= args.partition_id < args.num_partitions:
-        raise InputError(
-            f"partition-id must be in 0..{args.num_partitions - 1} for {args.num_partitions} partitions, "
-            f"got {args.partition_id}"
-        )
+    from dpfl.errors import UsageError
+    from dpfl.task.partition import check_partition_id
+
+    try:
+        check_partition_id(args.partition_id, args.num_partitions)
+    except UsageError as err:
+        raise InputError(str(err)) from None
 
 
 def run_supernode(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.client.app import app as client_app
-from dpfl.client.data import cached_dataset
 from dpfl.engines.inprocess import flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
 from dpfl.plugins import smoke_test_strategy
@@ -26,7 +25,7 @@ from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import not_valid_reasons
-from dpfl.task.data import load_dataset
+from dpfl.task.data import cached_dataset, load_dataset
 from dpfl.task.partition import partition_indices
 
 FLOWER_LOG = "flower.log"

@@ -14,7 +14,6 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from dpfl.client.data import cached_dataset, model_spec
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.calibration import calibrate_noise_multiplier
@@ -35,6 +34,8 @@ from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_e
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
+from dpfl.task.checkpoint import ModelSpec
+from dpfl.task.data import cached_dataset
 from dpfl.task.pretraining import initialise
 from dpfl.task.recipes import recipe_for
 
@@ -103,7 +104,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     # The server holds only its own held-out data: no training set is loaded here.
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False,
                           validation_fraction=settings.validation_fraction)
-    spec = model_spec(settings, data)
+    spec = ModelSpec.for_data(settings.model, settings.model_width, data)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
     initial: InitialState | None = None

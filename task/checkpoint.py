@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpfl.task.data import TaskData
 from dpfl.task.files import load_tagged, save_tagged
 from dpfl.task.models import build_model
 
@@ -30,6 +31,11 @@ class ModelSpec:
     in_channels: int
     image_size: int
     width: int
+
+    @classmethod
+    def for_data(cls, name: str, width: int, data: TaskData) -> ModelSpec:
+        """The spec of model ``name`` at ``width`` for the classes and images of ``data``."""
+        return cls(name, data.num_classes, data.in_channels, data.image_size, width)
 
     def build(self) -> nn.Module:
         return build_model(self.name, self.num_classes, self.in_channels, self.image_size, self.width)

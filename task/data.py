@@ -9,6 +9,7 @@ user's own images from ``data_dir/train`` and ``data_dir/test``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,11 @@ def _load_imagefolder(root: Path, image_size: int, with_train: bool) -> TaskData
     if train.classes != test.classes:
         raise UsageError(f"imagefolder: train classes {train.classes} differ from test classes {test.classes}")
     return TaskData("imagefolder", train, test, np.asarray(train.targets), len(train.classes), 3, size)
+
+
+@lru_cache(maxsize=2)
+def cached_dataset(
+    name: str, data_dir: str, image_size: int, with_train: bool = True, validation_fraction: float = 0.0
+) -> TaskData:
+    """The data set, loaded once per process (a simulation reuses its processes)."""
+    return hold_out_validation(load_dataset(name, data_dir or None, image_size, with_train=with_train), validation_fraction)

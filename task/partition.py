@@ -55,3 +55,13 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.rando
                 del pool[:grab]
         parts.append(np.sort(np.asarray(taken, dtype=np.int64)))
     return parts
+
+
+def check_partition_id(partition_id: int, num_partitions: int) -> None:
+    """Refuse a partition id outside ``0 .. num_partitions - 1`` (and a count below 1), in one line."""
+    if num_partitions < 1:
+        raise UsageError(f"num-partitions must be >= 1, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise UsageError(
+            f"partition-id must be in 0..{num_partitions - 1} for {num_partitions} partitions, got {partition_id}"
+        )
