@@ -32,6 +32,7 @@ from dpfl.client import app as client_module
 from dpfl.client.app import update_reply
 from dpfl.errors import UsageError
 from dpfl.privacy.audit import AuditBound, audit_scores
+from dpfl.privacy.clipping import global_l2_norm
 from dpfl.privacy.mechanism import ClientInstructions, noise_share, privatise_update
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
@@ -71,7 +72,7 @@ def canary_direction(like: Tensors, seed: int, canary: int) -> Tensors:
     """Canary ``canary``'s fixed unit direction in parameter space (the auditor's public choice)."""
     generator = torch.Generator().manual_seed(hash((seed, canary)) % 2**63)  # ints only: the same in every process
     direction = {name: torch.randn(t.shape, generator=generator, dtype=torch.float64) for name, t in like.items()}
-    norm = math.sqrt(sum(float(t.square().sum()) for t in direction.values()))
+    norm = global_l2_norm(direction)
     return {name: t / norm for name, t in direction.items()}
 
 

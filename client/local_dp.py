@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.models.resnet import BasicBlock
 
 from dpfl.errors import UsageError
+from dpfl.privacy.clipping import global_l2_norm
 from dpfl.privacy.randomness import Randomness, RandomStream
 
 STATE_KEY = "local-dp-accountant"
@@ -211,9 +212,5 @@ def privatise_gradient(model: nn.Module, dp_optimizer: DPOptimizer) -> None:
 def _has_extra_term(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     if not samples or not len(samples[0][1]):  # an empty Poisson batch has nothing to compare
         return False
-    mismatch = _norm([grad - sample.mean(0) for grad, sample in samples])
-    return bool(mismatch > PER_SAMPLE_TOLERANCE * _norm([grad for grad, _ in samples]) + 1e-12)
-
-
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    mismatch = global_l2_norm(grad - sample.mean(0) for grad, sample in samples)
+    return mismatch > PER_SAMPLE_TOLERANCE * global_l2_norm(grad for grad, _ in samples) + 1e-12

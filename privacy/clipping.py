@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -15,11 +15,10 @@ Tensors = Mapping[str, torch.Tensor]
 _SHRINK = 1 - 2.0**-22
 
 
-def global_l2_norm(tensors: Tensors) -> float:
+def global_l2_norm(tensors: Tensors | Iterable[torch.Tensor]) -> float:
     """L2 norm of all tensors taken together, as if flattened into one vector, in float64."""
-    if not tensors:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors.values()])))
+    norms = [torch.linalg.vector_norm(t.double()) for t in (tensors.values() if isinstance(tensors, Mapping) else tensors)]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def all_finite(tensors: Tensors) -> bool:

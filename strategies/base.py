@@ -107,6 +107,22 @@ class LocalUpdateRule:
         return None
 
 
+def gradient_at_shift(model: nn.Module, shift: Mapping[str, torch.Tensor], compute: Callable[[], float]) -> float:
+    """``compute()`` (a gradient) with the named parameters moved by ``shift``, then moved back.
+
+    The ascent step of sharpness-aware rules (DP-FedSAM's ρ·g/‖g‖, DP-FedPGN's ρ·c/‖c‖).
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, step in shift.items():
+            params[name].add_(step)
+    loss = compute()
+    with torch.no_grad():
+        for name, step in shift.items():
+            params[name].sub_(step)
+    return loss
+
+
 class ClientLevelDPStrategy(Strategy):
     """Client-level DP federated averaging of the private part of local updates.
 

@@ -15,6 +15,7 @@ gradient), before mixing: the explicit form of the penalty's ascent step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,8 +23,9 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from dpfl.privacy.clipping import global_l2_norm
 from dpfl.settings import RunSettings
-from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift
 
 GLOBAL_DIRECTION_KEY = "global-direction"
 
@@ -42,7 +44,7 @@ class FedPGNLocalUpdate(LocalUpdateRule):
         self.gamma = float(config["gamma"])
         self.ascent_rho = float(config.get("ascent-rho", 0.0))
         self.global_direction = records[GLOBAL_DIRECTION_KEY]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in self.global_direction.values()]))
+        norm = global_l2_norm(self.global_direction)
         self.ascent = (
             {name: self.ascent_rho * c / norm for name, c in self.global_direction.items()}
             if self.ascent_rho > 0 and norm > 0
@@ -52,15 +54,7 @@ class FedPGNLocalUpdate(LocalUpdateRule):
     def compute_gradient(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         if self.ascent is None:
             return super().compute_gradient(model, inputs, targets)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, step in self.ascent.items():
-                params[name].add_(step)
-        loss = super().compute_gradient(model, inputs, targets)
-        with torch.no_grad():
-            for name, step in self.ascent.items():
-                params[name].sub_(step)
-        return loss
+        return gradient_at_shift(model, self.ascent, functools.partial(super().compute_gradient, model, inputs, targets))
 
     def direction(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

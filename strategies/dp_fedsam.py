@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule
+from dpfl.privacy.clipping import global_l2_norm
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, gradient_at_shift
 
 
 class SAMLocalUpdate(LocalUpdateRule):
@@ -14,19 +17,13 @@ class SAMLocalUpdate(LocalUpdateRule):
     def compute_gradient(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         rho = float(self.config["rho"])
         loss = super().compute_gradient(model, inputs, targets)
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        grad_norm = global_l2_norm(grads)
         if grad_norm == 0:
             return loss
-        with torch.no_grad():
-            ascent = [rho * p.grad / grad_norm for p in params]
-            for p, e in zip(params, ascent):
-                p.add_(e)
+        ascent = {name: rho * g / grad_norm for name, g in grads.items()}
         model.zero_grad()
-        super().compute_gradient(model, inputs, targets)
-        with torch.no_grad():
-            for p, e in zip(params, ascent):
-                p.sub_(e)
+        gradient_at_shift(model, ascent, functools.partial(super().compute_gradient, model, inputs, targets))
         return loss
 
 
