@@ -22,6 +22,7 @@ from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset
+from dpfl.task.files import write_atomically
 from dpfl.task.partition import check_partition_id, partition_indices
 
 
@@ -70,12 +71,9 @@ def load_client_partition(settings: RunSettings, node_config: Mapping[str, Any])
 
 
 def export_partition(settings: RunSettings, partition_id: int, num_partitions: int, path: str | Path) -> int:
-    """Write one node's partition as a ``data-file``; return its number of samples."""
+    """Write one node's partition as a ``data-file`` (atomically); return its number of samples."""
     part = _partition(settings, partition_id, num_partitions)
     xs, ys = zip(*(part.dataset[i] for i in range(len(part.dataset))))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"x": torch.stack(xs), "y": torch.as_tensor(ys), "num-classes": part.spec.num_classes, "dataset": settings.dataset},
-        path,
-    )
+    payload = {"x": torch.stack(xs), "y": torch.as_tensor(ys), "num-classes": part.spec.num_classes, "dataset": settings.dataset}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
     return len(xs)

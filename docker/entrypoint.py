@@ -344,10 +344,9 @@ def run_partition(args: argparse.Namespace) -> int:
     try:
         # The same split a simulation of this run config would make.
         settings = RunSettings.from_run_config(run_config)
-        count = export_partition(settings, args.partition_id, args.num_partitions, out.with_suffix(".tmp"))
+        count = export_partition(settings, args.partition_id, args.num_partitions, out)
     except UsageError as err:
         raise InputError(str(err)) from None
-    out.with_suffix(".tmp").replace(out)
     meta_file.write_text(json.dumps(meta) + "\n")
     print(f"{PROG} partition: wrote {count} {args.dataset} samples (partition {args.partition_id} "
           f"of {args.num_partitions}) to {out}", flush=True)
