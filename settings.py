@@ -81,7 +81,6 @@ class RunSettings:
     batch_size: int = 0  # recipe
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
-    gamma: float = 0.2
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe
@@ -191,8 +190,6 @@ class RunSettings:
         if self.weight_decay < 0:
             raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
         _positive("grad-clip", self.grad_clip)
-        if not 0 < self.gamma <= 1:
-            raise UsageError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.image_size < 0:
             raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
         _positive("local-noise-multiplier", self.local_noise_multiplier)

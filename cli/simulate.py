@@ -66,7 +66,6 @@ OPTIONS = [
     ("--batch-size", "batch_size", positive_int, "local batch size"),
     ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
     ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
-    ("--gamma", "gamma", probability, "DP-FedPGN: weight of the local gradient in each step"),
     ("--server-optimizer", "server_optimizer", str,
      "how the server applies the released mean update: sgd, momentum or adam (post-processing, no privacy cost)"),
     ("--server-lr", "server_lr", positive_float, "the server optimizer's learning rate (sgd at 1 is plain FedAvg)"),

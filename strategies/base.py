@@ -287,7 +287,7 @@ class ClientLevelDPStrategy(Strategy):
     # --- what a strategy may override -------------------------------------------------
 
     def apply_settings(self, settings: RunSettings) -> None:
-        """Take what the strategy needs from the run's settings (e.g. DP-FedPGN's gamma)."""
+        """Take what the strategy needs from the run's settings beyond its options (e.g. the model)."""
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         """Records sent beside the global model (e.g. DP-FedPGN's global direction)."""

@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from dpfl.privacy.clipping import global_l2_norm
-from dpfl.settings import RunSettings
+from dpfl.errors import UsageError
 from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift
 
 GLOBAL_DIRECTION_KEY = "global-direction"
@@ -68,23 +68,25 @@ class DPFedPGN(ClientLevelDPStrategy):
     name = "dp-fedpgn"
     description = "DP-FedPGN: local steps mix the gradient with the last global step; only the private part is noised"
     local_update_rule = FedPGNLocalUpdate
-    options = {"ascent-rho": 0.0}
+    # gamma: the weight of the local gradient in each step's direction d = γg + (1−γ)c.
+    options = {"gamma": 0.2, "ascent-rho": 0.0}
 
-    def __init__(self, *, gamma: float = 0.2, **kwargs: Any) -> None:
+    def __init__(self, *, gamma: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.gamma = gamma
+        if gamma is not None:
+            self.option_values["gamma"] = gamma
+        if not 0 < self.gamma <= 1:
+            raise UsageError(f"strategy option gamma must be in (0, 1], got {self.gamma}")
         self.global_direction: Tensors | None = None  # c; zeros before the first round
 
-    def apply_settings(self, settings: RunSettings) -> None:
-        self.gamma = settings.gamma
+    @property
+    def gamma(self) -> float:
+        return float(self.option_values["gamma"])
 
     def _direction(self, like: Tensors) -> Tensors:
         if self.global_direction is None:
             self.global_direction = {name: torch.zeros_like(t) for name, t in like.items()}
         return self.global_direction
-
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {**super().round_config(server_round), "gamma": self.gamma}
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         assert self.global_arrays is not None
@@ -101,5 +103,5 @@ class DPFedPGN(ClientLevelDPStrategy):
         return {"gamma": self.gamma, "global-direction": self.global_direction}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.gamma = float(state["gamma"])
+        self.option_values["gamma"] = float(state["gamma"])
         self.global_direction = state["global-direction"]
