@@ -24,7 +24,7 @@ from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
 from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model
 from dpfl.task.partition import PARTITION_SCHEMES
 from dpfl.task.pretraining import PRETRAINING_CHOICES
-from dpfl.task.recipes import UNSET, recipe_for
+from dpfl.task.recipes import UNSET, Recipe, recipe_for
 from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
 
 
@@ -323,3 +323,15 @@ def parse_node_configs(text: str) -> list[dict[str, str]]:
             config[key] = value
         configs.append(config)
     return configs
+
+
+def describe_recipe(settings: RunSettings) -> str:
+    """One line for a run's header: the model's recipe and what the run overrides."""
+    recipe = recipe_for(settings.model)
+    values = ", ".join(f"{key} {value}" for key, value in recipe.as_run_config().items())
+    overridden = [
+        f"{f.name.replace('_', '-')}={getattr(settings, f.name)}"
+        for f in fields(Recipe)
+        if getattr(settings, f.name) != getattr(recipe, f.name)
+    ]
+    return f"recipe {settings.model}: {values}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

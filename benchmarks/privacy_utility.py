@@ -28,8 +28,7 @@ from rich.console import Console
 
 from dpfl.analysis.comparison import run_comparison
 from dpfl.cli.compare import print_run, print_table
-from dpfl.settings import RunSettings
-from dpfl.task.recipes import describe_recipe
+from dpfl.settings import RunSettings, describe_recipe
 
 STRATEGIES = ["dp-fedavg", "dp-fedsam", "dp-fedpgn", "dp-fedpgn-ls", "fedavg"]
 # Not dataclasses.replace of a RunSettings: a new one takes the chosen model's recipe.

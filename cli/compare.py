@@ -15,7 +15,7 @@ from dpfl.cli.options import positive_float, positive_int
 from dpfl.cli.simulate import DEFAULTS, OPTIONS, add_option
 from dpfl.errors import UsageError
 from dpfl.server.recorder import format_epsilon, holds_run
-from dpfl.task.recipes import describe_recipe
+from dpfl.settings import describe_recipe
 
 SHARED_OPTIONS = [option for option in OPTIONS if option[1] not in ("strategy", "seed")]
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from rich.console import Console
 from rich.table import Table
 
 from dpfl.cli.options import open_unit, positive_float, positive_int, probability
-from dpfl.privacy.accountants import ACCOUNTANTS, create_accountant
-from dpfl.privacy.calibration import calibrate_noise_multiplier
+from dpfl.privacy.accountants import ACCOUNTANTS
+from dpfl.privacy.calibration import privacy_spent
 
 ALL = "all"
 
@@ -41,15 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = list(ACCOUNTANTS) if args.accountant == ALL else [args.accountant]
-    rows = []
-    for name in names:
-        sigma = args.noise_multiplier or calibrate_noise_multiplier(
-            args.target_epsilon, args.delta, args.sample_rate, args.rounds, accountant=name
-        )
-        epsilon, order = create_accountant(name, args.delta).spent([(sigma, args.sample_rate, args.rounds)])
-        rows.append({"accountant": name, "noise-multiplier": sigma, "sample-rate": args.sample_rate,
-                     "rounds": args.rounds, "delta": args.delta, "epsilon": epsilon,
-                     "best-rdp-order": None if math.isnan(order) else order})  # fmt: skip
+    rows = [privacy_spent(name, args.sample_rate, args.rounds, args.delta, noise_multiplier=args.noise_multiplier,
+                          target_epsilon=args.target_epsilon) for name in names]  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -20,8 +20,8 @@ from dpfl.cli.options import non_negative_float, open_unit, positive_float, posi
 from dpfl.engines.simulation import ENGINES, FLOWER_LOG, prepare_run, resumed_settings, run_simulation, run_warnings
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
-from dpfl.settings import RunSettings
-from dpfl.task.recipes import UNSET, describe_recipe
+from dpfl.settings import RunSettings, describe_recipe
+from dpfl.task.recipes import UNSET
 
 DEFAULTS = RunSettings()
 # A run stopped by Ctrl-C or SIGTERM exits as a shell reports a SIGINT death.

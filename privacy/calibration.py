@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from scipy.optimize import brentq
 
 from dpfl.errors import UsageError
@@ -56,3 +58,14 @@ def calibrate_noise_multiplier(
     while excess(sigma) > 0:
         sigma *= 1 + 1e-4
     return float(sigma)
+
+
+def privacy_spent(
+    accountant: str, sample_rate: float, rounds: int, delta: float, *,
+    noise_multiplier: float | None = None, target_epsilon: float | None = None,
+) -> dict[str, float | int | str | None]:
+    """One accountant's row: σ (given, or calibrated to ``target_epsilon``) and the ε it spends."""
+    sigma = noise_multiplier or calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, accountant=accountant)
+    epsilon, order = create_accountant(accountant, delta).spent([(sigma, sample_rate, rounds)])
+    return {"accountant": accountant, "noise-multiplier": sigma, "sample-rate": sample_rate, "rounds": rounds,
+            "delta": delta, "epsilon": epsilon, "best-rdp-order": None if math.isnan(order) else order}  # fmt: skip

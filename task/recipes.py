@@ -83,15 +83,3 @@ def recipe_for(model: str) -> Recipe:
     if model not in RECIPES:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[model]
-
-
-def describe_recipe(settings: Any) -> str:
-    """One line for a run's header: the model's recipe and what the run overrides."""
-    recipe = recipe_for(settings.model)
-    values = ", ".join(f"{key} {value}" for key, value in recipe.as_run_config().items())
-    overridden = [
-        f"{f.name.replace('_', '-')}={getattr(settings, f.name)}"
-        for f in fields(Recipe)
-        if getattr(settings, f.name) != getattr(recipe, f.name)
-    ]
-    return f"recipe {settings.model}: {values}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpfl.settings import RunSettings
-from dpfl.task.recipes import RECIPES, UNSET, Recipe, describe_recipe
+from dpfl.settings import RunSettings, describe_recipe
+from dpfl.task.recipes import RECIPES, UNSET, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
