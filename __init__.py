@@ -1,9 +1,10 @@
 """dpfl: federated learning with client-level differential privacy.
 
-The top-level folders of the repository are the subpackages of this namespace:
-``dpfl.server``, ``dpfl.client``, ``dpfl.strategies``, ``dpfl.privacy``,
-``dpfl.task`` (models and data), ``dpfl.compression``, ``dpfl.cim`` and
-``dpfl.cli``.
+The top-level folders of the repository are the subpackages of this namespace,
+one concept each, in layers (a module imports only from lower ones; README,
+"Layout"): ``privacy`` and ``cim`` (pure math), ``task`` (models, data,
+evaluation), ``compression``, ``settings``, ``strategies`` and ``deployment``,
+``client``, ``server``, ``plugins``, ``engines``, ``analysis`` and ``cli``.
 """
 
 __version__ = "0.1.0"

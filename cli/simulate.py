@@ -50,7 +50,7 @@ OPTIONS = [
     ("--max-epsilon", "max_epsilon", non_negative_float, "stop before a round would exceed this epsilon (0 = no budget)"),
     ("--noise", "noise_placement", str, "add the noise on the 'server' or split it across sampled 'client's"),
     ("--accountant", "accountant", str, "rdp, prv or pld: how the client-level epsilon is computed"),
-    ("--clipping", "clipping", str, "flat (sound DP) or paper (the reference code's clipping: NO DP guarantee)"),
+    ("--clipping", "clipping", str, "flat (sound DP) or paper (the DP-FedPGN authors' code's clipping: NO DP guarantee)"),
     ("--reproducible-noise", "reproducible_noise", bool,
      "derive the privacy noise and client sampling from --seed, for debugging and exact reproduction: epsilon NOT valid"),
     ("--round-timeout", "round_timeout", positive_float, "seconds to wait for a round's replies; later ones are left out"),

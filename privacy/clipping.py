@@ -47,7 +47,7 @@ def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tenso
 
 
 def per_tensor_median_clip(tensors: Tensors) -> tuple[dict[str, torch.Tensor], float, float]:
-    """The DP-FedPGN reference code's clipping, kept to reproduce its numbers.
+    """The DP-FedPGN authors' code's clipping, kept to reproduce its numbers.
 
     Each tensor is clipped to C_i, the median of this client's per-tensor norms.
     C_i depends on the client's data and the sensitivity is √L·C_i for L tensors,

@@ -34,8 +34,9 @@ Thm. 1): the accountant, told σ, stays exact.
 
 A strategy with ``private = False`` is a reference curve without DP: no
 clipping, no noise, a plain mean over the clients that replied, no accounting.
-``clipping = "paper"`` reproduces the DP-FedPGN reference code (per-tensor median
-clipping, client noise σC_i/√m, fixed-size sampling) and has no formal guarantee.
+``clipping = "paper"`` reproduces the DP-FedPGN authors' code (github.com/junkangLiu0/DP-FedPGN
+at 6203180, for Liu et al., arXiv 2510.27504: per-tensor median clipping, client
+noise σC_i/√m, fixed-size sampling) and has no formal guarantee.
 
 Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomness`.
 """
@@ -64,10 +65,10 @@ from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
 Tensors = Mapping[str, torch.Tensor]
 
 NOISE_PLACEMENTS = ("server", "client")
-# "flat" is the sound mechanism; "paper" the reference code's (no formal guarantee).
+# "flat" is the sound mechanism; "paper" the DP-FedPGN authors' code's (no formal guarantee).
 CLIPPING_MODES = ("flat", "paper")
 PAPER_MODE_WARNING = (
-    "clipping=paper reproduces the reference code's per-tensor, data-dependent clipping with "
+    "clipping=paper reproduces the DP-FedPGN authors' code's per-tensor, data-dependent clipping with "
     "fixed-size sampling: it carries NO formal differential-privacy guarantee, and epsilon is not valid"
 )
 REPRODUCIBLE_NOISE_WARNING = (

@@ -16,7 +16,7 @@ def poisson_sample(population: Sequence[int], sample_rate: float, stream: Random
 
 
 def fixed_size_sample(population: Sequence[int], size: int, stream: RandomStream) -> list[int]:
-    """``size`` members uniformly without replacement (the reference code's sampling).
+    """``size`` members uniformly without replacement (the DP-FedPGN authors' code's sampling).
 
     Not what the Poisson-subsampled RDP bound assumes: only for ``clipping=paper``.
     The ranks of secure uniforms give a uniformly random order.

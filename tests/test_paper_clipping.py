@@ -1,4 +1,4 @@
-"""`--clipping paper`: the DP-FedPGN reference code's per-tensor median clipping and fixed-size sampling.
+"""`--clipping paper`: the DP-FedPGN authors' code's per-tensor median clipping and fixed-size sampling.
 
 It has no formal guarantee (ε is reported as not valid), but it exists to reproduce
 the paper's numbers, so what it computes is checked against its closed forms.
