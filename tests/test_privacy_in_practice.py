@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfl.client import app as client_module
-from dpfl.client import data as data_module
+from dpfl.task import data as data_module
 from dpfl.client.data import load_client_partition
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.calibration import calibrate_noise_multiplier
