@@ -38,9 +38,12 @@ from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import simulate_matmul
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
 from dpfl.cim.model import calibrate, mappable_layers, to_crossbars, weight_matrix
-from dpfl.cim.report import SWEEP_TILE_SIZES, Interval, accuracy, model_distortion
+from dpfl.cim.metrics import Interval, model_distortion
+from dpfl.cim.plots import pyplot
+from dpfl.cim.study import EVAL_BATCH_SIZE, SWEEP_TILE_SIZES
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import load_dataset
+from dpfl.task.evaluation import accuracy
 
 # A PCM-like device (sources in docs/cim.md): programming noise 4% of the target
 # (aihwkit's PCM fit at G_max), nu = 0.05 ± 0.01 one day after programming with
@@ -132,7 +135,7 @@ def mapping_study(model, data, device: CrossbarDevice, statistics, tiles, mode: 
                 nf.append(distortion.nf)
                 error.append(distortion.output_error)
                 gain_free.append(distortion.gain_free_error)
-                score.append(accuracy(to_crossbars(model, statistics, sized, mapping, mode, seed + trial), test))
+                score.append(accuracy(to_crossbars(model, statistics, sized, mapping, mode, seed + trial), test, EVAL_BATCH_SIZE))
             row = {"nf": Interval.of(nf), "output_error": Interval.of(error), "gain_free_error": Interval.of(gain_free),
                    "accuracy": Interval.of(score)}
             results[(size, mapping)] = row
@@ -154,7 +157,8 @@ def drift_study(model, data, statistics, tile: int, r_wire: float, mode: str, im
                                     drift_nu_std=0.01, drift_time=seconds, drift_compensation=compensate)
             row = {}
             for mapping in MAPPINGS:
-                scores = [accuracy(to_crossbars(model, statistics, device, mapping, mode, seed + t), test) for t in range(trials)]
+                scores = [accuracy(to_crossbars(model, statistics, device, mapping, mode, seed + t), test, EVAL_BATCH_SIZE)
+                          for t in range(trials)]
                 row[mapping] = Interval.of(scores)
             results[(compensate, seconds)] = row
             print(f"{seconds:>13.0f} {str(compensate):>12} " + " ".join(f"{_percent(row[m]):>18}" for m in MAPPINGS), flush=True)
@@ -172,7 +176,7 @@ def exact_speed(model, data, device: CrossbarDevice, baseline_images: int, seed:
         analog = to_crossbars(model, calibrate(model, data.train.tensors[0][:64], device, 1,
                                                torch.Generator().manual_seed(seed)), device, mapping, "exact", seed)
         built = time.perf_counter() - begun
-        score = accuracy(analog, data.test)
+        score = accuracy(analog, data.test, EVAL_BATCH_SIZE)
         print(f"exact, {mapping}: {len(data.test)} images in {time.perf_counter() - begun:.1f} s wall, "
               f"{time.process_time() - cpu_begun:.1f} s CPU (transfer matrices {built:.1f} s wall), "
               f"accuracy {score:.2%}", flush=True)
@@ -247,11 +251,7 @@ def _plot_drift(plt, drift_results: dict, path: Path) -> Path:
 
 def plot(mapping_results: dict[str, dict], drift_results: dict | None, out: Path) -> list[Path]:
     """Accuracy against tile size per mapping, and against drift time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     if mapping_results:
@@ -300,8 +300,8 @@ def main() -> None:
     statistics = calibrate(model, data.train.tensors[0][:64], base, 16, torch.Generator().manual_seed(args.seed))
     test = Subset(data.test, range(min(args.images, len(data.test))))
     print(f"\n{spec.name} width {args.width}, digits {data.image_size}x{data.image_size}, trained in "
-          f"{time.perf_counter() - started:.0f} s; digital accuracy {accuracy(model, test):.2%}, quantised on ideal "
-          f"crossbars {accuracy(to_crossbars(model, statistics, base, 'mdm', 'ideal'), test):.2%} ({len(test)} images)")
+          f"{time.perf_counter() - started:.0f} s; digital accuracy {accuracy(model, test, EVAL_BATCH_SIZE):.2%}, quantised on ideal "
+          f"crossbars {accuracy(to_crossbars(model, statistics, base, 'mdm', 'ideal'), test, EVAL_BATCH_SIZE):.2%} ({len(test)} images)")
     mapping_results, drift_results = {}, None
     if "mapping" in sections:
         for noise in args.noise.split(","):

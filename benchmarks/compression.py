@@ -25,11 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import collect_statistics
-from dpfl.compression.finetune import accuracy, finetune
+from dpfl.compression.finetune import finetune
 from dpfl.compression.pipeline import Settings, compress_model
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, weight_shape
 from dpfl.task.data import load_dataset
+from dpfl.task.evaluation import accuracy
 from dpfl.task.models import build_model
 
 KEPT_FRACTIONS = (0.5, 0.25)  # 2x and 4x fewer parameters in the compressed convs
@@ -56,12 +57,11 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     data = load_dataset("digits", image_size=args.image_size)
-    test = DataLoader(data.test, batch_size=256)
     model = build_model("resnet10", data.num_classes, data.in_channels, data.image_size, args.width)
     started = time.perf_counter()
     finetune(model, DataLoader(data.train, batch_size=64, shuffle=True), args.epochs, lr=3e-3)
     train_seconds = time.perf_counter() - started
-    baseline = accuracy(model, test)
+    baseline = accuracy(model, data.test)
 
     layers = default_layers(model, "tucker2")
     started = time.perf_counter()
@@ -88,7 +88,7 @@ def main() -> None:
                 _, results = compress_model(
                     compressed, method, norm, ranks, statistics, (data.in_channels, data.image_size, data.image_size), settings
                 )
-                acc = accuracy(compressed, test)
+                acc = accuracy(compressed, data.test)
                 frobenius_accuracy = acc if norm == "frobenius" else frobenius_accuracy
                 label = norm if settings.center or norm == "frobenius" else "sigma, uncentred, no bias fix"
                 delta = "" if norm == "frobenius" else f"{100 * (acc - frobenius_accuracy):+.1f} pt"

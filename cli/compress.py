@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
-from dpfl.compression.finetune import accuracy, finetune
+from dpfl.compression.finetune import finetune
 from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
@@ -27,6 +27,7 @@ from dpfl.errors import UsageError
 from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dpfl.task.data import DATASET_NAMES, load_dataset
+from dpfl.task.evaluation import accuracy
 from dpfl.task.models import count_parameters
 
 MODEL_FILE = "compressed_model.pt"
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune_epochs:
         torch.manual_seed(args.seed)
         finetune(model, DataLoader(data.train, batch_size=args.batch_size, shuffle=True), args.finetune_epochs, args.finetune_lr)
-        accuracy_finetuned = accuracy(model, DataLoader(data.test, batch_size=EVAL_BATCH_SIZE))
+        accuracy_finetuned = accuracy(model, data.test, EVAL_BATCH_SIZE)
 
     shared = run.report()
     report = {

@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.model import MODES
-from dpfl.cim.report import DeployReport, save_report
+from dpfl.cim.study import DeployReport, save_report
 from dpfl.deployment.study import cim_study
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import load_checkpoint

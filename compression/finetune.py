@@ -1,4 +1,4 @@
-"""Accuracy and short fine-tuning of a (compressed) classifier: plain torch loops."""
+"""Short fine-tuning of a (compressed) classifier: a plain torch loop."""
 
 from __future__ import annotations
 
@@ -6,18 +6,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for inputs, labels in loader:
-        correct += int((model(inputs).argmax(dim=1) == labels).sum())
-        total += labels.numel()
-    model.train(was_training)
-    return correct / total
 
 
 def finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> None:

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset
 from dpfl.compression.cost import count_macs, macs_under
 from dpfl.compression.covariance import InputStatistics, collect_statistics
 from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
-from dpfl.compression.finetune import accuracy
 from dpfl.compression.ranks import factorised_count, weight_count
 from dpfl.compression.sigma_norm import ALSTrace, regularise
 from dpfl.compression.surgery import (
@@ -29,6 +28,7 @@ from dpfl.compression.surgery import (
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.task.attention import ExplicitAttention
+from dpfl.task.evaluation import accuracy
 from dpfl.task.models import count_parameters
 
 METHODS = ("tucker2", "cpd", "svd")
@@ -241,13 +241,12 @@ def compress_on_data(
         started = time.perf_counter()
         statistics = collect_statistics(model, loader, list(ranks), batches)
         covariance_seconds = time.perf_counter() - started
-    test_loader = DataLoader(test_data, batch_size=eval_batch_size)
     parameters_before = count_parameters(model)
-    accuracy_before = accuracy(model, test_loader)
+    accuracy_before = accuracy(model, test_data, eval_batch_size)
     started = time.perf_counter()
     record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, settings)
     compression_seconds = time.perf_counter() - started
     return CompressionRun(
         record, layers, statistics, covariance_seconds, compression_seconds,
-        parameters_before, count_parameters(model), accuracy_before, accuracy(model, test_loader),
+        parameters_before, count_parameters(model), accuracy_before, accuracy(model, test_data, eval_batch_size),
     )  # fmt: skip

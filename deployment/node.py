@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.report import save_report
+from dpfl.cim.study import save_report
 from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, weight_shape

@@ -1,6 +1,6 @@
 """The CIM study of one model on one device, shared by ``dpfl deploy`` and a node's
 deployment: calibrate every mappable layer on a few images, then run
-:func:`dpfl.cim.report.run_study`."""
+:func:`dpfl.cim.study.run_study`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.model import calibrate, mappable_layers
-from dpfl.cim.report import SWEEP_TILE_SIZES, DeployReport, run_study
+from dpfl.cim.study import SWEEP_TILE_SIZES, DeployReport, run_study
 from dpfl.task.attention import ExplicitAttention, explicit_attention
 
 # Training images whose activations set each layer's input scale and bit density.

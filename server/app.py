@@ -29,7 +29,7 @@ from dpfl.server.checkpoint import (
     write_ledger,
 )
 from dpfl.server.deployment_round import run_deployment_round
-from dpfl.server.evaluation import evaluate
+from dpfl.task.evaluation import evaluate
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class

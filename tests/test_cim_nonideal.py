@@ -13,7 +13,7 @@ from dpfl.cim.engine import bit_serial_variance, effective_weights, read_noise_v
 from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.model import calibrate, to_crossbars
 from dpfl.cim.nonideal import adc_quantise, adc_step, program
-from dpfl.cim.report import Interval, model_distortion, relative_errors
+from dpfl.cim.metrics import Interval, model_distortion, relative_errors
 from dpfl.errors import UsageError
 
 IDEAL_WIRES = {"r_wordline": 0.0, "r_bitline": 0.0}

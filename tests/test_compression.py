@@ -469,8 +469,8 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(trained_checkpoint
 @pytest.mark.slow
 def test_dpfl_compress_end_to_end(trained_checkpoint, tmp_path):
     """Through the real console command: report written, model loads and evaluates."""
-    from dpfl.compression.finetune import accuracy
     from dpfl.task.data import load_dataset
+    from dpfl.task.evaluation import accuracy
 
     out = tmp_path / "compressed"
     command = [
@@ -489,8 +489,7 @@ def test_dpfl_compress_end_to_end(trained_checkpoint, tmp_path):
     checkpoint = load_checkpoint(out / "compressed_model.pt")
     assert checkpoint.compression["method"] == "tucker2"
     model = checkpoint.build_model()
-    test = DataLoader(load_dataset("digits").test, batch_size=256)
-    assert accuracy(model, test) == pytest.approx(report["accuracy"]["after_finetune"])
+    assert accuracy(model, load_dataset("digits").test) == pytest.approx(report["accuracy"]["after_finetune"])
     # The statistics this run saved compress the same model again, here by CPD.
     again = tmp_path / "again"
     argv = ["--checkpoint", str(trained_checkpoint), "--method", "cpd", "--ratio", "0.5", "--out", str(again), *QUICK]

@@ -11,7 +11,7 @@ from torch import nn
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.model import calibrate, to_crossbars
-from dpfl.cim.report import model_distortion
+from dpfl.cim.metrics import model_distortion
 from dpfl.compression.covariance import collect_statistics
 from dpfl.compression.pipeline import compress_model
 from dpfl.compression.surgery import default_layers

@@ -1,0 +1,106 @@
+"""The deployment study behind ``dpfl deploy``: distortion per layer for every mapping
+(:mod:`dpfl.cim.metrics`), accuracy of the digital and analog models, NF against tile
+size, and the report's files (plots: :mod:`dpfl.cim.plots`).
+
+A device with stochastic non-idealities is one draw of a population: the study
+repeats programming (and read noise) over ``trials`` seeds and reports the mean of
+accuracy, NF and output error with a 95% Student-t interval over trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dpfl.cim.device import CrossbarDevice
+from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.metrics import Interval, ModelDistortion, model_distortion, tile_current_loss
+from dpfl.cim.model import InputStatistics, to_crossbars
+from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
+from dpfl.errors import UsageError
+from dpfl.task.evaluation import accuracy
+
+SWEEP_TILE_SIZES = (64, 128, 256, 512)
+# The analog models draw read noise per forward pass, so the batch size fixes which
+# draws each test image gets; this one keeps the study's numbers as they were.
+EVAL_BATCH_SIZE = 128
+
+
+@dataclass
+class DeployReport:
+    device: dict
+    mapping: str
+    mode: str
+    accuracy: dict[str, float]  # analog entries: mean over trials
+    distortion: dict[str, ModelDistortion]  # at the deployed tile size, by mapping (first trial)
+    trials: dict[str, dict[str, Interval]]  # by mapping: accuracy, nf, output_error, gain_free_error over trials
+    sweep: list[ModelDistortion]  # every swept tile size (SWEEP_TILE_SIZES by default) and mapping (first trial)
+    heatmap_layer: str
+    context: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_study(
+    model: nn.Module, statistics: dict[str, InputStatistics], test_data: Dataset,
+    device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
+    progress=lambda message: None, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
+) -> tuple[DeployReport, dict[str, torch.Tensor]]:
+    """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map.
+    ``sweep_tile_sizes``: the tile sizes of the NF sweep (each one costs a distortion pass).
+
+    Trial ``t`` is the device instance of seed ``seed + t``: its tiles are programmed
+    anew (programming noise, stuck cells, drift) and its read noise redrawn.
+    """
+    if not isinstance(trials, int) or trials < 1:
+        raise UsageError(f"trials must be a positive integer, got {trials!r}")
+    distortion, per_trial = {}, {}
+    scores = {"digital": accuracy(model, test_data, EVAL_BATCH_SIZE)}
+    quantised = to_crossbars(model, statistics, device, mapping, "ideal", seed)
+    scores["quantised"] = accuracy(quantised, test_data, EVAL_BATCH_SIZE)
+    for name in MAPPINGS:
+        runs = []
+        for trial in range(trials):
+            progress(f"{name} mapping, trial {trial + 1}/{trials}: distortion per layer, tile {device.tile_size}")
+            measured = model_distortion(model, statistics, device, name, seed + trial)
+            progress(f"{name} mapping, trial {trial + 1}/{trials}: accuracy, analog ({mode})")
+            analog = to_crossbars(model, statistics, device, name, mode, seed + trial)
+            runs.append((measured, accuracy(analog, test_data, EVAL_BATCH_SIZE)))
+        distortion[name] = runs[0][0]
+        per_trial[name] = {
+            "accuracy": Interval.of([score for _, score in runs]),
+            "nf": Interval.of([measured.nf for measured, _ in runs]),
+            "output_error": Interval.of([measured.output_error for measured, _ in runs]),
+            "gain_free_error": Interval.of([measured.gain_free_error for measured, _ in runs]),
+        }
+        scores[f"analog_{name}"] = per_trial[name]["accuracy"].mean
+    sweep = []
+    for size in sweep_tile_sizes:
+        sized = dataclasses.replace(device, tile_size=size)
+        for name in MAPPINGS:
+            progress(f"NF sweep, tile {size}, {name} mapping")
+            sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name, seed))
+    worst = max(distortion["naive"].layers, key=lambda layer: layer.nf)
+    losses = tile_current_loss(model, statistics, device, worst.name, seed)
+    report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, per_trial, sweep, worst.name)
+    return report, losses
+
+
+def save_report(report: DeployReport, losses: dict[str, torch.Tensor], out: Path) -> list[Path]:
+    """Write report.json, nf_vs_tile.png and cell_loss.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "nf_vs_tile.png", out / "cell_loss.png"]
+    paths[0].write_text(json.dumps(report.to_json(), indent=2))
+    plot_distortion_sweep(report.sweep, paths[1])
+    plot_cell_loss(losses, report.heatmap_layer, paths[2])
+    return paths
+
+
+__all__ = ["EVAL_BATCH_SIZE", "SWEEP_TILE_SIZES", "DeployReport", "run_study", "save_report"]
