@@ -2,6 +2,7 @@
 
 Pure math (torch float64, TensorLy for the Frobenius solutions): ``sigma_norm``,
 ``svd``, ``tucker2``, ``cpd``. Data: ``covariance`` (input statistics and their files).
-Model: ``ranks`` (rank selection), ``surgery`` (replacement layers, checkpoint
-restore), ``cost`` (MACs), ``pipeline`` (compress a model), ``finetune``.
+Model: ``ranks`` (rank selection), ``surgery`` (eligible layers, loading factors into
+the structures of ``dpfl.task.factorised``), ``cost`` (MACs), ``pipeline`` (compress a
+model), ``finetune``.
 """

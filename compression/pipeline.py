@@ -16,19 +16,11 @@ from dpfl.compression.covariance import InputStatistics, collect_statistics
 from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
 from dpfl.compression.ranks import factorised_count, weight_count
 from dpfl.compression.sigma_norm import ALSTrace, regularise
-from dpfl.compression.surgery import (
-    COMPRESSION_FORMAT,
-    EXPLICIT_ATTENTION,
-    factorised_structure,
-    layer_record,
-    load_factors,
-    replace_module,
-    weight_shape,
-)
+from dpfl.compression.surgery import load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
-from dpfl.task.attention import ExplicitAttention
 from dpfl.task.evaluation import accuracy
+from dpfl.task.factorised import compression_record, factorised_structure, layer_record, replace_module
 from dpfl.task.models import count_parameters
 
 METHODS = ("tucker2", "cpd", "svd")
@@ -183,10 +175,7 @@ def compress_model(
     macs_after = count_macs(model, input_shape)
     for layer in results:
         layer.macs_after = macs_under(macs_after, layer.name)
-    spec = {"format": COMPRESSION_FORMAT, "method": method, "norm": norm, "layers": records}
-    if any(isinstance(module, ExplicitAttention) for module in model.modules()):
-        spec["attention"] = EXPLICIT_ATTENTION  # restore_structure converts before it rebuilds the layers
-    return spec, results
+    return compression_record(model, method, norm, records), results
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dpfl.task.data import TaskData
+from dpfl.task.factorised import restore_structure
 from dpfl.task.files import load_tagged, save_tagged
 from dpfl.task.models import build_model
 
@@ -46,15 +47,14 @@ class Checkpoint:
     spec: ModelSpec
     dataset: str
     state_dict: dict[str, torch.Tensor]
-    # Layer replacements made by dpfl.compression (empty for an uncompressed model).
+    # Layer replacements made by dpfl.compression (dpfl.task.factorised; empty for an
+    # uncompressed model).
     compression: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self) -> nn.Module:
         model = self.spec.build()
         if self.compression:
-            from dpfl.compression.surgery import restore_structure
-
             restore_structure(model, self.compression)
         model.load_state_dict(self.state_dict)
         return model

@@ -29,11 +29,12 @@ from dpfl.compression.cpd import CPD, cpd_frobenius, cpd_sigma_als
 from dpfl.compression.pipeline import Settings, compress_model, output_error
 from dpfl.compression.ranks import factorised_count, plan_ranks, ranks_for_ratio, weight_count
 from dpfl.compression.sigma_norm import regularise, sigma_objective
-from dpfl.compression.surgery import default_layers, factorised_structure, load_factors, weight_shape
+from dpfl.compression.surgery import default_layers, load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from dpfl.task.factorised import factorised_structure
 
 DOUBLE = torch.float64
 
