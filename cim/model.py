@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchvision.models.vision_transformer import Encoder, VisionTransformer
 
 from dpfl.cim.device import CrossbarDevice
@@ -38,6 +37,7 @@ from dpfl.cim.engine import (
 from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
 from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
 from dpfl.errors import UsageError
+from dpfl.task.layers import conv_padding, input_rows, watch_layers
 
 MODES = ("fast", "exact")
 # Normalisation layers own parameters but run in the digital periphery, as do the
@@ -54,7 +54,10 @@ def mappable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
     for name, module in model.named_modules():
         label = f"layer {name or '<model>'!r} ({type(module).__name__})"
         if isinstance(module, nn.Conv2d):
-            _conv_padding(module, label)
+            try:
+                conv_padding(module)
+            except UsageError as error:
+                raise UsageError(f"{label}: {error}") from None
             layers[name] = module
         elif isinstance(module, nn.Linear):
             layers[name] = module
@@ -71,19 +74,6 @@ def mappable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
     return layers
 
 
-def _conv_padding(conv: nn.Conv2d, label: str) -> tuple[int, int]:
-    if conv.padding_mode != "zeros":
-        raise UsageError(f"{label}: padding mode {conv.padding_mode!r} is not supported; only zero padding maps to im2col")
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise UsageError(f"{label}: asymmetric 'same' padding is not supported; use explicit padding")
-        return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)
-
-
 def weight_matrix(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
     """The (outputs, inputs) matrix the crossbars hold; block-diagonal for grouped convs."""
     weight = layer.weight.detach().double()
@@ -97,14 +87,6 @@ def weight_matrix(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
         rows = slice(g * outputs_per_group, (g + 1) * outputs_per_group)
         matrix[rows, g * per_group : (g + 1) * per_group] = weight[rows].reshape(outputs_per_group, per_group)
     return matrix
-
-
-def layer_patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input vectors as rows (N·L, K): im2col patches for a conv."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, layer.in_features)
-    patches = F.unfold(x, layer.kernel_size, layer.dilation, _conv_padding(layer, ""), layer.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 @dataclass
@@ -127,20 +109,12 @@ def calibrate(
     """Input statistics of every mappable layer on calibration ``images`` (digital model)."""
     layers = mappable_layers(model)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args[0].detach()))
-        for name, layer in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with watch_layers(model, layers, lambda name, _layer, inputs, _output: captured.__setitem__(name, inputs.detach())):
+        model(images)
     statistics = {}
     bits = device.activation_bits
     for name, layer in layers.items():
-        patches = layer_patches(layer, captured[name])
+        patches = input_rows(layer, captured[name])
         scale = float(patches.abs().max()) / (2**bits - 1) or 1.0
         integers = quantise_activations(patches, scale, bits).abs()
         shifts = torch.arange(bits)
@@ -199,7 +173,7 @@ class CrossbarLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        integers = quantise_activations(layer_patches(layer, x), self.input_scale, self.device.activation_bits)
+        integers = quantise_activations(input_rows(layer, x), self.input_scale, self.device.activation_bits)
         if self.mode == "exact" and self.effective is None:
             products, _ = simulate_matmul(
                 self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator,
@@ -222,7 +196,7 @@ class CrossbarLayer(nn.Module):
 
 
 def _conv_output_size(conv: nn.Conv2d, size: torch.Size) -> tuple[int, int]:
-    padding = _conv_padding(conv, "")
+    padding = conv_padding(conv)
     return tuple(
         (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
         for d in range(2)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpfl.task.layers import watch_layers
 
-@torch.no_grad()
+
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """MACs per conv/linear module (by name) for one input of shape (C, H, W).
 
@@ -15,28 +16,18 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     attention projections of ``nn.MultiheadAttention``) are not counted.
     """
     macs: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        elif isinstance(module, nn.Linear):
-            per_output = module.in_features
+
+    def observe(name: str, layer: nn.Module, _input: torch.Tensor, output: torch.Tensor) -> None:
+        if isinstance(layer, nn.Conv2d):
+            per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
         else:
-            continue
+            per_output = layer.in_features
+        macs[name] = macs.get(name, 0) + output.numel() * per_output
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name, per_output: int = per_output) -> None:
-            macs[name] = macs.get(name, 0) + output.numel() * per_output
-
-        handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    with watch_layers(model, layers, observe):
         parameter = next(model.parameters())
         model(torch.zeros(1, *input_shape, dtype=parameter.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return macs
 
 

@@ -1,11 +1,10 @@
 """Input statistics of the layers to compress: streaming mean and covariance, and their files.
 
-For a conv layer the input vector is a patch (``F.unfold``: channel-major, then kernel
-rows and columns, the order of ``weight.view(T, -1)``), one per output position; for a
-linear layer it is the feature vector, one per token. Sums are kept in float64 so a long
-stream of batches loses no precision. A statistics file is keyed by layer name and
-records each layer's geometry, so one computed on one data set can compress the same
-model for another, and a file for other layers is refused.
+A layer's input vectors are those it multiplies by its weight matrix
+(:func:`dpfl.task.layers.input_rows`: im2col patches for a conv). Sums are kept in
+float64 so a long stream of batches loses no precision. A statistics file is keyed by
+layer name and records each layer's geometry, so one computed on one data set can
+compress the same model for another, and a file for other layers is refused.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dpfl.errors import UsageError
 from dpfl.task.files import load_tagged, save_tagged
+from dpfl.task.layers import input_rows, watch_layers
 
 STATISTICS_FORMAT = "dpfl-covariance-v1"
 
@@ -78,41 +77,22 @@ class InputStatistics:
         return self.second_moment - torch.outer(mean, mean)
 
 
-def input_vectors(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The rows the layer multiplies by its weight matrix, as (N, D)."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return inputs.reshape(-1, inputs.shape[-1])
-
-
-@torch.no_grad()
 def collect_statistics(
     model: nn.Module, batches: Iterable, layer_names: list[str], max_batches: int
 ) -> dict[str, InputStatistics]:
     """Run ``model`` on up to ``max_batches`` batches (x or (x, y, ...)) and accumulate
-    the input statistics of the named layers with forward pre-hooks."""
-    statistics: dict[str, InputStatistics] = {}
-    handles = []
-    for name in layer_names:
-        module = model.get_submodule(name)
-        statistics[name] = InputStatistics.empty(layer_signature(module))
+    the input statistics of the named layers."""
+    layers = {name: model.get_submodule(name) for name in layer_names}
+    statistics = {name: InputStatistics.empty(layer_signature(layer)) for name, layer in layers.items()}
 
-        def hook(module: nn.Module, args: tuple, stats: InputStatistics = statistics[name]) -> None:
-            stats.update(input_vectors(module, args[0]))
+    def observe(name: str, layer: nn.Module, inputs: torch.Tensor, _output: torch.Tensor) -> None:
+        statistics[name].update(input_rows(layer, inputs))
 
-        handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
+    with watch_layers(model, layers, observe):
         for index, batch in enumerate(batches):
             if index >= max_batches:
                 break
             model(batch[0] if isinstance(batch, (list, tuple)) else batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return statistics
 
 

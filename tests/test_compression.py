@@ -21,7 +21,6 @@ from dpfl.compression.covariance import (
     InputStatistics,
     check_statistics,
     collect_statistics,
-    input_vectors,
     load_statistics,
     save_statistics,
 )
@@ -35,6 +34,7 @@ from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
 from dpfl.task.factorised import factorised_structure
+from dpfl.task.layers import input_rows
 
 DOUBLE = torch.float64
 
@@ -230,7 +230,7 @@ def test_streaming_covariance_equals_the_batch_covariance(tmp_path):
     statistics = collect_statistics(model, loader, ["conv2", "fc"], max_batches=100)
     with torch.no_grad():
         hidden = torch.relu(model.conv1(images))
-    patches = input_vectors(model.conv2, hidden).double()
+    patches = input_rows(model.conv2, hidden).double()
     assert statistics["conv2"].count == patches.shape[0]
     assert torch.allclose(statistics["conv2"].covariance, torch.cov(patches.T, correction=0), atol=1e-6)
     assert torch.allclose(statistics["conv2"].mean, patches.mean(dim=0), atol=1e-6)
