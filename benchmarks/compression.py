@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import collect_statistics
 from dpfl.compression.finetune import finetune
-from dpfl.compression.pipeline import Settings, compress_model
+from dpfl.compression.pipeline import CompressionConfig, compress_model
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, weight_shape
 from dpfl.task.data import load_dataset
@@ -35,11 +35,11 @@ from dpfl.task.models import build_model
 
 KEPT_FRACTIONS = (0.5, 0.25)  # 2x and 4x fewer parameters in the compressed convs
 VARIANTS = (
-    ("frobenius", Settings()),
-    ("sigma", Settings()),
+    ("frobenius", CompressionConfig()),
+    ("sigma", CompressionConfig()),
     # Ablation: Σ = E[xxᵀ] (uncentred) and the original bias, to separate the Σ-norm
     # itself from the mean/bias correction of the default.
-    ("sigma", Settings(center=False)),
+    ("sigma", CompressionConfig(center=False)),
 )
 
 

@@ -160,10 +160,6 @@ class CrossbarDevice:
     def outputs_per_tile(self) -> int:
         return self.tile_size // self.columns_per_weight
 
-    @property
-    def ideal_wires(self) -> bool:
-        return self.r_wordline == 0 and self.r_bitline == 0
-
     def level_conductance(self, level):
         """Conductance of a cell programmed to ``level`` (0 .. cell_levels), linear in G."""
         return self.g_off + (self.g_on - self.g_off) * level / self.cell_levels

@@ -21,7 +21,7 @@ from torch import nn
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import CellLoss, Distortion, simulate_matmul
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
-from dpfl.cim.model import DeviceGenerators, InputStatistics, mappable_layers, weight_matrix
+from dpfl.cim.model import DeviceGenerators, LayerCalibration, mappable_layers, weight_matrix
 
 
 @dataclass
@@ -76,7 +76,7 @@ def relative_errors(analog: torch.Tensor, exact: torch.Tensor) -> tuple[float, f
 
 
 def _layer_distortion(
-    layer: nn.Module, statistics: InputStatistics, device: CrossbarDevice, mapping: str,
+    layer: nn.Module, statistics: LayerCalibration, device: CrossbarDevice, mapping: str,
     generators: DeviceGenerators, cell_loss: dict[int, CellLoss] | None = None,
 ) -> tuple[int, Distortion, tuple[float, float]]:
     q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
@@ -89,7 +89,7 @@ def _layer_distortion(
 
 
 def model_distortion(
-    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, mapping: str,
+    model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice, mapping: str,
     seed: int = 0,
 ) -> ModelDistortion:
     """NF, output error and gain-free output error (:func:`relative_errors`) of every
@@ -108,7 +108,7 @@ def model_distortion(
 
 
 def tile_current_loss(
-    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice, layer_name: str,
+    model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice, layer_name: str,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Mean current lost per cell and read cycle in the first tile of ``layer_name``,

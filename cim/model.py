@@ -39,7 +39,8 @@ from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
 from dpfl.errors import UsageError
 from dpfl.task.layers import conv_padding, input_rows, watch_layers
 
-MODES = ("fast", "exact")
+# Analog inference modes (see the module docstring); "ideal" is the digital reference.
+MODES = ("fast", "exact", "ideal")
 # Normalisation layers own parameters but run in the digital periphery, as do the
 # class token and position embedding torchvision's ViT owns (additions, not products).
 DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, VisionTransformer, Encoder)
@@ -90,7 +91,7 @@ def weight_matrix(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
 
 
 @dataclass
-class InputStatistics:
+class LayerCalibration:
     """What calibration data says about a layer's input."""
 
     scale: float  # step of the integer activation grid
@@ -105,7 +106,7 @@ def quantise_activations(x: torch.Tensor, scale: float, bits: int) -> torch.Tens
 
 def calibrate(
     model: nn.Module, images: torch.Tensor, device: CrossbarDevice, sample_size: int, generator: torch.Generator
-) -> dict[str, InputStatistics]:
+) -> dict[str, LayerCalibration]:
     """Input statistics of every mappable layer on calibration ``images`` (digital model)."""
     layers = mappable_layers(model)
     captured: dict[str, torch.Tensor] = {}
@@ -120,7 +121,7 @@ def calibrate(
         shifts = torch.arange(bits)
         density = ((integers[:, :, None] >> shifts) & 1).double().mean(dim=(0, 2))
         pick = torch.randperm(integers.shape[0], generator=generator)[:sample_size]
-        statistics[name] = InputStatistics(scale, density, quantise_activations(patches[pick], scale, bits))
+        statistics[name] = LayerCalibration(scale, density, quantise_activations(patches[pick], scale, bits))
     return statistics
 
 
@@ -145,10 +146,12 @@ class CrossbarLayer(nn.Module):
     """A Conv2d or Linear whose matrix product runs on simulated crossbar tiles."""
 
     def __init__(
-        self, layer: nn.Conv2d | nn.Linear, statistics: InputStatistics, device: CrossbarDevice,
+        self, layer: nn.Conv2d | nn.Linear, statistics: LayerCalibration, device: CrossbarDevice,
         mapping: str, mode: str, generators: DeviceGenerators,
     ) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.layer, self.device, self.mode = layer, device, mode
         self.read_generator = generators.read
         self.input_scale = statistics.scale
@@ -204,7 +207,7 @@ def _conv_output_size(conv: nn.Conv2d, size: torch.Size) -> tuple[int, int]:
 
 
 def to_crossbars(
-    model: nn.Module, statistics: dict[str, InputStatistics], device: CrossbarDevice,
+    model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice,
     mapping: str, mode: str, seed: int = 0,
 ) -> nn.Module:
     """A copy of ``model`` whose Conv2d/Linear layers run on crossbars (``mode``:
@@ -221,4 +224,4 @@ def to_crossbars(
     return analog
 
 
-__all__ = ["MODES", "CrossbarLayer", "DeviceGenerators", "InputStatistics", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]
+__all__ = ["MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.metrics import Interval, ModelDistortion, model_distortion, tile_current_loss
-from dpfl.cim.model import InputStatistics, to_crossbars
+from dpfl.cim.model import LayerCalibration, to_crossbars
 from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
 from dpfl.errors import UsageError
 from dpfl.task.evaluation import accuracy
@@ -49,7 +49,7 @@ class DeployReport:
 
 
 def run_study(
-    model: nn.Module, statistics: dict[str, InputStatistics], test_data: Dataset,
+    model: nn.Module, statistics: dict[str, LayerCalibration], test_data: Dataset,
     device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
     progress=lambda message: None, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:

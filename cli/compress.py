@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
 from dpfl.compression.finetune import finetune
-from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
+from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
 from dpfl.errors import UsageError
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--covariance", help="input statistics file from an earlier run (e.g. on another data set)")
     parser.add_argument("--batches", type=int, default=20, help="training batches for the covariance pass (default 20)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the covariance pass and fine-tuning (default 64)")
-    parser.add_argument("--max-iter", type=int, default=Settings.max_iter, help=f"ALS sweeps per layer (default {Settings.max_iter})")
+    parser.add_argument("--max-iter", type=int, default=CompressionConfig.max_iter, help=f"ALS sweeps per layer (default {CompressionConfig.max_iter})")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after compression (default 0)")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         statistics = None
         covariance_source = {"dataset": data.name, "batches": args.batches, "batch_size": args.batch_size}
-    settings = Settings(max_iter=args.max_iter, seed=args.seed)
+    settings = CompressionConfig(max_iter=args.max_iter, seed=args.seed)
     run = compress_on_data(
         model, data.train, data.test, (spec.in_channels, spec.image_size, spec.image_size), args.method, args.norm,
         ranks, statistics, args.batches, args.batch_size, settings, EVAL_BATCH_SIZE,

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns (default 128)")
     parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", help="mapping to deploy (all are reported)")
     parser.add_argument("--mode", choices=MODES, default="fast",
-                        help="fast: calibrated attenuation maps; exact: circuit solve per input bit-plane (slow)")
+                        help="fast: calibrated attenuation maps; exact: circuit solve per input bit-plane (slow); "
+                        "ideal: the quantised model on ideal crossbars")
     parser.add_argument("--compressed", action="store_true",
                         help="require a compressed checkpoint (dpfl compress output)")
     parser.add_argument("--samples", type=int, help="evaluate on the first N test images (default: all)")

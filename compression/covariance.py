@@ -42,7 +42,7 @@ def layer_signature(module: nn.Module) -> dict[str, Any]:
 
 
 @dataclass
-class InputStatistics:
+class InputMoments:
     """Σx and Σxxᵀ over ``count`` input vectors of one layer."""
 
     signature: dict[str, Any]
@@ -51,7 +51,7 @@ class InputStatistics:
     outer: torch.Tensor  # (D, D)
 
     @classmethod
-    def empty(cls, signature: dict[str, Any]) -> InputStatistics:
+    def empty(cls, signature: dict[str, Any]) -> InputMoments:
         dim = signature["dim"]
         return cls(signature, 0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
 
@@ -79,11 +79,11 @@ class InputStatistics:
 
 def collect_statistics(
     model: nn.Module, batches: Iterable, layer_names: list[str], max_batches: int
-) -> dict[str, InputStatistics]:
+) -> dict[str, InputMoments]:
     """Run ``model`` on up to ``max_batches`` batches (x or (x, y, ...)) and accumulate
     the input statistics of the named layers."""
     layers = {name: model.get_submodule(name) for name in layer_names}
-    statistics = {name: InputStatistics.empty(layer_signature(layer)) for name, layer in layers.items()}
+    statistics = {name: InputMoments.empty(layer_signature(layer)) for name, layer in layers.items()}
 
     def observe(name: str, layer: nn.Module, inputs: torch.Tensor, _output: torch.Tensor) -> None:
         statistics[name].update(input_rows(layer, inputs))
@@ -96,7 +96,7 @@ def collect_statistics(
     return statistics
 
 
-def save_statistics(path: str | Path, statistics: dict[str, InputStatistics], source: dict[str, Any]) -> None:
+def save_statistics(path: str | Path, statistics: dict[str, InputMoments], source: dict[str, Any]) -> None:
     """One file: format tag, where the data came from (``source``), and per layer its
     signature, sample count and float64 sums."""
     payload = {
@@ -109,17 +109,17 @@ def save_statistics(path: str | Path, statistics: dict[str, InputStatistics], so
     save_tagged(path, STATISTICS_FORMAT, payload)
 
 
-def load_statistics(path: str | Path) -> tuple[dict[str, InputStatistics], dict[str, Any]]:
+def load_statistics(path: str | Path) -> tuple[dict[str, InputMoments], dict[str, Any]]:
     """The per-layer statistics and the ``source`` record of a statistics file."""
     payload = load_tagged(path, STATISTICS_FORMAT, "covariance file")
     statistics = {
-        name: InputStatistics(entry["signature"], int(entry["count"]), entry["total"], entry["outer"])
+        name: InputMoments(entry["signature"], int(entry["count"]), entry["total"], entry["outer"])
         for name, entry in payload["layers"].items()
     }
     return statistics, payload.get("source", {})
 
 
-def check_statistics(statistics: dict[str, InputStatistics], model: nn.Module, layer_names: list[str], path: str) -> None:
+def check_statistics(statistics: dict[str, InputMoments], model: nn.Module, layer_names: list[str], path: str) -> None:
     """Every layer to compress must be in the file with the same input geometry."""
     missing = [name for name in layer_names if name not in statistics]
     if missing:

@@ -12,23 +12,23 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dpfl.compression.cost import count_macs, macs_under
-from dpfl.compression.covariance import InputStatistics, collect_statistics
+from dpfl.compression.covariance import InputMoments, collect_statistics
 from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
 from dpfl.compression.ranks import factorised_count, weight_count
 from dpfl.compression.sigma_norm import ALSTrace, regularise
-from dpfl.compression.surgery import load_factors, weight_shape
+from dpfl.compression.surgery import METHOD_LAYERS, load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.task.evaluation import accuracy
 from dpfl.task.factorised import compression_record, factorised_structure, layer_record, replace_module
 from dpfl.task.models import count_parameters
 
-METHODS = ("tucker2", "cpd", "svd")
+METHODS = tuple(METHOD_LAYERS)
 NORMS = ("sigma", "frobenius")
 
 
 @dataclass(frozen=True)
-class Settings:
+class CompressionConfig:
     """Knobs of the Σ-norm solvers."""
 
     # ALS sweeps, and the relative decrease below which a sweep ends them. Measured on
@@ -57,7 +57,7 @@ class Decomposition:
 @dataclass
 class LayerResult:
     name: str
-    kind: str
+    method: str
     shape: list[int]
     ranks: list[int]
     params_before: int
@@ -75,27 +75,27 @@ class LayerResult:
         return dict(self.__dict__)
 
 
-def decompose(weight: torch.Tensor, kind: str, ranks: tuple[int, ...], sigma: torch.Tensor | None, settings: Settings) -> Decomposition:
+def decompose(weight: torch.Tensor, method: str, ranks: tuple[int, ...], sigma: torch.Tensor | None, config: CompressionConfig) -> Decomposition:
     """Factor one layer's weight; ``sigma`` None means the Frobenius norm."""
     out_features = weight.shape[0]
     weight = weight.double()
     matrix = weight.reshape(out_features, -1)
-    als = {"max_iter": settings.max_iter, "tol": settings.tol, "cg_max_iter": settings.cg_max_iter}
+    als = {"max_iter": config.max_iter, "tol": config.tol, "cg_max_iter": config.cg_max_iter}
     trace = None
     started = time.perf_counter()
-    if kind == "svd":
+    if method == "svd":
         low_rank = svd_frobenius(matrix, ranks[0]) if sigma is None else svd_sigma(matrix, sigma, ranks[0])
         seconds = time.perf_counter() - started
         timing = (seconds, 0.0) if sigma is None else (0.0, seconds)
         return Decomposition([low_rank.right, low_rank.left], low_rank.to_weight(), None, *timing)
-    if kind == "tucker2":
+    if method == "tucker2":
         result = tucker2_frobenius(weight, ranks)
         frobenius_seconds = time.perf_counter() - started
         if sigma is not None:
             result, trace = tucker2_sigma_als(weight, sigma, ranks, result, **als)
         factors = [result.input_factor.T, result.core, result.output_factor]
     else:
-        result = cpd_frobenius(weight, ranks[0], seed=settings.seed)
+        result = cpd_frobenius(weight, ranks[0], seed=config.seed)
         frobenius_seconds = time.perf_counter() - started
         if sigma is not None:
             result, trace = cpd_sigma_als(weight, sigma, ranks[0], result, **als)
@@ -105,7 +105,7 @@ def decompose(weight: torch.Tensor, kind: str, ranks: tuple[int, ...], sigma: to
 
 
 def output_error(
-    weight: torch.Tensor, approximation: torch.Tensor, bias_shift: torch.Tensor, statistics: InputStatistics
+    weight: torch.Tensor, approximation: torch.Tensor, bias_shift: torch.Tensor, statistics: InputMoments
 ) -> float:
     """√(E‖Δy‖² / tr(WΣWᵀ)): the output change's mean square over the data, relative to
     the output variance. E‖Δy‖² = tr(EΣEᵀ) + ‖Eμ − Δb‖², E = W − W̃, Δb = b̃ − b."""
@@ -122,9 +122,9 @@ def compress_model(
     method: str,
     norm: str,
     ranks: dict[str, tuple[int, ...]],
-    statistics: dict[str, InputStatistics] | None,
+    statistics: dict[str, InputMoments] | None,
     input_shape: tuple[int, ...],
-    settings: Settings = Settings(),
+    config: CompressionConfig = CompressionConfig(),
 ) -> tuple[dict[str, Any], list[LayerResult]]:
     """Factorise the layers in ``ranks`` (name → ranks) in place.
 
@@ -144,9 +144,9 @@ def compress_model(
         stats = statistics[name] if statistics is not None else None
         sigma = None
         if norm == "sigma":
-            sigma = regularise(stats.covariance if settings.center else stats.second_moment, settings.ridge)
-        result = decompose(weight, method, layer_ranks, sigma, settings)
-        corrects_bias = norm == "sigma" and settings.center
+            sigma = regularise(stats.covariance if config.center else stats.second_moment, config.ridge)
+        result = decompose(weight, method, layer_ranks, sigma, config)
+        corrects_bias = norm == "sigma" and config.center
         new_bias = bias + (matrix - result.approximation) @ stats.mean if corrects_bias else bias
         has_bias = module.bias is not None or corrects_bias
         structure = factorised_structure(module, method, layer_ranks, has_bias)
@@ -157,7 +157,7 @@ def compress_model(
         results.append(
             LayerResult(
                 name=name,
-                kind=method,
+                method=method,
                 shape=list(shape),
                 ranks=list(layer_ranks),
                 params_before=weight_count(shape) + (module.bias is not None) * shape[0],
@@ -185,7 +185,7 @@ class CompressionRun:
 
     record: dict[str, Any]  # the checkpoint's ``compression`` record
     layers: list[LayerResult]
-    statistics: dict[str, InputStatistics]
+    statistics: dict[str, InputMoments]
     covariance_seconds: float
     compression_seconds: float
     parameters_before: int
@@ -215,10 +215,10 @@ def compress_on_data(
     method: str,
     norm: str,
     ranks: dict[str, tuple[int, ...]],
-    statistics: dict[str, InputStatistics] | None = None,
+    statistics: dict[str, InputMoments] | None = None,
     batches: int = 20,
     batch_size: int = 64,
-    settings: Settings = Settings(),
+    config: CompressionConfig = CompressionConfig(),
     eval_batch_size: int = 256,
 ) -> CompressionRun:
     """Collect the input statistics of the layers in ``ranks`` on ``train_data`` (unless
@@ -226,14 +226,14 @@ def compress_on_data(
     covariance_seconds = 0.0
     if statistics is None:
         loader = DataLoader(train_data, batch_size=batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(settings.seed))  # fmt: skip
+                            generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
         started = time.perf_counter()
         statistics = collect_statistics(model, loader, list(ranks), batches)
         covariance_seconds = time.perf_counter() - started
     parameters_before = count_parameters(model)
     accuracy_before = accuracy(model, test_data, eval_batch_size)
     started = time.perf_counter()
-    record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, settings)
+    record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, config)
     compression_seconds = time.perf_counter() - started
     return CompressionRun(
         record, layers, statistics, covariance_seconds, compression_seconds,

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.study import save_report
-from dpfl.compression.pipeline import METHODS, NORMS, Settings, compress_on_data
+from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, weight_shape
 from dpfl.deployment.study import cim_study
@@ -172,7 +172,7 @@ def deploy_on_node(
     ranks = plan_ranks(shapes, plan.ratio, "model", sum(p.numel() for p in model.parameters()), {})
     compression = compress_on_data(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
-        ranks, settings=Settings(seed=plan.seed),
+        ranks, config=CompressionConfig(seed=plan.seed),
     )  # fmt: skip
     report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed,
                                sweep_tile_sizes=plan.sweep_tile_sizes)  # fmt: skip

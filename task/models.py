@@ -129,13 +129,6 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
 }
 
-MODEL_DESCRIPTIONS = {
-    "resnet10": "GroupNorm ResNet-10 (CIFAR-style 3x3 stem), stage widths w-2w-4w-8w",
-    "resnet18": "GroupNorm ResNet-18 (CIFAR-style 3x3 stem), stage widths w-2w-4w-8w",
-    "vit": "small Vision Transformer (4 layers, 4 heads, hidden 4w, patch 2 or 4)",
-    "cnn": "two-layer GroupNorm CNN (hidden w and 2w)",
-}
-
 
 def build_model(
     name: str, num_classes: int, in_channels: int, image_size: int, width: int = 16
@@ -152,4 +145,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODEL_BUILDERS", "MODEL_DESCRIPTIONS", "build_model", "count_parameters"]
+__all__ = ["MODEL_BUILDERS", "build_model", "count_parameters"]

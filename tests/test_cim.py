@@ -13,7 +13,7 @@ from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul, transfer_matrix, transfer_weights
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magnitudes
-from dpfl.cim.model import calibrate, mappable_layers, to_crossbars
+from dpfl.cim.model import MODES, calibrate, mappable_layers, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
 
@@ -306,6 +306,18 @@ def test_bad_device_parameters_are_one_line_usage_errors(kwargs, message):
 def test_unmappable_layers_are_named_in_one_line(model, message):
     with pytest.raises(UsageError, match=message) as raised:
         mappable_layers(model)
+    assert "\n" not in str(raised.value)
+
+
+def test_every_mode_builds_and_an_unknown_mode_is_a_one_line_error():
+    model = nn.Sequential(nn.Linear(4, 3))
+    images = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    device = CrossbarDevice(tile_size=16)
+    statistics = calibrate(model, images, device, 4, torch.Generator().manual_seed(0))
+    for mode in MODES:
+        assert to_crossbars(model, statistics, device, "mdm", mode)(images).shape == (5, 3)
+    with pytest.raises(UsageError, match="mode 'slow' is not one of fast, exact, ideal") as raised:
+        to_crossbars(model, statistics, device, "mdm", "slow")
     assert "\n" not in str(raised.value)
 
 

@@ -18,14 +18,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.compression import sigma_norm
 from dpfl.compression.covariance import (
-    InputStatistics,
+    InputMoments,
     check_statistics,
     collect_statistics,
     load_statistics,
     save_statistics,
 )
 from dpfl.compression.cpd import CPD, cpd_frobenius, cpd_sigma_als
-from dpfl.compression.pipeline import Settings, compress_model, output_error
+from dpfl.compression.pipeline import CompressionConfig, compress_model, output_error
 from dpfl.compression.ranks import factorised_count, plan_ranks, ranks_for_ratio, weight_count
 from dpfl.compression.sigma_norm import regularise, sigma_objective
 from dpfl.compression.surgery import default_layers, load_factors, weight_shape
@@ -170,11 +170,11 @@ def test_linear_solution_is_the_closed_form_optimum():
 # ---------------------------------------------------------------- the replacement layers compute W̃
 
 
-@pytest.mark.parametrize("kind", ["tucker2", "cpd"])
-def test_factorised_conv_computes_the_approximated_kernel(kind):
+@pytest.mark.parametrize("method", ["tucker2", "cpd"])
+def test_factorised_conv_computes_the_approximated_kernel(method):
     conv = nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=True).double()
     kernel = conv.weight.detach()
-    if kind == "tucker2":
+    if method == "tucker2":
         ranks = (5, 4)
         result = tucker2_frobenius(kernel, ranks)
         factors = [result.input_factor.T, result.core, result.output_factor]
@@ -183,7 +183,7 @@ def test_factorised_conv_computes_the_approximated_kernel(kind):
         result = cpd_frobenius(kernel, 7)
         factors = [result.input_factor.T, result.vertical_factor.T, result.horizontal_factor.T, result.output_factor]
     bias = torch.randn(8, dtype=DOUBLE)
-    structure = factorised_structure(conv, kind, ranks, bias=True).double()
+    structure = factorised_structure(conv, method, ranks, bias=True).double()
     load_factors(structure, factors, bias)
     inputs = torch.randn(2, 6, 11, 13, dtype=DOUBLE)
     expected = F.conv2d(inputs, result.to_weight(), bias, conv.stride, conv.padding, conv.dilation)
@@ -253,15 +253,15 @@ def test_streaming_covariance_equals_the_batch_covariance(tmp_path):
 
 
 def test_ranks_for_ratio_respect_the_budget():
-    for kind, shape in (("tucker2", (64, 32, 3, 3)), ("cpd", (64, 32, 3, 3)), ("svd", (40, 100))):
+    for method, shape in (("tucker2", (64, 32, 3, 3)), ("cpd", (64, 32, 3, 3)), ("svd", (40, 100))):
         for ratio in (0.5, 0.25, 0.1):
-            ranks = ranks_for_ratio(kind, shape, ratio)
-            assert factorised_count(kind, shape, ranks) <= ratio * weight_count(shape)
+            ranks = ranks_for_ratio(method, shape, ratio)
+            assert factorised_count(method, shape, ranks) <= ratio * weight_count(shape)
     layers = {"a": ("tucker2", (32, 32, 3, 3)), "b": ("tucker2", (64, 32, 3, 3))}
     compressed = sum(weight_count(shape) for _, shape in layers.values())
     model_parameters = compressed + 1000
     ranks = plan_ranks(layers, 0.5, "model", model_parameters, {})
-    kept = 1000 + sum(factorised_count(kind, shape, ranks[name]) for name, (kind, shape) in layers.items())
+    kept = 1000 + sum(factorised_count(method, shape, ranks[name]) for name, (method, shape) in layers.items())
     assert 0.45 * model_parameters < kept <= 0.5 * model_parameters
     assert plan_ranks(layers, 0.5, "model", model_parameters, {"a": (3, 2)})["a"] == (3, 2)
 
@@ -300,7 +300,7 @@ def test_compressed_model_round_trips_through_a_checkpoint(tmp_path, method, nor
     statistics = collect_statistics(model, [(images,)], layers, max_batches=1)
     shapes = {name: (method, weight_shape(model.get_submodule(name))) for name in layers}
     ranks = plan_ranks(shapes, 0.5, "layer", 0, {})
-    record, results = compress_model(model, method, norm, ranks, statistics, (1, 8, 8), Settings(max_iter=3))
+    record, results = compress_model(model, method, norm, ranks, statistics, (1, 8, 8), CompressionConfig(max_iter=3))
     assert [r.name for r in results] == layers
     assert all(r.params_after < r.params_before for r in results)
     assert all(r.macs_after < r.macs_before for r in results)
@@ -324,7 +324,7 @@ def layer_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -> di
     return captured
 
 
-def compressed_layers(method: str, settings: Settings, norm: str = "sigma"):
+def compressed_layers(method: str, settings: CompressionConfig, norm: str = "sigma"):
     """Compress a small ResNet-10 through ``compress_model`` with statistics of a batch,
     and return per layer (its result, the original module, the replacement, its input on
     that batch): the original and the replacement can then be run on the very data the
@@ -359,7 +359,7 @@ def test_sigma_compression_keeps_each_layers_mean_output_on_its_data(method):
     calibration data equal the original's (W̃μ + b̃ = Wμ + b). The correction b̃ − b is
     a third of the output's spread or more wherever W̃ is not (nearly) exact, so a wrong
     sign or a dropped term moves the mean by that much."""
-    for result, original, replacement, inputs in compressed_layers(method, Settings(max_iter=3)):
+    for result, original, replacement, inputs in compressed_layers(method, CompressionConfig(max_iter=3)):
         with torch.no_grad():
             before, after = as_rows(original(inputs)), as_rows(replacement(inputs))
         bias = original.bias if original.bias is not None else torch.zeros_like(replacement[-1].bias)
@@ -376,7 +376,7 @@ def test_reported_output_error_is_the_output_change_measured_on_the_data(method,
     """``sigma_rel_error`` = √(E‖ỹ − y‖² / E‖y − ȳ‖²) with the expectations taken over the
     output vectors of the data the statistics came from, measured by running the
     original layer and its replacement (bias correction included) on that data."""
-    for result, original, replacement, inputs in compressed_layers(method, Settings(max_iter=3, center=center), norm):
+    for result, original, replacement, inputs in compressed_layers(method, CompressionConfig(max_iter=3, center=center), norm):
         with torch.no_grad():
             before, after = as_rows(original(inputs)), as_rows(replacement(inputs))
         change = (after - before).square().sum(dim=1).mean()
@@ -390,7 +390,7 @@ def test_output_error_matches_a_monte_carlo_estimate():
     generator = torch.Generator().manual_seed(6)
     dim, out = 12, 5
     sigma, mean = random_spd(dim, seed=6), torch.randn(dim, generator=generator, dtype=DOUBLE)
-    statistics = InputStatistics({"kind": "linear", "dim": dim}, 1, mean, sigma + torch.outer(mean, mean))
+    statistics = InputMoments({"kind": "linear", "dim": dim}, 1, mean, sigma + torch.outer(mean, mean))
     weight = torch.randn(out, dim, generator=generator, dtype=DOUBLE)
     approximation = weight + 0.3 * torch.randn(out, dim, generator=generator, dtype=DOUBLE)
     bias_shift = torch.randn(out, generator=generator, dtype=DOUBLE)
