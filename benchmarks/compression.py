@@ -26,9 +26,8 @@ from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import collect_statistics
 from dpfl.compression.finetune import finetune
-from dpfl.compression.pipeline import CompressionConfig, compress_model
-from dpfl.compression.ranks import plan_ranks
-from dpfl.compression.surgery import default_layers, weight_shape
+from dpfl.compression.pipeline import CompressionConfig, compress_on_data
+from dpfl.compression.study import StudyOptions, choose_layers, plan_layer_ranks
 from dpfl.task.data import load_dataset
 from dpfl.task.evaluation import accuracy
 from dpfl.task.models import build_model
@@ -63,7 +62,9 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     baseline = accuracy(model, data.test)
 
-    layers = default_layers(model, "tucker2")
+    # The layers dpfl compress picks by default (every 3x3 conv but the first), the
+    # same for Tucker-2 and CPD; their statistics over the whole training set, once.
+    layers = choose_layers(model, "tucker2", None)
     started = time.perf_counter()
     calibration = DataLoader(data.train, batch_size=128)
     statistics = collect_statistics(model, calibration, layers, max_batches=len(calibration))
@@ -78,24 +79,24 @@ def main() -> None:
     print()
     print("| method | conv params kept | norm | accuracy | Δ vs Frobenius | Frobenius init (s) | Σ-ALS (s) | ALS sweeps |")
     print("|---|---|---|---|---|---|---|---|")
+    input_shape = (data.in_channels, data.image_size, data.image_size)
     for method in ("tucker2", "cpd"):
-        shapes = {name: (method, weight_shape(model.get_submodule(name))) for name in layers}
         for kept in KEPT_FRACTIONS:
-            ranks = plan_ranks(shapes, kept, "layer", 0, {})
+            ranks = plan_layer_ranks(model, StudyOptions(ratio=kept, method=method, scope="layer"))
             frobenius_accuracy = None
-            for norm, settings in VARIANTS:
+            for norm, config in VARIANTS:
                 compressed = copy.deepcopy(model)
-                _, results = compress_model(
-                    compressed, method, norm, ranks, statistics, (data.in_channels, data.image_size, data.image_size), settings
+                run = compress_on_data(
+                    compressed, data.train, data.test, input_shape, method, norm, ranks, statistics, config=config
                 )
-                acc = accuracy(compressed, data.test)
+                acc = run.accuracy_after
                 frobenius_accuracy = acc if norm == "frobenius" else frobenius_accuracy
-                label = norm if settings.center or norm == "frobenius" else "sigma, uncentred, no bias fix"
+                label = norm if config.center or norm == "frobenius" else "sigma, uncentred, no bias fix"
                 delta = "" if norm == "frobenius" else f"{100 * (acc - frobenius_accuracy):+.1f} pt"
                 print(
                     f"| {method} | {conv_parameters(compressed) / conv_parameters(model):.1%} | {label} | {acc:.2%} | {delta} | "
-                    f"{sum(r.frobenius_seconds for r in results):.1f} | {sum(r.sigma_seconds for r in results):.1f} | "
-                    f"{sum(r.sweeps for r in results)} |",
+                    f"{sum(r.frobenius_seconds for r in run.layers):.1f} | {sum(r.sigma_seconds for r in run.layers):.1f} | "
+                    f"{sum(r.sweeps for r in run.layers)} |",
                     flush=True,
                 )
 

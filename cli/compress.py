@@ -11,29 +11,11 @@ prints a per-layer table and the accuracy before and after, and writes
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
-from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
-from dpfl.compression.finetune import finetune
-from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
-from dpfl.compression.ranks import plan_ranks
-from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
+from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig
+from dpfl.compression.study import COVARIANCE_FILE, MODEL_FILE, REPORT_FILE, SCOPES, StudyOptions, compress_checkpoint
 from dpfl.errors import UsageError
-from dpfl.task.attention import explicit_attention
-from dpfl.task.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from dpfl.task.data import DATASET_NAMES, load_dataset
-from dpfl.task.evaluation import accuracy
-from dpfl.task.models import count_parameters
-
-MODEL_FILE = "compressed_model.pt"
-REPORT_FILE = "compression_report.json"
-COVARIANCE_FILE = "covariance.pt"
-EVAL_BATCH_SIZE = 256
+from dpfl.task.data import DATASET_NAMES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--norm", choices=NORMS, default="sigma",
                         help="sigma: output change over the data; frobenius: weight change (default sigma)")
     parser.add_argument("--ratio", type=float, required=True, help="fraction of parameters kept, in (0, 1)")
-    parser.add_argument("--scope", choices=("model", "layer"), default="model",
+    parser.add_argument("--scope", choices=SCOPES, default="model",
                         help="model: the whole model keeps --ratio of its parameters; layer: each compressed layer does")
     parser.add_argument("--rank", action="append", default=[], metavar="LAYER=R[,R]",
                         help="ranks for one layer, overriding --ratio (tucker2: output,input); repeatable")
@@ -80,110 +62,17 @@ def parse_rank_overrides(values: list[str]) -> dict[str, tuple[int, ...]]:
     return overrides
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    for option, value, minimum in (
-        ("--batches", args.batches, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--max-iter", args.max_iter, 0),
-        ("--finetune-epochs", args.finetune_epochs, 0),
-    ):
-        if value < minimum:
-            raise UsageError(f"{option} must be >= {minimum}, got {value}")
-    if not args.finetune_lr > 0:
-        raise UsageError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
-
-
-def choose_layers(model: torch.nn.Module, method: str, requested: str | None) -> list[str]:
-    if requested is None:
-        layers = default_layers(model, method)
-    else:
-        layers = [name.strip() for name in requested.split(",") if name.strip()]
-        eligible = eligible_layers(model, method)
-        wrong = [name for name in layers if name not in eligible]
-        if wrong:
-            raise UsageError(
-                f"--layers: {', '.join(wrong)} cannot be compressed by {method} (it takes {METHOD_LAYERS[method]}: "
-                f"{', '.join(eligible) or 'none in this model'})"
-            )
-    if not layers:
-        raise UsageError(f"this model has no layers for {method} (it takes {METHOD_LAYERS[method]})")
-    return layers
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console()
-    check_counts(args)
-    overrides = parse_rank_overrides(args.rank)
-    out = Path(args.out)
-    if (out / MODEL_FILE).resolve() == Path(args.checkpoint).resolve():
-        raise UsageError(f"--out {args.out!r} would overwrite the input checkpoint {args.checkpoint!r}")
-    checkpoint = load_checkpoint(args.checkpoint)
-    if checkpoint.compression:
-        raise UsageError(f"checkpoint {args.checkpoint!r} is already compressed; compress the original model instead")
-    spec = checkpoint.spec
-    try:
-        model = checkpoint.build_model().eval()
-    except RuntimeError as err:  # load_state_dict: the weights are not those of spec.name
-        reason = str(err).splitlines()[0]
-        raise UsageError(f"checkpoint {args.checkpoint!r} does not match its model {spec.name!r} ({reason})") from None
-    data = load_dataset(args.dataset or checkpoint.dataset, args.data_dir, image_size=spec.image_size)
-    if (data.in_channels, data.num_classes) != (spec.in_channels, spec.num_classes):
-        raise UsageError(
-            f"dataset {data.name!r} has {data.in_channels} channels and {data.num_classes} classes; "
-            f"the model expects {spec.in_channels} and {spec.num_classes}"
-        )
-    # Attention projections become nn.Linear layers that SVD can factorise (no-op without attention).
-    explicit_attention(model)
-    layers = choose_layers(model, args.method, args.layers)
-    shapes = {name: (args.method, weight_shape(model.get_submodule(name))) for name in layers}
-    ranks = plan_ranks(shapes, args.ratio, args.scope, count_parameters(model), overrides)
-    if args.covariance:
-        statistics, covariance_source = load_statistics(args.covariance)
-        check_statistics(statistics, model, layers, args.covariance)
-    else:
-        statistics = None
-        covariance_source = {"dataset": data.name, "batches": args.batches, "batch_size": args.batch_size}
-    settings = CompressionConfig(max_iter=args.max_iter, seed=args.seed)
-    run = compress_on_data(
-        model, data.train, data.test, (spec.in_channels, spec.image_size, spec.image_size), args.method, args.norm,
-        ranks, statistics, args.batches, args.batch_size, settings, EVAL_BATCH_SIZE,
+    layers = None if args.layers is None else [name.strip() for name in args.layers.split(",") if name.strip()]
+    options = StudyOptions(
+        ratio=args.ratio, method=args.method, norm=args.norm, scope=args.scope, ranks=parse_rank_overrides(args.rank),
+        layers=layers, batches=args.batches, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr, config=CompressionConfig(max_iter=args.max_iter, seed=args.seed),
     )  # fmt: skip
-    accuracy_finetuned = None
-    if args.finetune_epochs:
-        torch.manual_seed(args.seed)
-        finetune(model, DataLoader(data.train, batch_size=args.batch_size, shuffle=True), args.finetune_epochs, args.finetune_lr)
-        accuracy_finetuned = accuracy(model, data.test, EVAL_BATCH_SIZE)
-
-    shared = run.report()
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "model": asdict(spec),
-        "dataset": data.name,
-        **shared,
-        "ratio": args.ratio,
-        "scope": args.scope,
-        "covariance": {
-            "file": args.covariance or str(out / COVARIANCE_FILE),
-            "source": covariance_source,
-            "seconds": run.covariance_seconds,
-        },
-        "accuracy": {**shared["accuracy"], "after_finetune": accuracy_finetuned},
-        "finetune_epochs": args.finetune_epochs,
-    }
-    # Everything is computed before anything is written, so a failure leaves --out untouched.
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.covariance:
-        save_statistics(out / COVARIANCE_FILE, run.statistics, covariance_source)
-    save_checkpoint(
-        out / MODEL_FILE,
-        Checkpoint(spec, checkpoint.dataset, model.state_dict(), run.record, {"compression_report": REPORT_FILE}),
-    )
-    report_tmp = out / (REPORT_FILE + ".tmp")
-    report_tmp.write_text(json.dumps(report, indent=2) + "\n")
-    report_tmp.replace(out / REPORT_FILE)
-    print_report(console, report)
+    study = compress_checkpoint(args.checkpoint, args.out, options, args.dataset, args.data_dir, args.covariance)
+    print_report(Console(), study.report)
     return 0
 
 

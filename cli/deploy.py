@@ -21,8 +21,8 @@ from dpfl.cim.model import MODES
 from dpfl.cim.study import DeployReport, save_report
 from dpfl.deployment.study import cim_study
 from dpfl.errors import UsageError
-from dpfl.task.checkpoint import load_checkpoint
-from dpfl.task.data import DATASET_NAMES, load_dataset
+from dpfl.task.checkpoint import checkpoint_dataset, load_checkpoint
+from dpfl.task.data import DATASET_NAMES
 
 TILE_SIZES = (64, 128, 256, 512)
 
@@ -91,13 +91,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     if args.compressed and not checkpoint.compression:
         raise UsageError(f"--compressed: checkpoint {args.checkpoint!r} holds no compression record (not a dpfl compress output)")
-    spec = checkpoint.spec
-    data = load_dataset(args.dataset or checkpoint.dataset, args.data_dir, image_size=spec.image_size)
-    if (data.in_channels, data.num_classes) != (spec.in_channels, spec.num_classes):
-        raise UsageError(
-            f"dataset {data.name!r} has {data.in_channels} channels and {data.num_classes} classes; "
-            f"the model expects {spec.in_channels} and {spec.num_classes}"
-        )
+    data = checkpoint_dataset(checkpoint, args.dataset, args.data_dir)
     model = checkpoint.build_model().eval()
     test = data.test if args.samples is None else Subset(data.test, range(min(args.samples, len(data.test))))
     with console.status("simulating crossbars") as status:
@@ -106,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda message: status.update(message),
         )
     report.context.update(
-        checkpoint=str(args.checkpoint), model=spec.name, dataset=data.name, compressed=bool(checkpoint.compression)
+        checkpoint=str(args.checkpoint), model=checkpoint.spec.name, dataset=data.name, compressed=bool(checkpoint.compression)
     )
     paths = save_report(report, losses, Path(args.out))
     _print(console, report)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl.task.data import TaskData
+from dpfl.errors import UsageError
+from dpfl.task.data import TaskData, load_dataset
 from dpfl.task.factorised import restore_structure
 from dpfl.task.files import load_tagged, save_tagged
 from dpfl.task.models import build_model
@@ -80,3 +81,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         compression=payload.get("compression") or {},
         extra=payload.get("extra") or {},
     )
+
+
+def checkpoint_dataset(checkpoint: Checkpoint, name: str | None = None, data_dir: str | None = None) -> TaskData:
+    """The data set ``name`` (default: the one ``checkpoint`` was trained for) at the
+    model's image size; a one-line error unless it has the model's channels and classes."""
+    spec = checkpoint.spec
+    data = load_dataset(name or checkpoint.dataset, data_dir, image_size=spec.image_size)
+    if (data.in_channels, data.num_classes) != (spec.in_channels, spec.num_classes):
+        raise UsageError(
+            f"dataset {data.name!r} has {data.in_channels} channels and {data.num_classes} classes; "
+            f"the model expects {spec.in_channels} and {spec.num_classes}"
+        )
+    return data
