@@ -1,7 +1,8 @@
 """CPD of a conv kernel 𝒲 (T × S × kh × kw): 𝒲[t,s,p,q] ≈ Σ_r A[t,r] B[s,r] C[p,r] D[q,r].
 
 The Frobenius solution is TensorLy's ``parafac``. TensorLy has no weighted norm, so
-the Σ-norm ALS is written here (reference note §3.2): W̃ = A Kᵀ with K = B ⊙ C ⊙ D
+the Σ-norm ALS (Kalle et al., NeurIPS 2025, arXiv:2511.04494; updates derived in
+docs/compression.md, "Derivations") is written here: W̃ = A Kᵀ with K = B ⊙ C ⊙ D
 (D × R, rows in the (s, p, q) order of ``weight.view(T, -1)``).
 """
 

@@ -39,7 +39,7 @@ class CompressionConfig:
     cg_max_iter: int = 20  # CG steps per input-factor update (warm-started across sweeps)
     ridge: float = 1e-6  # Σ + ridge·(tr Σ/D)·I, see sigma_norm.regularise
     # Σ-norm only: minimise over the bias as well, i.e. use the centred covariance and
-    # set b̃ = b + (W − W̃)μ, which removes the mean output shift (reference note §3.2).
+    # set b̃ = b + (W − W̃)μ, which removes the mean output shift (docs/compression.md, "Method").
     # False: the uncentred second moment E[xxᵀ] and the original bias.
     center: bool = True
     seed: int = 0  # TensorLy's CPD initialisation

@@ -1,9 +1,10 @@
 """Tucker-2 of a conv kernel 𝒲 (T × S × kh × kw): 𝒲 ≈ 𝒢 ×₁ U_T ×₂ U_S.
 
 The Frobenius solution is TensorLy's ``partial_tucker`` (HOOI on the two channel
-modes). TensorLy has no weighted norm, so the Σ-norm ALS is written here, in the
-notation of the reference note (§3.2): W (T × D) is the kernel flattened like
-``weight.view(T, -1)``, D = S·k with k = kh·kw, P = U_S ⊗ I_k, and W̃ = U_T Ĝ Pᵀ.
+modes). TensorLy has no weighted norm, so the Σ-norm ALS (Kalle et al., NeurIPS 2025,
+arXiv:2511.04494) is written here, in the notation of docs/compression.md
+("Derivations"): W (T × D) is the kernel flattened like ``weight.view(T, -1)``,
+D = S·k with k = kh·kw, P = U_S ⊗ I_k, and W̃ = U_T Ĝ Pᵀ.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def tucker2_sigma_als(
     """min ‖(W − W̃)Σ^½‖_F at ranks (r_T, r_S) by ALS from ``init`` (the Frobenius solution).
 
     A sweep has two block steps, each an exact minimisation:
-    * U_S given X = U_T Ĝ: the SPD system of the note (size S·r_S), solved exactly when
-      small and by matrix-free CG otherwise;
+    * U_S given X = U_T Ĝ: the SPD system of docs/compression.md (size S·r_S), solved
+      exactly when small and by matrix-free CG otherwise;
     * U_T and Ĝ jointly given span(U_S): X = [WΣP Q⁻¹]_{r_T} in the Q = PᵀΣP metric,
       one weighted truncated SVD. Doing both at once (rather than U_T, then Ĝ, as in the
-      reference code) is the exact block minimiser, so it descends at least as far.
+      authors' code, github.com/alpkll/Parafac_Sigma ``Tucker_Sigma.py``) is the exact
+      block minimiser, so it descends at least as far.
     """
     out_channels, in_channels, kh, kw = kernel.shape
     rank_out, rank_in = ranks
