@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.compression import sigma_norm
+from dpfl.compression.cost import count_macs
 from dpfl.compression.covariance import (
     InputMoments,
     check_statistics,
@@ -32,7 +33,7 @@ from dpfl.compression.surgery import default_layers, load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.errors import UsageError
-from dpfl.task.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from dpfl.task.checkpoint import Checkpoint, ModelSpec, checkpoint_dataset, load_checkpoint, save_checkpoint
 from dpfl.task.factorised import factorised_structure
 from dpfl.task.layers import input_rows
 
@@ -220,6 +221,25 @@ class TwoConvs(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2(torch.relu(self.conv1(x)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_statistics_and_mac_passes_leave_the_model_as_they_found_it():
+    """The forward hooks are removed and the training flag restored, even in train mode."""
+    model = TwoConvs().train()
+    images = torch.randn(3, 2, 7, 7, generator=torch.Generator().manual_seed(0))
+    collect_statistics(model, [images], ["conv2", "fc"], max_batches=1)
+    macs = count_macs(model, (2, 7, 7))
+    assert model.training
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    # conv1: 7x7 outputs x 4 channels x (2·3·3); conv2: 4x4 x 6 x (4·3·3); fc: 3 x 6
+    assert macs == {"conv1": 49 * 4 * 18, "conv2": 16 * 6 * 36, "fc": 18}
+
+
+def test_a_data_set_that_does_not_fit_the_model_is_a_one_line_error():
+    checkpoint = Checkpoint(ModelSpec("cnn", 5, 1, 8, 8), "digits", {})
+    with pytest.raises(UsageError, match="dataset 'digits' has 1 channels and 10 classes; the model expects 1 and 5") as raised:
+        checkpoint_dataset(checkpoint)
+    assert "\n" not in str(raised.value)
 
 
 def test_streaming_covariance_equals_the_batch_covariance(tmp_path):
