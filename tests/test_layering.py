@@ -22,9 +22,9 @@ NOT_PACKAGE = {"tests", "benchmarks", "docker", "build", "docs", "runs", "deploy
 # parts that share a layer are independent of each other.
 LAYERS: list[set[str]] = [
     {"dpfl", "errors", "records"},  # the package itself and the vocabulary every layer shares
-    {"privacy", "cim"},  # pure math: the DP mechanism and accounting; crossbar physics
-    {"task"},  # models, data sets, evaluation, recipes
-    {"compression"},  # decompositions of a task's models
+    {"privacy"},  # pure math: the DP mechanism and accounting
+    {"task"},  # models, data sets, evaluation, recipes, im2col and layer hooks
+    {"cim", "compression"},  # crossbar simulation of a task's models; decompositions of them
     {"settings"},  # a run's values and their validation
     {"strategies", "deployment"},  # federated strategies; a node's compression and CIM deployment
     {"client"},  # the ClientApp
