@@ -2,8 +2,8 @@
 
 The top-level folders of the repository are the subpackages of this namespace,
 one concept each, in layers (a module imports only from lower ones; README,
-"Layout"): ``privacy`` and ``cim`` (pure math), ``task`` (models, data,
-evaluation), ``compression``, ``settings``, ``strategies`` and ``deployment``,
+"Layout"): ``privacy`` (pure math), ``task`` (models, data, evaluation),
+``compression`` and ``cim``, ``settings``, ``strategies`` and ``deployment``,
 ``client``, ``server``, ``plugins``, ``engines``, ``analysis`` and ``cli``.
 """
 

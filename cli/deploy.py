@@ -18,8 +18,7 @@ from torch.utils.data import Subset
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.model import MODES
-from dpfl.cim.study import DeployReport, save_report
-from dpfl.deployment.study import cim_study
+from dpfl.cim.study import DeployReport, cim_study, save_report
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import checkpoint_dataset, load_checkpoint
 from dpfl.task.data import DATASET_NAMES

@@ -1,2 +1,3 @@
-"""Deployment of a trained model onto simulated CIM edge devices: the study behind
-``dpfl deploy`` and the per-node deployment round of a federation."""
+"""A federation's deployment onto its nodes' simulated CIM devices: each node compresses
+the final model with its own data and runs it on its own device (``node``); the server
+screens and tabulates what the nodes share (``federation``)."""

@@ -24,11 +24,9 @@ from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.study import save_report
+from dpfl.cim.study import cim_study, save_report
 from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
-from dpfl.compression.ranks import plan_ranks
-from dpfl.compression.surgery import default_layers, weight_shape
-from dpfl.deployment.study import cim_study
+from dpfl.compression.study import StudyOptions, plan_layer_ranks
 from dpfl.errors import UsageError
 from dpfl.settings import RunSettings, coerce_config_value, parse_node_configs
 from dpfl.task.attention import explicit_attention
@@ -165,11 +163,7 @@ def deploy_on_node(
     model.load_state_dict(global_weights)
     model.eval()
     explicit_attention(model)
-    layers = default_layers(model, plan.method)
-    if not layers:
-        raise UsageError(f"model {spec.name!r} has no layer {plan.method} can compress")
-    shapes = {name: (plan.method, weight_shape(model.get_submodule(name))) for name in layers}
-    ranks = plan_ranks(shapes, plan.ratio, "model", sum(p.numel() for p in model.parameters()), {})
+    ranks = plan_layer_ranks(model, StudyOptions(ratio=plan.ratio, method=plan.method))
     compression = compress_on_data(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
         ranks, config=CompressionConfig(seed=plan.seed),

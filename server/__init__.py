@@ -1,1 +1,1 @@
-"""The server side: the ServerApp, central evaluation and the run's records."""
+"""The server side: the ServerApp, the run's records and checkpoints, the deployment round."""

@@ -35,8 +35,8 @@ LAYERS: list[set[str]] = [
     {"cli"},  # parses, calls one library function, prints
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
-# Layers of pure math: no Flower, so they can be read, tested and reused without it.
-NO_FLOWER = {"privacy", "cim", "compression", "task", "settings"}
+# The layers below the strategies: no Flower, so they can be read, tested and reused without it.
+NO_FLOWER = {"privacy", "task", "cim", "compression", "settings"}
 
 
 def package_modules() -> dict[str, Path]:

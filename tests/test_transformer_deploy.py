@@ -15,7 +15,7 @@ from dpfl.cim.metrics import model_distortion
 from dpfl.compression.covariance import collect_statistics
 from dpfl.compression.pipeline import compress_model
 from dpfl.compression.surgery import default_layers
-from dpfl.deployment.study import operations
+from dpfl.cim.study import operations
 from dpfl.task.attention import ExplicitAttention, explicit_attention
 from dpfl.task.checkpoint import Checkpoint, ModelSpec
 
