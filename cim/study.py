@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
@@ -27,6 +27,7 @@ from dpfl.cim.model import LayerCalibration, calibrate, mappable_layers, to_cros
 from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
 from dpfl.errors import UsageError
 from dpfl.task.attention import ExplicitAttention, explicit_attention
+from dpfl.task.checkpoint import checkpoint_dataset, load_checkpoint
 from dpfl.task.evaluation import accuracy
 
 SWEEP_TILE_SIZES = (64, 128, 256, 512)
@@ -153,3 +154,27 @@ def operations(model: nn.Module) -> list[dict[str, str]]:
         elif list(module.parameters(recurse=False)):
             rows.append({"operation": name or "<model>", "kind": type(module).__name__, "where": "digital"})
     return rows
+
+
+def deploy_checkpoint(
+    checkpoint_path: str | Path, out: str | Path, device: CrossbarDevice, mapping: str, mode: str, seed: int,
+    trials: int = 1, samples: int | None = None, dataset: str | None = None, data_dir: str | None = None,
+    compressed: bool = False, progress=lambda message: None,
+) -> tuple[DeployReport, list[Path]]:
+    """The study of ``dpfl deploy``: the model of ``checkpoint_path`` on ``device``, tested on
+    the first ``samples`` test images of ``dataset`` (default: the checkpoint's), its report
+    written into ``out``; returns the report and the files written."""
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {trials}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    if compressed and not checkpoint.compression:
+        raise UsageError(f"--compressed: checkpoint {str(checkpoint_path)!r} holds no compression record (not a dpfl compress output)")
+    data = checkpoint_dataset(checkpoint, dataset, data_dir)
+    model = checkpoint.build_model().eval()
+    test = data.test if samples is None else Subset(data.test, range(min(samples, len(data.test))))
+    report, losses = cim_study(model, data.train, test, device, mapping, mode, seed, trials, progress)
+    report.context.update(checkpoint=str(checkpoint_path), model=checkpoint.spec.name, dataset=data.name,
+                          compressed=bool(checkpoint.compression))  # fmt: skip
+    return report, save_report(report, losses, Path(out))

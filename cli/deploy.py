@@ -11,16 +11,11 @@ plots. Device noise (programming, stuck cells, read noise, drift) is drawn per t
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from torch.utils.data import Subset
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.model import MODES
-from dpfl.cim.study import DeployReport, cim_study, save_report
-from dpfl.errors import UsageError
-from dpfl.task.checkpoint import checkpoint_dataset, load_checkpoint
+from dpfl.cim.study import DeployReport, deploy_checkpoint
 from dpfl.task.data import DATASET_NAMES
 
 TILE_SIZES = (64, 128, 256, 512)
@@ -83,25 +78,11 @@ def run(args: argparse.Namespace) -> int:
         drift_nu=args.drift_nu, drift_nu_std=args.drift_nu_std, drift_time=args.drift_time,
         drift_compensation=args.drift_compensation,
     )
-    if args.samples is not None and args.samples < 1:
-        raise UsageError(f"--samples must be >= 1, got {args.samples}")
-    if args.trials < 1:
-        raise UsageError(f"--trials must be >= 1, got {args.trials}")
-    checkpoint = load_checkpoint(args.checkpoint)
-    if args.compressed and not checkpoint.compression:
-        raise UsageError(f"--compressed: checkpoint {args.checkpoint!r} holds no compression record (not a dpfl compress output)")
-    data = checkpoint_dataset(checkpoint, args.dataset, args.data_dir)
-    model = checkpoint.build_model().eval()
-    test = data.test if args.samples is None else Subset(data.test, range(min(args.samples, len(data.test))))
     with console.status("simulating crossbars") as status:
-        report, losses = cim_study(
-            model, data.train, test, device, args.mapping, args.mode, args.seed, args.trials,
-            progress=lambda message: status.update(message),
-        )
-    report.context.update(
-        checkpoint=str(args.checkpoint), model=checkpoint.spec.name, dataset=data.name, compressed=bool(checkpoint.compression)
-    )
-    paths = save_report(report, losses, Path(args.out))
+        report, paths = deploy_checkpoint(
+            args.checkpoint, args.out, device, args.mapping, args.mode, args.seed, args.trials, args.samples,
+            args.dataset, args.data_dir, args.compressed, progress=lambda message: status.update(message),
+        )  # fmt: skip
     _print(console, report)
     console.print("wrote " + ", ".join(str(path) for path in paths))
     return 0
