@@ -35,6 +35,10 @@ def test_the_vit_server_step_depends_on_whether_the_strategy_has_a_public_part(s
     assert cls.has_public_part() is public_part
     settings = RunSettings(model="vit", strategy=strategy)
     assert (settings.server_optimizer, settings.server_lr) == (UNSET["server_optimizer"], UNSET["server_lr"])
+    # The header of a comparison of several strategies shows both steps.
+    header = describe_recipe(settings)
+    assert "server-optimizer adam (sgd with a public part), server-lr 0.03 (1.0 with a public part)" in header
+    assert "overridden" not in header
     resolved = cls.resolved_settings(settings)
     assert (resolved.server_optimizer, resolved.server_lr) == (("sgd", 1.0) if public_part else ("adam", 0.03))
     assert cls.resolved_settings(resolved) == resolved
