@@ -150,8 +150,7 @@ class RunSettings:
             return self
         given = None if "server_optimizer" in unset else self.server_optimizer
         optimizer, lr = recipe_for(self.model).server_step(public_part, given)
-        return replace(self, **{name: value for name, value in (("server_optimizer", optimizer), ("server_lr", lr))
-                                if name in unset})  # fmt: skip
+        return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
