@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from dpfl.cim.mapping import MAPPINGS
@@ -24,7 +24,7 @@ from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
 from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model
 from dpfl.task.partition import PARTITION_SCHEMES
 from dpfl.task.pretraining import PRETRAINING_CHOICES
-from dpfl.task.recipes import UNSET, Recipe, recipe_for
+from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
 from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
 
 
@@ -32,8 +32,11 @@ from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
 class RunSettings:
     # Keys marked "recipe" default to their "not set" sentinel (0 or "auto"); on
     # construction every key still at its sentinel takes the model's recipe value
-    # (dpfl.task.recipes), so an instance never holds a sentinel. dataclasses.replace
-    # keeps resolved values: build a new RunSettings to get another model's recipe.
+    # (dpfl.task.recipes). The server step (server-optimizer, server-lr) also depends on
+    # the strategy, which this layer may not import: it keeps its sentinel until
+    # with_server_step (called by ClientLevelDPStrategy.resolved_settings) fills it.
+    # dataclasses.replace keeps resolved values: build a new RunSettings to get another
+    # model's recipe.
     # Federation
     num_server_rounds: int = 0  # recipe
     num_clients: int = 400
@@ -82,8 +85,8 @@ class RunSettings:
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
-    server_optimizer: str = "auto"  # recipe: "sgd", "momentum" or "adam"
-    server_lr: float = 0.0  # recipe
+    server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
+    server_lr: float = 0.0  # recipe, by strategy
     pretraining: str = "auto"  # recipe: "none" or "fractal" (public synthetic pretraining)
     # Sample-level DP inside clients (DP-SGD), on top of client-level DP
     local_dp: bool = False
@@ -130,11 +133,24 @@ class RunSettings:
         return settings
 
     def __post_init__(self) -> None:
-        unset = [name for name, sentinel in UNSET.items() if getattr(self, name) == sentinel]
+        unset = [name for name in self._unset() if name not in SERVER_STEP_KEYS]
         if unset:
             recipe = recipe_for(self.model)
             for name in unset:  # frozen: set once, here, as a generated __init__ would
                 object.__setattr__(self, name, getattr(recipe, name))
+
+    def _unset(self) -> list[str]:
+        return [name for name, sentinel in UNSET.items() if getattr(self, name) == sentinel]
+
+    def with_server_step(self, public_part: bool) -> RunSettings:
+        """These settings with the server step the user did not set taken from the model's
+        recipe for a strategy with (or without) a public part; idempotent."""
+        unset = [name for name in self._unset() if name in SERVER_STEP_KEYS]
+        if not unset:
+            return self
+        given = None if "server_optimizer" in unset else self.server_optimizer
+        optimizer, lr = recipe_for(self.model).server_step(public_part, given)
+        return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -150,8 +166,10 @@ class RunSettings:
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         self._validate_adaptive_clipping()
         _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
-        _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _positive("server-lr", self.server_lr)
+        if self.server_optimizer != UNSET["server_optimizer"]:  # else the strategy's recipe step
+            _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        if self.server_lr != UNSET["server_lr"]:
+            _positive("server-lr", self.server_lr)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         if not 0 <= self.validation_fraction < 1:
             raise UsageError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
@@ -325,13 +343,19 @@ def parse_node_configs(text: str) -> list[dict[str, str]]:
     return configs
 
 
-def describe_recipe(settings: RunSettings) -> str:
-    """One line for a run's header: the model's recipe and what the run overrides."""
+def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> str:
+    """One line for a run's header: the model's recipe and what the run overrides.
+
+    ``public_part``: whether the run's strategy has a public part, which picks the
+    recipe's server step; None (several strategies) shows both steps.
+    """
     recipe = recipe_for(settings.model)
-    values = ", ".join(f"{key} {value}" for key, value in recipe.as_run_config().items())
-    overridden = [
-        f"{f.name.replace('_', '-')}={getattr(settings, f.name)}"
-        for f in fields(Recipe)
-        if getattr(settings, f.name) != getattr(recipe, f.name)
-    ]
-    return f"recipe {settings.model}: {values}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")
+    by_strategy = [recipe.values(public_part)] if public_part is not None else [recipe.values(False), recipe.values(True)]
+    values, overridden = [], []
+    for name in UNSET:
+        key = name.replace("_", "-")
+        choices = list(dict.fromkeys(step[name] for step in by_strategy))
+        values.append(f"{key} {choices[0]}" + (f" ({choices[1]} with a public part)" if len(choices) > 1 else ""))
+        if getattr(settings, name) not in {*choices, UNSET[name]}:  # the sentinel: the recipe's, still to be resolved
+            overridden.append(f"{key}={getattr(settings, name)}")
+    return f"recipe {settings.model}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

@@ -21,6 +21,7 @@ from dpfl.engines.simulation import ENGINES, FLOWER_LOG, prepare_run, resumed_se
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings, describe_recipe
+from dpfl.strategies import get_strategy_class
 from dpfl.task.recipes import UNSET
 
 DEFAULTS = RunSettings()
@@ -178,6 +179,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             values["init_from"] = str(Path(values["init_from"]).expanduser().resolve())
         settings = dataclasses.replace(DEFAULTS, **values, out_dir=str(out))
         settings.validate()
+    settings = get_strategy_class(settings.strategy).resolved_settings(settings)
     prepare_run(settings, args.download)
     return settings
 
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
         + (f" ({workers} workers)" if args.engine == "in-process" else "")
-        + f"\n  {describe_recipe(settings)}"
+        + f"\n  {describe_recipe(settings, get_strategy_class(settings.strategy).has_public_part())}"
         f"\n  records: {out}"
     )
     if args.engine == "flower":

@@ -98,6 +98,10 @@ def local_epsilon_nominal(settings: RunSettings, local_steps: int, server_round:
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
+    strategy_class = get_strategy_class(settings.strategy)
+    # The server step is the strategy's from here on: config.json, the checkpoint's run
+    # config (which a resume must match) and the strategy all hold the resolved one.
+    settings = strategy_class.resolved_settings(settings)
     resume = load_resume(settings)
     if resume:  # the records continue in the folder being resumed
         settings = dataclasses.replace(settings, out_dir=settings.resume_from)
@@ -121,9 +125,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         noise_multiplier = resolve_noise_multiplier(settings, initial.history if initial else ())
     local_steps = settings.local_steps()
     try:
-        strategy = get_strategy_class(settings.strategy).from_settings(
-            settings, noise_multiplier=noise_multiplier, local_steps=local_steps
-        )
+        strategy = strategy_class.from_settings(settings, noise_multiplier=noise_multiplier, local_steps=local_steps)
     except ValueError as err:  # the mechanism's parameters do not fit together
         raise UsageError(str(err)) from None
     if resume:

@@ -70,7 +70,8 @@ PLATFORM_RECORD_KEYS = frozenset({ARRAYS_KEY, CONFIG_KEY, UPDATE_KEY, METRICS_KE
 # construction from the run's settings): a strategy may not override them.
 PLATFORM_METHODS = frozenset(
     {"configure_train", "aggregate_train", "aggregate_updates", "configure_evaluate", "aggregate_evaluate", "start",
-     "from_settings", "round_lr", "screen_reply", "epsilon_valid", "state_dict", "load_state_dict", "public_metrics"}
+     "from_settings", "round_lr", "screen_reply", "epsilon_valid", "state_dict", "load_state_dict", "public_metrics",
+     "has_public_part", "resolved_settings"}
 )  # fmt: skip
 
 
@@ -212,8 +213,22 @@ class ClientLevelDPStrategy(Strategy):
         self.private_diagnostics: dict[str, Any] = {}
 
     @classmethod
+    def has_public_part(cls) -> bool:
+        """Whether the server adds a public part back to the released mean (the strategy
+        overrides :meth:`public_update`)."""
+        return cls.public_update is not ClientLevelDPStrategy.public_update
+
+    @classmethod
+    def resolved_settings(cls, settings: RunSettings) -> RunSettings:
+        """``settings`` with the server step the user did not set taken from the model's
+        recipe for this strategy: a strategy with a public part gets the recipe's step
+        for one (docs/vit.md). What config.json records and the strategy is built with."""
+        return settings.with_server_step(cls.has_public_part())
+
+    @classmethod
     def from_settings(cls, settings: RunSettings, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:
-        """Build from the run's ``RunSettings`` and its ``strategy-options``."""
+        """Build from the run's ``RunSettings`` (server step resolved) and its ``strategy-options``."""
+        settings = cls.resolved_settings(settings)
         strategy = cls(
             noise_multiplier=noise_multiplier,
             clip_norm=settings.clip_norm,

@@ -11,17 +11,60 @@ import numpy as np
 import pytest
 
 from dpfl.settings import RunSettings, describe_recipe
-from dpfl.task.recipes import RECIPES, UNSET, Recipe
+from dpfl.strategies import get_strategy_class
+from dpfl.task.recipes import RECIPES, SERVER_STEP_KEYS, UNSET, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
-def test_recipe_fills_every_unset_key(model):
-    settings = RunSettings(model=model)
-    assert {name: getattr(settings, name) for name in RECIPE_FIELDS} == dataclasses.asdict(RECIPES[model])
+@pytest.mark.parametrize("strategy", ["dp-fedavg", "dp-fedpgn"])
+def test_recipe_fills_every_unset_key(model, strategy):
+    cls = get_strategy_class(strategy)
+    settings = cls.resolved_settings(RunSettings(model=model, strategy=strategy))
+    assert {name: getattr(settings, name) for name in UNSET} == RECIPES[model].values(cls.has_public_part())
     settings.validate()
+
+
+@pytest.mark.parametrize("strategy, public_part", [("fedavg", False), ("dp-fedavg", False), ("dp-fedsam", False),
+                                                   ("dp-fedpgn", True), ("dp-fedpgn-ls", True), ("fedcm", True)])
+def test_the_vit_server_step_depends_on_whether_the_strategy_has_a_public_part(strategy, public_part):
+    # docs/vit.md: Adam at 0.03 is the best step without a public part, plain sgd at 1 with one.
+    cls = get_strategy_class(strategy)
+    assert cls.has_public_part() is public_part
+    settings = RunSettings(model="vit", strategy=strategy)
+    assert (settings.server_optimizer, settings.server_lr) == (UNSET["server_optimizer"], UNSET["server_lr"])
+    # The header of a comparison of several strategies shows both steps.
+    header = describe_recipe(settings)
+    assert "server-optimizer adam (sgd with a public part), server-lr 0.03 (1.0 with a public part)" in header
+    assert "overridden" not in header
+    resolved = cls.resolved_settings(settings)
+    assert (resolved.server_optimizer, resolved.server_lr) == (("sgd", 1.0) if public_part else ("adam", 0.03))
+    assert cls.resolved_settings(resolved) == resolved
+    # What a resumed run reads back from its checkpoint's run config resolves to the same step.
+    assert cls.resolved_settings(RunSettings.from_run_config(resolved.to_run_config())) == resolved
+    built = cls.from_settings(settings, noise_multiplier=1.0, local_steps=1).server_optimizer
+    assert (built.name, built.lr) == (resolved.server_optimizer, resolved.server_lr)
+
+
+@pytest.mark.parametrize("strategy", ["dp-fedavg", "dp-fedpgn"])
+@pytest.mark.parametrize("given, expected", [
+    ({"server_optimizer": "adam", "server_lr": 0.03}, ("adam", 0.03)),
+    ({"server_optimizer": "sgd", "server_lr": 1.0}, ("sgd", 1.0)),
+    ({"server_optimizer": "momentum", "server_lr": 0.5}, ("momentum", 0.5)),
+    ({"server_lr": 0.05}, None),  # the strategy's recipe optimiser at the given lr
+    ({"server_optimizer": "adam"}, ("adam", 0.03)),  # a recipe optimiser keeps its recipe lr
+    ({"server_optimizer": "sgd"}, ("sgd", 1.0)),
+])  # fmt: skip
+def test_an_explicit_server_step_wins_for_every_strategy(strategy, given, expected):
+    cls = get_strategy_class(strategy)
+    resolved = cls.resolved_settings(RunSettings(model="vit", strategy=strategy, **given))
+    if expected is None:
+        expected = ("sgd" if cls.has_public_part() else "adam", given["server_lr"])
+    assert (resolved.server_optimizer, resolved.server_lr) == expected
+    header = describe_recipe(resolved, cls.has_public_part())
+    assert ("overridden" in header) == (expected != RECIPES["vit"].server_step(cls.has_public_part()))
 
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
@@ -41,7 +84,7 @@ def test_flwr_run_config_applies_the_recipe_of_its_model(model):
     settings = RunSettings.from_run_config(config)
     assert settings.batch_size == 7
     assert settings.lr == RECIPES[model].lr and settings.pretraining == RECIPES[model].pretraining
-    assert set(UNSET) == set(RECIPE_FIELDS)
+    assert set(UNSET) | {f"public_part_{key}" for key in SERVER_STEP_KEYS} == set(RECIPE_FIELDS)
 
 
 def test_a_recipe_never_asks_for_a_momentum_optimizer():
@@ -65,6 +108,25 @@ def test_config_json_records_the_recipe_and_the_override(dpfl, tmp_path):
     assert overridden.returncode == 0, overridden.stderr
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["lr"] == 0.05 and config["recipe"]["lr"] == recipe.lr
+
+
+def test_a_run_records_and_resumes_with_its_strategys_server_step(dpfl_quick, tmp_path):
+    # The default strategy, DP-FedPGN, has a public part: the ViT recipe's sgd at 1, not its Adam.
+    out = tmp_path / "vit"
+    tiny = ["--engine", "in-process", "--workers", "1"]
+    first = dpfl_quick("simulate", "--model", "vit", "--pretraining", "none", "--width", "4", "--clients", "4",
+                       "--local-epochs", "1", "--rounds", "1", "--noise-multiplier", "1.0", "--max-epsilon", "0",
+                       *tiny, "--out", str(out))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert "server-optimizer sgd, server-lr 1.0," in " ".join(first.stdout.split())  # the run header
+    config = json.loads((out / "config.json").read_text())
+    assert (config["strategy"], config["server-optimizer"], config["server-lr"]) == ("dp-fedpgn", "sgd", 1.0)
+    assert config["recipe"] == RECIPES["vit"].as_run_config()
+    assert (config["recipe"]["server-optimizer"], config["recipe"]["public-part-server-optimizer"]) == ("adam", "sgd")
+    # The checkpoint's run config holds the resolved step, so a resume passes its config check.
+    resumed = dpfl_quick("simulate", "--resume", str(out), "--rounds", "2", *tiny)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["rounds-completed"] == 2
 
 
 def test_validation_split_is_a_stratified_share_of_the_servers_data():
