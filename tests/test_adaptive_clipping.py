@@ -11,7 +11,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from numpy.polynomial.hermite_e import hermegauss
 from opacus.accountants.analysis.rdp import compute_rdp

@@ -25,10 +25,10 @@ from dpfl.compression.covariance import (
     load_statistics,
     save_statistics,
 )
-from dpfl.compression.cpd import CPD, cpd_frobenius, cpd_sigma_als
+from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
 from dpfl.compression.pipeline import CompressionConfig, compress_model, output_error
 from dpfl.compression.ranks import factorised_count, plan_ranks, ranks_for_ratio, weight_count
-from dpfl.compression.sigma_norm import regularise, sigma_objective
+from dpfl.compression.sigma_norm import sigma_objective
 from dpfl.compression.surgery import default_layers, load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
