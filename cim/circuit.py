@@ -16,6 +16,9 @@ NeuroSim, MemTorch) do not install with this project's torch:
 * :func:`solve_fixed_point`, the fast one: the wordline/bitline cumulative-sum
   fixed-point iteration (CrossSim's ``solve_mvm`` scheme) batched over inputs in
   torch, run to convergence, so it reaches the nodal solution, not an approximation.
+* :func:`row_transfer`, the tile's whole linear map at once: the column currents per
+  volt on each wordline alone, by a direct block elimination of the same nodal
+  system, row by row (cost independent of how resistive the tile is).
 
 A wire resistance of 0 is an ideal wire; with both wires ideal every cell sees its
 full input voltage and both solvers return the ideal currents exactly.
@@ -23,9 +26,14 @@ full input voltage and both solvers return the ideal currents exactly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.linalg import cho_solve
+from scipy.linalg.blas import dsymm
+from scipy.linalg.lapack import dpotrf, dpotri
 from scipy.sparse.linalg import splu
 
 # Convergence of the fixed point: largest change of any cell voltage, relative to the
@@ -83,6 +91,29 @@ class _FixedPointWorkspace:
         return drop
 
 
+def largest_wire_drop(conductance: torch.Tensor, r_wordline: float, r_bitline: float) -> float:
+    """Largest wire drop (volts) on a tile (R, C) when every cell sees 1 V: the bound
+    ``rho`` on the spectral radius of the fixed-point iteration (see :func:`solve_fixed_point`)."""
+    unit = (1, *conductance.shape)
+    all_cells_at_one_volt = torch.ones(unit, dtype=conductance.dtype)
+    no_input = torch.zeros(1, conductance.shape[0], dtype=conductance.dtype)
+    return -float(
+        _FixedPointWorkspace(unit, conductance.dtype)
+        .cell_voltages(all_cells_at_one_volt, conductance, no_input, r_wordline, r_bitline)
+        .min()
+    )
+
+
+def fixed_point_iterations(largest_drop: float, dtype: torch.dtype) -> float:
+    """Iterations the relaxed fixed point needs at most (no restart) to converge on a
+    tile with :func:`largest_wire_drop` ``largest_drop``: it contracts by
+    ``rho / (2 + rho)`` per step down to :data:`FIXED_POINT_TOLERANCE`."""
+    contraction = largest_drop / (2.0 + largest_drop)
+    if contraction <= 0:
+        return 1.0
+    return max(1.0, math.log(FIXED_POINT_TOLERANCE[dtype]) / math.log(contraction))
+
+
 def solve_fixed_point(
     conductance: torch.Tensor,
     voltages: torch.Tensor,
@@ -117,15 +148,7 @@ def solve_fixed_point(
     if v_max == 0.0:
         return torch.zeros(voltages.shape[0], *conductance.shape[-2:], dtype=conductance.dtype)
     tile = conductance if conductance.dim() == 2 else conductance.amax(0)
-    unit = (1, *tile.shape)
-    all_cells_at_one_volt = torch.ones(unit, dtype=conductance.dtype)
-    no_input = torch.zeros(1, tile.shape[0], dtype=conductance.dtype)
-    largest_drop = -float(
-        _FixedPointWorkspace(unit, conductance.dtype)
-        .cell_voltages(all_cells_at_one_volt, tile, no_input, r_wordline, r_bitline)
-        .min()
-    )
-    relaxation = 2.0 / (2.0 + largest_drop)
+    relaxation = 2.0 / (2.0 + largest_wire_drop(tile, r_wordline, r_bitline))
 
     shape = (voltages.shape[0], *tile.shape)
     workspace = _FixedPointWorkspace(shape, conductance.dtype)
@@ -200,3 +223,84 @@ class NodalSolver:
         if self._lu is not None:
             nodes[:, : self.num_unknowns] = self._lu.solve(np.asarray(self._source_coupling @ voltages.T)).T
         return self.conductance * (nodes[:, self._wordline_nodes] - nodes[:, self._bitline_nodes])
+
+
+def _wordline_solves(conductance: np.ndarray, g_w: float) -> np.ndarray:
+    """``T_k^-1 [G_k | g_w e_0]`` (R, C, C + 1) for every wordline ``k`` at once, with
+    ``T_k`` (C, C) the tridiagonal Laplacian of wordline ``k``'s segments (driver
+    segment included, far end open) plus ``G_k = diag(row k's cells)``.
+
+    The Thomas algorithm, vectorised over the rows; stable without pivoting because
+    every ``T_k`` is diagonally dominant. (scipy's ``solveh_banded`` does one row per
+    call, which costs more in call overhead than in arithmetic here.)"""
+    rows, cols = conductance.shape
+    diagonal = conductance + 2 * g_w  # (R, C)
+    diagonal[:, -1] -= g_w
+    # Right-hand sides: the identity scaled by the cells, and the driver column.
+    sides = np.zeros((rows, cols, cols + 1))
+    sides[:, np.arange(cols), np.arange(cols)] = conductance
+    sides[:, 0, cols] = g_w
+    ratio = np.empty((rows, cols))  # c'_j of the forward sweep (off-diagonal is -g_w)
+    pivot = diagonal[:, 0]
+    ratio[:, 0] = -g_w / pivot
+    sides[:, 0] /= pivot[:, None]
+    for j in range(1, cols):
+        pivot = diagonal[:, j] + g_w * ratio[:, j - 1]
+        ratio[:, j] = -g_w / pivot
+        sides[:, j] += g_w * sides[:, j - 1]
+        sides[:, j] /= pivot[:, None]
+    for j in range(cols - 2, -1, -1):
+        sides[:, j] -= ratio[:, j, None] * sides[:, j + 1]
+    return sides
+
+
+def row_transfer(conductance: np.ndarray, r_wordline: float, r_bitline: float) -> np.ndarray:
+    """Column currents (R, C), float64, per volt on wordline ``i`` alone (every other
+    driver at 0 V): by superposition, inputs ``V`` (B, R) give column currents ``V @ this``.
+
+    Exact nodal analysis, needing both wires resistive. Wordline ``k`` is a chain, so
+    its nodes are eliminated by a tridiagonal solve: ``W_k = T_k^-1 (g_w V_k e_0 + G_k B_k)``
+    (:func:`_wordline_solves`). What remains couples bitline row ``k`` only to rows
+    ``k - 1`` and ``k + 1`` (through ``g_b``):
+
+        -g_b B_{k-1} + M_k B_k - g_b B_{k+1} = V_k h_k,
+        M_k = deg_k + G_k - G_k T_k^-1 G_k,   h_k = g_w G_k T_k^-1 e_0,
+
+    a block-tridiagonal system with symmetric positive-definite C x C blocks. Block
+    elimination from the top row down (``S_k = M_k - g_b^2 S_{k-1}^-1``, right-hand
+    sides carried along, one per driven row) ends at the last bitline row, whose
+    nodes alone set the currents into the sense amplifiers, ``g_b B_{R-1}``: no back
+    substitution. Cost about ``R C^3`` flops whatever the conductances, where the
+    fixed point needs more iterations the more resistive the tile. Written by hand
+    because a general sparse factorisation (:class:`NodalSolver`) fills in and
+    neither exploits the chains nor stops at the last row. The symmetric blocks are
+    kept as lower triangles only (LAPACK potrf/potri and BLAS symm read no more).
+    """
+    if not (r_wordline > 0 and r_bitline > 0):
+        raise ValueError("row_transfer needs resistive wordlines and bitlines")
+    conductance = np.asarray(conductance, dtype=np.float64)
+    rows, cols = conductance.shape
+    g_w, g_b = 1.0 / r_wordline, 1.0 / r_bitline
+    solved = _wordline_solves(conductance, g_w)
+    diagonal = np.arange(cols)
+    sides = np.zeros((cols, rows))  # one right-hand side per driven row
+    schur = None
+    for k in range(rows):
+        cells = conductance[k]
+        block = solved[k, :, :cols]
+        block *= -cells[:, None]
+        # Bitline node degree: row 0 has only the segment below it, the others two.
+        block[diagonal, diagonal] += cells + (g_b if k == 0 else 2 * g_b)
+        if schur is not None:
+            factor, info = dpotrf(schur, lower=1, clean=0, overwrite_a=1)
+            inverse, info = dpotri(factor, lower=1, overwrite_c=1) if info == 0 else (None, info)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"crossbar Schur complement not positive definite (LAPACK info {info})")
+            block -= g_b**2 * inverse  # the upper triangle of both is left unused
+            sides[:, :k] = dsymm(g_b, inverse, sides[:, :k], lower=1)
+        sides[:, k] = cells * solved[k, :, cols]
+        schur = block
+    factor, info = dpotrf(schur, lower=1, clean=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"crossbar Schur complement not positive definite (LAPACK info {info})")
+    return g_b * cho_solve((factor, True), sides, check_finite=False).T

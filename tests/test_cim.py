@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from dpfl.cim.circuit import NodalSolver, solve_fixed_point
+from dpfl.cim.circuit import NodalSolver, row_transfer, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul, transfer_matrix, transfer_weights
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magnitudes
-from dpfl.cim.model import MODES, calibrate, mappable_layers, to_crossbars
+from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
 
@@ -45,6 +46,25 @@ def test_fixed_point_matches_exact_nodal_solve(size, r_on, r_off, r_wordline, r_
     assert np.abs(fast_columns - exact_columns).max() <= 1e-6 * np.abs(exact_columns).max()
     ideal = voltages @ conductance
     assert (exact_columns < ideal + 1e-15).all()  # parasitics only ever lose current
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (1, 9), (9, 1), (16, 16), (20, 33)])
+@pytest.mark.parametrize(
+    "r_on, r_off, r_wordline, r_bitline",
+    [(100e3, 10e6, 1.0, 1.0), (6e3, 9e5, 2.46, 2.46), (100e3, 10e6, 5.0, 0.5), (1e3, 1e5, 40.0, 3.0)],
+)
+def test_direct_transfer_matches_exact_nodal_solve(rows, cols, r_on, r_off, r_wordline, r_bitline):
+    """The block elimination is the nodal system solved another way: column currents
+    per volt on each row alone, and by superposition any input's column currents."""
+    rng = np.random.default_rng(rows * 100 + cols)
+    conductance = random_tile(rng, rows, cols, r_on, r_off)
+    nodal = NodalSolver(conductance, r_wordline, r_bitline)
+    transfer = row_transfer(conductance, r_wordline, r_bitline)
+    unit_reads = nodal.cell_currents(np.eye(rows)).sum(1)
+    assert np.abs(transfer - unit_reads).max() <= 1e-10 * np.abs(unit_reads).max()
+    voltages = np.where(rng.random((5, rows)) < 0.5, 0.2, 0.0)
+    columns = nodal.cell_currents(voltages).sum(1)
+    assert np.abs(voltages @ transfer - columns).max() <= 1e-10 * np.abs(columns).max()
 
 
 @pytest.mark.parametrize("r_wordline, r_bitline", [(1.0, 1.0), (250.0, 0.0), (0.0, 40.0), (1e3, 3e3)])
@@ -343,3 +363,53 @@ def test_reads_through_the_transfer_matrix_equal_solving_every_read(adc_bits):
         automatic, _ = simulate_matmul(tiles, x, 6, device)
         reference, _ = simulate_matmul(tiles, x, 6, device, dtype=torch.float64, transfers=transfers)
         assert float((automatic - reference).abs().max()) <= 1e-4 * float((x @ q.T).abs().max())
+
+
+def test_direct_and_fixed_point_transfer_matrices_agree_on_partly_used_tiles():
+    device = CrossbarDevice(tile_size=32, r_on=20e3, r_off=2e6, r_wordline=2.0, r_bitline=3.0)
+    q = bell_shaped_integers(torch.Generator().manual_seed(5), 3, 40)
+    tiles = map_matrix(q, device, "mdm")
+    assert {tile.used_rows.numel() for tile in tiles} == {32, 8}
+    for tile in tiles:
+        direct = transfer_matrix(tile, device, method="direct")
+        fixed_point = transfer_matrix(tile, device, torch.float64, method="fixed-point")
+        assert float((direct - fixed_point).abs().max()) <= 1e-9 * float(fixed_point.abs().max())
+    with pytest.raises(ValueError, match="needs resistive"):
+        transfer_matrix(tiles[0], dataclasses.replace(device, r_bitline=0.0), method="direct")
+
+
+NOISY_CELLS = dict(
+    programming_noise=0.05, stuck_on_rate=0.02, stuck_off_rate=0.02, drift_nu=0.05, drift_nu_std=0.02,
+    drift_time=86400.0, drift_compensation=True,
+)
+
+
+@pytest.mark.parametrize(
+    "device_fields, tolerance",
+    [
+        (dict(r_wordline=2.0, r_bitline=3.0), 1e-9),
+        (dict(r_wordline=2.0, r_bitline=3.0, **NOISY_CELLS), 1e-9),
+        # An ideal wire: one float32 fixed-point solve per row (ideal currents if both are ideal).
+        (dict(r_wordline=0.0, r_bitline=3.0, **NOISY_CELLS), 1e-5),
+        (dict(r_wordline=0.0, r_bitline=0.0, **NOISY_CELLS), 1e-5),
+    ],
+)
+def test_exact_mode_layer_equals_solving_every_read(device_fields, tolerance):
+    """The exact mode's one matrix product per layer (through the transfer matrices)
+    is what reading every bit-plane of every input through the circuit gives, on
+    partly used tiles, with signed inputs, and with programming noise, stuck cells
+    and compensated drift (drawn once per programmed tile, so both see the same device)."""
+    device = CrossbarDevice(tile_size=32, r_on=20e3, r_off=2e6, **device_fields)
+    layer = nn.Linear(40, 6).double()  # float64 outputs, so the comparison is not limited by float32
+    inputs = torch.randn(10, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    statistics = calibrate(layer, inputs, device, 4, torch.Generator().manual_seed(0))
+    for mapping in MAPPINGS:
+        analog = to_crossbars(layer, statistics, device, mapping, "exact", seed=3)
+        assert analog.effective is not None  # the one-product path
+        with torch.no_grad():
+            fast = analog(inputs)
+        integers = quantise_activations(inputs, analog.input_scale, device.activation_bits)
+        products, _ = simulate_matmul(analog.tiles, integers, 6, device, dtype=torch.float64, solve_every_read=True)
+        solved = products * analog.weight_step * analog.input_scale + layer.bias.detach()
+        scale = float((products * analog.weight_step * analog.input_scale).abs().max())
+        assert float((fast - solved).abs().max()) <= tolerance * scale
