@@ -10,9 +10,13 @@ Sections (``--sections``, default all):
   PCM-like noisy one (``NOISY``). Writes accuracy against tile size per mapping.
 * ``drift``: accuracy against time since programming, with and without global drift
   compensation. Writes accuracy against drift time.
-* ``speed``: exact mode (transfer matrices) on all test images at 128x128, naive and
-  MDM (goal <= 60 s on 2 cores), against solving every distinct read, extrapolated
-  from a few images.
+* ``solver`` also times the transfer matrix of one full tile (the column currents per
+  driven row, all the exact mode needs) by one fixed-point solve per row against the
+  direct block elimination, with default and with RRAM cells.
+* ``speed``: exact mode (transfer matrices) on all test images at 128x128, every
+  mapping (goal: naive and MDM <= 60 s on 2 cores), against building the transfer
+  matrices by fixed-point solves only (the previous exact mode) and against solving
+  every distinct read (the one before), extrapolated from a few images.
 * ``fidelity``: fast mode against exact mode on the ResNet-10: share of the exact
   mode's logit distortion the fast mode reproduces, and top-1 agreement.
 
@@ -35,9 +39,9 @@ from torch.utils.data import Subset
 
 from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.engine import simulate_matmul
+from dpfl.cim.engine import simulate_matmul, transfer_matrix
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
-from dpfl.cim.model import calibrate, mappable_layers, to_crossbars, weight_matrix
+from dpfl.cim.model import DeviceGenerators, calibrate, mappable_layers, to_crossbars, weight_matrix
 from dpfl.cim.metrics import Interval, model_distortion
 from dpfl.cim.plots import pyplot
 from dpfl.cim.study import EVAL_BATCH_SIZE, SWEEP_TILE_SIZES
@@ -103,6 +107,25 @@ def solver_speed(batch: int, repeats: int) -> None:
               f"{exact / fast32:>11.2f} {difference:>13.1e}", flush=True)
 
 
+def transfer_speed(repeats: int) -> None:
+    """Transfer matrix of one full tile of random 8-bit weights: fixed point per row
+    (float32, as the exact mode runs it) against the direct elimination (float64)."""
+    print(f"\n{'tile':>5} {'cells':>22} {'fixed point s':>14} {'direct s':>9} {'ratio':>6} {'max rel diff':>13}")
+    cells = {"100k/10M ohm, 1 ohm": dict(), "RRAM 6k/900k, 2.46 ohm": dict(r_on=6e3, r_off=9e5, r_wordline=2.46, r_bitline=2.46)}
+    for size in (128, 256):
+        for label, fields in cells.items():
+            device = CrossbarDevice(tile_size=size, **fields)
+            weights = torch.distributions.Laplace(0.0, 1.0).sample((device.outputs_per_tile, size)).double()
+            tile = map_matrix(quantise_weights(weights, device.weight_bits)[0], device, "naive")[0]
+            fixed = best_of(repeats, lambda: transfer_matrix(tile, device, method="fixed-point"))
+            direct = best_of(repeats, lambda: transfer_matrix(tile, device, method="direct"))
+            reference = transfer_matrix(tile, device, method="direct")
+            difference = float((transfer_matrix(tile, device, method="fixed-point") - reference).abs().max()
+                               / reference.abs().max())
+            print(f"{size:>5} {label:>22} {fixed:>14.3f} {direct:>9.3f} {fixed / direct:>6.1f} {difference:>13.1e}",
+                  flush=True)
+
+
 def images_interval(score: float, images: int) -> str:
     """Clopper-Pearson 95% interval of an accuracy measured on ``images`` test images:
     the uncertainty of a deterministic device (nothing to repeat over trials)."""
@@ -165,23 +188,39 @@ def drift_study(model, data, statistics, tile: int, r_wire: float, mode: str, im
     return results
 
 
+def _build_transfers(model, statistics, device: CrossbarDevice, mapping: str, method: str, seed: int) -> float:
+    """CPU seconds to map every layer and build every tile's transfer matrix by ``method``."""
+    started = time.process_time()
+    generators = DeviceGenerators.from_seed(seed)
+    for name, layer in mappable_layers(model).items():
+        q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
+        for tile in map_matrix(q, device, mapping, statistics[name].row_density, generators.programming):
+            transfer_matrix(tile, device, method=method)
+    return time.process_time() - started
+
+
 def exact_speed(model, data, device: CrossbarDevice, baseline_images: int, seed: int) -> None:
-    """Exact mode on every test image, each mapping, against solving every distinct
-    read (the previous exact mode) on ``baseline_images`` images, extrapolated."""
+    """Exact mode on every test image, each mapping; against building the same transfer
+    matrices by fixed-point solves only (the previous exact mode, measured whole), and
+    against solving every distinct read (the one before, on ``baseline_images``
+    images, extrapolated)."""
     # CPU seconds of this (single-threaded) process next to wall seconds: on a shared,
     # overloaded machine the CPU time is what an idle core would take.
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for mapping in ("naive", "mdm"):
+    statistics = calibrate(model, data.train.tensors[0][:64], device, 1, torch.Generator().manual_seed(seed))
+    cpu = {}
+    for mapping in MAPPINGS:
         begun, cpu_begun = time.perf_counter(), time.process_time()
-        analog = to_crossbars(model, calibrate(model, data.train.tensors[0][:64], device, 1,
-                                               torch.Generator().manual_seed(seed)), device, mapping, "exact", seed)
-        built = time.perf_counter() - begun
+        analog = to_crossbars(model, statistics, device, mapping, "exact", seed)
+        built = time.process_time() - cpu_begun
         score = accuracy(analog, data.test, EVAL_BATCH_SIZE)
+        cpu[mapping] = time.process_time() - cpu_begun
+        fixed_point = _build_transfers(model, statistics, device, mapping, "fixed-point", seed)
         print(f"exact, {mapping}: {len(data.test)} images in {time.perf_counter() - begun:.1f} s wall, "
-              f"{time.process_time() - cpu_begun:.1f} s CPU (transfer matrices {built:.1f} s wall), "
-              f"accuracy {score:.2%}", flush=True)
-    exact_total = time.process_time() - cpu_started
-    print(f"both mappings: {time.perf_counter() - started:.1f} s wall, {exact_total:.1f} s CPU", flush=True)
+              f"{cpu[mapping]:.1f} s CPU (transfer matrices {built:.1f} s; by fixed point only {fixed_point:.1f} s, "
+              f"ratio {fixed_point / built:.2f}x), accuracy {score:.2%}", flush=True)
+    exact_total = cpu["naive"] + cpu["mdm"]
+    print(f"naive + mdm: {exact_total:.1f} s CPU (goal <= 60 s); all {len(MAPPINGS)} mappings "
+          f"{sum(cpu.values()):.1f} s CPU", flush=True)
     # Baseline: the layer inputs of a few test images, every distinct read solved.
     images = data.test.tensors[0][:baseline_images]
     inputs = calibrate(model, images, device, 10**9, torch.Generator().manual_seed(seed))
@@ -192,7 +231,7 @@ def exact_speed(model, data, device: CrossbarDevice, baseline_images: int, seed:
         simulate_matmul(tiles, inputs[name].sample, q.shape[0], device, solve_every_read=True)
     per_image = (time.process_time() - begun) / baseline_images
     print(f"solving every read instead: {per_image:.2f} CPU s per image per mapping, "
-          f"{2 * per_image * len(data.test):.0f} CPU s extrapolated to both mappings on all images "
+          f"{2 * per_image * len(data.test):.0f} CPU s extrapolated to naive + mdm on all images "
           f"(ratio {2 * per_image * len(data.test) / exact_total:.1f}x)", flush=True)
 
 
@@ -290,6 +329,7 @@ def main() -> None:
     if "solver" in sections:
         print("\n== solver speed (batch 64 random inputs, best of 3) ==")
         solver_speed(batch=64, repeats=3)
+        transfer_speed(repeats=1)
     if not sections & {"mapping", "drift", "fidelity", "speed"}:
         return
     data = load_dataset("digits", image_size=args.image_size)

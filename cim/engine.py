@@ -9,7 +9,8 @@ Two ways to run a layer on its tiles:
   The crossbar is a linear network (ohmic cells, ideal drivers and virtual grounds),
   so by superposition a read's column currents are ``plane @ A``, with ``A`` the
   tile's transfer matrix: the column currents when one row alone is driven
-  (:func:`transfer_matrix`, one solve per used row). When a tile has more distinct
+  (:func:`transfer_matrix`: one solve per used row, or a direct block elimination of
+  the whole tile, whichever is cheaper). When a tile has more distinct
   planes to read than rows, solving for ``A`` once is cheaper than solving every
   plane, and exact. Read noise changes the conductances on every read, so then every
   read is solved.
@@ -25,6 +26,7 @@ Two ways to run a layer on its tiles:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +123,17 @@ def _read_cycles(
     return real_columns, ideal_columns
 
 
+def _solve_costs(tile: Tile, device: CrossbarDevice, dtype: torch.dtype) -> tuple[float, float]:
+    """Estimated cost (in fixed-point cell updates) of solving one read of ``tile`` by
+    the fixed point in ``dtype``, and of its direct transfer elimination (infinite
+    without two resistive wires): what decides between exact methods, never results."""
+    rows, cols = tile.conductance.shape
+    if not (device.r_wordline > 0 and device.r_bitline > 0):
+        return float(rows * cols), math.inf
+    drop = largest_wire_drop(tile.conductance.to(dtype), device.r_wordline, device.r_bitline)
+    return (fixed_point_iterations(drop, dtype) + 2) * rows * cols, DIRECT_TRANSFER_COST * rows * cols**3
+
+
 def transfer_matrix(
     tile: Tile, device: CrossbarDevice, dtype: torch.dtype = SIMULATION_DTYPE, method: str = "auto"
 ) -> torch.Tensor:
@@ -135,15 +148,12 @@ def transfer_matrix(
     """
     if method not in TRANSFER_METHODS:
         raise ValueError(f"transfer method {method!r} is not one of {', '.join(TRANSFER_METHODS)}")
-    rows, cols = tile.conductance.shape
-    used = tile.used_rows.numel()
-    resistive = device.r_wordline > 0 and device.r_bitline > 0
-    if method == "direct" and not resistive:
+    if method == "direct" and not (device.r_wordline > 0 and device.r_bitline > 0):
         raise ValueError("the direct transfer method needs resistive wordlines and bitlines")
-    if method == "auto" and resistive:
-        drop = largest_wire_drop(tile.conductance.to(dtype), device.r_wordline, device.r_bitline)
-        fixed_point_cost = (fixed_point_iterations(drop, dtype) + 2) * used * rows * cols
-        method = "direct" if DIRECT_TRANSFER_COST * rows * cols**3 <= fixed_point_cost else "fixed-point"
+    used = tile.used_rows.numel()
+    if method == "auto":
+        per_read, direct = _solve_costs(tile, device, dtype)
+        method = "direct" if direct <= per_read * used else "fixed-point"
     if method == "direct":
         per_volt = row_transfer(tile.conductance.numpy(), device.r_wordline, device.r_bitline)
         return torch.from_numpy(per_volt)[tile.used_rows] * device.read_voltage
@@ -181,9 +191,9 @@ def simulate_matmul(
     Negative inputs are a second pass with the magnitudes of the negative part,
     subtracted digitally. Identical bit-planes are read once, unless the device has
     read noise (then every read differs; ``generator`` draws it). Reads go through the
-    tiles' transfer matrices (``transfers``, or computed here when a tile has more
-    distinct planes than rows), else each is solved; ``solve_every_read`` forces the
-    latter (benchmarks, cross-checks). ``cell_loss`` maps tile indices to accumulators
+    tiles' transfer matrices (``transfers``, or computed here when that costs less
+    than solving the tile's distinct planes), else each is solved; ``solve_every_read``
+    forces the latter (benchmarks, cross-checks). ``cell_loss`` maps tile indices to accumulators
     of the current each cell of that tile loses (per-read solves).
     """
     if device.read_noise and transfers is not None:
@@ -202,7 +212,11 @@ def simulate_matmul(
             else:
                 unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
             loss = None if cell_loss is None else cell_loss.get(index)
-            solve = solve_every_read or device.read_noise or loss is not None or unique.shape[0] <= unique.shape[1]
+            solve = solve_every_read or device.read_noise or loss is not None
+            if transfers is None and not solve:
+                # Solve the distinct reads, or build the transfer matrix: whichever costs less.
+                per_read, direct = _solve_costs(tile, device, dtype)
+                solve = per_read * unique.shape[0] <= min(direct, per_read * unique.shape[1])
             if transfers is not None or not solve:
                 transfer = transfer_matrix(tile, device, dtype) if transfers is None else transfers[index]
                 ideal_rows = tile.conductance[tile.used_rows] * device.read_voltage
