@@ -10,10 +10,9 @@ Two ways to run a layer on its tiles:
   so by superposition a read's column currents are ``plane @ A``, with ``A`` the
   tile's transfer matrix: the column currents when one row alone is driven
   (:func:`transfer_matrix`: one solve per used row, or a direct block elimination of
-  the whole tile, whichever is cheaper). When a tile has more distinct
-  planes to read than rows, solving for ``A`` once is cheaper than solving every
-  plane, and exact. Read noise changes the conductances on every read, so then every
-  read is solved.
+  the whole tile, whichever is cheaper). When a tile has enough distinct planes to
+  read, building ``A`` once is cheaper than solving every plane, and exact. Read
+  noise changes the conductances on every read, so then every read is solved.
 * :func:`effective_weights`: the fast model. Per tile, a map of how much of its ideal
   current each cell keeps on average (calibrated with the circuit solve on random
   bit-planes at the layer's measured per-input bit density) scales the conductances;
@@ -143,13 +142,11 @@ def transfer_matrix(
     Two exact methods: ``"fixed-point"``, one fixed-point solve per used row in
     ``dtype`` (cost ~ iterations x used rows x R x C: cheap for partly used or weakly
     resistive tiles), and ``"direct"``, the block elimination of :func:`row_transfer`
-    in float64 (cost ~ R x C^3 whatever the resistances; needs both wires resistive).
-    ``"auto"`` picks the cheaper one for this tile.
+    in float64 (cost ~ R x C^3 whatever the resistances; needs both wires resistive,
+    else ValueError). ``"auto"`` picks the cheaper one for this tile.
     """
     if method not in TRANSFER_METHODS:
         raise ValueError(f"transfer method {method!r} is not one of {', '.join(TRANSFER_METHODS)}")
-    if method == "direct" and not (device.r_wordline > 0 and device.r_bitline > 0):
-        raise ValueError("the direct transfer method needs resistive wordlines and bitlines")
     used = tile.used_rows.numel()
     if method == "auto":
         per_read, direct = _solve_costs(tile, device, dtype)
@@ -309,6 +306,6 @@ def bit_serial_variance(x: torch.Tensor, per_read: torch.Tensor, bits: int) -> t
 
 
 __all__ = [
-    "TRANSFER_METHODS", "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights", "read_noise_variance",
-    "simulate_matmul", "transfer_matrix", "transfer_weights",
+    "TRANSFER_METHODS", "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights",
+    "read_noise_variance", "simulate_matmul", "transfer_matrix", "transfer_weights",
 ]
