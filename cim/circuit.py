@@ -42,6 +42,8 @@ from scipy.sparse.linalg import splu
 # cumulative sums of a 512-cell line), so it stops at 1e-5.
 FIXED_POINT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 FIXED_POINT_MAX_ITERATIONS = 2000
+# Wordline solves held at once by the direct transfer elimination (float64, 32 MB).
+WORDLINE_SOLVE_FLOATS = 2**22
 # Relaxation below this means the tile is too resistive for the iteration to be useful.
 FIXED_POINT_MIN_RELAXATION = 1e-3
 
@@ -281,13 +283,17 @@ def row_transfer(conductance: np.ndarray, r_wordline: float, r_bitline: float) -
     conductance = np.asarray(conductance, dtype=np.float64)
     rows, cols = conductance.shape
     g_w, g_b = 1.0 / r_wordline, 1.0 / r_bitline
-    solved = _wordline_solves(conductance, g_w)
     diagonal = np.arange(cols)
     sides = np.zeros((cols, rows))  # one right-hand side per driven row
     schur = None
+    # Wordline solves for a chunk of rows at a time bound the memory (R·C² floats at once
+    # would be 1 GB at 512x512).
+    chunk = max(1, WORDLINE_SOLVE_FLOATS // (cols * (cols + 1)))
     for k in range(rows):
+        if k % chunk == 0:
+            solved = _wordline_solves(conductance[k : k + chunk], g_w)
         cells = conductance[k]
-        block = solved[k, :, :cols]
+        block = solved[k % chunk, :, :cols]
         block *= -cells[:, None]
         # Bitline node degree: row 0 has only the segment below it, the others two.
         block[diagonal, diagonal] += cells + (g_b if k == 0 else 2 * g_b)
@@ -298,7 +304,7 @@ def row_transfer(conductance: np.ndarray, r_wordline: float, r_bitline: float) -
                 raise np.linalg.LinAlgError(f"crossbar Schur complement not positive definite (LAPACK info {info})")
             block -= g_b**2 * inverse  # the upper triangle of both is left unused
             sides[:, :k] = dsymm(g_b, inverse, sides[:, :k], lower=1)
-        sides[:, k] = cells * solved[k, :, cols]
+        sides[:, k] = cells * solved[k % chunk, :, cols]
         schur = block
     factor, info = dpotrf(schur, lower=1, clean=1)
     if info != 0:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from dpfl.cim import circuit
 from dpfl.cim.circuit import NodalSolver, row_transfer, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul, transfer_matrix, transfer_weights
@@ -53,7 +54,7 @@ def test_fixed_point_matches_exact_nodal_solve(size, r_on, r_off, r_wordline, r_
     "r_on, r_off, r_wordline, r_bitline",
     [(100e3, 10e6, 1.0, 1.0), (6e3, 9e5, 2.46, 2.46), (100e3, 10e6, 5.0, 0.5), (1e3, 1e5, 40.0, 3.0)],
 )
-def test_direct_transfer_matches_exact_nodal_solve(rows, cols, r_on, r_off, r_wordline, r_bitline):
+def test_direct_transfer_matches_exact_nodal_solve(rows, cols, r_on, r_off, r_wordline, r_bitline, monkeypatch):
     """The block elimination is the nodal system solved another way: column currents
     per volt on each row alone, and by superposition any input's column currents."""
     rng = np.random.default_rng(rows * 100 + cols)
@@ -62,6 +63,9 @@ def test_direct_transfer_matches_exact_nodal_solve(rows, cols, r_on, r_off, r_wo
     transfer = row_transfer(conductance, r_wordline, r_bitline)
     unit_reads = nodal.cell_currents(np.eye(rows)).sum(1)
     assert np.abs(transfer - unit_reads).max() <= 1e-10 * np.abs(unit_reads).max()
+    # The wordline solves in chunks of 3 rows (memory bound) change nothing.
+    monkeypatch.setattr(circuit, "WORDLINE_SOLVE_FLOATS", 3 * cols * (cols + 1))
+    np.testing.assert_array_equal(row_transfer(conductance, r_wordline, r_bitline), transfer)
     voltages = np.where(rng.random((5, rows)) < 0.5, 0.2, 0.0)
     columns = nodal.cell_currents(voltages).sum(1)
     assert np.abs(voltages @ transfer - columns).max() <= 1e-10 * np.abs(columns).max()
