@@ -158,12 +158,15 @@ def transfer_matrix(
 
 
 def _decode_cycles(
-    tile: Tile, real: torch.Tensor, ideal: torch.Tensor, device: CrossbarDevice, num_outputs: int
+    tile: Tile, real: torch.Tensor, ideal: torch.Tensor | None, device: CrossbarDevice, num_outputs: int
 ) -> tuple[torch.Tensor, Distortion]:
     """Decoded outputs (B, num_outputs) of column currents (B, T) read through the ADC,
-    and their NF against the ideal-wire currents of the same reads."""
+    and their NF against the ideal-wire currents of the same reads (none if ``ideal``
+    is None)."""
     columns = tile.used_columns
     outputs = _decode(tile, adc_quantise(real, device), num_outputs)
+    if ideal is None:
+        return outputs, Distortion()
     ideal_used = ideal[:, columns]
     lit = ideal_used > 0
     nf = (ideal_used - real[:, columns])[lit] / ideal_used[lit]
@@ -181,13 +184,16 @@ def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
     dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
     generator: torch.Generator | None = None, transfers: list[torch.Tensor] | None = None,
-    solve_every_read: bool = False,
+    solve_every_read: bool = False, measure_nf: bool = True,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
     Negative inputs are a second pass with the magnitudes of the negative part,
-    subtracted digitally. Identical bit-planes are read once, unless the device has
-    read noise (then every read differs; ``generator`` draws it). Reads go through the
+    subtracted digitally. Identical bit-planes are read once when each is solved, not
+    if the device has read noise (every read differs; ``generator`` draws it), nor
+    through given ``transfers`` (a matrix product costs less than finding the
+    duplicates). ``measure_nf=False`` skips the NF (the returned Distortion is empty)
+    for inference, which needs only the outputs. Reads go through the
     tiles' transfer matrices (``transfers``, or computed here when that costs less
     than solving the tile's distinct planes), else each is solved; ``solve_every_read``
     forces the latter (benchmarks, cross-checks). ``cell_loss`` maps tile indices to accumulators
@@ -204,8 +210,8 @@ def simulate_matmul(
             continue
         for index, tile in enumerate(tiles):
             planes = _bit_planes(part[:, tile.row_input[tile.used_rows]], bits).reshape(-1, tile.used_rows.numel())
-            if device.read_noise:
-                unique, inverse = planes, torch.arange(planes.shape[0])
+            if device.read_noise or transfers is not None:
+                unique, inverse = planes, None
             else:
                 unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
             loss = None if cell_loss is None else cell_loss.get(index)
@@ -217,11 +223,12 @@ def simulate_matmul(
             if transfers is not None or not solve:
                 transfer = transfer_matrix(tile, device, dtype) if transfers is None else transfers[index]
                 ideal_rows = tile.conductance[tile.used_rows] * device.read_voltage
-                real, ideal = unique.double() @ transfer, unique.double() @ ideal_rows
+                real = unique.double() @ transfer
+                ideal = unique.double() @ ideal_rows if measure_nf else None
             else:
                 real, ideal = _read_cycles(tile, unique, device, dtype, loss, generator)
-            outputs, tile_distortion = _decode_cycles(tile, real, ideal, device, num_outputs)
-            per_plane = outputs[inverse].reshape(bits, x.shape[0], num_outputs)
+            outputs, tile_distortion = _decode_cycles(tile, real, ideal if measure_nf else None, device, num_outputs)
+            per_plane = (outputs if inverse is None else outputs[inverse]).reshape(bits, x.shape[0], num_outputs)
             result += sign * torch.einsum("b,bno->no", significance, per_plane)
             distortion.add(tile_distortion)
     return result, distortion

@@ -180,7 +180,7 @@ class CrossbarLayer(nn.Module):
         if self.mode == "exact" and self.effective is None:
             products, _ = simulate_matmul(
                 self.tiles, integers, self.q.shape[0], self.device, generator=self.read_generator,
-                transfers=self.transfers,
+                transfers=self.transfers, measure_nf=False,
             )
         else:
             products = integers.double() @ self.effective.T
