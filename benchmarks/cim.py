@@ -16,7 +16,8 @@ Sections (``--sections``, default all):
 * ``speed``: exact mode (transfer matrices) on all test images at 128x128, every
   mapping (goal: naive and MDM <= 60 s on 2 cores), against building the transfer
   matrices by fixed-point solves only (the previous exact mode) and against solving
-  every distinct read (the one before), extrapolated from a few images.
+  every distinct read (the one before), extrapolated from a few images; and with an
+  8-bit ADC (every bit-plane read through the transfer matrices).
 * ``fidelity``: fast mode against exact mode on the ResNet-10: share of the exact
   mode's logit distortion the fast mode reproduces, and top-1 agreement.
 
@@ -221,6 +222,14 @@ def exact_speed(model, data, device: CrossbarDevice, baseline_images: int, seed:
     exact_total = cpu["naive"] + cpu["mdm"]
     print(f"naive + mdm: {exact_total:.1f} s CPU (goal <= 60 s); all {len(MAPPINGS)} mappings "
           f"{sum(cpu.values()):.1f} s CPU", flush=True)
+    # With an ADC the product is no longer linear: every bit-plane is read through the
+    # transfer matrices and converted.
+    with_adc = dataclasses.replace(device, adc_bits=8)
+    for mapping in ("naive", "mdm"):
+        cpu_begun = time.process_time()
+        score = accuracy(to_crossbars(model, statistics, with_adc, mapping, "exact", seed), data.test, EVAL_BATCH_SIZE)
+        print(f"exact, {mapping}, 8-bit ADC: {len(data.test)} images in {time.process_time() - cpu_begun:.1f} s CPU, "
+              f"accuracy {score:.2%}", flush=True)
     # Baseline: the layer inputs of a few test images, every distinct read solved.
     images = data.test.tensors[0][:baseline_images]
     inputs = calibrate(model, images, device, 10**9, torch.Generator().manual_seed(seed))
