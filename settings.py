@@ -269,7 +269,6 @@ class RunSettings:
         """
         if self.client_size:
             return self.client_size
-
         if self.dataset not in PUBLISHED_TRAIN_SIZES:
             raise UsageError(f"dataset {self.dataset!r} has no published size: set client-size (examples per client)")
         return math.ceil(PUBLISHED_TRAIN_SIZES[self.dataset] / self.num_clients)

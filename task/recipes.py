@@ -7,8 +7,9 @@ takes the model's recipe value; any other value is the user's and wins. The
 server step (:data:`SERVER_STEP_KEYS`) depends on the strategy as well: a recipe
 carries one for strategies without a public part and one for strategies with
 one (:meth:`Recipe.server_step`), and the strategy layer picks it
-(``ClientLevelDPStrategy.resolved_settings``). Every recipe keeps plain SGD with momentum 0 (the platform's local optimizer), so a
-recipe is sound for every strategy, DP-FedPGN's exact public part included.
+(``ClientLevelDPStrategy.resolved_settings``). Every recipe keeps plain SGD with
+momentum 0 (the platform's local optimizer), so a recipe is sound for every
+strategy, DP-FedPGN's exact public part included.
 
 How each recipe was found is recorded in docs/vit.md (the ViT) and the README
 (the ResNet-10, whose values the CNN and ResNet-18 share).
