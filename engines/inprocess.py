@@ -33,6 +33,7 @@ from typing import Any
 from uuid import uuid4
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -192,7 +193,11 @@ def _start_worker(client_app: ClientApp) -> None:
     # Flower's log handlers come with the fork: a worker logs where this process does.
     global _worker_app
     _worker_app = client_app
+    # One thread per worker, for torch and for BLAS alike: the workers already fill the
+    # cores, and OpenBLAS's spinning threads in several forked workers (scipy's LAPACK
+    # in the CIM solver) starve each other to a near-standstill.
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)
     # Ctrl-C reaches the whole process group: the parent stops the run, its workers
     # finish their share and exit with it, without a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
