@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import MODES
+from dpfl.cim.model import DEPLOY_MODES
 from dpfl.compression.pipeline import METHODS, NORMS
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import ACCOUNTANTS
@@ -101,7 +101,7 @@ class RunSettings:
     deploy_norm: str = "sigma"
     deploy_ratio: float = 0.5
     deploy_mapping: str = "mdm"
-    deploy_mode: str = "fast"
+    deploy_mode: str = "auto"
     deploy_holdout: float = 0.25
     deploy_sweep_tiles: str = "64,128,256,512"
     deploy_node_configs: str = ""
@@ -242,7 +242,7 @@ class RunSettings:
         _one_of("deploy-method", self.deploy_method, METHODS)
         _one_of("deploy-norm", self.deploy_norm, NORMS)
         _one_of("deploy-mapping", self.deploy_mapping, MAPPINGS)
-        _one_of("deploy-mode", self.deploy_mode, MODES)
+        _one_of("deploy-mode", self.deploy_mode, DEPLOY_MODES)
         if not 0 < self.deploy_ratio < 1:
             raise UsageError(f"deploy-ratio must be in (0, 1), got {self.deploy_ratio}")
         if not 0 < self.deploy_holdout < 1:

@@ -321,11 +321,12 @@ def main() -> None:
                         help="wire resistance per segment, ohm (NeuroSim: 2.46 at 22 nm wires, 5.05 at 14 nm)")
     parser.add_argument("--r-on", type=float, default=CrossbarDevice.r_on, help="ON resistance, ohm (NeuroSim RRAM: 6e3)")
     parser.add_argument("--r-off", type=float, default=CrossbarDevice.r_off, help="OFF resistance, ohm (NeuroSim RRAM: 9e5)")
-    parser.add_argument("--mode", default="fast", choices=("fast", "exact"))
+    parser.add_argument("--mode", default="exact", choices=("fast", "exact"))
     parser.add_argument("--images", type=int, default=360, help="test images for accuracy")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--exact-images", type=int, default=32, help="images for the fidelity section")
     parser.add_argument("--noise", default="off,on", help="mapping section: off, on, or both")
+    parser.add_argument("--noisy-tiles", default="", help="tile sizes of the noisy device (default: --tiles)")
     parser.add_argument("--drift-r-wire", type=float, default=0.0,
                         help="wire resistance of the drift section (default 0: drift alone)")
     parser.add_argument("--plots", default="", help="folder for the plots (none if empty)")
@@ -358,7 +359,8 @@ def main() -> None:
             label = (f"{'PCM-like noise' if noise == 'on' else 'ideal cells'}, R_on {args.r_on:g}, R_off {args.r_off:g}, "
                      f"wire {args.r_wire:g} ohm, {args.mode}")
             print(f"\n== mapping study: {label}, {len(test)} images, {args.trials} trial(s) ==")
-            tiles = [int(size) for size in args.tiles.split(",")]
+            sizes = args.noisy_tiles if noise == "on" and args.noisy_tiles else args.tiles
+            tiles = [int(size) for size in sizes.split(",")]
             mapping_results[label] = mapping_study(model, data, device, statistics, tiles, args.mode, args.images,
                                                    args.trials, args.seed)
     if "drift" in sections:

@@ -41,6 +41,8 @@ from dpfl.task.layers import conv_padding, input_rows, watch_layers
 
 # Analog inference modes (see the module docstring); "ideal" is the digital reference.
 MODES = ("fast", "exact", "ideal")
+# What a deployment may ask for: a mode, or "auto" (:func:`resolve_mode`).
+DEPLOY_MODES = ("auto", *MODES)
 # Normalisation layers own parameters but run in the digital periphery, as do the
 # class token and position embedding torchvision's ViT owns (additions, not products).
 DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, VisionTransformer, Encoder)
@@ -142,6 +144,18 @@ class DeviceGenerators:
         )
 
 
+def resolve_mode(mode: str, device: CrossbarDevice) -> str:
+    """The analog mode a deployment asking for ``mode`` runs: "auto" is "exact", except
+    on a device with read noise, where exact mode solves the circuit for every read of
+    every image (seconds per image for a ResNet-10, hours for a test set); there the
+    fast mode draws the same output variance (:func:`dpfl.cim.engine.read_noise_variance`)."""
+    if mode not in DEPLOY_MODES:
+        raise UsageError(f"mode {mode!r} is not one of {', '.join(DEPLOY_MODES)}")
+    if mode != "auto":
+        return mode
+    return "fast" if device.read_noise else "exact"
+
+
 class CrossbarLayer(nn.Module):
     """A Conv2d or Linear whose matrix product runs on simulated crossbar tiles."""
 
@@ -224,4 +238,5 @@ def to_crossbars(
     return analog
 
 
-__all__ = ["MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "mappable_layers", "to_crossbars", "weight_matrix"]
+__all__ = ["DEPLOY_MODES", "MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "mappable_layers",
+           "resolve_mode", "to_crossbars", "weight_matrix"]

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.metrics import Interval, ModelDistortion, model_distortion, tile_current_loss
-from dpfl.cim.model import LayerCalibration, calibrate, mappable_layers, to_crossbars
+from dpfl.cim.model import LayerCalibration, calibrate, mappable_layers, resolve_mode, to_crossbars
 from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
 from dpfl.errors import UsageError
 from dpfl.task.attention import ExplicitAttention, explicit_attention
@@ -61,10 +61,12 @@ def run_study(
     ``sweep_tile_sizes``: the tile sizes of the NF sweep (each one costs a distortion pass).
 
     Trial ``t`` is the device instance of seed ``seed + t``: its tiles are programmed
-    anew (programming noise, stuck cells, drift) and its read noise redrawn.
+    anew (programming noise, stuck cells, drift) and its read noise redrawn. ``mode``
+    may be "auto" (:func:`dpfl.cim.model.resolve_mode`); the report holds the mode run.
     """
     if not isinstance(trials, int) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
+    mode = resolve_mode(mode, device)
     distortion, per_trial = {}, {}
     scores = {"digital": accuracy(model, test_data, EVAL_BATCH_SIZE)}
     quantised = to_crossbars(model, statistics, device, mapping, "ideal", seed)

@@ -14,7 +14,7 @@ import argparse
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import MODES
+from dpfl.cim.model import DEPLOY_MODES
 from dpfl.cim.study import DeployReport, deploy_checkpoint
 from dpfl.task.data import DATASET_NAMES
 
@@ -33,9 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
     parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns (default 128)")
     parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", help="mapping to deploy (all are reported)")
-    parser.add_argument("--mode", choices=MODES, default="fast",
-                        help="fast: calibrated attenuation maps; exact: circuit solve per input bit-plane (slow); "
-                        "ideal: the quantised model on ideal crossbars")
+    parser.add_argument("--mode", choices=DEPLOY_MODES, default="auto",
+                        help="exact: every input bit-plane read through the circuit (under read noise every read "
+                        "is solved: seconds per image); fast: calibrated attenuation maps, which miss how IR drop "
+                        "depends on the input; ideal: the quantised model on ideal crossbars; auto (default): "
+                        "exact, or fast under read noise")
     parser.add_argument("--compressed", action="store_true",
                         help="require a compressed checkpoint (dpfl compress output)")
     parser.add_argument("--samples", type=int, help="evaluate on the first N test images (default: all)")

@@ -81,7 +81,7 @@ OPTIONS = [
     ("--deploy-norm", "deploy_norm", str, "nodes' compression norm: sigma or frobenius (a node config may override)"),
     ("--deploy-ratio", "deploy_ratio", positive_float, "fraction of parameters the nodes keep, in (0, 1)"),
     ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
-    ("--deploy-mode", "deploy_mode", str, "analog inference: ideal, fast or exact"),
+    ("--deploy-mode", "deploy_mode", str, "analog inference: auto (exact, or fast under read noise), exact, fast or ideal"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
     ("--pretraining", "pretraining", str, "initial weights: none (random) or fractal (public synthetic pretraining, cached)"),

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from dpfl.cim import circuit
@@ -15,7 +17,7 @@ from dpfl.cim.circuit import NodalSolver, row_transfer, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul, transfer_matrix, transfer_weights
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magnitudes
-from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, to_crossbars
+from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, resolve_mode, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
 
@@ -345,6 +347,15 @@ def test_every_mode_builds_and_an_unknown_mode_is_a_one_line_error():
     assert "\n" not in str(raised.value)
 
 
+def test_auto_mode_is_exact_unless_every_read_would_be_a_circuit_solve():
+    assert resolve_mode("auto", CrossbarDevice()) == "exact"
+    assert resolve_mode("auto", CrossbarDevice(read_noise=0.01)) == "fast"
+    for mode in MODES:  # an explicit mode is kept, read noise or not
+        assert resolve_mode(mode, CrossbarDevice(read_noise=0.01)) == mode
+    with pytest.raises(UsageError, match="mode 'slow' is not one of auto, fast, exact, ideal"):
+        resolve_mode("slow", CrossbarDevice())
+
+
 @pytest.mark.parametrize("adc_bits", [None, 6])
 def test_reads_through_the_transfer_matrix_equal_solving_every_read(adc_bits):
     """Superposition: a linear crossbar's column currents are plane @ transfer matrix."""
@@ -419,3 +430,16 @@ def test_exact_mode_layer_equals_solving_every_read(device_fields, tolerance):
         solved = products * analog.weight_step * analog.input_scale + layer.bias.detach()
         scale = float((products * analog.weight_step * analog.input_scale).abs().max())
         assert float((fast - solved).abs().max()) <= tolerance * scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), row_blocks=st.integers(0, 5), extra_rows=st.integers(0, 17), cols=st.integers(1, 9),
+    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+)
+def test_blocked_row_cumsum_equals_torch_cumsum(batch, row_blocks, extra_rows, cols, dtype, seed):
+    rows = row_blocks * circuit.ROW_BLOCK + extra_rows
+    source = torch.randn(batch, rows, cols, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    out = torch.empty_like(source)
+    assert circuit._cumsum_rows(source, out) is out
+    torch.testing.assert_close(out, torch.cumsum(source, -2))

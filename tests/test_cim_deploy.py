@@ -54,10 +54,11 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
                   "--mapping", "mdm", "--samples", "40", "--trials", "2", *NOISY_DEVICE, "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "NF / output error per layer" in result.stdout and "analog, mdm (deployed)" in result.stdout
+    assert "analog mode exact" in result.stdout  # the default mode
     assert "mean ± 95% interval over 2 device instances" in result.stdout and "gain-free err" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}
-    assert report["accuracy"]["digital"] > 0.6
+    assert report["accuracy"]["digital"] > 0.6 and report["mode"] == "exact"
     assert report["device"]["programming_noise"] == 0.03 and report["device"]["drift_time"] == 86400
     for mapping in MAPPINGS:
         model = report["distortion"][mapping]
