@@ -35,7 +35,6 @@ from scipy.linalg import cho_solve
 from scipy.linalg.blas import dsymm
 from scipy.linalg.lapack import dpotrf, dpotri
 from scipy.sparse.linalg import splu
-from threadpoolctl import ThreadpoolController
 
 # Convergence of the fixed point: largest change of any cell voltage, relative to the
 # largest input voltage. In double precision 1e-10 keeps the currents within ~1e-9 of
@@ -45,10 +44,6 @@ FIXED_POINT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 FIXED_POINT_MAX_ITERATIONS = 2000
 # Wordline solves held at once by the direct transfer elimination (float64, 32 MB).
 WORDLINE_SOLVE_FLOATS = 2**22
-# row_transfer's BLAS/LAPACK calls run on one thread: they are C x C blocks, R per tile,
-# too small for threads to gain much, and OpenBLAS's busy-waiting worker threads made
-# them 2-20x slower whenever the cores were shared with other work (measured at 128x128).
-_BLAS = ThreadpoolController()
 # Relaxation below this means the tile is too resistive for the iteration to be useful.
 FIXED_POINT_MIN_RELAXATION = 1e-3
 
@@ -283,7 +278,6 @@ def _wordline_solves(conductance: np.ndarray, g_w: float) -> np.ndarray:
     return sides
 
 
-@_BLAS.wrap(limits=1, user_api="blas")
 def row_transfer(conductance: np.ndarray, r_wordline: float, r_bitline: float) -> np.ndarray:
     """Column currents (R, C), float64, per volt on wordline ``i`` alone (every other
     driver at 0 V): by superposition, inputs ``V`` (B, R) give column currents ``V @ this``.

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 from torch import nn
 
+from dpfl.cim.study import single_threaded
 from dpfl.cli.main import main
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.data import load_dataset
@@ -117,3 +119,16 @@ def test_deploy_rejects_tile_sizes_outside_the_menu(checkpoint, tmp_path, capsys
     with pytest.raises(SystemExit) as exited:
         main(["deploy", "--checkpoint", checkpoint, "--out", str(tmp_path), "--tile", "96"])
     assert exited.value.code == 2 and "--tile: invalid choice: 96" in capsys.readouterr().err
+
+
+def test_the_study_runs_on_one_thread_and_restores_the_thread_budget():
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), single_threaded():
+            assert torch.get_num_threads() == 1
+            assert {pool["num_threads"] for pool in threadpool_info()} == {1}
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
