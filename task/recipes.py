@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpfl.errors import UsageError
+from dpfl.task.models import VIT_DEPTH
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Recipe:
     num_server_rounds: int
     sample_rate: float
     model_width: int
+    # The ViT's encoder blocks; a convolutional model's depth is fixed by its name
+    # (its recipe holds the default, which it ignores).
+    model_depth: int
     lr: float
     lr_decay: float
     local_epochs: int
@@ -77,6 +81,7 @@ _CONVOLUTIONAL = Recipe(
     num_server_rounds=40,
     sample_rate=0.25,
     model_width=8,
+    model_depth=VIT_DEPTH,
     lr=0.3,
     lr_decay=0.98,
     local_epochs=1,
@@ -98,6 +103,7 @@ RECIPES: dict[str, Recipe] = {
         num_server_rounds=40,
         sample_rate=0.25,
         model_width=8,
+        model_depth=4,
         lr=0.1,
         lr_decay=1.0,
         local_epochs=5,
