@@ -94,10 +94,10 @@ def test_flwr_run_config_applies_the_recipe_of_its_model(model):
 
 def test_the_vit_depth_is_a_recipe_key_and_a_convolutional_models_depth_is_fixed():
     assert RunSettings(model="vit").model_depth == RECIPES["vit"].model_depth
-    settings = RunSettings(model="vit", model_depth=2)
-    assert settings.model_depth == 2 and "overridden: model-depth=2" in describe_recipe(settings)
+    settings = RunSettings(model="vit", model_depth=3)
+    assert settings.model_depth == 3 and "overridden: model-depth=3" in describe_recipe(settings)
     model = ModelSpec("vit", 10, 1, 8, 4, depth=settings.model_depth).build()
-    assert len(model.encoder.layers) == 2
+    assert len(model.encoder.layers) == 3
     with pytest.raises(UsageError, match="model depth 2 applies to the vit only; resnet10's depth is fixed by its name"):
         RunSettings(model="resnet10", model_depth=2).validate()
     assert RunSettings(model="resnet10").model_depth == VIT_DEPTH  # the recipe's, which the ResNet ignores
