@@ -21,7 +21,7 @@ from dpfl.privacy.adaptive_clipping import AdaptiveClipping, CLIP_MODES, check_a
 from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
 from dpfl.privacy.validation import check_local_dp_supported
 from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
-from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model
+from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
 from dpfl.task.partition import PARTITION_SCHEMES
 from dpfl.task.pretraining import PRETRAINING_CHOICES
 from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
@@ -45,6 +45,7 @@ class RunSettings:
     # Task
     model: str = "resnet10"
     model_width: int = 0  # recipe
+    model_depth: int = 0  # recipe: the ViT's encoder blocks
     dataset: str = "digits"
     data_dir: str = ""
     image_size: int = 0
@@ -159,6 +160,7 @@ class RunSettings:
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("num-clients", self.num_clients, 1)
         _one_of("model", self.model, MODEL_BUILDERS)
+        check_depth(self.model, self.model_depth)
         _one_of("dataset", self.dataset, DATASET_NAMES)
         _one_of("partition", self.partition, PARTITION_SCHEMES)
         _one_of("noise-placement", self.noise_placement, NOISE_PLACEMENTS)

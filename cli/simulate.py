@@ -22,6 +22,7 @@ from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings, describe_recipe
 from dpfl.strategies import get_strategy_class
+from dpfl.task.models import DEPTH_SETTABLE
 from dpfl.task.recipes import UNSET
 
 DEFAULTS = RunSettings()
@@ -34,6 +35,7 @@ OPTIONS = [
     ("--strategy", "strategy", str, "strategy name (`dpfl strategies` lists them)"),
     ("--model", "model", str, "resnet10, resnet18, vit or cnn"),
     ("--width", "model_width", positive_int, "channels of the model's first stage"),
+    ("--depth", "model_depth", positive_int, "the vit's encoder blocks (a convolutional model's depth is in its name)"),
     ("--dataset", "dataset", str, "digits (bundled), cifar10, cifar100, mnist, fashion-mnist, imagefolder"),
     ("--data-dir", "data_dir", str, "folder of a downloaded or imagefolder dataset"),
     ("--image-size", "image_size", int, "resize images to this size (0 = the dataset's own)"),
@@ -196,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]WARNING[/]: {warning}")
     console.print(
         f"[bold]dpfl simulate[/]: {settings.strategy} on {settings.dataset} with {settings.model} "
-        f"(width {settings.model_width}), {settings.num_clients} clients, q={settings.sample_rate}, "
+        f"(width {settings.model_width}{f', depth {settings.model_depth}' if settings.model in DEPTH_SETTABLE else ''}), "
+        f"{settings.num_clients} clients, q={settings.sample_rate}, "
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
         + (f" ({workers} workers)" if args.engine == "in-process" else "")

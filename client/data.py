@@ -37,7 +37,7 @@ def _partition(settings: RunSettings, partition_id: int, num_partitions: int) ->
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     parts = _split(settings.dataset, settings.data_dir, settings.image_size, settings.partition,
                    settings.dirichlet_alpha, settings.seed, num_partitions)  # fmt: skip
-    return ClientPartition(Subset(data.train, parts[partition_id]), ModelSpec.for_data(settings.model, settings.model_width, data))
+    return ClientPartition(Subset(data.train, parts[partition_id]), ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth))
 
 
 @lru_cache(maxsize=2)
@@ -56,7 +56,7 @@ def _partition_file(path: str, settings: RunSettings) -> ClientPartition:
         raise UsageError(f"data-file {path!r} does not exist")
     payload = torch.load(file, map_location="cpu", weights_only=True)
     x, y = payload["x"], payload["y"]
-    spec = ModelSpec(settings.model, int(payload["num-classes"]), x.shape[1], x.shape[-1], settings.model_width)
+    spec = ModelSpec(settings.model, int(payload["num-classes"]), x.shape[1], x.shape[-1], settings.model_width, settings.model_depth)
     return ClientPartition(TensorDataset(x, y), spec)
 
 

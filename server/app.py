@@ -108,7 +108,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     # The server holds only its own held-out data: no training set is loaded here.
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size, with_train=False,
                           validation_fraction=settings.validation_fraction)
-    spec = ModelSpec.for_data(settings.model, settings.model_width, data)
+    spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
     initial: InitialState | None = None

@@ -19,7 +19,7 @@ from dpfl.errors import UsageError
 from dpfl.task.data import TaskData, load_dataset
 from dpfl.task.factorised import restore_structure
 from dpfl.task.files import load_tagged, save_tagged
-from dpfl.task.models import build_model
+from dpfl.task.models import VIT_DEPTH, build_model
 
 CHECKPOINT_FORMAT = "dpfl-checkpoint-v1"
 
@@ -33,14 +33,17 @@ class ModelSpec:
     in_channels: int
     image_size: int
     width: int
+    # The ViT's encoder blocks; the default is the depth every checkpoint saved before
+    # this field existed was built with, so those still load.
+    depth: int = VIT_DEPTH
 
     @classmethod
-    def for_data(cls, name: str, width: int, data: TaskData) -> ModelSpec:
-        """The spec of model ``name`` at ``width`` for the classes and images of ``data``."""
-        return cls(name, data.num_classes, data.in_channels, data.image_size, width)
+    def for_data(cls, name: str, width: int, data: TaskData, depth: int = VIT_DEPTH) -> ModelSpec:
+        """The spec of model ``name`` at ``width`` and ``depth`` for the classes and images of ``data``."""
+        return cls(name, data.num_classes, data.in_channels, data.image_size, width, depth)
 
     def build(self) -> nn.Module:
-        return build_model(self.name, self.num_classes, self.in_channels, self.image_size, self.width)
+        return build_model(self.name, self.num_classes, self.in_channels, self.image_size, self.width, self.depth)
 
 
 @dataclass

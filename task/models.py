@@ -18,6 +18,11 @@ from dpfl.errors import UsageError
 
 # Two groups, as in the DP-FedPGN reference models (GN-ResNet).
 GROUP_NORM_GROUPS = 2
+# Encoder blocks of the ViT when none is named: the built-in ViT's depth before it was a
+# setting (checkpoints saved then carry no depth and load with it).
+VIT_DEPTH = 4
+# The models whose depth is a setting; a convolutional model's is fixed by its name.
+DEPTH_SETTABLE = ("vit",)
 
 
 def group_norm(num_channels: int) -> nn.GroupNorm:
@@ -87,12 +92,12 @@ class SmallViT(VisionTransformer):
     """torchvision's VisionTransformer for small images and any number of channels."""
 
     def __init__(
-        self, num_classes: int, in_channels: int, image_size: int, width: int, patch_size: int
+        self, num_classes: int, in_channels: int, image_size: int, width: int, patch_size: int, depth: int = VIT_DEPTH
     ) -> None:
         super().__init__(
             image_size=image_size,
             patch_size=patch_size,
-            num_layers=4,
+            num_layers=depth,
             num_heads=4,
             hidden_dim=4 * width,
             mlp_dim=8 * width,
@@ -102,23 +107,23 @@ class SmallViT(VisionTransformer):
         self.conv_proj = nn.Conv2d(in_channels, 4 * width, kernel_size=patch_size, stride=patch_size)
 
 
-def _vit(num_classes: int, in_channels: int, image_size: int, width: int) -> nn.Module:
+def _vit(num_classes: int, in_channels: int, image_size: int, width: int, depth: int) -> nn.Module:
     patch_size = 2 if image_size <= 16 else 4
     if image_size % patch_size:
         raise UsageError(
             f"image size {image_size} is not a multiple of the ViT patch size {patch_size}"
         )
-    return SmallViT(num_classes, in_channels, image_size, width, patch_size)
+    return SmallViT(num_classes, in_channels, image_size, width, patch_size, depth)
 
 
 def _resnet(layers: list[int]) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, image_size: int, width: int) -> nn.Module:
+    def build(num_classes: int, in_channels: int, image_size: int, width: int, depth: int) -> nn.Module:
         return CompactResNet(layers, num_classes, in_channels, width)
 
     return build
 
 
-def _cnn(num_classes: int, in_channels: int, image_size: int, width: int) -> nn.Module:
+def _cnn(num_classes: int, in_channels: int, image_size: int, width: int, depth: int) -> nn.Module:
     return SmallCNN(num_classes, in_channels, width)
 
 
@@ -131,18 +136,30 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int, image_size: int, width: int = 16
+    name: str, num_classes: int, in_channels: int, image_size: int, width: int = 16, depth: int = VIT_DEPTH
 ) -> nn.Module:
-    """Build a model by name; ``width`` is the first stage's channel count."""
+    """Build a model by name; ``width`` is the first stage's channel count, ``depth`` the
+    ViT's number of encoder blocks (a convolutional model's depth is fixed by its name)."""
     if name not in MODEL_BUILDERS:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODEL_BUILDERS)}")
     if width < GROUP_NORM_GROUPS or width % GROUP_NORM_GROUPS:
         raise UsageError(f"model width {width} must be a positive multiple of {GROUP_NORM_GROUPS}")
-    return MODEL_BUILDERS[name](num_classes, in_channels, image_size, width)
+    check_depth(name, depth)
+    return MODEL_BUILDERS[name](num_classes, in_channels, image_size, width, depth)
+
+
+def check_depth(name: str, depth: int) -> None:
+    """A one-line error unless ``depth`` is a depth model ``name`` can be built with."""
+    if depth < 1:
+        raise UsageError(f"model depth must be >= 1, got {depth}")
+    if name not in DEPTH_SETTABLE and depth != VIT_DEPTH:
+        raise UsageError(
+            f"model depth {depth} applies to the {', '.join(DEPTH_SETTABLE)} only; {name}'s depth is fixed by its name"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODEL_BUILDERS", "build_model", "count_parameters"]
+__all__ = ["DEPTH_SETTABLE", "MODEL_BUILDERS", "VIT_DEPTH", "build_model", "check_depth", "count_parameters"]

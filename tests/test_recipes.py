@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from dpfl.errors import UsageError
 from dpfl.settings import RunSettings, describe_recipe
 from dpfl.strategies import get_strategy_class
+from dpfl.task.checkpoint import CHECKPOINT_FORMAT, ModelSpec, load_checkpoint
+from dpfl.task.files import save_tagged
+from dpfl.task.models import VIT_DEPTH
 from dpfl.task.recipes import RECIPES, SERVER_STEP_KEYS, UNSET, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +90,30 @@ def test_flwr_run_config_applies_the_recipe_of_its_model(model):
     assert settings.batch_size == 7
     assert settings.lr == RECIPES[model].lr and settings.pretraining == RECIPES[model].pretraining
     assert set(UNSET) | {f"public_part_{key}" for key in SERVER_STEP_KEYS} == set(RECIPE_FIELDS)
+
+
+def test_the_vit_depth_is_a_recipe_key_and_a_convolutional_models_depth_is_fixed():
+    assert RunSettings(model="vit").model_depth == RECIPES["vit"].model_depth
+    settings = RunSettings(model="vit", model_depth=3)
+    assert settings.model_depth == 3 and "overridden: model-depth=3" in describe_recipe(settings)
+    model = ModelSpec("vit", 10, 1, 8, 4, depth=settings.model_depth).build()
+    assert len(model.encoder.layers) == 3
+    with pytest.raises(UsageError, match="model depth 2 applies to the vit only; resnet10's depth is fixed by its name"):
+        RunSettings(model="resnet10", model_depth=2).validate()
+    assert RunSettings(model="resnet10").model_depth == VIT_DEPTH  # the recipe's, which the ResNet ignores
+
+
+def test_a_vit_checkpoint_saved_before_the_depth_setting_loads_with_its_depth(tmp_path):
+    # Checkpoints written before ModelSpec had a depth name no depth: they hold the 4-block ViT.
+    trained = ModelSpec("vit", 10, 1, 8, 4).build()
+    old_spec = {"name": "vit", "num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4}
+    save_tagged(tmp_path / "old.pt", CHECKPOINT_FORMAT, {"model": old_spec, "dataset": "digits",
+                "state_dict": trained.state_dict(), "compression": {}, "extra": {}})  # fmt: skip
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint.spec.depth == VIT_DEPTH == 4
+    rebuilt = checkpoint.build_model()
+    assert len(rebuilt.encoder.layers) == 4
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in trained.state_dict().items())
 
 
 def test_a_recipe_never_asks_for_a_momentum_optimizer():
