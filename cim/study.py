@@ -150,24 +150,16 @@ def cim_study(
     one thread (:func:`single_threaded`).
     """
     with single_threaded():
-        return _cim_study(model, calibration_data, test_data, device, mapping, mode, seed, trials, progress,
-                          sweep_tile_sizes)
-
-
-def _cim_study(
-    model: nn.Module, calibration_data: Dataset, test_data: Dataset, device: CrossbarDevice,
-    mapping: str, mode: str, seed: int, trials: int, progress, sweep_tile_sizes: tuple[int, ...],
-) -> tuple[DeployReport, dict[str, torch.Tensor]]:
-    explicit_attention(model)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    count = min(CALIBRATION_IMAGES, len(calibration_data))
-    calibration = torch.stack([calibration_data[i][0] for i in range(count)])
-    statistics = calibrate(model.eval(), calibration, device, REPORT_VECTORS, generator)
-    report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress, sweep_tile_sizes)
-    report.context = {"test_images": len(test_data), "calibration_images": count,
-                      "report_vectors_per_layer": REPORT_VECTORS, "operations": operations(model)}  # fmt: skip
-    return report, losses
+        explicit_attention(model)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        count = min(CALIBRATION_IMAGES, len(calibration_data))
+        calibration = torch.stack([calibration_data[i][0] for i in range(count)])
+        statistics = calibrate(model.eval(), calibration, device, REPORT_VECTORS, generator)
+        report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress, sweep_tile_sizes)
+        report.context = {"test_images": len(test_data), "calibration_images": count,
+                          "report_vectors_per_layer": REPORT_VECTORS, "operations": operations(model)}  # fmt: skip
+        return report, losses
 
 
 def operations(model: nn.Module) -> list[dict[str, str]]:
