@@ -88,7 +88,7 @@ class RunSettings:
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe, by strategy
-    pretraining: str = "auto"  # recipe: "none" or "fractal" (public synthetic pretraining)
+    pretraining: str = "auto"  # recipe: "none", "fractal" or "strokes" (public synthetic pretraining)
     # Sample-level DP inside clients (DP-SGD), on top of client-level DP
     local_dp: bool = False
     local_noise_multiplier: float = 1.0

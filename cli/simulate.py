@@ -86,7 +86,7 @@ OPTIONS = [
     ("--deploy-mode", "deploy_mode", str, "analog inference: auto (exact, or fast under read noise), exact, fast or ideal"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
-    ("--pretraining", "pretraining", str, "initial weights: none (random) or fractal (public synthetic pretraining, cached)"),
+    ("--pretraining", "pretraining", str, "initial weights: none (random), fractal or strokes (public synthetic pretraining, cached)"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
     ("--init-from", "init_from", str,
      "start from this checkpoint's weights (a run folder, checkpoint.pt or final_model.pt), carrying its privacy ledger"),

@@ -7,9 +7,9 @@ so a model pretrained on them carries no one's data, and the data set is a formu
 plus a seed rather than a download. No maintained library generates IFS fractals
 as tensors, hence this small generator (numpy only, vectorised over images).
 
-Rendering follows the sensor model of the target data when asked: the points are
-drawn on a ``render_size`` binary grid and block-summed down to ``image_size`` (for
-``digits``: 32x32 bitmaps counted in 4x4 blocks, as scikit-learn's digits were made).
+Rendering follows the sensor model of the target data (``dpfl.task.rendering``): the
+points are drawn on a ``render_size`` binary grid and block-averaged down to
+``image_size``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dpfl.task.rendering import block_mean
 
 # FractalDB keeps an IFS only if its attractor fills enough of the canvas; too
 # thin (a line or a point) or too full (a blob) a category is hard to tell apart.
@@ -80,7 +82,7 @@ def chaos_game(mats: np.ndarray, shifts: np.ndarray, probs: np.ndarray, rng: np.
 
 
 def rasterise(points: np.ndarray, render_size: int, image_size: int) -> np.ndarray:
-    """Binary canvas of the points (scaled to fit), block-summed to ``image_size``; in [0, 1]."""
+    """Binary canvas of the points (scaled to fit), block-averaged to ``image_size``; in [0, 1]."""
     n = points.shape[0]
     low = points.min(axis=1, keepdims=True)
     span = (points.max(axis=1, keepdims=True) - low).max(axis=2, keepdims=True) + 1e-9
@@ -90,12 +92,7 @@ def rasterise(points: np.ndarray, render_size: int, image_size: int) -> np.ndarr
     canvas = np.zeros((n, render_size, render_size), dtype=np.float32)
     rows = np.repeat(np.arange(n), points.shape[1])
     canvas[rows, pixels[..., 1].ravel(), pixels[..., 0].ravel()] = 1.0
-    if render_size == image_size:
-        return canvas
-    if render_size % image_size:
-        raise ValueError(f"render size {render_size} is not a multiple of image size {image_size}")
-    block = render_size // image_size
-    return canvas.reshape(n, image_size, block, image_size, block).mean(axis=(2, 4))
+    return block_mean(canvas, image_size)
 
 
 def _fill_rate(mats: np.ndarray, shifts: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> float:

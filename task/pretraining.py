@@ -1,8 +1,9 @@
-"""Public pretraining on synthetic fractals, cached on disk by a content hash.
+"""Public pretraining on formula-driven synthetic images, cached on disk by a content hash.
 
 DP Transformers are trained in practice by public pretraining followed by private
-fine-tuning. Here the public data are formula-driven (``dpfl.task.fractals``): the
-pretrained weights are a pure function of the code, the model's shape and the
+fine-tuning. Here the public data are formula-driven: fractals (``dpfl.task.fractals``)
+or made-up pen-stroke characters (``dpfl.task.strokes``). The pretrained weights are a
+pure function of the code, the model's shape, the data set's name and the
 configuration below, computed on first use and cached under the user's cache
 directory (``DPFL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``)
 in a file named by a hash of all of that. Nothing binary is committed; a change to
@@ -26,13 +27,16 @@ import torch
 from torch import nn
 
 from dpfl.errors import UsageError
-from dpfl.task import fractals
+from dpfl.task import fractals, rendering, strokes
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.files import load_tagged, save_tagged
 
 PRETRAINED_FORMAT = "dpfl-pretrained-v1"
+# The synthetic data sets, by the name a recipe or --pretraining gives: the PretrainConfig
+# field holding the set's configuration, and its generator.
+GENERATORS = {"fractal": ("fractals", fractals.generate_fractals), "strokes": ("strokes", strokes.generate_strokes)}
 # Initial weights a recipe may ask for: "none" is the model's own random init.
-PRETRAINING_CHOICES = ("none", "fractal")
+PRETRAINING_CHOICES = ("none", *GENERATORS)
 # Keys of the classification head, which is re-initialised for the target task.
 HEAD_PREFIXES = ("heads.", "fc.")
 
@@ -40,6 +44,7 @@ HEAD_PREFIXES = ("heads.", "fc.")
 @dataclass(frozen=True)
 class PretrainConfig:
     fractals: fractals.FractalConfig = field(default_factory=fractals.FractalConfig)
+    strokes: strokes.StrokeConfig = field(default_factory=strokes.StrokeConfig)
     epochs: int = 8
     batch_size: int = 128
     lr: float = 2e-3
@@ -54,31 +59,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dpfl"
 
 
-def cache_key(spec: ModelSpec, config: PretrainConfig) -> str:
-    """Hash of everything the weights depend on: shape, architecture, configuration, code, torch version."""
+def cache_key(spec: ModelSpec, dataset: str, config: PretrainConfig) -> str:
+    """Hash of everything the weights depend on: shape, architecture, data set, configuration, code, torch version."""
     shape = {**asdict(spec), "num_classes": None}  # the head is not kept
     # The built model's parameter shapes, so a change to the architecture (e.g. its
     # depth, which ModelSpec does not name) never loads stale weights.
     architecture = {name: list(t.shape) for name, t in spec.build().state_dict().items() if not name.startswith(HEAD_PREFIXES)}
-    payload = json.dumps({"spec": shape, "architecture": architecture, "config": asdict(config),
+    payload = json.dumps({"spec": shape, "architecture": architecture, "dataset": dataset, "config": asdict(config),
                           "torch": torch.__version__}, sort_keys=True)  # fmt: skip
-    code = inspect.getsource(fractals) + inspect.getsource(inspect.getmodule(cache_key))
+    code = "".join(inspect.getsource(module) for module in (fractals, strokes, rendering, inspect.getmodule(cache_key)))
     return hashlib.sha256((payload + code).encode()).hexdigest()[:16]
 
 
-def pretrain(spec: ModelSpec, config: PretrainConfig) -> dict[str, torch.Tensor]:
-    """Train the model to classify fractal categories; return its weights without the head."""
-    frac = replace(config.fractals, image_size=spec.image_size)
-    if frac.render_size % frac.image_size:
-        frac = replace(frac, render_size=frac.image_size * max(1, round(frac.render_size / frac.image_size)))
-    images, labels = fractals.generate_fractals(frac)
+def pretrain(spec: ModelSpec, dataset: str, config: PretrainConfig) -> dict[str, torch.Tensor]:
+    """Train the model to classify the categories of synthetic ``dataset``; return its weights without the head."""
+    config_field, generate = GENERATORS[dataset]
+    data = replace(getattr(config, config_field), image_size=spec.image_size)
+    if data.render_size % data.image_size:
+        data = replace(data, render_size=data.image_size * max(1, round(data.render_size / data.image_size)))
+    images, labels = generate(data)
     x = torch.from_numpy(images).unsqueeze(1)
     x = ((x - x.mean()) / x.std()).expand(-1, spec.in_channels, -1, -1).contiguous()
     y = torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = replace(spec, num_classes=frac.categories).build()
+        model = replace(spec, num_classes=data.categories).build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(y) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
@@ -94,15 +100,18 @@ def pretrain(spec: ModelSpec, config: PretrainConfig) -> dict[str, torch.Tensor]
     return {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
 
 
-def pretrained_weights(spec: ModelSpec, config: PretrainConfig = PretrainConfig()) -> tuple[dict[str, torch.Tensor], Path, float]:
+def pretrained_weights(
+    spec: ModelSpec, dataset: str, config: PretrainConfig = PretrainConfig()
+) -> tuple[dict[str, torch.Tensor], Path, float]:
     """(backbone weights, cache file, seconds spent pretraining now: 0 on a cache hit)."""
-    path = cache_dir() / "pretrained" / f"{spec.name}-w{spec.width}-{spec.image_size}px-{cache_key(spec, config)}.pt"
+    name = f"{spec.name}-w{spec.width}-{spec.image_size}px-{dataset}-{cache_key(spec, dataset, config)}.pt"
+    path = cache_dir() / "pretrained" / name
     if path.exists():
         return load_tagged(path, PRETRAINED_FORMAT, "pretrained weights")["state_dict"], path, 0.0
     started = time.perf_counter()
-    weights = pretrain(spec, config)
+    weights = pretrain(spec, dataset, config)
     seconds = time.perf_counter() - started
-    save_tagged(path, PRETRAINED_FORMAT, {"state_dict": weights, "config": asdict(config), "seconds": seconds})
+    save_tagged(path, PRETRAINED_FORMAT, {"state_dict": weights, "dataset": dataset, "config": asdict(config), "seconds": seconds})
     return weights, path, seconds
 
 
@@ -112,7 +121,7 @@ def initialise(model: nn.Module, spec: ModelSpec, pretraining: str) -> float:
         raise UsageError(f"unknown pretraining {pretraining!r}; choose one of {', '.join(PRETRAINING_CHOICES)}")
     if pretraining == "none":
         return 0.0
-    weights, _, seconds = pretrained_weights(spec)
+    weights, _, seconds = pretrained_weights(spec, pretraining)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith(HEAD_PREFIXES) for k in missing):
         raise RuntimeError(f"pretrained weights do not fit {spec.name}: missing {missing}, unexpected {unexpected}")

@@ -41,7 +41,8 @@ class Recipe:
     # strategy without a public part (FedAvg, DP-FedAvg) ...
     server_optimizer: str
     server_lr: float
-    # Initial weights: "none" (the model's random init) or "fractal" (dpfl.task.pretraining)
+    # Initial weights: "none" (the model's random init), "fractal" or "strokes" (public
+    # pretraining on formula-driven synthetic images, dpfl.task.pretraining)
     pretraining: str
     # ... and for one with a public part (DP-FedPGN, FedCM), which re-applies a share of
     # the last released mean every round, a momentum of its own: an adaptive server step
@@ -98,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
     "resnet10": _CONVOLUTIONAL,
     "resnet18": _CONVOLUTIONAL,
     "cnn": _CONVOLUTIONAL,
-    # docs/vit.md: public fractal pretraining, then private fine-tuning.
+    # docs/vit.md: public pretraining on synthetic pen-stroke characters, then private fine-tuning.
     "vit": Recipe(
         num_server_rounds=40,
         sample_rate=0.25,
