@@ -35,17 +35,17 @@ def test_recipe_fills_every_unset_key(model, strategy):
 @pytest.mark.parametrize("strategy, public_part", [("fedavg", False), ("dp-fedavg", False), ("dp-fedsam", False),
                                                    ("dp-fedpgn", True), ("dp-fedpgn-ls", True), ("fedcm", True)])
 def test_the_vit_server_step_depends_on_whether_the_strategy_has_a_public_part(strategy, public_part):
-    # docs/vit.md: Adam at 0.03 is the best step without a public part, plain sgd at 1 with one.
+    # docs/vit.md: Adam at 0.01 is the best step without a public part, plain sgd at 1 with one.
     cls = get_strategy_class(strategy)
     assert cls.has_public_part() is public_part
     settings = RunSettings(model="vit", strategy=strategy)
     assert (settings.server_optimizer, settings.server_lr) == (UNSET["server_optimizer"], UNSET["server_lr"])
     # The header of a comparison of several strategies shows both steps.
     header = describe_recipe(settings)
-    assert "server-optimizer adam (sgd with a public part), server-lr 0.03 (1.0 with a public part)" in header
+    assert "server-optimizer adam (sgd with a public part), server-lr 0.01 (1.0 with a public part)" in header
     assert "overridden" not in header
     resolved = cls.resolved_settings(settings)
-    assert (resolved.server_optimizer, resolved.server_lr) == (("sgd", 1.0) if public_part else ("adam", 0.03))
+    assert (resolved.server_optimizer, resolved.server_lr) == (("sgd", 1.0) if public_part else ("adam", 0.01))
     assert cls.resolved_settings(resolved) == resolved
     # What a resumed run reads back from its checkpoint's run config resolves to the same step.
     assert cls.resolved_settings(RunSettings.from_run_config(resolved.to_run_config())) == resolved
@@ -59,7 +59,7 @@ def test_the_vit_server_step_depends_on_whether_the_strategy_has_a_public_part(s
     ({"server_optimizer": "sgd", "server_lr": 1.0}, ("sgd", 1.0)),
     ({"server_optimizer": "momentum", "server_lr": 0.5}, ("momentum", 0.5)),
     ({"server_lr": 0.05}, None),  # the strategy's recipe optimiser at the given lr
-    ({"server_optimizer": "adam"}, ("adam", 0.03)),  # a recipe optimiser keeps its recipe lr
+    ({"server_optimizer": "adam"}, ("adam", 0.01)),  # a recipe optimiser keeps its recipe lr
     ({"server_optimizer": "sgd"}, ("sgd", 1.0)),
 ])  # fmt: skip
 def test_an_explicit_server_step_wins_for_every_strategy(strategy, given, expected):
