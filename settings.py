@@ -8,7 +8,7 @@ from one configuration. Keys are Flower's kebab-case; attributes are snake_case.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -152,6 +152,14 @@ class RunSettings:
         given = None if "server_optimizer" in unset else self.server_optimizer
         optimizer, lr = recipe_for(self.model).server_step(public_part, given)
         return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
+
+    def with_strategy_option_defaults(self, declared: Iterable[str]) -> RunSettings:
+        """These settings with the model's recipe defaults for the options a strategy
+        ``declared`` and the user did not set appended to ``strategy-options``; idempotent."""
+        defaults = recipe_for(self.model).option_defaults(declared, self.strategy_options)
+        if not defaults:
+            return self
+        return replace(self, strategy_options=" ".join([*self.strategy_options.split(), *defaults]))
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -359,4 +367,6 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
         values.append(f"{key} {choices[0]}" + (f" ({choices[1]} with a public part)" if len(choices) > 1 else ""))
         if getattr(settings, name) not in {*choices, UNSET[name]}:  # the sentinel: the recipe's, still to be resolved
             overridden.append(f"{key}={getattr(settings, name)}")
+    if recipe.strategy_option_defaults:
+        values.append(f"strategy options {recipe.strategy_option_defaults} (where the strategy has them)")
     return f"recipe {settings.model}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

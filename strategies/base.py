@@ -220,10 +220,11 @@ class ClientLevelDPStrategy(Strategy):
 
     @classmethod
     def resolved_settings(cls, settings: RunSettings) -> RunSettings:
-        """``settings`` with the server step the user did not set taken from the model's
-        recipe for this strategy: a strategy with a public part gets the recipe's step
-        for one (docs/vit.md). What config.json records and the strategy is built with."""
-        return settings.with_server_step(cls.has_public_part())
+        """``settings`` with what the user did not set and the model's recipe gives for this
+        strategy: the server step (a strategy with a public part gets the recipe's step for
+        one) and the defaults of the options this strategy declares (docs/vit.md). What
+        config.json records and the strategy is built with."""
+        return settings.with_server_step(cls.has_public_part()).with_strategy_option_defaults(cls.options)
 
     @classmethod
     def from_settings(cls, settings: RunSettings, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:

@@ -72,6 +72,29 @@ def test_an_explicit_server_step_wins_for_every_strategy(strategy, given, expect
     assert ("overridden" in header) == (expected != RECIPES["vit"].server_step(cls.has_public_part()))
 
 
+@pytest.mark.parametrize("model, strategy, given, expected", [
+    ("vit", "dp-fedpgn", "", "gamma=0.5"),
+    ("vit", "dp-fedpgn-ls", "ls-sigma=2", "ls-sigma=2 gamma=0.5"),  # the user's other options kept
+    ("vit", "dp-fedpgn", "gamma=0.3", "gamma=0.3"),  # the user's value wins
+    ("vit", "dp-fedavg", "", ""),  # no gamma option: nothing added
+    ("resnet10", "dp-fedpgn", "", ""),  # no recipe default: the class's (the paper's 0.2)
+])  # fmt: skip
+def test_recipe_option_defaults_apply_where_the_strategy_declares_them_and_the_user_did_not_set_them(
+    model, strategy, given, expected
+):
+    cls = get_strategy_class(strategy)
+    resolved = cls.resolved_settings(RunSettings(model=model, strategy=strategy, strategy_options=given))
+    assert resolved.strategy_options == expected
+    assert cls.resolved_settings(resolved) == resolved
+    # What a resumed run reads back from its checkpoint's run config resolves to the same options.
+    assert cls.resolved_settings(RunSettings.from_run_config(resolved.to_run_config())) == resolved
+    built = cls.from_settings(RunSettings(model=model, strategy=strategy, strategy_options=given), noise_multiplier=1.0,
+                              local_steps=1)  # fmt: skip
+    assert built.option_values == {**cls.options, **cls.parse_options(expected)}
+    if RECIPES[model].strategy_option_defaults:
+        assert "strategy options gamma=0.5" in describe_recipe(resolved, cls.has_public_part())
+
+
 @pytest.mark.parametrize("model", sorted(RECIPES))
 def test_explicit_value_overrides_the_recipe(model):
     recipe = RECIPES[model]
@@ -89,7 +112,7 @@ def test_flwr_run_config_applies_the_recipe_of_its_model(model):
     settings = RunSettings.from_run_config(config)
     assert settings.batch_size == 7
     assert settings.lr == RECIPES[model].lr and settings.pretraining == RECIPES[model].pretraining
-    assert set(UNSET) | {f"public_part_{key}" for key in SERVER_STEP_KEYS} == set(RECIPE_FIELDS)
+    assert set(UNSET) | {f"public_part_{key}" for key in SERVER_STEP_KEYS} | {"strategy_option_defaults"} == set(RECIPE_FIELDS)
 
 
 def test_the_vit_depth_is_a_recipe_key_and_a_convolutional_models_depth_is_fixed():
@@ -139,7 +162,7 @@ def test_config_json_records_the_recipe_and_the_override(dpfl, tmp_path):
     assert config["lr"] == 0.05 and config["recipe"]["lr"] == recipe.lr
 
 
-def test_a_run_records_and_resumes_with_its_strategys_server_step(dpfl_quick, tmp_path):
+def test_a_run_records_and_resumes_with_its_strategys_server_step_and_options(dpfl_quick, tmp_path):
     # The default strategy, DP-FedPGN, has a public part: the ViT recipe's sgd at 1, not its Adam.
     out = tmp_path / "vit"
     tiny = ["--engine", "in-process", "--workers", "1"]
@@ -150,6 +173,7 @@ def test_a_run_records_and_resumes_with_its_strategys_server_step(dpfl_quick, tm
     assert "server-optimizer sgd, server-lr 1.0," in " ".join(first.stdout.split())  # the run header
     config = json.loads((out / "config.json").read_text())
     assert (config["strategy"], config["server-optimizer"], config["server-lr"]) == ("dp-fedpgn", "sgd", 1.0)
+    assert config["strategy-options"] == "gamma=0.5"  # the recipe's default of DP-FedPGN's option
     assert config["recipe"] == RECIPES["vit"].as_run_config()
     assert (config["recipe"]["server-optimizer"], config["recipe"]["public-part-server-optimizer"]) == ("adam", "sgd")
     # The checkpoint's run config holds the resolved step, so a resume passes its config check.
