@@ -7,7 +7,9 @@ takes the model's recipe value; any other value is the user's and wins. The
 server step (:data:`SERVER_STEP_KEYS`) depends on the strategy as well: a recipe
 carries one for strategies without a public part and one for strategies with
 one (:meth:`Recipe.server_step`), and the strategy layer picks it
-(``ClientLevelDPStrategy.resolved_settings``). Every recipe keeps plain SGD with
+(``ClientLevelDPStrategy.resolved_settings``), which also adds the recipe's
+defaults for strategy options the strategy declares and the user did not set
+(:meth:`Recipe.option_defaults`). Every recipe keeps plain SGD with
 momentum 0 (the platform's local optimizer), so a recipe is sound for every
 strategy, DP-FedPGN's exact public part included.
 
@@ -17,8 +19,8 @@ How each recipe was found is recorded in docs/vit.md (the ViT) and the README
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpfl.errors import UsageError
@@ -126,7 +128,7 @@ RECIPES: dict[str, Recipe] = {
         clip_norm=0.3,
         # FedAdam: the best server step without a public part. From the stroke backbone a
         # smaller step is best: dp-fedavg at epsilon 8 90.6-91.1% validation at lr 0.01
-        # against 86.7% at 0.03 (fedavg 96.7% against 95.6%); DP-FedPGN does better with
+        # against 80.6-86.7% at 0.03 (fedavg 96.7% against 95.6%); DP-FedPGN does better with
         # plain sgd at 1 (docs/vit.md, "Session 7").
         server_optimizer="adam",
         server_lr=0.01,
