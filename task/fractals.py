@@ -14,11 +14,9 @@ points are drawn on a ``render_size`` binary grid and block-averaged down to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from dpfl.task.rendering import block_mean
+from dpfl.task.rendering import SyntheticConfig, block_mean, fit_to_canvas
 
 # FractalDB keeps an IFS only if its attractor fills enough of the canvas; too
 # thin (a line or a point) or too full (a blob) a category is hard to tell apart.
@@ -30,17 +28,6 @@ POINTS_PER_IMAGE = 1200
 TRANSIENT = 20
 # Largest spectral norm of a map: below 1 even after the ±10% instance jitter.
 MAX_CONTRACTION = 0.9
-
-
-@dataclass(frozen=True)
-class FractalConfig:
-    """Everything that determines the synthetic data set (part of the cache key)."""
-
-    categories: int = 100
-    instances: int = 80
-    image_size: int = 8
-    render_size: int = 32
-    seed: int = 0
 
 
 def sample_ifs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,11 +71,7 @@ def chaos_game(mats: np.ndarray, shifts: np.ndarray, probs: np.ndarray, rng: np.
 def rasterise(points: np.ndarray, render_size: int, image_size: int) -> np.ndarray:
     """Binary canvas of the points (scaled to fit), block-averaged to ``image_size``; in [0, 1]."""
     n = points.shape[0]
-    low = points.min(axis=1, keepdims=True)
-    span = (points.max(axis=1, keepdims=True) - low).max(axis=2, keepdims=True) + 1e-9
-    # Centre the longer side's extent, keep the aspect ratio, leave a one-pixel margin.
-    centred = (points - low) / span - 0.5 * ((points.max(axis=1, keepdims=True) - low) / span - 1)
-    pixels = np.clip((centred * (render_size - 2) + 1).astype(int), 0, render_size - 1)
+    pixels = np.clip(fit_to_canvas(points, render_size, margin=1).astype(int), 0, render_size - 1)
     canvas = np.zeros((n, render_size, render_size), dtype=np.float32)
     rows = np.repeat(np.arange(n), points.shape[1])
     canvas[rows, pixels[..., 1].ravel(), pixels[..., 0].ravel()] = 1.0
@@ -100,7 +83,7 @@ def _fill_rate(mats: np.ndarray, shifts: np.ndarray, probs: np.ndarray, rng: np.
     return float(canvas.mean())
 
 
-def generate_fractals(config: FractalConfig) -> tuple[np.ndarray, np.ndarray]:
+def generate_fractals(config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, size, size) float32 in [0, 1], labels (N,) int64), N = categories x instances.
 
     Instances of a category are its IFS with each map's parameters jittered by up to

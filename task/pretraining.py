@@ -32,9 +32,8 @@ from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.files import load_tagged, save_tagged
 
 PRETRAINED_FORMAT = "dpfl-pretrained-v1"
-# The synthetic data sets, by the name a recipe or --pretraining gives: the PretrainConfig
-# field holding the set's configuration, and its generator.
-GENERATORS = {"fractal": ("fractals", fractals.generate_fractals), "strokes": ("strokes", strokes.generate_strokes)}
+# The synthetic data sets' generators, by the name a recipe or --pretraining gives.
+GENERATORS = {"fractal": fractals.generate_fractals, "strokes": strokes.generate_strokes}
 # Initial weights a recipe may ask for: "none" is the model's own random init.
 PRETRAINING_CHOICES = ("none", *GENERATORS)
 # Keys of the classification head, which is re-initialised for the target task.
@@ -43,8 +42,7 @@ HEAD_PREFIXES = ("heads.", "fc.")
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    fractals: fractals.FractalConfig = field(default_factory=fractals.FractalConfig)
-    strokes: strokes.StrokeConfig = field(default_factory=strokes.StrokeConfig)
+    data: rendering.SyntheticConfig = field(default_factory=rendering.SyntheticConfig)
     # 16, not 8: on strokes, DP-FedPGN's validation accuracy at epsilon 8 rose from 80-81% to
     # 86-87%; 32 gained nothing more (docs/vit.md, "Session 7").
     epochs: int = 16
@@ -75,11 +73,10 @@ def cache_key(spec: ModelSpec, dataset: str, config: PretrainConfig) -> str:
 
 def pretrain(spec: ModelSpec, dataset: str, config: PretrainConfig) -> dict[str, torch.Tensor]:
     """Train the model to classify the categories of synthetic ``dataset``; return its weights without the head."""
-    config_field, generate = GENERATORS[dataset]
-    data = replace(getattr(config, config_field), image_size=spec.image_size)
+    data = replace(config.data, image_size=spec.image_size)
     if data.render_size % data.image_size:
         data = replace(data, render_size=data.image_size * max(1, round(data.render_size / data.image_size)))
-    images, labels = generate(data)
+    images, labels = GENERATORS[dataset](data)
     x = torch.from_numpy(images).unsqueeze(1)
     x = ((x - x.mean()) / x.std()).expand(-1, spec.in_channels, -1, -1).contiguous()
     y = torch.from_numpy(labels)

@@ -14,12 +14,10 @@ draws the wide lines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dpfl.task.rendering import block_mean
+from dpfl.task.rendering import SyntheticConfig, block_mean, fit_to_canvas
 
 MAX_STROKES = 3
 # Control points are drawn in the centre 70% of the unit square, and each instance
@@ -34,17 +32,6 @@ PEN_WIDTHS = (3, 6)
 POINTS_PER_STROKE = 60
 
 
-@dataclass(frozen=True)
-class StrokeConfig:
-    """Everything that determines the synthetic data set (part of the cache key)."""
-
-    categories: int = 100
-    instances: int = 80
-    image_size: int = 8
-    render_size: int = 32
-    seed: int = 0
-
-
 def bezier(control: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Points of the cubic Bézier curves ``control`` (..., 4, 2) at parameters ``t`` (m,): (..., m, 2)."""
     t = t[:, None]
@@ -54,11 +41,8 @@ def bezier(control: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def _draw(strokes: np.ndarray, pen_width: int, render_size: int) -> np.ndarray:
     """Binary canvas of ``strokes`` (n_strokes, m, 2), scaled to fill it with the aspect ratio kept."""
-    low = strokes.reshape(-1, 2).min(axis=0)
-    extent = strokes.reshape(-1, 2).max(axis=0) - low
-    span = extent.max() + 1e-9
-    # Centre the shorter side; keep a pen's half-width and one pixel clear of the edge.
-    pixels = ((strokes - low + 0.5 * (span - extent)) / span) * (render_size - 2 - pen_width) + 1 + pen_width / 2
+    # Keep a pen's half-width and one pixel clear of the edge.
+    pixels = fit_to_canvas(strokes.reshape(1, -1, 2), render_size, 1 + pen_width / 2).reshape(strokes.shape)
     image = Image.new("L", (render_size, render_size), 0)
     draw = ImageDraw.Draw(image)
     for stroke in pixels:
@@ -66,7 +50,7 @@ def _draw(strokes: np.ndarray, pen_width: int, render_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def generate_strokes(config: StrokeConfig) -> tuple[np.ndarray, np.ndarray]:
+def generate_strokes(config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, size, size) float32 in [0, 1], labels (N,) int64), N = categories x instances."""
     rng = np.random.default_rng(config.seed)
     t = np.linspace(0.0, 1.0, POINTS_PER_STROKE)

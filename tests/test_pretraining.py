@@ -10,18 +10,17 @@ import torch
 
 from dpfl.errors import UsageError
 from dpfl.task.checkpoint import ModelSpec
-from dpfl.task.fractals import FractalConfig, generate_fractals
+from dpfl.task.fractals import generate_fractals
 from dpfl.task.pretraining import PretrainConfig, initialise, pretrained_weights
-from dpfl.task.rendering import block_mean
-from dpfl.task.strokes import StrokeConfig, generate_strokes
+from dpfl.task.rendering import SyntheticConfig, block_mean
+from dpfl.task.strokes import generate_strokes
 
-TINY = PretrainConfig(fractals=FractalConfig(categories=4, instances=6), strokes=StrokeConfig(categories=4, instances=6),
-                      epochs=1, batch_size=8)  # fmt: skip
+TINY = PretrainConfig(data=SyntheticConfig(categories=4, instances=6), epochs=1, batch_size=8)
 SPEC = ModelSpec("vit", 10, 1, 8, 4)
 
 
 def test_fractals_are_deterministic_images_of_distinct_categories():
-    config = FractalConfig(categories=5, instances=10, seed=3)
+    config = SyntheticConfig(categories=5, instances=10, seed=3)
     images, labels = generate_fractals(config)
     assert images.shape == (50, 8, 8) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1 and images.mean() > 0.02
@@ -37,7 +36,7 @@ def test_fractals_are_deterministic_images_of_distinct_categories():
 
 
 def test_strokes_are_deterministic_size_normalised_characters_of_distinct_categories():
-    config = StrokeConfig(categories=5, instances=10, seed=3)
+    config = SyntheticConfig(categories=5, instances=10, seed=3)
     images, labels = generate_strokes(config)
     assert images.shape == (50, 8, 8) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1
