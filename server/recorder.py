@@ -53,7 +53,9 @@ PUBLIC_ROUND_KEYS = frozenset(
 )  # fmt: skip
 PUBLIC_SUMMARY_KEYS = frozenset(
     {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
-     "wall-time", "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy", "pretraining-seconds"}
+     "wall-time", "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy", "pretraining-seconds",
+     # the last-iterate heuristic ε: a function of σ, q and the rounds only (public by construction)
+     "last-iterate-epsilon"}
 )  # fmt: skip
 
 
