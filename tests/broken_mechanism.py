@@ -1,43 +1,26 @@
-"""A deliberately broken strategy plugin for the audit tests: the accountant is told σ, the noise is not σ.
+"""A deliberately broken mechanism for the audit's tests and benchmark: the accountant is told σ, the noise is not σ.
 
-Not a test module (no ``test_`` prefix): ``dpfl audit --strategy broken_mechanism:QuietNoiseDPFedAvg``
-loads it as any strategy plugin, on the server and in every client.
+Not a test module (no ``test_`` prefix) and not a plugin: :func:`noise_scaled` is a
+test-only path, which no run config, strategy option or plugin can reach. Inside it
+every Gaussian draw of the privacy streams (:class:`dpfl.privacy.randomness.RandomStream`)
+is ``scale`` times the standard deviation asked for, so a run in this process (the
+audit's in-process engine) adds σ·scale while its accountant counts σ.
 """
 
 from __future__ import annotations
 
-from dpfl.privacy.randomness import Randomness, RandomStream
-from dpfl.strategies.dp_fedavg import DPFedAvg
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dpfl.privacy.randomness import RandomStream
 
 
-class QuietRandomness(Randomness):
-    """Secure streams whose Gaussian noise is ``scale`` times the std asked for (0: none)."""
-
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def stream(self, *label: str | int) -> RandomStream:
-        stream = super().stream(*label)
-        gaussian = stream.gaussian
-        stream.gaussian = lambda shape, std: gaussian(shape, std * self.scale)  # type: ignore[method-assign]
-        return stream
-
-
-class QuietNoiseDPFedAvg(DPFedAvg):
-    """DP-FedAvg whose server noise is 100 times smaller than the σ the accountant counts."""
-
-    name = "quiet-noise-dp-fedavg"
-    description = "BROKEN on purpose: server noise at sigma/100 while epsilon is computed for sigma"
-    scale = 0.01
-
-    def apply_settings(self, settings) -> None:
-        self.mechanism.randomness = QuietRandomness(self.scale)
-
-
-class NoNoiseDPFedAvg(QuietNoiseDPFedAvg):
-    """DP-FedAvg that adds no noise at all while ε is computed for σ."""
-
-    name = "no-noise-dp-fedavg"
-    description = "BROKEN on purpose: no server noise while epsilon is computed for sigma"
-    scale = 0.0
+@contextmanager
+def noise_scaled(scale: float) -> Iterator[None]:
+    """Within the block, the privacy noise is ``scale`` times what the mechanism asks for (0: none)."""
+    gaussian = RandomStream.gaussian
+    RandomStream.gaussian = lambda self, shape, std: gaussian(self, shape, std * scale)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RandomStream.gaussian = gaussian  # type: ignore[method-assign]
