@@ -71,6 +71,10 @@ RUN_DIR = "run"
 CANARY_DIR = "canaries"
 FLOWER_LOG = "flower.log"
 THREATS = ("white-box", "final-model")
+# Canaries when none are asked for. White-box: 2000 (σ/2 at ε = 8 is then flagged in
+# nearly every run of the small federation; 1000 missed one in 15), or one per model
+# parameter if fewer. Final-model: each canary trains like a client, so fewer.
+DEFAULT_CANARIES = {"white-box": 2000, "final-model": 500}
 # A robust spread: the median absolute deviation times this is the standard deviation of a Gaussian.
 MAD_TO_STD = 1.4826
 
@@ -85,13 +89,13 @@ CanaryReply = Callable[[Message, Tensors | None], Message]
 class AuditOptions:
     """How to audit: the canaries, the threat model, the statistic and its confidence."""
 
-    canaries: int = 1000
+    canaries: int | None = None  # None: DEFAULT_CANARIES for the threat model
     confidence: float = 0.95
     threat: str = "white-box"
     statistic: str = "gaussian"
 
     def validate(self) -> None:
-        if self.canaries < 4:
+        if self.canaries is not None and self.canaries < 4:
             raise UsageError(f"canaries must be >= 4 (at least 2 included and 2 excluded are needed), got {self.canaries}")
         if not 0 < self.confidence < 1:
             raise UsageError(f"confidence must be in (0, 1), got {self.confidence}")
@@ -99,6 +103,13 @@ class AuditOptions:
             raise UsageError(f"unknown threat model {self.threat!r}; known: {', '.join(THREATS)}")
         if self.statistic not in STATISTICS:
             raise UsageError(f"unknown statistic {self.statistic!r}; known: {', '.join(STATISTICS)}")
+
+    def canaries_for(self, parameters: int) -> int:
+        """The canaries to insert into a model with ``parameters`` floating-point entries."""
+        if self.canaries is not None:
+            return self.canaries
+        default = DEFAULT_CANARIES[self.threat]
+        return min(default, parameters) if self.threat == "white-box" else default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,18 +307,19 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / RUN_DIR
     settings = dataclasses.replace(settings, out_dir=str(run_dir), deploy=False)
-    inclusion = Randomness().stream("audit-inclusion").bernoulli(options.canaries, 0.5)
-    included = [canary for canary in range(options.canaries) if inclusion[canary]]
+    like = initial_model(settings)
+    canaries = options.canaries_for(sum(t.numel() for t in like.values() if t.is_floating_point()))
+    inclusion = Randomness().stream("audit-inclusion").bernoulli(canaries, 0.5)
+    included = [canary for canary in range(canaries) if inclusion[canary]]
     observer = inputs = None
     if options.threat == "white-box":
-        like = initial_model(settings)
-        directions = OrthogonalDirections(like, options.canaries, settings.seed)
+        directions = OrthogonalDirections(like, canaries, settings.seed)
         observer = WhiteBoxObserver(directions)
 
         def canary_train(msg: Message, context: Context, canary: int) -> Message:
             return canary_reply(msg, directions.direction(canary))
     else:
-        inputs = InputCanaries(settings, options.canaries, out / CANARY_DIR)
+        inputs = InputCanaries(settings, canaries, out / CANARY_DIR)
 
         def canary_train(msg: Message, context: Context, canary: int) -> Message:
             # The real ClientApp on a node whose only data is the canary's example.

@@ -5,12 +5,12 @@ gradient canaries, 95% confidence):
 
 ``default``: one audit per strategy (DP-FedAvg, DP-FedPGN) on the default federation
 (400 clients on digits, ResNet-10 of width 8, 40 rounds at q = 0.25, C = 0.2), σ
-calibrated to ε = 8 at δ = 1e-5, 1000 canaries. Goal: the Gaussian lower bound is at
+calibrated to ε = 8 at δ = 1e-5, 2000 canaries (the default). Goal: the Gaussian lower bound is at
 least half the accountant's ε.
 
 ``broken``: a mechanism that adds σ/2 while its accountant counts σ (the tests'
 :func:`broken_mechanism.noise_scaled`, a test-only path) on a small federation (CNN of
-width 16 with 5,226 parameters, 20 clients, 4 rounds at q = 0.5, ε = 8, 1000
+width 16 with 5,226 parameters, 20 clients, 4 rounds at q = 0.5, ε = 8, 2000
 canaries), ``--broken-runs`` times. Goal: flagged (bound > ε) in at least 90% of runs.
 
 ``null``: the correct mechanism on the same small federation, ``--null-runs`` times.

@@ -13,7 +13,7 @@ from rich.table import Table
 from dpfl.cli.options import open_unit, positive_int
 from dpfl.cli.simulate import add_run_options, settings_from_args
 
-DEFAULT_CANARIES = 1000
+DEFAULT_CANARIES = None  # the library's default for the threat model
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_THREAT = "white-box"
 DEFAULT_STATISTIC = "gaussian"
@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_audit_options(parser: argparse.ArgumentParser) -> None:
     """The audit's own options (``dpfl simulate --audit`` uses their defaults)."""
     parser.add_argument("--canaries", type=positive_int, default=DEFAULT_CANARIES,
-                        help="canary clients, each present with probability 1/2 (white-box: at most the model's "
-                        "parameters)")  # fmt: skip
+                        help="canary clients, each present with probability 1/2 (default: white-box 2000 or one per "
+                        "model parameter if fewer, final-model 500; white-box: at most the model's parameters)")  # fmt: skip
     parser.add_argument("--confidence", type=open_unit, default=DEFAULT_CONFIDENCE,
                         help="confidence of the audited lower bound")  # fmt: skip
     parser.add_argument("--threat", choices=THREATS, default=DEFAULT_THREAT,
@@ -60,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
     args.out = args.out or f"runs/audit-{datetime.now():%Y%m%d-%H%M%S}"
     settings = settings_from_args(args)
     console = Console()
-    console.print(f"[bold]dpfl audit[/]: {settings.strategy}, {settings.num_clients} clients + {args.canaries} "
-                  f"{args.threat} canaries (each present with probability 1/2), {settings.num_server_rounds} rounds; "
-                  f"records: {settings.out_dir}")  # fmt: skip
+    console.print(f"[bold]dpfl audit[/]: {settings.strategy}, {settings.num_clients} clients + "
+                  f"{args.canaries or 'the default number of'} {args.threat} canaries (each present with probability "
+                  f"1/2), {settings.num_server_rounds} rounds; records: {settings.out_dir}")  # fmt: skip
     audit_and_print(settings, args.canaries, args.confidence, Path(settings.out_dir), console, args.threat, args.statistic)
     return 0
 
 
 def audit_and_print(
-    settings, canaries: int, confidence: float, out: Path, console: Console, threat: str = DEFAULT_THREAT,
+    settings, canaries: int | None, confidence: float, out: Path, console: Console, threat: str = DEFAULT_THREAT,
     statistic: str = DEFAULT_STATISTIC,
 ) -> None:
     """Run the audit of ``settings`` into ``out`` and print its table and files."""

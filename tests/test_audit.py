@@ -179,6 +179,12 @@ def test_input_canary_scores_are_centred_within_each_label(tmp_path):
         assert scores[labels == label].mean() == pytest.approx(0.0, abs=1e-9)
 
 
+def test_the_default_number_of_canaries_follows_the_threat_and_fits_the_model():
+    assert AuditOptions().canaries_for(77_858) == 2000 and AuditOptions().canaries_for(158) == 158
+    assert AuditOptions(threat="final-model").canaries_for(158) == 500
+    assert AuditOptions(canaries=300).canaries_for(158) == 300  # asked for: refused later if it does not fit
+
+
 def test_audit_options_refuse_bad_values_in_one_line():
     for options, message in [(AuditOptions(canaries=3), "canaries must be >= 4"),
                              (AuditOptions(confidence=1.0), r"confidence must be in \(0, 1\)"),
@@ -196,7 +202,7 @@ def test_the_command_line_offers_what_the_library_knows():
 
 
 # --- through the real ServerApp, strategy, mechanism and ClientApp -------------------------
-# A CNN of width 16 (5,226 parameters), 20 clients, 4 rounds at q = 0.5: 1000 orthogonal canaries fit.
+# A CNN of width 16 (5,226 parameters), 20 clients, 4 rounds at q = 0.5: the 2000 orthogonal canaries fit.
 AUDITED = dict(model="cnn", model_width=16, num_clients=20, sample_rate=0.5, num_server_rounds=4, max_epsilon=0.0)
 
 
@@ -209,7 +215,7 @@ def test_the_white_box_audit_of_the_real_mechanism_stays_below_its_epsilon_throu
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "audit.json").read_text())
     ledger = json.loads((out / "run" / "privacy_ledger.json").read_text())
-    assert report["threat"] == "white-box" and report["statistic"] == "gaussian" and len(report["scores"]) == 1000
+    assert report["threat"] == "white-box" and report["statistic"] == "gaussian" and len(report["scores"]) == 2000
     assert report["accountant_epsilon"] == pytest.approx(8.0, rel=1e-3)
     assert report["last_iterate_epsilon"] == pytest.approx(last_iterate_epsilon(ledger["history"], 1e-5))
     # Sound: below the accountant's ε; and close: the Gaussian pair finds a large part of it.
@@ -254,4 +260,4 @@ def test_simulate_with_audit_appends_the_check_to_a_run(dpfl_quick, tmp_path):
     assert report["accountant_epsilon"] == pytest.approx(summary["epsilon"])
     assert summary["last-iterate-epsilon"] == pytest.approx(last_iterate_epsilon([(summary["noise-multiplier"], 0.5, 2)], 1e-5))
     assert 0 <= report["bound"]["epsilon_lower"] <= report["accountant_epsilon"]
-    assert len(report["scores"]) == 1000
+    assert len(report["scores"]) == 2000
