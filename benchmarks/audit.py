@@ -9,7 +9,7 @@ calibrated to ε = 8 at δ = 1e-5, 2000 canaries (the default). Goal: the Gaussi
 least half the accountant's ε.
 
 ``broken``: a mechanism that adds σ/2 while its accountant counts σ (the tests'
-:func:`broken_mechanism.noise_scaled`, a test-only path) on a small federation (CNN of
+:func:`broken_mechanism.scaled_noise`, a test-only path) on a small federation (CNN of
 width 16 with 5,226 parameters, 20 clients, 4 rounds at q = 0.5, ε = 8, 2000
 canaries), ``--broken-runs`` times. Goal: flagged (bound > ε) in at least 90% of runs.
 
@@ -46,7 +46,7 @@ from dpfl.settings import RunSettings
 
 # The σ/2 mechanism is the tests' own (tests/broken_mechanism.py): no run config reaches it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from broken_mechanism import noise_scaled  # noqa: E402
+from broken_mechanism import scaled_noise  # noqa: E402
 
 EPSILON = 8.0
 CONFIDENCE = 0.95
@@ -71,7 +71,7 @@ def summarise(report: AuditReport, seconds: float, cpu: float) -> dict:
 
 def timed_audit(settings: RunSettings, out: Path, scale: float = 1.0) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
-    with noise_scaled(scale) if scale != 1.0 else nullcontext():
+    with scaled_noise(scale) if scale != 1.0 else nullcontext():
         report = run_audit(settings, AuditOptions(confidence=CONFIDENCE), out)
     return summarise(report, time.perf_counter() - wall, time.process_time() - cpu)
 

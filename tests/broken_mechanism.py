@@ -1,10 +1,9 @@
-"""A deliberately broken mechanism for the audit's tests and benchmark: the accountant is told σ, the noise is not σ.
+"""A deliberately broken mechanism for the audit tests: the accountant is told σ, the noise is not σ.
 
-Not a test module (no ``test_`` prefix) and not a plugin: :func:`noise_scaled` is a
-test-only path, which no run config, strategy option or plugin can reach. Inside it
-every Gaussian draw of the privacy streams (:class:`dpfl.privacy.randomness.RandomStream`)
-is ``scale`` times the standard deviation asked for, so a run in this process (the
-audit's in-process engine) adds σ·scale while its accountant counts σ.
+A strategy plugin can no longer do this (the mechanism's randomness is read-only and a
+strategy that names the mechanism is refused when it is defined), so the test breaks the
+noise the only way left, the way code running with the server's rights could: it replaces
+the Gaussian sampler of the secure streams, for the duration of a ``with`` block only.
 """
 
 from __future__ import annotations
@@ -12,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from dpfl.privacy.randomness import RandomStream
 
 
 @contextmanager
-def noise_scaled(scale: float) -> Iterator[None]:
-    """Within the block, the privacy noise is ``scale`` times what the mechanism asks for (0: none)."""
+def scaled_noise(scale: float) -> Iterator[None]:
+    """Every Gaussian a secure stream draws is ``scale`` times the std asked for (0: none)."""
     gaussian = RandomStream.gaussian
-    RandomStream.gaussian = lambda self, shape, std: gaussian(self, shape, std * scale)  # type: ignore[method-assign]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RandomStream, "gaussian", lambda stream, shape, std: gaussian(stream, shape, std * scale))
         yield
-    finally:
-        RandomStream.gaussian = gaussian  # type: ignore[method-assign]

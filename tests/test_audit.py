@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from broken_mechanism import noise_scaled
+from broken_mechanism import scaled_noise
 from dpfl.analysis import audit as analysis_audit
 from dpfl.analysis.audit import AuditOptions, InputCanaries, OrthogonalDirections, run_audit
 from dpfl.cli import audit as cli_audit
@@ -225,8 +225,9 @@ def test_the_white_box_audit_of_the_real_mechanism_stays_below_its_epsilon_throu
 
 
 @pytest.mark.slow
-def test_the_audit_flags_a_mechanism_that_adds_half_the_noise_it_accounts_for(tmp_path):
-    with noise_scaled(0.5):  # tests/broken_mechanism.py: σ/2 added, σ accounted
+@pytest.mark.parametrize("scale", [0.5, 0.0])
+def test_the_audit_flags_a_mechanism_that_adds_less_noise_than_it_accounts_for(tmp_path, scale):
+    with scaled_noise(scale):  # tests/broken_mechanism.py: σ·scale added, σ accounted
         report = run_audit(RunSettings(**AUDITED, strategy="dp-fedavg", target_epsilon=8.0), AuditOptions(), tmp_path)
     assert report.accountant_epsilon == pytest.approx(8.0, rel=1e-3)
     assert report.flagged and report.bound.epsilon_lower > report.accountant_epsilon
