@@ -86,7 +86,7 @@ def print_audit(report, console: Console) -> None:
     for column in ("epsilon\n(accountant)", "epsilon last\niterate\n(heuristic)",
                    f"epsilon lower\nbound ({bound.confidence:.0%},\n{report.statistic})", "epsilon\none-shot\nestimate",
                    "sigma", "rounds", "canaries\n(present)", "how"):  # fmt: skip
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")  # numbers wrap, never cut
     table.add_row(
         _epsilon(report.accountant_epsilon), _epsilon(report.last_iterate_epsilon), f"{bound.epsilon_lower:.3f}",
         f"{report.estimate.epsilon:.3f}", f"{report.noise_multiplier:.4f}", str(report.rounds),
