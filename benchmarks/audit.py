@@ -141,7 +141,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["default", "broken", "null"], default=["default", "broken", "null"])
+    parser.add_argument("--parts", nargs="*", choices=["default", "broken", "null"], default=["default", "broken", "null"],
+                        help="parts to run (none: summarise and plot the saved results.json)")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), help="for the default part")
     parser.add_argument("--broken-runs", type=int, default=20)
     parser.add_argument("--null-runs", type=int, default=100)
