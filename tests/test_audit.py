@@ -201,6 +201,15 @@ def test_the_command_line_offers_what_the_library_knows():
             cli_audit.DEFAULT_STATISTIC) == (defaults.canaries, defaults.confidence, defaults.threat, defaults.statistic)  # fmt: skip
 
 
+def test_bad_audit_input_is_one_line_and_exit_code_2(dpfl_quick, tmp_path):
+    result = dpfl_quick("audit", "--threat", "grey-box")
+    assert result.returncode == 2 and "invalid choice: 'grey-box' (choose from 'white-box', 'final-model')" in result.stderr
+    result = dpfl_quick("audit", "--model", "cnn", "--width", "2", "--clients", "4", "--canaries", "5000",
+                        "--out", str(tmp_path / "too-many"))  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "5000 gradient canaries need as many model parameters, the model has 158" in result.stderr
+
+
 # --- through the real ServerApp, strategy, mechanism and ClientApp -------------------------
 # A CNN of width 16 (5,226 parameters), 20 clients, 4 rounds at q = 0.5: the 2000 orthogonal canaries fit.
 AUDITED = dict(model="cnn", model_width=16, num_clients=20, sample_rate=0.5, num_server_rounds=4, max_epsilon=0.0)
