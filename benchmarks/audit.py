@@ -90,13 +90,16 @@ def default_part(out: Path, strategies: list[str], log: Callable[[str], None]) -
     return rows
 
 
-def repeated_part(name: str, runs: int, scale: float, scratch: Path, log: Callable[[str], None]) -> list[dict]:
-    """``runs`` audits of the small federation whose noise is ``scale`` times σ."""
+def repeated_part(
+    name: str, runs: int, scale: float, scratch: Path, log: Callable[[str], None], save: Callable[[list[dict]], None]
+) -> list[dict]:
+    """``runs`` audits of the small federation whose noise is ``scale`` times σ (``save``d after each)."""
     sigma = calibrate_noise_multiplier(EPSILON, RunSettings.delta, SMALL["sample_rate"], SMALL["num_server_rounds"])
     settings = RunSettings(**SMALL, noise_multiplier=sigma, target_epsilon=0.0, max_epsilon=0.0)
-    rows = []
+    rows: list[dict] = []
     for run in range(runs):
         rows.append(row := timed_audit(settings, scratch / f"{name}-{run}", scale))
+        save(rows)
         log(f"{name} {run + 1}/{runs}: " + ", ".join(f"{s} {row['bounds'][s]:.3f}" for s in STATISTICS)
             + f", flagged {row['flagged']}, {row['wall-seconds']:.0f} s")  # fmt: skip
     return rows
@@ -156,16 +159,20 @@ def main() -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    def save(part: str, rows: list[dict]) -> None:  # after every run: an interrupted benchmark keeps what it did
+        results[part] = rows
+        results["load-average"] = os.getloadavg()
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dpfl-audit-benchmark-") as scratch:
         for part in args.parts:
             if part == "default":
-                results["default"] = default_part(out, args.strategies, log)
+                save(part, default_part(out, args.strategies, log))
             else:
                 runs = args.broken_runs if part == "broken" else args.null_runs
-                results[part] = repeated_part(part, runs, 0.5 if part == "broken" else 1.0, Path(scratch), log)
-            results["load-average"] = os.getloadavg()
-            results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every part: nothing is lost
+                repeated_part(part, runs, 0.5 if part == "broken" else 1.0, Path(scratch), log,
+                              lambda rows, part=part: save(part, rows))  # fmt: skip
     if results.get("broken"):
         flagged = sum(row["flagged"] for row in results["broken"])
         log(f"sigma/2 flagged in {flagged} of {len(results['broken'])} runs ({flagged / len(results['broken']):.0%}; goal >= 90%)")
