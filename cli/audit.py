@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpfl.cli.options import open_unit, positive_int
-from dpfl.cli.run_options import add_run_options, settings_from_args
+from dpfl.cli.simulate import add_run_options, settings_from_args
 
 DEFAULT_CANARIES = None  # the library's default for the threat model
 DEFAULT_CONFIDENCE = 0.95

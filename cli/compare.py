@@ -12,7 +12,7 @@ from rich.table import Table
 
 from dpfl.analysis.comparison import run_comparison
 from dpfl.cli.options import positive_float, positive_int
-from dpfl.cli.run_options import DEFAULTS, OPTIONS, add_option
+from dpfl.cli.simulate import DEFAULTS, OPTIONS, add_option
 from dpfl.errors import UsageError
 from dpfl.server.recorder import format_epsilon, holds_run
 from dpfl.settings import describe_recipe

@@ -10,7 +10,6 @@ the top of a file.
 from __future__ import annotations
 
 import ast
-import graphlib
 from pathlib import Path
 
 import pytest
@@ -105,33 +104,3 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "example.py"
     source.write_text("def f():\n    from dpfl.cli.main import main\n    import dpfl.server.app\n")
     assert imported_modules("dpfl.task.example", source) == [("dpfl.cli.main", 2), ("dpfl.server.app", 3)]
-
-
-
-def import_circle(modules: dict[str, Path]) -> list[str]:
-    """A circle of imports among ``modules`` (imports inside functions included), or [] if there is none."""
-    graph = {
-        module: {target for target, _ in imported_modules(module, path) if target in modules and target != module}
-        for module, path in modules.items()
-    }
-    try:
-        tuple(graphlib.TopologicalSorter(graph).static_order())
-    except graphlib.CycleError as error:
-        return list(error.args[1])
-    return []
-
-
-def test_no_import_circle_between_modules():
-    """Peers in one part may import each other, but never in a circle (`cli/audit.py` once imported
-    `cli/simulate.py`, which imported it back for `--audit`)."""
-    circle = import_circle(MODULES)
-    assert not circle, "import circle: " + " -> ".join(circle)
-
-
-def test_the_circle_check_sees_a_circle_through_a_function(tmp_path):
-    (tmp_path / "a.py").write_text("from dpfl.cli.b import run\n")
-    (tmp_path / "b.py").write_text("def run():\n    from dpfl.cli.a import x\n")
-    (tmp_path / "c.py").write_text("from dpfl.cli.a import x\n")
-    modules = {f"dpfl.cli.{name}": tmp_path / f"{name}.py" for name in "abc"}
-    assert sorted(import_circle(modules)[:-1]) == ["dpfl.cli.a", "dpfl.cli.b"]
-    assert import_circle({name: path for name, path in modules.items() if name != "dpfl.cli.b"}) == []
