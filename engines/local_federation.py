@@ -9,7 +9,8 @@ components point at the installed ``dpfl`` package, so the same ServerApp and
 ClientApp objects run as with ``flwr run .`` from a clone.
 
 Flower's log of the run (``flower.log``) is public, so it gets only the ``flwr run``
-stream of the ServerApp: the SuperLink's own log (timestamped requests) goes to a
+stream of the ServerApp: the SuperLink's own log (timestamped requests), and any
+other line that carries a clock time (Ray's session folder, say), go to a
 server-private file, and the lines Ray forwards from the simulated nodes' processes
 (``(ClientAppActor pid=…)``: per-client facts, one line per sampled client) to the
 simulated nodes' log, never to ``flower.log``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import signal
 import socket
@@ -42,6 +44,8 @@ SUPERLINK_START_TIMEOUT_S = 60.0
 CLIENT_CPUS = 1
 # How Ray marks a line a simulated node's process printed.
 NODE_PROCESS_MARK = "ClientAppActor pid="
+# A clock time or a date: a line that has one is not for the public log (rounds must not be timed).
+CLOCK = re.compile(rb"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
 
 
 def _free_port() -> int:
@@ -210,7 +214,8 @@ def simulation(
             federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home)
-            splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, nodes_log), daemon=True)
+            splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, superlink_log, nodes_log),
+                                        daemon=True)  # fmt: skip
             splitter.start()
             try:
                 yield process
@@ -221,11 +226,12 @@ def simulation(
                 splitter.join(timeout=10)
 
 
-def split_stream(stream, public_log: Path, nodes_log: Path) -> None:
-    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, the rest to ``public_log``."""
+def split_stream(stream, public_log: Path, server_log: Path, nodes_log: Path) -> None:
+    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, timestamped
+    lines to ``server_log``, the rest to ``public_log``."""
     nodes_log.parent.mkdir(parents=True, exist_ok=True)
-    with public_log.open("ab") as public, nodes_log.open("ab") as nodes:
+    with public_log.open("ab") as public, server_log.open("ab") as server, nodes_log.open("ab") as nodes:
         for line in iter(stream.readline, b""):
-            target = nodes if NODE_PROCESS_MARK.encode() in line else public
+            target = nodes if NODE_PROCESS_MARK.encode() in line else server if CLOCK.search(line) else public
             target.write(line)
             target.flush()
