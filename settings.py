@@ -103,7 +103,6 @@ class RunSettings:
     deploy_ratio: float = 0.5
     deploy_mapping: str = "mdm"
     deploy_mode: str = "auto"
-    deploy_holdout: float = 0.25
     deploy_sweep_tiles: str = "64,128,256,512"
     deploy_node_configs: str = ""
     # Bookkeeping
@@ -255,8 +254,6 @@ class RunSettings:
         _one_of("deploy-mode", self.deploy_mode, DEPLOY_MODES)
         if not 0 < self.deploy_ratio < 1:
             raise UsageError(f"deploy-ratio must be in (0, 1), got {self.deploy_ratio}")
-        if not 0 < self.deploy_holdout < 1:
-            raise UsageError(f"deploy-holdout must be in (0, 1), got {self.deploy_holdout}")
         self.sweep_tile_sizes()
         # The syntax and who may set each key: each node judges its own values, so one bad node fails alone.
         check_run_config_node_keys(parse_node_configs(self.deploy_node_configs))

@@ -18,7 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dpfl.cli.options import non_negative_float, open_unit, positive_float, positive_int, probability
 from dpfl.client.node import parse_node_config
-from dpfl.engines.simulation import ENGINES, FLOWER_LOG, prepare_run, resumed_settings, run_simulation, run_warnings
+from dpfl.engines.simulation import (
+    ENGINES, FLOWER_LOG, SERVER_LOG, prepare_run, resumed_settings, run_simulation, run_warnings,
+)  # fmt: skip
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings, describe_recipe
@@ -85,7 +87,6 @@ OPTIONS = [
     ("--deploy-ratio", "deploy_ratio", positive_float, "fraction of parameters the nodes keep, in (0, 1)"),
     ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
     ("--deploy-mode", "deploy_mode", str, "analog inference: auto (exact, or fast under read noise), exact, fast or ideal"),
-    ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
     ("--pretraining", "pretraining", str, "initial weights: none (random), fractal or strokes (public synthetic pretraining, cached)"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         f"\n  records: {out}"
     )
     if args.engine == "flower":
-        console.print(f"  Flower log: {out / FLOWER_LOG}")
+        console.print(f"  Flower log: {out / FLOWER_LOG} (the server's own: {out / SERVER_LOG})")
     started = time.monotonic()
     try:
         with signals_interrupt():
@@ -270,7 +271,7 @@ def _show_deployment(out: Path, console: Console) -> int:
 
     path = out / DEPLOYMENT_FILE
     if not path.exists():
-        console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / FLOWER_LOG}")
+        console.print(f"[red]the deployment round wrote no {DEPLOYMENT_FILE}[/]; see {out / SERVER_LOG}")
         return 1
     # A dozen columns: never squash them into a narrow (or non-terminal, 80-column) console.
     Console(file=console.file, width=max(console.width, TABLE_WIDTH)).print(deployment_table(json.loads(path.read_text())))

@@ -18,9 +18,11 @@ from flwr.clientapp import ClientApp
 from dpfl.client.cache import resident_model, run_settings
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
-from dpfl.client.node import NodeMemory, log_privately, node_dir, node_label, own_node_config, weights_digest
+from dpfl.client.node import NodeMemory, log_privately, node_dir, own_node_config, weights_digest
 from dpfl.client.training import train_private_update
-from dpfl.deployment.node import DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment
+from dpfl.deployment.node import (
+    ALREADY_DEPLOYED, DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment,
+)  # fmt: skip
 from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest, amplified_epsilon, unamplified_epsilon
@@ -37,14 +39,16 @@ def train(msg: Message, context: Context) -> Message:
     settings = run_settings(context.run_config)
     node_config = own_node_config(context.node_config)
     policy = NodePrivacyPolicy.from_node_config(node_config)
-    private_log = node_dir(node_config, settings, node_label(context))
+    private_log = node_dir(node_config, settings, context)
     config = msg.content[CONFIG_KEY]
-    request = PolicyRequest.from_train(config, settings, get_strategy_class(settings.strategy).private)
+    try:
+        request = PolicyRequest.from_train(config, settings, get_strategy_class(settings.strategy).private)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"this node refuses a malformed train message ({type(err).__name__}: {err})") from None
     memory = NodeMemory(context)
     participation = memory.participation.after(request)
+    # A refused message changes nothing the node remembers: a server cannot advance its round count.
     if refusal := policy.violation(request, participation):
-        memory.participation = memory.participation.refused(request)
-        memory.save()
         log_privately(private_log, {"round": request.server_round, "refused": refusal})
         raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     instructions = ClientInstructions.from_config(config)
@@ -68,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         log_privately(private_log, {
             "round": server_round, "contributions": participation.contributions, "rounds-seen": participation.rounds,
             "delta": delta, "epsilon-own-contributions": unamplified_epsilon(request, participation, delta),
-            "epsilon-if-sampling-honest": amplified_epsilon(request, delta),
+            "epsilon-if-sampling-honest": amplified_epsilon(request, participation, delta),
         })  # fmt: skip
     partition = load_client_partition(settings, context.node_config)
     records = {key: record_tensors(record) for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}
@@ -121,21 +125,24 @@ def deploy(msg: Message, context: Context) -> Message:
     """The deployment round: compress the weights of this node's last train message with its
     data and run them on its simulated CIM device; only what it chose to share goes back.
 
-    One query per train message: a server cannot probe the node's data with many
-    crafted models, nor with one the node's policy never checked.
+    One query per run, for the weights of a train message its policy checked: a server
+    cannot probe the node's data with many crafted models. (It chooses the one model;
+    a node that shares its accuracy shares one statistic of its data per run.)
     """
     settings = run_settings(context.run_config)
     node_config = own_node_config(context.node_config)
     policy = NodePrivacyPolicy.from_node_config(node_config)
-    private_log = node_dir(node_config, settings, node_label(context))
+    private_log = node_dir(node_config, settings, context)
     memory = NodeMemory(context)
     weights = record_tensors(msg.content[ARRAYS_KEY])
     if policy.registered_strategies_only and ":" in settings.strategy:
         summary, detail = failure_summary(POLICY_REFUSAL, node_config), f"plugin strategy {settings.strategy!r}"
+    elif memory.deployed:
+        summary, detail = failure_summary(ALREADY_DEPLOYED, node_config), "a second deployment query in this run"
     elif not memory.last_weights or weights_digest(weights) != memory.last_weights:
         summary, detail = failure_summary(NOT_LAST_WEIGHTS, node_config), "query weights differ from the last train message's"
     else:
-        memory.last_weights = ""  # answered: the next query needs another train message
+        memory.deployed = True  # before the data are touched: whatever happens, one query per run
         memory.save()
 
         def local_data():

@@ -53,6 +53,9 @@ METHOD_KEY, NORM_KEY, RATIO_KEY = "compress-method", "compress-norm", "compress-
 # The node's own choices: never taken from the run config.
 SHARE_ACCURACY_KEY = "share-accuracy"
 SHARE_NF_KEY = "share-nf"
+# The share of its data held out to evaluate: a run config that chose it could learn the
+# node's data size from whether the split succeeds.
+HOLDOUT_KEY, DEFAULT_HOLDOUT = "deploy-holdout", 0.25
 # Which keys the node accepts from the run config (fnmatch patterns; "none" for none).
 ACCEPTED_KEY = "deploy-run-config-keys"
 ACCEPTED_BY_DEFAULT = tuple(prefix + "*" for prefix in RUN_CONFIG_NODE_PREFIXES)
@@ -68,8 +71,9 @@ DEPLOYED, FAILED = "deployed", "failed"
 CONFIG_FAILURE = "the node's deployment settings are invalid"
 DEPLOY_FAILURE = "the deployment failed on this node"
 NOT_LAST_WEIGHTS = "refused: these are not the weights of this node's last train message"
+ALREADY_DEPLOYED = "refused: this node deploys once per run"
 POLICY_REFUSAL = "refused by this node's privacy policy"
-FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, POLICY_REFUSAL)
+FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, ALREADY_DEPLOYED, POLICY_REFUSAL)
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
 SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
                         *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
@@ -167,9 +171,12 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], storage: P
             raise UsageError(f"node config {key} {value!r} is not one of {', '.join(allowed)}")
     if not 0 < ratio < 1:
         raise UsageError(f"node config {RATIO_KEY} must be in (0, 1), got {ratio}")
+    holdout = _coerce(HOLDOUT_KEY, config.get(HOLDOUT_KEY, DEFAULT_HOLDOUT), float)
+    if not 0 < holdout < 1:
+        raise UsageError(f"node config {HOLDOUT_KEY} must be in (0, 1), got {holdout}")
     return NodeDeployment(
         device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
-        mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,
+        mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=holdout,
         share_accuracy=_coerce(SHARE_ACCURACY_KEY, config.get(SHARE_ACCURACY_KEY, False), bool),
         share_nf=_coerce(SHARE_NF_KEY, config.get(SHARE_NF_KEY, False), bool),
         storage=storage, seed=settings.seed, sweep_tile_sizes=settings.sweep_tile_sizes(),

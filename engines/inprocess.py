@@ -41,6 +41,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from dpfl.client.node import SIMULATED_NODE_KEY
+from dpfl.server.public_records import is_public_log_line
+
 SERVER_NODE_ID = 1
 RUN_ID = 1
 # Error code of a ClientApp that raised, as Flower's own runtime reports it.
@@ -116,21 +119,31 @@ class InProcessGrid(Grid):
 
 
 @contextmanager
-def flower_log_to(path: Path) -> Iterator[None]:
+def flower_log_to(path: Path, private_path: Path | None = None) -> Iterator[None]:
     """Send Flower's log to ``path`` instead of the terminal, as the Flower engine does.
 
-    Without timestamps: the log is public, and the time between two rounds' lines grows
-    with the number of clients that trained in between (a private count)."""
+    Only the ServerApp's own lines (:func:`dpfl.server.public_records.is_public_log_line`)
+    and without timestamps: the log is public, and the time between two rounds' lines grows
+    with the number of clients that trained in between (a private count). Every other line
+    goes to ``private_path`` (the server's), with its time, or nowhere."""
     flower_logger = logging.getLogger("flwr")
     saved = flower_logger.handlers[:], flower_logger.propagate
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    flower_logger.handlers, flower_logger.propagate = [handler], False
+    public = logging.FileHandler(path)
+    public.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    public.addFilter(lambda record: is_public_log_line(record.getMessage()))
+    handlers = [public]
+    if private_path is not None:
+        private = logging.FileHandler(private_path)
+        private.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        private.addFilter(lambda record: not is_public_log_line(record.getMessage()))
+        handlers.append(private)
+    flower_logger.handlers, flower_logger.propagate = handlers, False
     try:
         yield
     finally:
         flower_logger.handlers, flower_logger.propagate = saved
-        handler.close()
+        for handler in handlers:
+            handler.close()
 
 
 def node_contexts(
@@ -143,7 +156,7 @@ def node_contexts(
             run_id=RUN_ID,
             node_id=node_id,
             node_config={**(node_configs[partition % len(node_configs)] if node_configs else {}),
-                         "partition-id": partition, "num-partitions": num_nodes},  # fmt: skip
+                         SIMULATED_NODE_KEY: True, "partition-id": partition, "num-partitions": num_nodes},  # fmt: skip
             state=RecordDict(),
             run_config=dict(run_config),
         )

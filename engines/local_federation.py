@@ -9,11 +9,12 @@ components point at the installed ``dpfl`` package, so the same ServerApp and
 ClientApp objects run as with ``flwr run .`` from a clone.
 
 Flower's log of the run (``flower.log``) is public, so it gets only the ``flwr run``
-stream of the ServerApp: the SuperLink's own log (timestamped requests), and any
-other line that carries a clock time (Ray's session folder, say), go to a
-server-private file, and the lines Ray forwards from the simulated nodes' processes
-(``(ClientAppActor pid=…)``: per-client facts, one line per sampled client) to the
-simulated nodes' log, never to ``flower.log``.
+stream of the ServerApp, and of it only the ServerApp's own lines
+(:func:`dpfl.server.public_records.is_public_log_line`). The SuperLink's own log
+(timestamped requests) and every other line (Flower's and Ray's notices, the
+tracebacks of clients that failed or refused, which may name a node's participation)
+go to a server-private file, and the lines Ray forwards from the simulated nodes'
+processes (``(ClientAppActor pid=…)``: per-client facts) to the simulated nodes' log.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import psutil
 
 from dpfl.client.node import SIMULATED_NODE_CONFIGS_ENV, simulated_node_configs_env
+from dpfl.server.public_records import is_public_log_line
 from dpfl.settings import RunSettings
 
 SUPERLINK_START_TIMEOUT_S = 60.0
@@ -44,8 +46,9 @@ SUPERLINK_START_TIMEOUT_S = 60.0
 CLIENT_CPUS = 1
 # How Ray marks a line a simulated node's process printed.
 NODE_PROCESS_MARK = "ClientAppActor pid="
-# A clock time or a date: a line that has one is not for the public log (rounds must not be timed).
-CLOCK = re.compile(rb"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
+# Flower's console line: colour codes, a level, a colon, the message.
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+CONSOLE_LINE = re.compile(r"^\s*(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*(.*)$")
 
 
 def _free_port() -> int:
@@ -208,8 +211,8 @@ def simulation(
         app_dir.mkdir()
         write_app(app_dir, settings)
         env = private_flower_environment(home_path / "flwr")
-        if node_configs:
-            env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
+        # Also marks the nodes as simulated: their owner is this simulation's user.
+        env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
         with local_superlink(env, superlink_log):
             federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
@@ -227,11 +230,18 @@ def simulation(
 
 
 def split_stream(stream, public_log: Path, server_log: Path, nodes_log: Path) -> None:
-    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, timestamped
-    lines to ``server_log``, the rest to ``public_log``."""
+    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, the
+    ServerApp's own lines to ``public_log`` (without colour codes), everything else to ``server_log``."""
     nodes_log.parent.mkdir(parents=True, exist_ok=True)
     with public_log.open("ab") as public, server_log.open("ab") as server, nodes_log.open("ab") as nodes:
         for line in iter(stream.readline, b""):
-            target = nodes if NODE_PROCESS_MARK.encode() in line else server if CLOCK.search(line) else public
-            target.write(line)
-            target.flush()
+            text = COLOUR.sub("", line.decode(errors="replace"))
+            console = CONSOLE_LINE.match(text.rstrip("\n"))
+            if NODE_PROCESS_MARK in text:
+                nodes.write(line)
+            elif console and is_public_log_line(console.group(1)):
+                public.write(text.encode())
+            else:
+                server.write(line)
+            for target in (public, server, nodes):
+                target.flush()

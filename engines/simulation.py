@@ -21,6 +21,7 @@ from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.server.app import app as server_app
 from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.public_records import pin_public_times
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -29,9 +30,9 @@ from dpfl.task.data import cached_dataset, load_dataset
 from dpfl.task.partition import partition_indices
 
 FLOWER_LOG = "flower.log"
-# Flower's engine: the SuperLink's own log (the server operator's), and what the simulated
-# nodes' processes print (per-client lines, the nodes' own).
-SUPERLINK_LOG = "server_private_superlink.log"
+# Every line of Flower's log that is not the ServerApp's own (the server operator's), and what
+# the simulated nodes' processes print under Flower's engine (per-client lines, the nodes' own).
+SERVER_LOG = "server_private_flower.log"
 NODES_LOG = "nodes/simulated_nodes.log"
 ENGINES = ("flower", "in-process")
 # Lines of the Flower log shown when `flwr run` fails.
@@ -86,22 +87,26 @@ def run_simulation(
     """
     out = Path(settings.out_dir)
     if engine == "flower":
-        return _run_on_flower(settings, out, follow, node_configs)
-    return _run_in_process(settings, out, workers, follow, node_configs)
+        failure = _run_on_flower(settings, out, follow, node_configs)
+    else:
+        failure = _run_in_process(settings, out, workers, follow, node_configs)
+    if (out / "config.json").exists():  # flower.log's last line came after the records were written
+        pin_public_times(out)
+    return failure
 
 
 def _run_on_flower(
     settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None], node_configs: Sequence[Mapping[str, Any]]
 ) -> str | None:
     try:
-        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SUPERLINK_LOG, out / NODES_LOG,
+        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SERVER_LOG, out / NODES_LOG,
                         node_configs) as flower:  # fmt: skip
             follow(lambda: flower.poll() is None)
     except FederationError as err:
         return str(err)
     if flower.returncode:
-        tail = (out / FLOWER_LOG).read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
-        return "flwr run exited with code {}; last lines of the Flower log:\n{}".format(flower.returncode, "\n".join(tail))
+        tail = (out / SERVER_LOG).read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
+        return "flwr run exited with code {}; last lines of {}:\n{}".format(flower.returncode, SERVER_LOG, "\n".join(tail))
     return None
 
 
@@ -119,7 +124,7 @@ def _run_in_process(
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 
-    with flower_log_to(out / FLOWER_LOG):
+    with flower_log_to(out / FLOWER_LOG, out / SERVER_LOG):
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
         try:

@@ -86,7 +86,7 @@ def wait_for_nodes(grid: Grid, wanted: int) -> None:
     while (connected := len(list(grid.get_node_ids()))) < wanted:
         if time.monotonic() > deadline:
             raise UsageError(f"only {connected} of num-clients={wanted} nodes connected in {NODE_WAIT_TIMEOUT_S:g} s")
-        log(INFO, "waiting for nodes: %d of %d connected", connected, wanted)
+        log(INFO, "dpfl: waiting for nodes: %d of %d connected", connected, wanted)
         time.sleep(NODE_WAIT_POLL_S)
 
 

@@ -87,9 +87,12 @@ PLATFORM_METHODS = frozenset(
      "mechanism", "max_epsilon", "last_metrics", "private_diagnostics", "noise_multiplier", "clip_norm",
      "sample_rate", "num_clients", "expected_clients", "accountant"}
 )  # fmt: skip
-# What a strategy's own code may not name: the mechanism (its randomness, parameters and
-# sample), the round's server-private facts, and the base class's private attributes.
-PLATFORM_PRIVATE_NAMES = frozenset({"mechanism", "private_diagnostics", "_ClientLevelDPStrategy__platform"})
+# What a strategy's own code (and that of every class it inherits from but the base) may not
+# name: the mechanism (its randomness, parameters and sample), its accountant, the round's
+# server-private facts, and the base class's private attributes.
+PLATFORM_PRIVATE_NAMES = frozenset(
+    {"mechanism", "accountant", "private_diagnostics", "_ClientLevelDPStrategy__platform"}
+)
 
 
 class BudgetExhausted(PrivacyBudgetExhausted):
@@ -400,7 +403,7 @@ class ClientLevelDPStrategy(Strategy):
             if (metrics := evaluate_fn(0, arrays)) is not None:
                 result.evaluate_metrics_serverapp[0] = metrics
         for server_round in range(first_round, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            log(INFO, "dpfl: round %s/%s starts", server_round, num_rounds)
             messages = list(self.configure_train(server_round, arrays, train_config, grid))
             replies = grid.send_and_receive(messages, timeout=timeout)
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
@@ -423,7 +426,7 @@ class ClientLevelDPStrategy(Strategy):
         if refusal:
             raise BudgetExhausted(refusal)
         for warning in not_valid_reasons(self.mechanism.params):
-            log(WARNING, warning)
+            log(WARNING, "dpfl: %s", warning)
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
         sampled = self.mechanism.sample(nodes, server_round)
@@ -578,12 +581,12 @@ class ClientLevelDPStrategy(Strategy):
 
     def summary(self) -> None:
         if not self.private:
-            log(INFO, "%s: no differential privacy (a reference curve), q=%g", self.name, self.sample_rate)
+            log(INFO, "dpfl strategy %s: no differential privacy (a reference curve), q=%g", self.name, self.sample_rate)
             return
         params = self.mechanism.params
         log(
             INFO,
-            "%s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
+            "dpfl strategy %s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
             "noise on the %s, %s accountant, delta=%g, budget epsilon=%g, %s noise, options %s",
             self.name, params.noise_multiplier, params.clip_norm, params.sample_rate, params.expected_clients,
             params.num_clients, params.clipping, params.noise_placement, self.accountant.mechanism,
@@ -591,7 +594,7 @@ class ClientLevelDPStrategy(Strategy):
             self.option_values,
         )  # fmt: skip
         if adaptive := params.adaptive_clipping:
-            log(INFO, "%s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
+            log(INFO, "dpfl strategy %s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
                 "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,
                 adaptive.learning_rate, adaptive.count_noise_std, params.update_noise_multiplier)  # fmt: skip
 
@@ -621,20 +624,25 @@ class _PlatformState:
 
 
 def platform_state_references(cls: type) -> list[str]:
-    """``self.<name>`` uses in ``cls``'s own source that reach the platform's privacy state.
+    """``self.<name>`` uses that reach the platform's privacy state, in the source of ``cls`` and
+    of every class it inherits from except the platform's own (a mixin counts).
 
-    Read from the class's syntax tree when it is defined; a class whose source is not
+    Read from the syntax trees when the class is defined; a class whose source is not
     available (defined in an interactive session) is left to the read-only properties.
     """
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return []
-    named = {
-        f"self.{node.attr}" for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr in PLATFORM_PRIVATE_NAMES
-        and isinstance(node.value, ast.Name) and node.value.id == "self"
-    }  # fmt: skip
+    named = set()
+    for klass in cls.__mro__:
+        if klass in ClientLevelDPStrategy.__mro__:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        named |= {
+            f"self.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in PLATFORM_PRIVATE_NAMES
+            and isinstance(node.value, ast.Name) and node.value.id == "self"
+        }  # fmt: skip
     return sorted(named)
 
 

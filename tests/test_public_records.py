@@ -77,6 +77,9 @@ def check_public_files(out: Path, log_file: Path | None = None) -> None:
     log = (log_file or out / FLOWER_LOG).read_text()
     assert not TIMESTAMP.search(log), TIMESTAMP.search(log)
     assert not any(mark in log for mark in PER_CLIENT_MARKS)
+    # Their times too: all that of config.json (the span between them grew with the realised sample).
+    times = {(out / name).stat().st_mtime for name in PUBLIC_FILES if (out / name).exists()}
+    assert times == {(out / "config.json").stat().st_mtime}
     # The plot's only data are the public records: drawn again from them, it is the same image.
     plot_curves(rows, out.parent / "again.png", f"{config['strategy']}, {config['model']} on {config['dataset']}: "
                 f"{summary['outcome']}")  # fmt: skip
@@ -111,7 +114,7 @@ def test_the_flower_engine_publishes_no_per_client_line_and_no_timestamp(tmp_pat
     out = run(settings, engine="flower")
     check_public_files(out)
     # What Ray forwarded from the simulated nodes went to their log, the SuperLink's to the server's.
-    assert (out / "server_private_superlink.log").stat().st_size > 0
+    assert (out / "server_private_flower.log").stat().st_size > 0
     assert "sample-level" not in (out / FLOWER_LOG).read_text()
 
 
