@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,36 @@ def save_tagged(path: str | Path, file_format: str, payload: dict[str, Any]) -> 
 def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]:
     """The payload of a ``file_format`` file; anything else is a one-line error naming ``kind``."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{kind} {str(path)!r} is a folder; give the {kind} file itself")
     if not path.is_file():
         raise UsageError(f"{kind} {str(path)!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({err.__class__.__name__})") from None
+        reason = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+        raise UsageError(f"{kind} {str(path)!r} cannot be read as a dpfl {kind}, it may be cut short or damaged ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != file_format:
         raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({file_format})")
     return payload
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as an absolute folder a command may write into, checked before anything is
+    written: not a file, its name valid UTF-8 (log lines carry it), and the folder (or, when
+    it does not exist yet, its nearest existing parent) writable. Nothing is left behind."""
+    path = Path(path).expanduser().absolute()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option} {str(path)!r} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {str(existing)!r}, which is a file"
+        raise UsageError(f"{option} {str(path)!r} {what}; give a folder")
+    try:  # by trying: permission bits do not bind root, read-only mounts and /proc do
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} refuses new files ({err.strerror})") from None
+    return path
