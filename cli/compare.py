@@ -78,12 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from dpfl.analysis.comparison import COMPARISON_FILE, COMPARISON_PLOT, run_comparison
     from dpfl.server.recorder import holds_run
     from dpfl.settings import describe_recipe
-    from dpfl.task.files import check_output_dir
 
     values = {field: value for field, value in option_values(args).items() if field != "strategy_options"}
     base = dataclasses.replace(DEFAULTS, **values)
     base.validate()
-    out = check_output_dir(output_folder(args.out, "compare"))
+    out = output_folder(args.out, "compare")
     if holds_run(out) or (out / COMPARISON_FILE).exists():
         raise UsageError(f"output folder {str(out)!r} already holds a comparison; choose another --out")
     tensorboard = None
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         from dpfl.server.tracking import summary_writer
 
         summary_writer()  # refused now, not after the first run, when TensorBoard is missing
-        tensorboard = str(check_output_dir(args.tensorboard, "--tensorboard"))
+        tensorboard = str(args.tensorboard)
     console = make_console()
     console.print(describe_recipe(base), soft_wrap=True)
     with ProgressDisplay(console) as progress:

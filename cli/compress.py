@@ -14,7 +14,7 @@ import argparse
 
 from dpfl.cli.display import ProgressDisplay, make_console
 from dpfl.cli.options import (
-    HelpFormatter, ImportedChoices, non_negative_int, open_unit, positive_float, positive_int,
+    HelpFormatter, ImportedChoices, output_dir, non_negative_int, open_unit, positive_float, positive_int,
 )  # fmt: skip
 from dpfl.errors import UsageError
 
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="epochs of fine-tuning after compression (recovers the accuracy a high ratio costs)")  # fmt: skip
     parser.add_argument("--finetune-lr", type=positive_float, default=1e-3, help="Adam learning rate of the fine-tuning")
     parser.add_argument("--seed", type=int, default=0, help="seed of CPD's initialisation and the data order")
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", type=output_dir, required=True, metavar="DIR",
                         help="folder for the compressed model, its report and the input statistics")  # fmt: skip
     parser.set_defaults(func=run)
 
@@ -73,21 +73,20 @@ def parse_rank_overrides(values: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    ranks = parse_rank_overrides(args.rank)  # before torch loads: a mistake here is reported at once
     from dpfl.compression.pipeline import CompressionConfig
     from dpfl.compression.study import StudyOptions, compress_checkpoint
-    from dpfl.task.files import check_output_dir
 
-    out = check_output_dir(args.out)
     layers = None if args.layers is None else [name.strip() for name in args.layers.split(",") if name.strip()]
     solver = {"seed": args.seed} if args.max_iter is None else {"seed": args.seed, "max_iter": args.max_iter}
     options = StudyOptions(
-        ratio=args.ratio, method=args.method, norm=args.norm, scope=args.scope, ranks=parse_rank_overrides(args.rank),
+        ratio=args.ratio, method=args.method, norm=args.norm, scope=args.scope, ranks=ranks,
         layers=layers, batches=args.batches, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, config=CompressionConfig(**solver),
     )  # fmt: skip
     console = make_console()
     with ProgressDisplay(console) as progress:
-        study = compress_checkpoint(args.checkpoint, out, options, args.dataset, args.data_dir, args.covariance, progress)
+        study = compress_checkpoint(args.checkpoint, args.out, options, args.dataset, args.data_dir, args.covariance, progress)
     print_report(console, study.report)
     console.print("wrote " + ", ".join(str(path) for path in study.files), soft_wrap=True)
     return 0

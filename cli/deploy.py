@@ -15,7 +15,7 @@ import argparse
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cli.display import ProgressDisplay, make_console
 from dpfl.cli.options import (
-    HelpFormatter, ImportedChoices, non_negative_float, positive_float, positive_int, unit_interval,
+    HelpFormatter, ImportedChoices, output_dir, non_negative_float, positive_float, positive_int, unit_interval,
 )  # fmt: skip
 
 TILE_SIZES = (64, 128, 256, 512)
@@ -68,15 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trials", type=positive_int, default=1,
                         help="device instances (seeds seed..seed+N-1); reports mean and 95%% interval")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first device instance")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and the plots")
+    parser.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="folder for report.json and the plots")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpfl.cim.study import deploy_checkpoint
-    from dpfl.task.files import check_output_dir
-
-    out = check_output_dir(args.out)
     device = CrossbarDevice(
         tile_size=args.tile, r_on=args.r_on, r_off=args.r_off, r_wordline=args.r_wire,
         r_bitline=args.r_wire, adc_bits=args.adc_bits, activation_bits=args.activation_bits,
@@ -85,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
         drift_nu=args.drift_nu, drift_nu_std=args.drift_nu_std, drift_time=args.drift_time,
         drift_compensation=args.drift_compensation,
     )
+    from dpfl.cim.study import deploy_checkpoint
+
     console = make_console()
     with ProgressDisplay(console) as progress:
         report, paths = deploy_checkpoint(
-            args.checkpoint, out, device, args.mapping, args.mode, args.seed, args.trials, args.samples,
+            args.checkpoint, args.out, device, args.mapping, args.mode, args.seed, args.trials, args.samples,
             args.dataset, args.data_dir, args.compressed, progress=progress,
         )  # fmt: skip
     _print(console, report)

@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -126,6 +127,43 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def key_value(text: str) -> str:
+    """``KEY=VALUE``, both parts non-empty."""
+    key, sep, value = text.partition("=")
+    if not (sep and key and value):
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    return text
+
+
+def output_dir(text: str) -> Path:
+    """A folder a command may write into (see :func:`check_output_dir`)."""
+    try:
+        return check_output_dir(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` as an absolute folder a command may write into, checked before anything is
+    written: not a file, its name valid UTF-8 (log lines carry it), and the folder (or, when
+    it does not exist yet, its nearest existing parent) writable. Nothing is left behind."""
+    path = Path(path).expanduser().absolute()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{str(path)!r} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {str(existing)!r}, which is a file"
+        raise UsageError(f"{str(path)!r} {what}; give a folder")
+    try:  # by trying: permission bits do not bind root, read-only mounts and /proc do
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"{str(path)!r} cannot be written: {str(existing)!r} refuses new files ({err.strerror})") from None
+    return path
+
+
 def _number(text: str, kind: type):
     try:
         value = kind(text)
@@ -151,7 +189,7 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--image-size", "image_size", int, "resize images to this size (0: the dataset's own)"),
         ("--partition", "partition", str, "iid or dirichlet"),
         ("--alpha", "dirichlet_alpha", positive_float, "Dirichlet concentration of the label skew"),
-        ("--validation-fraction", "validation_fraction", non_negative_float,
+        ("--validation-fraction", "validation_fraction", unit_interval,
          "share of the server's held-out data used as its validation set (0: none)"),
         ("--pretraining", "pretraining", str, "initial weights: none, fractal or strokes (public synthetic pretraining)"),
         ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
@@ -181,7 +219,7 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
     ],
     "local training": [
         ("--lr", "lr", positive_float, "initial local learning rate"),
-        ("--lr-decay", "lr_decay", positive_float, "learning-rate decay per round"),
+        ("--lr-decay", "lr_decay", probability, "learning-rate decay per round, in (0, 1]"),
         ("--local-epochs", "local_epochs", positive_int, "local epochs over a nominal client's data"),
         ("--client-size", "client_size", non_negative_int,
          "examples of a nominal client, which fix the public number of local steps (0: published size / clients)"),
@@ -202,10 +240,10 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--deploy-clients", "deploy_clients", non_negative_int, "deploy on this many nodes, chosen at random (0: every node)"),
         ("--deploy-method", "deploy_method", str, "nodes' compression: tucker2, cpd or svd"),
         ("--deploy-norm", "deploy_norm", str, "nodes' compression norm: sigma or frobenius"),
-        ("--deploy-ratio", "deploy_ratio", positive_float, "fraction of parameters the nodes keep, in (0, 1)"),
+        ("--deploy-ratio", "deploy_ratio", open_unit, "fraction of parameters the nodes keep, in (0, 1)"),
         ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm"),
         ("--deploy-mode", "deploy_mode", str, "analog inference: auto, exact, fast or ideal"),
-        ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
+        ("--deploy-holdout", "deploy_holdout", open_unit, "fraction of each node's data held out for evaluation"),
         ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
     ],
     "continuing": [
@@ -233,7 +271,7 @@ def add_run_options(parser: argparse.ArgumentParser, leave_out: Sequence[str] = 
                 noise.add_argument("--target-epsilon", type=positive_float, default=None, metavar="X",
                                    help=f"calibrate sigma so that all rounds spend this epsilon (default {DEFAULTS.target_epsilon:g})")  # fmt: skip
         if title == "federation":
-            group.add_argument("--strategy-option", dest="strategy_options", action="append", default=[], metavar="KEY=VALUE",
+            group.add_argument("--strategy-option", dest="strategy_options", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                                help="an option of the strategy (repeatable; `dpfl strategies` lists them)")  # fmt: skip
 
 
@@ -251,7 +289,7 @@ def add_option(parser, flag: str, field: str, kind: Callable, text: str) -> None
 
 
 def add_output_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: runs/{what}-<time>)")
+    parser.add_argument("--out", type=output_dir, default=None, metavar="DIR", help=f"output folder (default: runs/{what}-<time>)")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -264,7 +302,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tensorboard", metavar="DIR", default=None,
+    parser.add_argument("--tensorboard", type=output_dir, metavar="DIR", default=None,
                         help="also write the public per-round records as TensorBoard scalars under DIR "
                         "(needs the tensorboard package: pip install 'dpfl[tracking]')")  # fmt: skip
 
@@ -285,9 +323,11 @@ def option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
     return values
 
 
-def output_folder(given: str | None, what: str) -> Path:
-    """``--out``, or runs/<what>-<time>, as an absolute path (checked later, where it is written)."""
-    return Path(given or f"runs/{what}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
+def output_folder(given: Path | None, what: str) -> Path:
+    """``--out`` (checked when parsed), or runs/<what>-<time> (checked here), as an absolute path."""
+    if given is None:
+        return check_output_dir(f"runs/{what}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    return given.resolve()
 
 
 def settings_from_args(args: argparse.Namespace, what: str) -> RunSettings:
@@ -296,7 +336,6 @@ def settings_from_args(args: argparse.Namespace, what: str) -> RunSettings:
     from dpfl.engines.simulation import resumed_settings
     from dpfl.server.recorder import holds_run
     from dpfl.strategies import get_strategy_class
-    from dpfl.task.files import check_output_dir
 
     if getattr(args, "resume", None):
         run_dir = Path(args.resume).expanduser().resolve()
@@ -304,7 +343,7 @@ def settings_from_args(args: argparse.Namespace, what: str) -> RunSettings:
             raise UsageError(f"--resume continues in {str(run_dir)!r}; leave out --out (got {args.out!r})")
         settings = resumed_settings(run_dir, option_values(args, given_only=True))
     else:
-        out = check_output_dir(output_folder(args.out, what))
+        out = output_folder(args.out, what)
         if holds_run(out):
             raise UsageError(f"output folder {str(out)!r} already holds a run; choose another --out, or --resume it")
         values = option_values(args)

@@ -119,13 +119,12 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracker(log_dir: str | None, out: Path):
+def _tracker(log_dir: Path | None, out: Path):
     if not log_dir:
         return None
     from dpfl.server.tracking import TensorBoardTracker
-    from dpfl.task.files import check_output_dir
 
-    return TensorBoardTracker(check_output_dir(log_dir, "--tensorboard"), out.name)
+    return TensorBoardTracker(log_dir, out.name)
 
 
 @contextmanager

@@ -96,6 +96,10 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The Flower log is a file: plain text (dpfl's own switch, https://no-color.org), and
+        # without Ray's warning about a GPU setting that CPU clients do not use.
+        "NO_COLOR": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         # One thread per process: each ClientApp has one CPU, and oversubscribed
         # OpenMP threads spin-wait (a 10x slowdown measured on 2 cores).
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(CLIENT_CPUS)),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,23 +56,3 @@ def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]
         raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({file_format})")
     return payload
 
-
-def check_output_dir(path: str | Path, option: str = "--out") -> Path:
-    """``path`` as an absolute folder a command may write into, checked before anything is
-    written: not a file, its name valid UTF-8 (log lines carry it), and the folder (or, when
-    it does not exist yet, its nearest existing parent) writable. Nothing is left behind."""
-    path = Path(path).expanduser().absolute()
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{option} {str(path)!r} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"is inside {str(existing)!r}, which is a file"
-        raise UsageError(f"{option} {str(path)!r} {what}; give a folder")
-    try:  # by trying: permission bits do not bind root, read-only mounts and /proc do
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} refuses new files ({err.strerror})") from None
-    return path
