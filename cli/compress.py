@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 
 from dpfl.cli.display import ProgressDisplay, make_console
-from dpfl.cli.options import (
-    HelpFormatter, ImportedChoices, output_dir, non_negative_int, open_unit, positive_float, positive_int,
-)  # fmt: skip
+from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
 from dpfl.errors import UsageError
 
 # Accuracy lost to compression (in points) above which the command suggests fine-tuning.
@@ -39,20 +37,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="METHOD", help="decomposition: %(choices)s")  # fmt: skip
     parser.add_argument("--norm", choices=ImportedChoices("dpfl.compression.pipeline", "NORMS"), default="sigma",
                         metavar="NORM", help="sigma: output change over the data; frobenius: weight change")  # fmt: skip
-    parser.add_argument("--ratio", type=open_unit, required=True, help="fraction of parameters kept, in (0, 1)")
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of parameters kept, in (0, 1)")
     parser.add_argument("--scope", choices=ImportedChoices("dpfl.compression.study", "SCOPES"), default="model",
                         metavar="SCOPE", help="model: the whole model keeps --ratio of its parameters; layer: each compressed layer does")
     parser.add_argument("--rank", action="append", default=[], metavar="LAYER=R[,R]",
                         help="ranks for one layer, overriding --ratio (tucker2: output,input); repeatable")
     parser.add_argument("--layers", help="comma-separated layers to compress (default: all eligible but the first conv and the classifier)")
     parser.add_argument("--covariance", help="input statistics file from an earlier run (e.g. on another data set)")
-    parser.add_argument("--batches", type=positive_int, default=20, help="training batches for the covariance pass")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size of the covariance pass and fine-tuning")
-    parser.add_argument("--max-iter", type=non_negative_int, default=None,
+    parser.add_argument("--batches", type=int, default=20, help="training batches for the covariance pass")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the covariance pass and fine-tuning")
+    parser.add_argument("--max-iter", type=int, default=None,
                         help="ALS sweeps per layer (default: the solver's, docs/compression.md)")  # fmt: skip
-    parser.add_argument("--finetune-epochs", type=non_negative_int, default=0,
+    parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="epochs of fine-tuning after compression (recovers the accuracy a high ratio costs)")  # fmt: skip
-    parser.add_argument("--finetune-lr", type=positive_float, default=1e-3, help="Adam learning rate of the fine-tuning")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
     parser.add_argument("--seed", type=int, default=0, help="seed of CPD's initialisation and the data order")
     parser.add_argument("--out", type=output_dir, required=True, metavar="DIR",
                         help="folder for the compressed model, its report and the input statistics")  # fmt: skip

@@ -14,9 +14,7 @@ import argparse
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
 from dpfl.cli.display import ProgressDisplay, make_console
-from dpfl.cli.options import (
-    HelpFormatter, ImportedChoices, output_dir, non_negative_float, positive_float, positive_int, unit_interval,
-)  # fmt: skip
+from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
 
 TILE_SIZES = (64, 128, 256, 512)
 MAPPINGS = ImportedChoices("dpfl.cim.mapping", "MAPPINGS")
@@ -44,28 +42,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "exact, or fast under read noise")  # fmt: skip
     parser.add_argument("--compressed", action="store_true",
                         help="require a compressed checkpoint (dpfl compress output)")
-    parser.add_argument("--samples", type=positive_int, help="evaluate on the first N test images (default: all)")
-    parser.add_argument("--r-on", type=positive_float, default=CrossbarDevice.r_on, help="ON resistance, ohm")
-    parser.add_argument("--r-off", type=positive_float, default=CrossbarDevice.r_off, help="OFF resistance, ohm")
-    parser.add_argument("--r-wire", type=non_negative_float, default=CrossbarDevice.r_wordline,
+    parser.add_argument("--samples", type=int, help="evaluate on the first N test images (default: all)")
+    parser.add_argument("--r-on", type=float, default=CrossbarDevice.r_on, help="ON resistance, ohm")
+    parser.add_argument("--r-off", type=float, default=CrossbarDevice.r_off, help="OFF resistance, ohm")
+    parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline,
                         help="wire resistance per wordline and bitline segment, ohm (0: ideal)")  # fmt: skip
-    parser.add_argument("--adc-bits", type=positive_int, help="ADC resolution (default: ideal)")
-    parser.add_argument("--activation-bits", type=positive_int, default=CrossbarDevice.activation_bits,
+    parser.add_argument("--adc-bits", type=int, help="ADC resolution (default: ideal)")
+    parser.add_argument("--activation-bits", type=int, default=CrossbarDevice.activation_bits,
                         help="input (DAC) resolution, applied bit-serially")  # fmt: skip
     noise = parser.add_argument_group("device non-idealities (all off by default; see docs/cim.md)")
-    noise.add_argument("--programming-noise", type=unit_interval, default=0.0, metavar="SIGMA",
+    noise.add_argument("--programming-noise", type=float, default=0.0, metavar="SIGMA",
                        help="relative sigma of the programmed conductance, in [0, 1)")
     noise.add_argument("--programming-noise-model", choices=PROGRAMMING_NOISE_MODELS, default="proportional",
                        help="sigma x target conductance (proportional) or x G_on (independent)")
-    noise.add_argument("--stuck-on", type=non_negative_float, default=0.0, metavar="RATE", help="share of cells stuck at G_on")
-    noise.add_argument("--stuck-off", type=non_negative_float, default=0.0, metavar="RATE", help="share of cells stuck at G_off")
-    noise.add_argument("--read-noise", type=unit_interval, default=0.0, metavar="SIGMA",
+    noise.add_argument("--stuck-on", type=float, default=0.0, metavar="RATE", help="share of cells stuck at G_on")
+    noise.add_argument("--stuck-off", type=float, default=0.0, metavar="RATE", help="share of cells stuck at G_off")
+    noise.add_argument("--read-noise", type=float, default=0.0, metavar="SIGMA",
                        help="relative sigma of a cell's conductance, redrawn every read cycle")
-    noise.add_argument("--drift-nu", type=non_negative_float, default=0.0, help="mean drift exponent nu (PCM ~0.05)")
-    noise.add_argument("--drift-nu-std", type=non_negative_float, default=0.0, help="spread of nu across cells")
-    noise.add_argument("--drift-time", type=positive_float, metavar="SECONDS", help="time since programming")
+    noise.add_argument("--drift-nu", type=float, default=0.0, help="mean drift exponent nu (PCM ~0.05)")
+    noise.add_argument("--drift-nu-std", type=float, default=0.0, help="spread of nu across cells")
+    noise.add_argument("--drift-time", type=float, metavar="SECONDS", help="time since programming")
     noise.add_argument("--drift-compensation", action="store_true", help="global drift compensation per tile")
-    parser.add_argument("--trials", type=positive_int, default=1,
+    parser.add_argument("--trials", type=int, default=1,
                         help="device instances (seeds seed..seed+N-1); reports mean and 95%% interval")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first device instance")
     parser.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="folder for report.json and the plots")
@@ -73,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked here, before torch loads (the device validates its own values).
     device = CrossbarDevice(
         tile_size=args.tile, r_on=args.r_on, r_off=args.r_off, r_wordline=args.r_wire,
         r_bitline=args.r_wire, adc_bits=args.adc_bits, activation_bits=args.activation_bits,
