@@ -14,6 +14,7 @@ import argparse
 
 from dpfl.cli.display import ProgressDisplay, make_console
 from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
+from dpfl.compression.ranks import check_ratio
 from dpfl.errors import UsageError
 
 # Accuracy lost to compression (in points) above which the command suggests fine-tuning.
@@ -71,7 +72,9 @@ def parse_rank_overrides(values: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    ranks = parse_rank_overrides(args.rank)  # before torch loads: a mistake here is reported at once
+    # Before torch loads: a mistake here is reported at once.
+    check_ratio(args.ratio)
+    ranks = parse_rank_overrides(args.rank)
     from dpfl.compression.pipeline import CompressionConfig
     from dpfl.compression.study import StudyOptions, compress_checkpoint
 

@@ -81,6 +81,8 @@ CASES = [
     ("compress-checkpoint-truncated", ["compress", "--checkpoint", TRUNCATED, *CHECKPOINT_ARGS],
      [TRUNCATED, "cannot be read as a dpfl checkpoint", "cut short"]),
     ("compress-checkpoint-missing", ["compress", "--checkpoint", "missing.pt", *CHECKPOINT_ARGS], ["missing.pt", "does not exist"]),
+    ("compress-ratio-above-one", ["compress", "--checkpoint", TRUNCATED, "--ratio", "1.5", "--out", "compressed"],
+     ["ratio 1.5 is outside (0, 1)"]),
     ("compress-finetune-lr-zero", ["compress", "--checkpoint", TRUNCATED, *CHECKPOINT_ARGS, "--finetune-lr", "0"],
      ["--finetune-lr must be > 0, got 0.0"]),
     ("compress-method-unknown", ["compress", "--checkpoint", TRUNCATED, *CHECKPOINT_ARGS, "--method", "pca"],
