@@ -100,7 +100,9 @@ def run_study(
             sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name, seed))
     progress(sweep_stage, len(sweep), len(sweep))
     worst = max(distortion["naive"].layers, key=lambda layer: layer.nf)
+    progress(f"per-cell current loss of {worst.name} (heat map)", 0, 1)
     losses = tile_current_loss(model, statistics, device, worst.name, seed)
+    progress(f"per-cell current loss of {worst.name} (heat map)", 1, 1)
     report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, per_trial, sweep, worst.name)
     return report, losses
 

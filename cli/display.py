@@ -51,7 +51,8 @@ class ProgressDisplay:
         if self._bars is None:
             if stage not in self._tasks:
                 self._tasks[stage] = 0
-                self.console.print(f"[{time.monotonic() - self.started:6.0f} s] {stage} ({total} steps)",
+                steps = f"{total} step{'' if total == 1 else 's'}"
+                self.console.print(f"[{time.monotonic() - self.started:6.0f} s] {stage} ({steps})",
                                    markup=False, highlight=False, soft_wrap=True)  # fmt: skip
             if done >= total:
                 del self._tasks[stage]
