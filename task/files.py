@@ -50,8 +50,10 @@ def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        reason = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
-        raise UsageError(f"{kind} {str(path)!r} cannot be read as a dpfl {kind}, it may be cut short or damaged ({reason})") from None
+        # torch's own message would advise loading with weights_only=False: never for a file one cannot read.
+        raise UsageError(
+            f"{kind} {str(path)!r} is not a dpfl {kind}, or is cut short or damaged (torch.load: {err.__class__.__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != file_format:
         raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({file_format})")
     return payload

@@ -79,7 +79,7 @@ CASES = [
      ["--rounds", "must be >= 1, got 0"]),
     ("compress-checkpoint-is-a-folder", ["compress", "--checkpoint", FOLDER, *CHECKPOINT_ARGS], [FOLDER, "is a folder"]),
     ("compress-checkpoint-truncated", ["compress", "--checkpoint", TRUNCATED, *CHECKPOINT_ARGS],
-     [TRUNCATED, "cannot be read as a dpfl checkpoint", "cut short"]),
+     [TRUNCATED, "is not a dpfl checkpoint", "cut short or damaged"]),
     ("compress-checkpoint-missing", ["compress", "--checkpoint", "missing.pt", *CHECKPOINT_ARGS], ["missing.pt", "does not exist"]),
     ("compress-ratio-above-one", ["compress", "--checkpoint", TRUNCATED, "--ratio", "1.5", "--out", "compressed"],
      ["ratio 1.5 is outside (0, 1)"]),
