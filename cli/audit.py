@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_audit_options(audit)
     add_output_option(audit, "audit")
     add_run_options(parser)
-    parser.set_defaults(func=run, deploy_node_configs=[])
+    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[])
 
 
 def add_audit_options(parser) -> None:

@@ -135,6 +135,16 @@ def key_value(text: str) -> str:
     return text
 
 
+def node_config(text: str) -> dict:
+    """A simulated data owner's node config, as ``flower-supernode --node-config`` reads it."""
+    from dpfl.client.node import parse_node_config  # only when the option is given: it loads torch
+
+    try:
+        return parse_node_config(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def output_dir(text: str) -> Path:
     """A folder a command may write into (see :func:`check_output_dir`)."""
     try:

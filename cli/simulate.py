@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 from dpfl.cli.audit import add_audit_options, audit_and_print
 from dpfl.cli.display import ProgressDisplay, make_console
 from dpfl.cli.options import (
-    HelpFormatter, add_engine_options, add_output_option, add_run_options, add_tracking_option, settings_from_args,
+    HelpFormatter, add_engine_options, add_output_option, add_run_options, add_tracking_option, node_config,
+    settings_from_args,
 )  # fmt: skip
 from dpfl.errors import UsageError
 
@@ -37,8 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = parser.add_argument_group("this command")
     run.add_argument("--deploy-node-config", dest="deploy_node_configs", action="append", default=[],
                      metavar="'KEY=VALUE ...'",
-                     help="node config of simulated nodes for the deployment round (device-*, compress-*, "
-                     "share-accuracy); repeat for several device types, assigned round robin by partition")  # fmt: skip
+                     help="run config's proposal to simulated nodes for the deployment round (device-* and "
+                     "compress-* keys only); repeat for several device types, assigned round robin by partition")  # fmt: skip
+    run.add_argument("--node-config", dest="node_configs", action="append", default=[], type=node_config,
+                     metavar="'KEY=VALUE ...'",
+                     help="a simulated data owner's own node config, as flower-supernode --node-config takes it "
+                     "(policy-*, share-accuracy, share-nf, node-dir, device-*; strings in double quotes); repeat "
+                     "for several owners, assigned round robin by partition; never part of the run config")  # fmt: skip
     add_output_option(run, "<strategy>")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue the run in RUN_DIR from its last completed round, with its run config "
@@ -84,15 +91,23 @@ def run_command(args: argparse.Namespace) -> int:
         + (f"\n  Flower log: {out / FLOWER_LOG}" if args.engine == "flower" else "")
     )
 
+    started = last = time.monotonic()
+
     def show(row: dict) -> None:
+        # Timed here, for the operator: the public records hold no timings.
+        nonlocal last
+        now = time.monotonic()
+        seconds, last = now - last, now
         progress(f"rounds ({settings.strategy})", row["round"], settings.num_server_rounds)
-        console.print(round_line(row, settings.num_server_rounds, settings.delta, settings.local_delta), highlight=False)
+        console.print(f"{round_line(row, settings.num_server_rounds, settings.delta, settings.local_delta)}  {seconds:.1f} s",
+                      highlight=False)  # fmt: skip
         if tracker:
             tracker.record(row)
 
     try:
         with ProgressDisplay(console) as progress, signals_interrupt():
-            failure = run_simulation(settings, args.engine, workers, follow_rounds(out / METRICS_FILE, show))
+            follow = follow_rounds(out / METRICS_FILE, show)
+            failure = run_simulation(settings, args.engine, workers, follow, args.node_configs)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted[/]: {_completed_rounds(out)}; resume with")
         console.print(f"  {RESUME_HINT.format(out=out)}", soft_wrap=True, markup=False, highlight=False)
@@ -110,7 +125,7 @@ def run_command(args: argparse.Namespace) -> int:
         f"[bold]{summary['outcome']}[/]: {summary['rounds-completed']} rounds, final accuracy "
         f"{summary['final-accuracy']:.4f} (best {summary['best-accuracy']:.4f}), epsilon "
         f"{epsilon} at delta {summary['delta']:g}, sigma {summary['noise-multiplier']:.4f}, "
-        f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
+        f"{time.monotonic() - started:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
     if settings.deploy and (code := _show_deployment(out, console)):
         return code

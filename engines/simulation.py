@@ -12,7 +12,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.progress import Progress, no_progress
 from dpfl.server.app import app as server_app, resolve_noise_multiplier
-from dpfl.server.checkpoint import check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -36,6 +36,10 @@ from dpfl.task.partition import partition_indices
 from dpfl.task.pretraining import GENERATORS, pretrained_weights
 
 FLOWER_LOG = "flower.log"
+# Flower's engine: the SuperLink's own log (the server operator's), and what the simulated
+# nodes' processes print (per-client lines, the nodes' own).
+SUPERLINK_LOG = "server_private_superlink.log"
+NODES_LOG = "nodes/simulated_nodes.log"
 # Lines of the Flower log shown when `flwr run` fails.
 LOG_TAIL_LINES = 15
 # How often a follower looks for new rounds in a run's metrics.jsonl, in seconds.
@@ -74,13 +78,16 @@ def prepare_run(settings: RunSettings, download: bool = False, progress: Progres
 
 
 def run_warnings(settings: RunSettings) -> list[str]:
-    """Why this run's epsilon is not a guarantee, and a delta too large for its clients."""
+    """Why this run's epsilon is not a guarantee, a delta too large for its clients, and a resume
+    that lifts or raises the run's budget."""
+    budget = (budget_change_warning(load_run_checkpoint(settings.resume_from).run_config, settings.to_run_config())
+              if settings.resume_from else None)  # fmt: skip
     params = MechanismParams(
         noise_multiplier=settings.noise_multiplier, clip_norm=settings.clip_norm, sample_rate=settings.sample_rate,
         num_clients=settings.num_clients, delta=settings.delta, clipping=settings.clipping,
         private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
     )  # fmt: skip
-    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
+    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning(), budget] if warning]
 
 
 def follow_rounds(metrics: Path, on_round: Callable[[dict[str, Any]], None]) -> Follow:
@@ -106,20 +113,27 @@ def follow_rounds(metrics: Path, on_round: Callable[[dict[str, Any]], None]) -> 
     return follow
 
 
-def run_simulation(settings: RunSettings, engine: str, workers: int, follow: Follow) -> str | None:
+def run_simulation(
+    settings: RunSettings, engine: str, workers: int, follow: Follow, node_configs: Sequence[Mapping[str, Any]] = (),
+) -> str | None:
     """Run ``settings`` on ``engine`` while ``follow(running)`` watches; the failure, or None.
 
     ``follow`` is called in this thread and returns once ``running()`` is false. A
     KeyboardInterrupt inside it stops the run cleanly before it propagates.
+    ``node_configs``: the simulated data owners' own node configs (round robin by
+    partition), never part of the run config.
     """
     if engine == "flower":
-        return _run_on_flower(settings, Path(settings.out_dir), follow)
-    return run_in_process_following(settings, follow, workers)
+        return _run_on_flower(settings, Path(settings.out_dir), follow, node_configs)
+    return run_in_process_following(settings, follow, workers, node_configs=node_configs)
 
 
-def _run_on_flower(settings: RunSettings, out: Path, follow: Follow) -> str | None:
+def _run_on_flower(
+    settings: RunSettings, out: Path, follow: Follow, node_configs: Sequence[Mapping[str, Any]]
+) -> str | None:
     try:
-        with simulation(settings, settings.num_clients, out / FLOWER_LOG) as flower:
+        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SUPERLINK_LOG, out / NODES_LOG,
+                        node_configs) as flower:  # fmt: skip
             follow(lambda: flower.poll() is None)
     except FederationError as err:
         return str(err)
@@ -131,7 +145,7 @@ def _run_on_flower(settings: RunSettings, out: Path, follow: Follow) -> str | No
 
 def run_in_process_following(
     settings: RunSettings, follow: Follow, workers: int = 1, client: ClientApp = client_app,
-    num_nodes: int | None = None, log: Path | None = None,
+    num_nodes: int | None = None, log: Path | None = None, node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
     """Run ``settings`` on the in-process engine, ``client`` on ``num_nodes`` nodes (default:
     the ClientApp on one node per client), while ``follow`` watches as in :func:`run_simulation`;
@@ -143,7 +157,8 @@ def run_in_process_following(
 
     def target() -> None:
         try:
-            run_in_process(server_app, client, settings.to_run_config(), num_nodes or settings.num_clients, workers, stop)
+            run_in_process(server_app, client, settings.to_run_config(), num_nodes or settings.num_clients, workers, stop,
+                           node_configs)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 

@@ -2,7 +2,7 @@
 
 A tracker is a release like ``metrics.jsonl``, so it takes only the round records the
 recorder wrote there, and checks them again against the same public keys
-(:data:`dpfl.server.recorder.PUBLIC_ROUND_KEYS`): nothing of the server-private
+(:data:`dpfl.server.public_records.PUBLIC_ROUND_KEYS`): nothing of the server-private
 diagnostics, no client's value, no run folder contents beyond those rows. TensorBoard
 comes through ``torch.utils.tensorboard``, which needs the optional ``tensorboard``
 package (``pip install 'dpfl[tracking]'``).
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.errors import UsageError
-from dpfl.server.recorder import PUBLIC_ROUND_KEYS, NotPublicError
+from dpfl.server.public_records import PUBLIC_ROUND_KEYS
+from dpfl.server.recorder import NotPublicError
 
 
 class TensorBoardTracker:
@@ -32,7 +33,9 @@ class TensorBoardTracker:
         for key, value in row.items():
             # None (an epsilon that is not valid) and flags are not curves.
             if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(key, value, global_step=row["round"])
+                # The records hold no timings (a round's duration grows with its private
+                # cohort): TensorBoard's wall time of a point is its round, not the clock.
+                self._writer.add_scalar(key, value, global_step=row["round"], walltime=float(row["round"]))
 
     def close(self) -> None:
         self._writer.close()

@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 
 from dpfl.cli.display import ProgressDisplay
 from dpfl.progress import tracked
-from dpfl.server.recorder import PUBLIC_ROUND_KEYS, NotPublicError
+from dpfl.server.public_records import PUBLIC_ROUND_KEYS
+from dpfl.server.recorder import NotPublicError
 from dpfl.server.round_line import round_line
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.evaluation import evaluate
@@ -87,13 +88,14 @@ def test_library_jobs_report_their_steps():
 
 
 def test_the_round_line_shows_the_guarantee_the_run_has():
-    row = {"round": 3, "accuracy": 0.8, "loss": 0.5, "epsilon": 2.5, "round-time": 1.25}
-    assert round_line(row, 5, 1e-5, 1e-5) == "round   3/5  accuracy 0.8000  loss 0.5000  epsilon 2.500 (delta 1e-05)  1.2 s"
+    row = {"round": 3, "accuracy": 0.8, "loss": 0.5, "epsilon": 2.5}
+    assert round_line(row, 5, 1e-5, 1e-5) == "round   3/5  accuracy 0.8000  loss 0.5000  epsilon 2.500 (delta 1e-05)"
     # No client-level guarantee, sample-level DP in every silo (the docker example): its epsilon, not "not valid".
     silo = {**row, "epsilon": None, "local-epsilon-nominal": 8.08}
     line = round_line(silo, 5, 1e-5, 1e-6)
-    assert "no client-level epsilon; sample-level epsilon per client (nominal size) 8.080 (delta 1e-06)" in line
-    assert "not valid" not in line
+    assert line.endswith("no client-level epsilon; local DP-SGD epsilon of a nominal client 8.080 (delta 1e-06)")
+    # A node's own lines say "sample-level": the public log must not look like one (tests/test_public_records.py).
+    assert "not valid" not in line and "sample-level" not in line
     assert "epsilon not valid" in round_line({**row, "epsilon": None}, 5, 1e-5, 1e-5)
 
 
@@ -115,6 +117,7 @@ def test_tensorboard_receives_the_public_round_records_and_nothing_else(dpfl_qui
     for tag in tags:
         recorded = {row["round"]: row[tag] for row in rows if isinstance(row.get(tag), float | int)}
         assert {event.step: event.value for event in events.Scalars(tag)} == pytest.approx(recorded)
+        assert all(event.wall_time == event.step for event in events.Scalars(tag))  # no clock: no round durations
     tracker = TensorBoardTracker(board, "refused")
     with pytest.raises(NotPublicError, match="sampled"):
         tracker.record({**rows[-1], "sampled": 7})
