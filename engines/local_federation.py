@@ -46,6 +46,8 @@ CLIENT_CPUS = 1
 NODE_PROCESS_MARK = "ClientAppActor pid="
 # A clock time or a date: a line that has one is not for the public log (rounds must not be timed).
 CLOCK = re.compile(rb"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
+# An ANSI colour code (ESC [ ... m), which a log file shows as noise.
+COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
 
 
 def _free_port() -> int:
@@ -110,9 +112,7 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # The Flower log is a file: plain text (dpfl's own switch, https://no-color.org), and
-        # without Ray's warning about a GPU setting that CPU clients do not use.
-        "NO_COLOR": "1",
+        # Without Ray's warning about a GPU setting that CPU clients do not use.
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         # One thread per process: each ClientApp has one CPU, and oversubscribed
         # OpenMP threads spin-wait (a 10x slowdown measured on 2 cores).
@@ -236,6 +236,7 @@ def split_stream(stream, public_log: Path, server_log: Path, nodes_log: Path) ->
     nodes_log.parent.mkdir(parents=True, exist_ok=True)
     with public_log.open("ab") as public, server_log.open("ab") as server, nodes_log.open("ab") as nodes:
         for line in iter(stream.readline, b""):
+            line = COLOUR.sub(b"", line)  # the logs are files: plain text
             target = nodes if NODE_PROCESS_MARK.encode() in line else server if CLOCK.search(line) else public
             target.write(line)
             target.flush()

@@ -122,3 +122,11 @@ def test_tensorboard_receives_the_public_round_records_and_nothing_else(dpfl_qui
     with pytest.raises(NotPublicError, match="sampled"):
         tracker.record({**rows[-1], "sampled": 7})
     tracker.close()
+
+
+def test_flowers_colour_codes_stay_out_of_the_logs(tmp_path):
+    from dpfl.engines.local_federation import split_stream
+
+    stream = io.BytesIO(b"\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n")
+    split_stream(stream, tmp_path / "flower.log", tmp_path / "server.log", tmp_path / "nodes.log")
+    assert (tmp_path / "flower.log").read_bytes() == b"INFO :      Starting Flower Simulation\n"
