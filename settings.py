@@ -12,20 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import DEPLOY_MODES
-from dpfl.compression.pipeline import METHODS, NORMS
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import ACCOUNTANTS
-from dpfl.privacy.adaptive_clipping import AdaptiveClipping, CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
-from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
-from dpfl.privacy.validation import check_local_dp_supported
-from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
-from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
 from dpfl.task.partition import PARTITION_SCHEMES
-from dpfl.task.pretraining import PRETRAINING_CHOICES
 from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
-from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
+
+# The names validate() checks against live beside torch (models, data sets, the mechanism,
+# compression, crossbars): they are imported there, so that reading a run's settings (every
+# `dpfl` command line) does not import torch.
 
 
 @dataclass(frozen=True)
@@ -164,6 +158,13 @@ class RunSettings:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
+        from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
+        from dpfl.privacy.validation import check_local_dp_supported
+        from dpfl.task.data import DATASET_NAMES
+        from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
+        from dpfl.task.pretraining import PRETRAINING_CHOICES
+        from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
+
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("num-clients", self.num_clients, 1)
         _one_of("model", self.model, MODEL_BUILDERS)
@@ -229,6 +230,8 @@ class RunSettings:
             check_local_dp_supported(build_model(self.model, 10, 3, 32, 2 * GROUP_NORM_GROUPS), self.model)
 
     def _validate_adaptive_clipping(self) -> None:
+        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
+
         _one_of("clip-mode", self.clip_mode, CLIP_MODES)
         if self.clip_count_noise < 0:
             raise UsageError(f"clip-count-noise must be >= 0 (0 = automatic), got {self.clip_count_noise}")
@@ -240,12 +243,18 @@ class RunSettings:
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""
+        from dpfl.privacy.adaptive_clipping import AdaptiveClipping
+
         if self.clip_mode != "adaptive":
             return None
         return AdaptiveClipping.resolve(self.target_quantile, self.clip_lr, self.clip_count_noise,
                                         self.sample_rate * self.num_clients, noise_multiplier)  # fmt: skip
 
     def _validate_deployment(self) -> None:
+        from dpfl.cim.mapping import MAPPINGS
+        from dpfl.cim.model import DEPLOY_MODES
+        from dpfl.compression.pipeline import METHODS, NORMS
+
         if self.deploy_clients < 0:
             raise UsageError(f"deploy-clients must be >= 0 (0 = every node), got {self.deploy_clients}")
         _one_of("deploy-method", self.deploy_method, METHODS)
@@ -274,6 +283,8 @@ class RunSettings:
 
         Public by construction: the server never counts the clients' data.
         """
+        from dpfl.task.data import PUBLISHED_TRAIN_SIZES
+
         if self.client_size:
             return self.client_size
         if self.dataset not in PUBLISHED_TRAIN_SIZES:

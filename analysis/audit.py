@@ -35,9 +35,9 @@ from dpfl.privacy.audit import AuditBound, audit_scores
 from dpfl.privacy.clipping import global_l2_norm
 from dpfl.privacy.mechanism import ClientInstructions, noise_share, privatise_update
 from dpfl.privacy.randomness import Randomness
-from dpfl.server.app import app as server_app
-from dpfl.engines.inprocess import flower_log_to, run_in_process
-from dpfl.server.recorder import SUMMARY_FILE
+from dpfl.engines.simulation import follow_rounds, run_in_process_following
+from dpfl.progress import Progress, no_progress
+from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY
@@ -113,8 +113,11 @@ class CanaryFederation:
         return update_reply(msg, update, instructions.unclipped_report(norm))
 
 
-def run_audit(settings: RunSettings, canaries: int, confidence: float, out: Path) -> AuditReport:
-    """Run ``settings``' federation with ``canaries`` canaries; write audit.json and audit.png under ``out``."""
+def run_audit(
+    settings: RunSettings, canaries: int, confidence: float, out: Path, progress: Progress = no_progress
+) -> AuditReport:
+    """Run ``settings``' federation with ``canaries`` canaries; write audit.json and audit.png under ``out``.
+    ``progress`` sees each round."""
     if not get_strategy_class(settings.strategy).private:
         raise UsageError(f"strategy {settings.strategy} adds no noise (epsilon is infinite): there is nothing to audit")
     if canaries < 2:
@@ -127,8 +130,13 @@ def run_audit(settings: RunSettings, canaries: int, confidence: float, out: Path
     inclusion = Randomness().stream("audit-inclusion").bernoulli(canaries, 0.5)
     included = [canary for canary in range(canaries) if inclusion[canary]]
     federation = CanaryFederation(settings.num_clients, included, settings.seed)
-    with flower_log_to(out / FLOWER_LOG):
-        run_in_process(server_app, federation.app, settings.to_run_config(), settings.num_clients + len(included))
+    stage = f"audited run with {len(included)} canaries (rounds)"
+    failure = run_in_process_following(
+        settings, follow_rounds(run_dir / METRICS_FILE, lambda row: progress(stage, row["round"], settings.num_server_rounds)),
+        client=federation.app, num_nodes=settings.num_clients + len(included), log=out / FLOWER_LOG,
+    )  # fmt: skip
+    if failure:
+        raise RuntimeError(f"the audited run failed: {failure}; see {out / FLOWER_LOG}")
     if federation.first_model is None:
         raise RuntimeError(f"the audited run released no model; see {out / FLOWER_LOG}")
     first = federation.first_model[1]

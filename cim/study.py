@@ -28,6 +28,7 @@ from dpfl.cim.metrics import Interval, ModelDistortion, model_distortion, tile_c
 from dpfl.cim.model import LayerCalibration, calibrate, mappable_layers, resolve_mode, to_crossbars
 from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
 from dpfl.errors import UsageError
+from dpfl.progress import Progress, no_progress
 from dpfl.task.attention import ExplicitAttention, explicit_attention
 from dpfl.task.checkpoint import checkpoint_dataset, load_checkpoint
 from dpfl.task.evaluation import accuracy
@@ -57,7 +58,7 @@ class DeployReport:
 def run_study(
     model: nn.Module, statistics: dict[str, LayerCalibration], test_data: Dataset,
     device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
-    progress=lambda message: None, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
+    progress: Progress = no_progress, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map.
     ``sweep_tile_sizes``: the tile sizes of the NF sweep (each one costs a distortion pass).
@@ -70,17 +71,18 @@ def run_study(
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
     mode = resolve_mode(mode, device)
     distortion, per_trial = {}, {}
-    scores = {"digital": accuracy(model, test_data, EVAL_BATCH_SIZE)}
+    scores = {"digital": accuracy(model, test_data, EVAL_BATCH_SIZE, progress, "accuracy, digital model")}
     quantised = to_crossbars(model, statistics, device, mapping, "ideal", seed)
-    scores["quantised"] = accuracy(quantised, test_data, EVAL_BATCH_SIZE)
+    scores["quantised"] = accuracy(quantised, test_data, EVAL_BATCH_SIZE, progress, "accuracy, quantised on ideal crossbars")
+    instances_stage, instances = f"mappings and device instances, tile {device.tile_size}", len(MAPPINGS) * trials
     for name in MAPPINGS:
         runs = []
         for trial in range(trials):
-            progress(f"{name} mapping, trial {trial + 1}/{trials}: distortion per layer, tile {device.tile_size}")
+            progress(instances_stage, MAPPINGS.index(name) * trials + trial, instances)
             measured = model_distortion(model, statistics, device, name, seed + trial)
-            progress(f"{name} mapping, trial {trial + 1}/{trials}: accuracy, analog ({mode})")
             analog = to_crossbars(model, statistics, device, name, mode, seed + trial)
-            runs.append((measured, accuracy(analog, test_data, EVAL_BATCH_SIZE)))
+            stage = f"accuracy, analog ({mode}), {name} mapping, device instance {trial + 1}/{trials}"
+            runs.append((measured, accuracy(analog, test_data, EVAL_BATCH_SIZE, progress, stage)))
         distortion[name] = runs[0][0]
         per_trial[name] = {
             "accuracy": Interval.of([score for _, score in runs]),
@@ -89,14 +91,18 @@ def run_study(
             "gain_free_error": Interval.of([measured.gain_free_error for measured, _ in runs]),
         }
         scores[f"analog_{name}"] = per_trial[name]["accuracy"].mean
-    sweep = []
+    progress(instances_stage, instances, instances)
+    sweep, sweep_stage = [], "NF sweep over tile sizes and mappings"
     for size in sweep_tile_sizes:
         sized = dataclasses.replace(device, tile_size=size)
         for name in MAPPINGS:
-            progress(f"NF sweep, tile {size}, {name} mapping")
+            progress(sweep_stage, len(sweep), len(sweep_tile_sizes) * len(MAPPINGS))
             sweep.append(distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name, seed))
+    progress(sweep_stage, len(sweep), len(sweep))
     worst = max(distortion["naive"].layers, key=lambda layer: layer.nf)
+    progress(f"per-cell current loss of {worst.name} (heat map)", 0, 1)
     losses = tile_current_loss(model, statistics, device, worst.name, seed)
+    progress(f"per-cell current loss of {worst.name} (heat map)", 1, 1)
     report = DeployReport(device.as_dict(), mapping, mode, scores, distortion, per_trial, sweep, worst.name)
     return report, losses
 
@@ -139,7 +145,7 @@ REPORT_VECTORS = 16
 
 def cim_study(
     model: nn.Module, calibration_data: Dataset, test_data: Dataset, device: CrossbarDevice,
-    mapping: str, mode: str, seed: int, trials: int = 1, progress=lambda message: None,
+    mapping: str, mode: str, seed: int, trials: int = 1, progress: Progress = no_progress,
     sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports for ``model`` on ``device``, and the per-cell
@@ -155,7 +161,9 @@ def cim_study(
         generator = torch.Generator().manual_seed(seed)
         count = min(CALIBRATION_IMAGES, len(calibration_data))
         calibration = torch.stack([calibration_data[i][0] for i in range(count)])
+        progress("calibrating the mappable layers", 0, 1)
         statistics = calibrate(model.eval(), calibration, device, REPORT_VECTORS, generator)
+        progress("calibrating the mappable layers", 1, 1)
         report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress, sweep_tile_sizes)
         report.context = {"test_images": len(test_data), "calibration_images": count,
                           "report_vectors_per_layer": REPORT_VECTORS, "operations": operations(model)}  # fmt: skip
@@ -182,7 +190,7 @@ def operations(model: nn.Module) -> list[dict[str, str]]:
 def deploy_checkpoint(
     checkpoint_path: str | Path, out: str | Path, device: CrossbarDevice, mapping: str, mode: str, seed: int,
     trials: int = 1, samples: int | None = None, dataset: str | None = None, data_dir: str | None = None,
-    compressed: bool = False, progress=lambda message: None,
+    compressed: bool = False, progress: Progress = no_progress,
 ) -> tuple[DeployReport, list[Path]]:
     """The study of ``dpfl deploy``: the model of ``checkpoint_path`` on ``device``, tested on
     the first ``samples`` test images of ``dataset`` (default: the checkpoint's), its report

@@ -1,17 +1,18 @@
-"""``dpfl audit``: the accountant's ε of a run configuration beside an empirical lower bound."""
+"""``dpfl audit``: the accountant's ε of a run configuration beside an empirical lower bound.
+
+The audit's own options are added by :func:`add_audit_options` and read by
+:func:`audit_and_print`, which ``dpfl simulate --audit`` shares: a new audit option
+needs a line in each, nothing in ``simulate``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from dpfl.cli.options import open_unit, positive_int
-from dpfl.cli.simulate import add_run_options, settings_from_args
+from dpfl.cli.display import ProgressDisplay, make_console
+from dpfl.cli.options import HelpFormatter, add_output_option, add_run_options, open_unit, positive_int, settings_from_args
 
 DEFAULT_CANARIES = 128
 DEFAULT_CONFIDENCE = 0.95
@@ -20,49 +21,57 @@ DEFAULT_CONFIDENCE = 0.95
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "audit",
+        usage="%(prog)s [OPTION ...]",
         help="audit a run configuration: accountant epsilon vs an empirical lower bound",
         description="Run the configured federation (the same ServerApp, strategy, mechanism and ClientApp as "
         "`dpfl simulate`, on the in-process engine) with canary clients, each present with probability 1/2, "
         "and bound epsilon from below from the released models (Steinke, Nasr & Jagielski 2023, one run). "
         "A lower bound above the accountant's epsilon means the code does not implement the mechanism it claims.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    add_audit_options(parser)
+    audit = parser.add_argument_group("the audit")
+    add_audit_options(audit)
+    add_output_option(audit, "audit")
     add_run_options(parser)
-    parser.add_argument("--out", default=None, help="output folder (default runs/audit-<time>)")
-    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[], download=False, resume=None)
+    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[])
 
 
-def add_audit_options(parser: argparse.ArgumentParser) -> None:
-    """--canaries and --confidence (also used by `dpfl simulate --audit`)."""
-    parser.add_argument("--canaries", type=positive_int, default=DEFAULT_CANARIES,
+def add_audit_options(parser) -> None:
+    """The audit's options (also those of `dpfl simulate --audit`)."""
+    parser.add_argument("--canaries", type=positive_int, default=DEFAULT_CANARIES, metavar="N",
                         help="canary clients, each present with probability 1/2")  # fmt: skip
-    parser.add_argument("--confidence", type=open_unit, default=DEFAULT_CONFIDENCE,
+    parser.add_argument("--confidence", type=open_unit, default=DEFAULT_CONFIDENCE, metavar="X",
                         help="confidence of the audited lower bound")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    args.out = args.out or f"runs/audit-{datetime.now():%Y%m%d-%H%M%S}"
-    settings = settings_from_args(args)
-    console = Console()
+    from dpfl.engines.simulation import prepare_run
+
+    settings = settings_from_args(args, "audit")
+    console = make_console()
+    with ProgressDisplay(console) as progress:
+        prepare_run(settings, progress=progress)
     console.print(f"[bold]dpfl audit[/]: {settings.strategy}, {settings.num_clients} clients + {args.canaries} "
                   f"canaries (each present with probability 1/2), {settings.num_server_rounds} rounds; "
                   f"records: {settings.out_dir}")  # fmt: skip
-    audit_and_print(settings, args.canaries, args.confidence, Path(settings.out_dir), console)
+    audit_and_print(settings, args, Path(settings.out_dir), console)
     return 0
 
 
-def audit_and_print(settings, canaries: int, confidence: float, out: Path, console: Console) -> None:
-    """Run the audit of ``settings`` into ``out`` and print its table and files."""
+def audit_and_print(settings, args: argparse.Namespace, out: Path, console) -> None:
+    """Run the audit of ``settings`` with the audit options in ``args`` into ``out``; print its table and files."""
     from dpfl.analysis.audit import AUDIT_FILE, AUDIT_PLOT, run_audit
 
-    report = run_audit(settings, canaries, confidence, out)
+    with ProgressDisplay(console) as progress:
+        report = run_audit(settings, args.canaries, args.confidence, out, progress)
     print_audit(report, console)
     console.print(f"  {out / AUDIT_FILE}\n  plot: {out / AUDIT_PLOT}")
 
 
-def print_audit(report, console: Console) -> None:
+def print_audit(report, console) -> None:
     """The accountant's ε and the audited lower bound side by side, with how the bound was reached."""
+    from rich.table import Table
+
     bound = report.bound
     table = Table(title=f"client-level privacy of {report.strategy} (delta {report.delta:g})")
     for column in ("epsilon\n(accountant)", f"epsilon lower\nbound ({bound.confidence:.0%})", "sigma", "rounds",

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
-from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import DEPLOY_MODES
-from dpfl.cim.study import DeployReport, deploy_checkpoint
-from dpfl.task.data import DATASET_NAMES
+from dpfl.cli.display import ProgressDisplay, make_console
+from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
 
 TILE_SIZES = (64, 128, 256, 512)
+MAPPINGS = ImportedChoices("dpfl.cim.mapping", "MAPPINGS")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,27 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="simulate a model on compute-in-memory crossbars with parasitic wire resistance",
         description="Map a checkpoint's Conv2d/Linear layers onto simulated memristive crossbars "
         "(naive and MDM mappings) and report distortion and accuracy.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="dpfl checkpoint (dpfl simulate / dpfl compress output)")
-    parser.add_argument("--dataset", choices=DATASET_NAMES, help="evaluation data set (default: the checkpoint's)")
+    parser.add_argument("--dataset", choices=ImportedChoices("dpfl.task.data", "DATASET_NAMES"), metavar="NAME",
+                        help="evaluation data set: %(choices)s (default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
-    parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns (default 128)")
-    parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", help="mapping to deploy (all are reported)")
-    parser.add_argument("--mode", choices=DEPLOY_MODES, default="auto",
-                        help="exact: every input bit-plane read through the circuit (under read noise every read "
+    parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns")
+    parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", metavar="MAPPING",
+                        help="mapping to deploy, one of %(choices)s (all are reported)")  # fmt: skip
+    parser.add_argument("--mode", choices=ImportedChoices("dpfl.cim.model", "DEPLOY_MODES"), default="auto",
+                        metavar="MODE", help="exact: every input bit-plane read through the circuit (under read noise every read "
                         "is solved: seconds per image); fast: calibrated attenuation maps, which miss how IR drop "
-                        "depends on the input; ideal: the quantised model on ideal crossbars; auto (default): "
-                        "exact, or fast under read noise")
+                        "depends on the input; ideal: the quantised model on ideal crossbars; auto: "
+                        "exact, or fast under read noise")  # fmt: skip
     parser.add_argument("--compressed", action="store_true",
                         help="require a compressed checkpoint (dpfl compress output)")
     parser.add_argument("--samples", type=int, help="evaluate on the first N test images (default: all)")
-    parser.add_argument("--r-on", type=float, default=CrossbarDevice.r_on, help="ON resistance, ohm (default 100k)")
-    parser.add_argument("--r-off", type=float, default=CrossbarDevice.r_off, help="OFF resistance, ohm (default 10M)")
+    parser.add_argument("--r-on", type=float, default=CrossbarDevice.r_on, help="ON resistance, ohm")
+    parser.add_argument("--r-off", type=float, default=CrossbarDevice.r_off, help="OFF resistance, ohm")
     parser.add_argument("--r-wire", type=float, default=CrossbarDevice.r_wordline,
-                        help="wire resistance per wordline and bitline segment, ohm (default 1; 0 = ideal)")
+                        help="wire resistance per wordline and bitline segment, ohm (0: ideal)")  # fmt: skip
     parser.add_argument("--adc-bits", type=int, help="ADC resolution (default: ideal)")
     parser.add_argument("--activation-bits", type=int, default=CrossbarDevice.activation_bits,
-                        help="input (DAC) resolution, applied bit-serially (default 8)")
+                        help="input (DAC) resolution, applied bit-serially")  # fmt: skip
     noise = parser.add_argument_group("device non-idealities (all off by default; see docs/cim.md)")
     noise.add_argument("--programming-noise", type=float, default=0.0, metavar="SIGMA",
                        help="relative sigma of the programmed conductance, in [0, 1)")
@@ -63,15 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     noise.add_argument("--drift-compensation", action="store_true", help="global drift compensation per tile")
     parser.add_argument("--trials", type=int, default=1,
                         help="device instances (seeds seed..seed+N-1); reports mean and 95%% interval")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="folder for report.json and the plots")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first device instance")
+    parser.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="folder for report.json and the plots")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    # Checked here, before torch loads (the device validates its own values).
     device = CrossbarDevice(
         tile_size=args.tile, r_on=args.r_on, r_off=args.r_off, r_wordline=args.r_wire,
         r_bitline=args.r_wire, adc_bits=args.adc_bits, activation_bits=args.activation_bits,
@@ -80,17 +80,20 @@ def run(args: argparse.Namespace) -> int:
         drift_nu=args.drift_nu, drift_nu_std=args.drift_nu_std, drift_time=args.drift_time,
         drift_compensation=args.drift_compensation,
     )
-    with console.status("simulating crossbars") as status:
+    from dpfl.cim.study import deploy_checkpoint
+
+    console = make_console()
+    with ProgressDisplay(console) as progress:
         report, paths = deploy_checkpoint(
             args.checkpoint, args.out, device, args.mapping, args.mode, args.seed, args.trials, args.samples,
-            args.dataset, args.data_dir, args.compressed, progress=lambda message: status.update(message),
+            args.dataset, args.data_dir, args.compressed, progress=progress,
         )  # fmt: skip
     _print(console, report)
-    console.print("wrote " + ", ".join(str(path) for path in paths))
+    console.print("wrote " + ", ".join(str(path) for path in paths), soft_wrap=True)
     return 0
 
 
-def _print(console, report: DeployReport) -> None:
+def _print(console, report) -> None:
     from rich.table import Table
 
     tile = report.distortion[MAPPINGS[0]].tile_size

@@ -113,6 +113,8 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Without Ray's warning about a GPU setting that CPU clients do not use.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         # One thread per process: each ClientApp has one CPU, and oversubscribed
         # OpenMP threads spin-wait (a 10x slowdown measured on 2 cores).
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(CLIENT_CPUS)),
@@ -237,11 +239,12 @@ def split_stream(stream, public_log: Path, server_log: Path, nodes_log: Path) ->
         for line in iter(stream.readline, b""):
             text = COLOUR.sub("", line.decode(errors="replace"))
             console = CONSOLE_LINE.match(text.rstrip("\n"))
+            # The logs are files: plain text, without colour codes.
             if NODE_PROCESS_MARK in text:
-                nodes.write(line)
+                nodes.write(text.encode())
             elif console and is_public_log_line(console.group(1)):
                 public.write(text.encode())
             else:
-                server.write(line)
+                server.write(text.encode())
             for target in (public, server, nodes):
                 target.flush()

@@ -9,34 +9,43 @@ simulated node.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from flwr.clientapp import ClientApp
 
 from dpfl.client.app import app as client_app
 from dpfl.engines.inprocess import flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
-from dpfl.server.app import app as server_app
+from dpfl.progress import Progress, no_progress
+from dpfl.server.app import app as server_app, resolve_noise_multiplier
 from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
 from dpfl.server.public_records import pin_public_times
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import not_valid_reasons
+from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset, load_dataset
 from dpfl.task.partition import partition_indices
+from dpfl.task.pretraining import GENERATORS, pretrained_weights
 
 FLOWER_LOG = "flower.log"
 # Every line of Flower's log that is not the ServerApp's own (the server operator's), and what
 # the simulated nodes' processes print under Flower's engine (per-client lines, the nodes' own).
 SERVER_LOG = "server_private_flower.log"
 NODES_LOG = "nodes/simulated_nodes.log"
-ENGINES = ("flower", "in-process")
 # Lines of the Flower log shown when `flwr run` fails.
 LOG_TAIL_LINES = 15
+# How often a follower looks for new rounds in a run's metrics.jsonl, in seconds.
+FOLLOW_INTERVAL = 0.5
+Follow = Callable[[Callable[[], bool]], None]
 
 
 def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
@@ -50,15 +59,23 @@ def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
     return settings
 
 
-def prepare_run(settings: RunSettings, download: bool = False) -> None:
-    """Everything a run needs before its first round, checked (and the data set cached)."""
+def prepare_run(settings: RunSettings, download: bool = False, progress: Progress = no_progress) -> None:
+    """Everything a run needs before its first round, checked (and the data set cached), and
+    the public pretraining its model starts from computed into the cache, with ``progress``."""
+    initial = None
     if settings.init_from and not settings.resume_from:
-        load_initial_state(settings.init_from, settings.init_new_data)
+        initial = load_initial_state(settings.init_from, settings.init_new_data)
+    if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
+        resolve_noise_multiplier(settings, initial.history if initial else ())
     smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
     if download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
+    if settings.pretraining in GENERATORS and not (settings.resume_from or settings.init_from):
+        # The ServerApp reads the cache (in whatever process it runs), so it starts at once.
+        spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
+        pretrained_weights(spec, settings.pretraining, progress=progress)
 
 
 def run_warnings(settings: RunSettings) -> list[str]:
@@ -74,9 +91,31 @@ def run_warnings(settings: RunSettings) -> list[str]:
     return [warning for warning in [*not_valid_reasons(params), settings.delta_warning(), budget] if warning]
 
 
+def follow_rounds(metrics: Path, on_round: Callable[[dict[str, Any]], None]) -> Follow:
+    """A ``follow`` for :func:`run_simulation`: ``on_round`` sees each round of ``metrics``
+    (a run's ``metrics.jsonl``, public records only) as the ServerApp writes it."""
+
+    def follow(running: Callable[[], bool]) -> None:
+        offset = 0
+        while True:
+            finished = not running()
+            if metrics.exists():
+                with metrics.open() as lines:
+                    lines.seek(offset)
+                    for line in iter(lines.readline, ""):
+                        if not line.endswith("\n"):  # being written
+                            break
+                        offset += len(line)
+                        on_round(json.loads(line))
+            if finished:
+                return
+            time.sleep(FOLLOW_INTERVAL)
+
+    return follow
+
+
 def run_simulation(
-    settings: RunSettings, engine: str, workers: int, follow: Callable[[Callable[[], bool]], None],
-    node_configs: Sequence[Mapping[str, Any]] = (),
+    settings: RunSettings, engine: str, workers: int, follow: Follow, node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
     """Run ``settings`` on ``engine`` while ``follow(running)`` watches; the failure, or None.
 
@@ -89,14 +128,14 @@ def run_simulation(
     if engine == "flower":
         failure = _run_on_flower(settings, out, follow, node_configs)
     else:
-        failure = _run_in_process(settings, out, workers, follow, node_configs)
+        failure = run_in_process_following(settings, follow, workers, node_configs=node_configs)
     if (out / "config.json").exists():  # flower.log's last line came after the records were written
         pin_public_times(out)
     return failure
 
 
 def _run_on_flower(
-    settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None], node_configs: Sequence[Mapping[str, Any]]
+    settings: RunSettings, out: Path, follow: Follow, node_configs: Sequence[Mapping[str, Any]]
 ) -> str | None:
     try:
         with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SERVER_LOG, out / NODES_LOG,
@@ -110,21 +149,27 @@ def _run_on_flower(
     return None
 
 
-def _run_in_process(
-    settings: RunSettings, out: Path, workers: int, follow: Callable[[Callable[[], bool]], None],
-    node_configs: Sequence[Mapping[str, Any]],
+def run_in_process_following(
+    settings: RunSettings, follow: Follow, workers: int = 1, client: ClientApp = client_app,
+    num_nodes: int | None = None, log: Path | None = None, node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
+    """Run ``settings`` on the in-process engine, ``client`` on ``num_nodes`` nodes (default:
+    the ClientApp on one node per client), while ``follow`` watches as in :func:`run_simulation`;
+    Flower's public log goes to ``log`` (default: the run folder's), its other lines to
+    :data:`SERVER_LOG` beside it. The failure, or None."""
     failure: list[str] = []
     stop = threading.Event()
+    log = log or Path(settings.out_dir) / FLOWER_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
 
     def target() -> None:
         try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop,
+            run_in_process(server_app, client, settings.to_run_config(), num_nodes or settings.num_clients, workers, stop,
                            node_configs)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 
-    with flower_log_to(out / FLOWER_LOG, out / SERVER_LOG):
+    with flower_log_to(log, log.with_name(SERVER_LOG)):
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
         try:

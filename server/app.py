@@ -31,7 +31,8 @@ from dpfl.server.checkpoint import (
 )
 from dpfl.server.deployment_round import run_deployment_round
 from dpfl.task.evaluation import evaluate
-from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder
+from dpfl.server.round_line import round_line
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
@@ -177,11 +178,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             rounds=recorder.rounds, pretraining_seconds=pretraining_seconds,
         ))  # fmt: skip
         # No duration: Flower's log is public, and a round's time grows with its private cohort.
-        log(
-            INFO,
-            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g)",
-            server_round, settings.num_server_rounds, accuracy, loss, format_epsilon(row["epsilon"]), settings.delta,
-        )  # fmt: skip
+        log(INFO, "dpfl %s", round_line(row, settings.num_server_rounds, settings.delta, settings.local_delta))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     wait_for_nodes(grid, settings.num_clients)

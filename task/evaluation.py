@@ -10,17 +10,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dpfl.progress import Progress, no_progress, tracked
+
 EVAL_BATCH_SIZE = 256
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE, progress: Progress = no_progress,
+    stage: str = "evaluating",
+) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of ``model`` on ``dataset``, in eval mode;
-    the model's training flag is restored afterwards."""
+    the model's training flag is restored afterwards. ``progress`` sees each batch as a step of ``stage``."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for inputs, targets in DataLoader(dataset, batch_size=batch_size):
+    for inputs, targets in tracked(DataLoader(dataset, batch_size=batch_size), stage, progress):
         logits = model(inputs)
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(dim=1) == targets).sum())
@@ -29,5 +34,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SI
     return loss_sum / count, correct / count
 
 
-def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    return evaluate(model, dataset, batch_size)[1]
+def accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE, progress: Progress = no_progress,
+    stage: str = "evaluating",
+) -> float:
+    return evaluate(model, dataset, batch_size, progress, stage)[1]

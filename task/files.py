@@ -43,12 +43,18 @@ def save_tagged(path: str | Path, file_format: str, payload: dict[str, Any]) -> 
 def load_tagged(path: str | Path, file_format: str, kind: str) -> dict[str, Any]:
     """The payload of a ``file_format`` file; anything else is a one-line error naming ``kind``."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{kind} {str(path)!r} is a folder; give the {kind} file itself")
     if not path.is_file():
         raise UsageError(f"{kind} {str(path)!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({err.__class__.__name__})") from None
+        # torch's own message would advise loading with weights_only=False: never for a file one cannot read.
+        raise UsageError(
+            f"{kind} {str(path)!r} is not a dpfl {kind}, or is cut short or damaged (torch.load: {err.__class__.__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != file_format:
         raise UsageError(f"{kind} {str(path)!r} is not a dpfl {kind} ({file_format})")
     return payload
+

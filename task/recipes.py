@@ -24,7 +24,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpfl.errors import UsageError
-from dpfl.task.models import VIT_DEPTH
+
+# Encoder blocks of the ViT when none is named: the built-in ViT's depth before it was a
+# setting (checkpoints saved then carry no depth and load with it). Here rather than beside
+# the models, which import torch: the recipes are read by every `dpfl` command line.
+VIT_DEPTH = 4
 
 
 @dataclass(frozen=True)
