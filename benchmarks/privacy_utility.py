@@ -4,9 +4,9 @@
 (3-4 images each), the model's recipe (dpfl/task/recipes.py; for the default
 GroupNorm ResNet-10 of width 8: 40 rounds of Poisson sampling at q = 0.25, C = 0.2),
 and one σ calibrated so that every private strategy ends at ε = 8 (δ = 1e-5);
-non-private FedAvg as the reference curve; seeds 0-2. It is `dpfl compare` with
-these settings (the in-process engine), so the table and plot are the ones a
-researcher gets from the CLI.
+non-private FedAvg as the reference curve; seeds 0-2. It calls `dpfl compare`'s
+library function with these settings (the in-process engine), so the records and
+plot are the ones a researcher gets from the CLI.
 
 ``--clip-mode adaptive`` runs the private strategies with quantile-based adaptive
 clipping (C starts at the recipe's and tracks ``--target-quantile``); tune it with
@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dpfl.analysis.comparison import run_comparison
-from dpfl.cli.compare import print_run, print_table
+from dpfl.server.recorder import format_epsilon
 from dpfl.settings import RunSettings, describe_recipe
 
 STRATEGIES = ["dp-fedavg", "dp-fedsam", "dp-fedpgn", "dp-fedpgn-ls", "fedavg"]
@@ -60,8 +60,14 @@ def main() -> None:
     console = Console()
     console.print(describe_recipe(settings))
     started = time.perf_counter()
-    rows = run_comparison(settings, args.strategies, args.seeds, Path(out).resolve(), [], on_run=print_run(console))
-    print_table(rows, console)
+    rows = run_comparison(settings, args.strategies, args.seeds, Path(out).resolve(), [],
+                          on_run=lambda name, seed, rounds: console.print(
+                              f"{name} seed {seed}: final accuracy {rounds[-1]['accuracy']:.4f}, "
+                              f"epsilon {format_epsilon(rounds[-1]['epsilon'])}"))  # fmt: skip
+    for row in rows:  # the library's summary rows (comparison.json), one line each
+        console.print(f"{row['strategy']}: final accuracy {row['final-accuracy-mean']:.4f} ± {row['final-accuracy-std']:.4f}, "
+                      f"best {row['best-accuracy-mean']:.4f} ± {row['best-accuracy-std']:.4f} over {row['seeds']} seed(s), "
+                      f"epsilon {format_epsilon(row['epsilon']) if row['epsilon-label'] == 'valid' else row['epsilon-label']}")  # fmt: skip
     if args.validation_fraction:
         print_validation(Path(out).resolve(), console)
     by_name = {row["strategy"]: row for row in rows}

@@ -47,13 +47,19 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title="client-level DP (Poisson-subsampled Gaussian)")
-    for column in ("accountant", "noise multiplier", "sample rate", "rounds", "delta", "epsilon", "best RDP order"):
+    for column in ("accountant", "noise multiplier", "sample rate", "rounds", "delta", "epsilon", "best RDP order",
+                   "last-iterate epsilon\n(heuristic)"):  # fmt: skip
         table.add_column(column, justify="right")
     for row in rows:
         order = row["best-rdp-order"]
         table.add_row(
             row["accountant"], f"{row['noise-multiplier']:.4f}", f"{row['sample-rate']:g}", str(row["rounds"]),
             f"{row['delta']:g}", f"{row['epsilon']:.4f}", "" if order is None else f"{order:.3f}",
+            f"{row['last-iterate-epsilon']:.4f}",
         )  # fmt: skip
-    make_console().print(table)
+    console = make_console()
+    console.print(table)
+    console.print("epsilon is the accountant's guarantee for anyone who sees every round's model. The last-iterate "
+                  "epsilon (Steinke et al., ICLR 2025) is a heuristic, not a guarantee, for who sees only the final "
+                  "model: exact when every client's update is the same vector each round it is sampled.")  # fmt: skip
     return 0

@@ -130,7 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
     if settings.deploy and (code := _show_deployment(out, console)):
         return code
     if args.audit:
-        audit_and_print(settings, args.canaries, args.confidence, out / "audit", console)
+        audit_and_print(settings, args, out / "audit", console)
     return 0
 
 

@@ -74,6 +74,11 @@ def export_partition(settings: RunSettings, partition_id: int, num_partitions: i
     """Write one node's partition as a ``data-file`` (atomically); return its number of samples."""
     part = _partition(settings, partition_id, num_partitions)
     xs, ys = zip(*(part.dataset[i] for i in range(len(part.dataset))))
-    payload = {"x": torch.stack(xs), "y": torch.as_tensor(ys), "num-classes": part.spec.num_classes, "dataset": settings.dataset}
-    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    write_data_file(path, torch.stack(xs), torch.as_tensor(ys), part.spec.num_classes, settings.dataset)
     return len(xs)
+
+
+def write_data_file(path: str | Path, x: torch.Tensor, y: torch.Tensor, num_classes: int, dataset: str) -> None:
+    """Write examples ``x`` with labels ``y`` as a node's ``data-file`` (atomically)."""
+    payload = {"x": x, "y": y, "num-classes": num_classes, "dataset": dataset}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))

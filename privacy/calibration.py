@@ -6,6 +6,7 @@ import math
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import History, create_accountant
+from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
 
 # Noise multipliers searched by calibration.
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e3
@@ -74,4 +75,6 @@ def privacy_spent(
     sigma = noise_multiplier or calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, accountant=accountant)
     epsilon, order = create_accountant(accountant, delta).spent([(sigma, sample_rate, rounds)])
     return {"accountant": accountant, "noise-multiplier": sigma, "sample-rate": sample_rate, "rounds": rounds,
-            "delta": delta, "epsilon": epsilon, "best-rdp-order": None if math.isnan(order) else order}  # fmt: skip
+            "delta": delta, "epsilon": epsilon, "best-rdp-order": None if math.isnan(order) else order,
+            # A heuristic for who sees only the final model (Steinke et al. 2025), not a guarantee.
+            "last-iterate-epsilon": last_iterate_epsilon([(sigma, sample_rate, rounds)], delta)}  # fmt: skip

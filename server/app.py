@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from dpfl.errors import UsageError
+from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
 from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.calibration import calibrate_noise_multiplier
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
@@ -204,6 +205,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy,
             "pretraining-seconds": pretraining_seconds,
             "final-validation-accuracy": recorder.rounds[-1].get("validation-accuracy") if recorder.rounds else None,
+            # A heuristic for who sees only the final model, beside the accountant's ε (never instead of it).
+            "last-iterate-epsilon": last_iterate_epsilon(strategy.accountant.history, settings.delta)
+            if strategy.epsilon_valid else None,
         },  # fmt: skip
         ledger=strategy.accountant.state_dict() if strategy.epsilon_valid else None,
     )

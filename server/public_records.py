@@ -30,7 +30,9 @@ PUBLIC_SUMMARY_KEYS = frozenset(
     {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
      "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy",
      # public pretraining on synthetic data: no client is involved
-     "pretraining-seconds"}
+     "pretraining-seconds",
+     # the last-iterate heuristic ε: a function of σ, q and the rounds only (public by construction)
+     "last-iterate-epsilon"}
 )  # fmt: skip
 # config.json: the run config (every RunSettings key) and what the server resolved from public values.
 CONFIG_EXTRA_KEYS = frozenset(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.analysis.audit import run_audit
+from dpfl.analysis.audit import AuditOptions, run_audit
 from dpfl.engines.simulation import FLOWER_LOG, run_simulation
 from dpfl.server.curves import plot_curves
 from dpfl.server.public_records import (
@@ -123,7 +123,7 @@ def test_the_flower_engine_publishes_no_per_client_line_and_no_timestamp(tmp_pat
 @pytest.mark.slow
 def test_an_audit_writes_only_declared_files(tmp_path):
     settings = RunSettings(**SMALL)
-    run_audit(settings, canaries=8, confidence=0.95, out=tmp_path / "audit")
+    run_audit(settings, AuditOptions(canaries=8), out=tmp_path / "audit")
     check_public_files(tmp_path / "audit" / "run", log_file=tmp_path / "audit" / FLOWER_LOG)
 
 
