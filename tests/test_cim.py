@@ -140,6 +140,78 @@ def test_quantise_slice_shift_add_reproduces_integer_matmul(bits_per_cell):
     assert torch.equal(product, x @ q.T)
 
 
+def _naive_column_significance(device: CrossbarDevice, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and signed significance of each column of a full naive tile, from the layout
+    docs/cim.md describes (not from the mapper): differential pairs (+ then -), bit-major,
+    the most significant slice next to the drivers; slice s weighs 2^(s * bits per cell)."""
+    slices = device.cells_per_weight
+    column = torch.arange(2 * slices * outputs)
+    pair, sign = column // 2, 1 - 2 * (column % 2)
+    slice_index = slices - 1 - pair // outputs
+    return pair % outputs, sign * 2.0 ** (slice_index * device.bits_per_cell).double()
+
+
+@pytest.mark.parametrize("bits_per_cell", [1, 2, 4])
+def test_outputs_equal_an_independent_dense_computation_at_every_bits_per_cell(bits_per_cell):
+    """Ideal wires: every mapping, solved read by read and through transfer matrices,
+    gives x @ Q^T exactly. Resistive wires: a naive tile's outputs are the nodal
+    solver's column currents, decoded with the significances of the documented layout."""
+    ideal = CrossbarDevice(tile_size=32, bits_per_cell=bits_per_cell, r_wordline=0.0, r_bitline=0.0)
+    generator = torch.Generator().manual_seed(10 + bits_per_cell)
+    q = bell_shaped_integers(generator, 5, 45)
+    x = torch.randint(-255, 256, (7, 45), generator=generator)
+    expected = (x @ q.T).double()
+    density = torch.rand(45, generator=generator)
+    for mapping in MAPPINGS:
+        tiles = map_matrix(q, ideal, mapping, density)
+        solved, _ = simulate_matmul(tiles, x, 5, ideal, dtype=torch.float64, solve_every_read=True)
+        transfers = [transfer_matrix(tile, ideal, torch.float64) for tile in tiles]
+        through, _ = simulate_matmul(tiles, x, 5, ideal, dtype=torch.float64, transfers=transfers)
+        for result in (solved, through, x.double() @ transfer_weights(tiles, transfers, 5, 45).T):
+            torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-6)
+        torch.testing.assert_close(effective_weights(tiles, None, 5, 45, ideal), q.double(), rtol=0, atol=1e-9)
+
+    device = dataclasses.replace(ideal, r_on=20e3, r_off=2e6, r_wordline=2.0, r_bitline=3.0)
+    outputs = device.outputs_per_tile
+    q = bell_shaped_integers(generator, outputs, 32)  # one full tile
+    x = torch.randint(0, 256, (3, 32), generator=generator)
+    (tile,) = map_matrix(q, device, "naive")
+    output_of, significance = _naive_column_significance(device, outputs)
+    nodal = NodalSolver(tile.conductance.numpy(), device.r_wordline, device.r_bitline)
+    level_current = (device.g_on - device.g_off) / device.cell_levels * device.read_voltage
+    expected = torch.zeros(3, outputs, dtype=torch.float64)
+    for bit in range(device.activation_bits):
+        plane = ((x >> bit) & 1).double().numpy() * device.read_voltage
+        columns = torch.from_numpy(nodal.cell_currents(plane).sum(1))[:, : output_of.numel()]
+        expected.index_add_(1, output_of, columns * significance * 2.0**bit / level_current)
+    analog, _ = simulate_matmul([tile], x, outputs, device, dtype=torch.float64, solve_every_read=True)
+    torch.testing.assert_close(analog, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    assert float((expected - (x @ q.T).double()).norm() / (x @ q.T).double().norm()) > 1e-3  # the wires matter
+
+
+@pytest.mark.parametrize("bits_per_cell", [1, 2])
+def test_mdm_row_cost_is_expected_active_cells_and_its_order_minimises_manhattan_distance(bits_per_cell):
+    """MDM's definition: a row's cost is its count of active (non-off) cells times the
+    probability that its input bit is 1; rows sit in ascending cost order towards the
+    sense amplifiers, which minimises the expected Manhattan distance of active cells."""
+    device = CrossbarDevice(tile_size=64, bits_per_cell=bits_per_cell)
+    generator = torch.Generator().manual_seed(20 + bits_per_cell)
+    q = bell_shaped_integers(generator, device.outputs_per_tile, 50)
+    density = torch.rand(50, generator=generator).double()
+    (tile,) = map_matrix(q, device, "mdm", density)
+    rows = tile.used_rows
+    active = (tile.conductance[rows] > device.g_off * (1 + 1e-9)).sum(1).double()
+    expected_active = active * density[tile.row_input[rows]]
+    assert torch.equal(rows, torch.arange(64 - 50, 64))  # bottom-aligned: the unused rows fill the top
+    assert bool((expected_active[1:] >= expected_active[:-1]).all()), expected_active
+    distance_to_sense = (device.tile_size - rows).double()
+    cost = float((expected_active * distance_to_sense).sum())
+    smallest = float((expected_active.sort(descending=True).values * distance_to_sense.sort().values).sum())
+    assert cost == pytest.approx(smallest, rel=1e-12)
+    by_count = float((expected_active[torch.argsort(active, stable=True)] * distance_to_sense).sum())
+    assert cost < by_count  # ignoring the input-bit density places the rows worse
+
+
 def test_mdm_row_permutation_leaves_ideal_result_unchanged():
     generator = torch.Generator().manual_seed(1)
     q = bell_shaped_integers(generator, 5, 70)
