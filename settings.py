@@ -104,7 +104,7 @@ class RunSettings:
     deploy_mapping: str = "mdm"
     deploy_mode: str = "auto"
     deploy_holdout: float = 0.25
-    deploy_sweep_tiles: str = "64,128,256,512"
+    deploy_sweep_tiles: str = ""  # e.g. "64,128,256,512"; "" = only the node's own tile size
     deploy_node_configs: str = ""
     # Bookkeeping
     seed: int = 0
@@ -262,7 +262,9 @@ class RunSettings:
         parse_node_configs(self.deploy_node_configs)
 
     def sweep_tile_sizes(self) -> tuple[int, ...]:
-        """The tile sizes of each node's NF sweep (``deploy-sweep-tiles``)."""
+        """The tile sizes of each node's NF sweep beside its own (``deploy-sweep-tiles``; "" = none)."""
+        if not self.deploy_sweep_tiles.strip():
+            return ()
         try:
             sizes = tuple(int(size) for size in self.deploy_sweep_tiles.split(","))
         except ValueError:

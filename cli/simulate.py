@@ -85,7 +85,7 @@ OPTIONS = [
     ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
     ("--deploy-mode", "deploy_mode", str, "analog inference: auto (exact, or fast under read noise), exact, fast or ideal"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
-    ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
+    ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep beside its own, comma-separated (default: none)"),
     ("--pretraining", "pretraining", str, "initial weights: none (random), fractal or strokes (public synthetic pretraining, cached)"),
     ("--seed", "seed", int, "seed of model init, partitions and local shuffling (never of the privacy noise or sampling)"),
     ("--init-from", "init_from", str,

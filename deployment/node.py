@@ -51,8 +51,10 @@ COMPRESSION_REPORT_FILE = "compression_report.json"
 STATUS_KEY, REASON_KEY = "status", "reason"
 DEPLOYED, FAILED = "deployed", "failed"
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
-SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
-                        *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
+# Accuracy on the node's device at its own precision, without and with weight bias correction.
+CORRECTED = "-corrected"
+SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
+                        *(f"accuracy-analog-{mapping}{kind}" for mapping in MAPPINGS for kind in ("", CORRECTED)))  # fmt: skip
 DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
 SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
@@ -124,6 +126,7 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], node_label
     """Validate and resolve a node's deployment from its effective node config; any bad
     value is a one-line UsageError."""
     device = device_from_config(config)
+    device.check_precision()
     mapping = str(config.get(DEVICE_MAPPING_KEY, settings.deploy_mapping))
     method = str(config.get(METHOD_KEY, settings.deploy_method))
     norm = str(config.get(NORM_KEY, settings.deploy_norm))
@@ -186,7 +189,9 @@ def deploy_on_node(
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
             "accuracy-quantised": report.accuracy["quantised"],
+            "accuracy-quantised" + CORRECTED: report.accuracy["quantised_corrected"],
             **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in MAPPINGS},
+            **{f"accuracy-analog-{mapping}{CORRECTED}": report.accuracy[f"analog_{mapping}_corrected"] for mapping in MAPPINGS},
         })  # fmt: skip
     return summary
 

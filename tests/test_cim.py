@@ -377,8 +377,9 @@ def test_fast_mode_tracks_exact_mode_on_a_small_model(trained_mlp):
     "kwargs, message",
     [
         ({"tile_size": 1}, "tile size 1"),
-        ({"tile_size": 8}, "does not fit"),
-        ({"tile_size": 32, "bits_per_cell": 3}, "bits per cell 3"),
+        ({"tile_size": 8}, "does not fit one 8-bit signed weight .* it holds at most 4 weight bits"),
+        ({"tile_size": 4, "weight_bits": 7, "bits_per_cell": 3}, "does not fit .* it holds at most 6 weight bits"),
+        ({"tile_size": 32, "bits_per_cell": 0}, "bits per cell must be >= 1"),
         ({"r_on": 0.0}, "r_on"),
         ({"r_off": -5.0}, "r_off"),
         ({"r_on": 1e6, "r_off": 1e6}, "larger than r_on"),
