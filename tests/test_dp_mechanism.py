@@ -166,18 +166,33 @@ def test_the_mean_divides_by_the_expected_count_not_the_reported_one():
     assert torch.allclose(mean, torch.full((4,), 2.0), atol=1e-6)
 
 
-def test_the_round_is_accounted_before_its_noise_is_drawn():
-    mech = mechanism(sigma=1.0, clip=1.0, q=0.1, n=10)
-    seen = []
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_the_round_is_accounted_and_journaled_before_its_noise_is_drawn(monkeypatch, placement):
+    mech = mechanism(placement, sigma=1.0, clip=1.0, q=0.1, n=10)
+    journaled, seen = [], []
+    mech.journal = lambda ledger: journaled.append([tuple(step) for step in ledger["history"]])
 
     class Recording:
         def gaussian(self, shape, std):
-            seen.append(list(mech.accountant.history))
+            seen.append((list(mech.accountant.history), list(journaled)))
             return torch.zeros(shape, dtype=torch.float64)
 
-    mech.randomness.stream = lambda *label: Recording()
-    mech.release([], {"v": torch.zeros(3)}, server_round=1)
-    assert seen == [[(1.0, 0.1, 1)]]
+    monkeypatch.setattr(Randomness, "stream", lambda self, *label: Recording())
+    mech.release([], {"v": torch.zeros(3)}, server_round=1)  # no reply: the whole noise is the server's
+    assert seen and all(drawn == ([(1.0, 0.1, 1)], [[(1.0, 0.1, 1)]]) for drawn in seen)
+
+
+def test_the_mechanism_cannot_be_rebound_after_construction():
+    mech = mechanism(sigma=1.0)
+    for name, value in (("randomness", Randomness(0)), ("params", None), ("accountant", None), ("clip_norm", 9.0),
+                        ("_state", None), ("_randomness", Randomness(0))):  # fmt: skip
+        with pytest.raises(AttributeError):
+            setattr(mech, name, value)
+    with pytest.raises(AttributeError):
+        mech.randomness.__init__(0)  # nor can its secure randomness be made reproducible
+    with pytest.raises(AttributeError):
+        mech.randomness.seed = 0
+    assert not mech.randomness.reproducible and mech.clip_norm == 0.7
 
 
 def test_screening_names_what_is_wrong_with_a_reply():
