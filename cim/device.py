@@ -156,10 +156,14 @@ class CrossbarDevice:
 
     @property
     def adc_bits_needed(self) -> int:
-        """ADC resolution that tells every column sum apart: the converter spans
-        ``tile_size`` cells at their top level, and a read sums 0 .. tile_size ·
-        cell_levels levels (ISAAC's rule for bit-serial inputs, Shafiee et al., ISCA 2016)."""
-        return math.ceil(math.log2(self.tile_size * self.cell_levels + 1))
+        """ADC resolution that tells every column sum apart: its step (full scale, every
+        cell of the column at G_on, over 2^bits - 1 steps, :mod:`dpfl.cim.nonideal`) is
+        at most one cell level, (G_on - G_off) / cell_levels at the read voltage, so sums
+        one level apart land on different codes. Nearly ISAAC's rule for bit-serial
+        inputs, log2(rows · cell_levels + 1) (Shafiee et al., ISCA 2016); the G_off
+        offset makes a level slightly smaller than G_on / cell_levels."""
+        levels_in_full_scale = self.tile_size * self.cell_levels * self.g_on / (self.g_on - self.g_off)
+        return math.ceil(math.log2(levels_in_full_scale + 1))
 
     def check_precision(self) -> None:
         """One-line UsageError unless the device reads back every bit a deployment
@@ -170,7 +174,7 @@ class CrossbarDevice:
         if self.adc_bits is not None and self.adc_bits < self.adc_bits_needed:
             raise UsageError(
                 f"adc_bits {self.adc_bits} is too coarse for the sum of a {self.tile_size}-row column of "
-                f"{self.bits_per_cell}-bit cells (0 to {self.tile_size * self.cell_levels} levels): this device "
+                f"{self.bits_per_cell}-bit cells (0 to {self.tile_size * self.cell_levels} cell levels): this device "
                 f"needs adc_bits >= {self.adc_bits_needed}, or an ideal ADC"
             )
 

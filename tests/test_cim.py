@@ -151,7 +151,7 @@ def _naive_column_significance(device: CrossbarDevice, outputs: int) -> tuple[to
     return pair % outputs, sign * 2.0 ** (slice_index * device.bits_per_cell).double()
 
 
-@pytest.mark.parametrize("bits_per_cell", [1, 2, 4])
+@pytest.mark.parametrize("bits_per_cell", [1, 2, 3, 4])  # 3: a partial top cell (8 = 3 + 3 + 2 bits)
 def test_outputs_equal_an_independent_dense_computation_at_every_bits_per_cell(bits_per_cell):
     """Ideal wires: every mapping, solved read by read and through transfer matrices,
     gives x @ Q^T exactly. Resistive wires: a naive tile's outputs are the nodal
