@@ -121,15 +121,15 @@ def model_distortion(
 
 def tile_current_loss(
     model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice, layer_name: str,
-    seed: int = 0,
+    seed: int = 0, mappings: tuple[str, ...] = MAPPINGS,
 ) -> dict[str, torch.Tensor]:
     """Mean current lost per cell and read cycle in the first tile of ``layer_name``,
-    for each mapping (the same weights and inputs, placed differently)."""
+    for each of ``mappings`` (the same weights and inputs, placed differently)."""
     layer = mappable_layers(model)[layer_name]
     q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
     layer_statistics = statistics[layer_name]
     losses = {}
-    for mapping in MAPPINGS:
+    for mapping in mappings:
         generators = DeviceGenerators.from_seed(seed)
         tile = map_matrix(q, device, mapping, layer_statistics.row_density, generators.programming)[0]
         losses[mapping] = cell_current_loss(tile, layer_statistics.sample, device, generators.read).mean

@@ -87,16 +87,16 @@ def precision_devices(device: CrossbarDevice, weight_bits: tuple[int, ...] = ())
 
 def _precision_study(
     model: nn.Module, statistics: dict[str, LayerCalibration], test_data: Dataset, device: CrossbarDevice,
-    mode: str, seed: int, trials: int, progress,
+    mode: str, seed: int, trials: int, progress, mappings: tuple[str, ...],
 ) -> PrecisionResult:
-    """Accuracy (without and with weight bias correction), NF and output errors of every
-    mapping on ``trials`` device instances; the distortion is read through each analog
-    model's own tiles (:func:`dpfl.cim.metrics.model_distortion`)."""
-    quantised = to_crossbars(model, statistics, device, MAPPINGS[0], "ideal", seed)
+    """Accuracy (without and with weight bias correction), NF and output errors of each
+    of ``mappings`` on ``trials`` device instances; the distortion is read through each
+    analog model's own tiles (:func:`dpfl.cim.metrics.model_distortion`)."""
+    quantised = to_crossbars(model, statistics, device, mappings[0], "ideal", seed)
     scores = {"quantised": accuracy(quantised, test_data, EVAL_BATCH_SIZE)}
     scores["quantised_corrected"] = accuracy(set_bias_correction(quantised, True), test_data, EVAL_BATCH_SIZE)
     distortion, per_trial = {}, {}
-    for name in MAPPINGS:
+    for name in mappings:
         runs = []
         for trial in range(trials):
             label = f"w{device.weight_bits}, {name} mapping, trial {trial + 1}/{trials}"
@@ -125,9 +125,11 @@ def run_study(
     model: nn.Module, statistics: dict[str, LayerCalibration], test_data: Dataset,
     device: CrossbarDevice, mapping: str, mode: str, seed: int, trials: int = 1,
     progress=lambda message: None, sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES,
-    weight_bits: tuple[int, ...] = (),
+    weight_bits: tuple[int, ...] = (), mappings: tuple[str, ...] = MAPPINGS,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports; also the per-cell loss maps for the heat map.
+    ``mappings``: those to study (each costs an analog model per trial and precision),
+    naive, the baseline whose most distorted layer the heat map shows, among them.
     ``sweep_tile_sizes``: the tile sizes of the NF sweep beside the device's own (each
     costs a distortion pass per mapping). ``weight_bits``: precisions to study beside
     the device's own (:func:`precision_devices`); the per-layer distortion, the sweep
@@ -139,20 +141,22 @@ def run_study(
     """
     if not isinstance(trials, int) or trials < 1:
         raise UsageError(f"trials must be a positive integer, got {trials!r}")
+    if "naive" not in mappings or not set(mappings) <= set(MAPPINGS):
+        raise ValueError(f"the mappings studied must be among {MAPPINGS} and include naive, got {mappings}")
     devices = precision_devices(device, weight_bits)
     mode = resolve_mode(mode, device)
     digital = accuracy(model, test_data, EVAL_BATCH_SIZE)
-    precisions = [_precision_study(model, statistics, test_data, at_bits, mode, seed, trials, progress)
+    precisions = [_precision_study(model, statistics, test_data, at_bits, mode, seed, trials, progress, mappings)
                   for at_bits in devices]  # fmt: skip
     own = next(result for result in precisions if result.weight_bits == device.weight_bits)
     sweep = []
     for size in sorted({*sweep_tile_sizes, device.tile_size}):
         sized = dataclasses.replace(device, tile_size=size)
-        for name in MAPPINGS:
+        for name in mappings:
             progress(f"NF sweep, tile {size}, {name} mapping")
             sweep.append(own.distortion[name] if size == device.tile_size else model_distortion(model, statistics, sized, name, seed))
     worst = max(own.distortion["naive"].layers, key=lambda layer: layer.nf)
-    losses = tile_current_loss(model, statistics, device, worst.name, seed)
+    losses = tile_current_loss(model, statistics, device, worst.name, seed, mappings)
     report = DeployReport(device.as_dict(), mapping, mode, {"digital": digital, **own.accuracy}, own.distortion,
                           own.trials, sweep, worst.name, precisions)  # fmt: skip
     return report, losses
@@ -199,6 +203,7 @@ def cim_study(
     model: nn.Module, calibration_data: Dataset, test_data: Dataset, device: CrossbarDevice,
     mapping: str, mode: str, seed: int, trials: int = 1, progress=lambda message: None,
     sweep_tile_sizes: tuple[int, ...] = SWEEP_TILE_SIZES, weight_bits: tuple[int, ...] = (),
+    mappings: tuple[str, ...] = MAPPINGS,
 ) -> tuple[DeployReport, dict[str, torch.Tensor]]:
     """Everything ``dpfl deploy`` reports for ``model`` on ``device`` (and at each of
     ``weight_bits``, :func:`run_study`), and the per-cell loss maps of its heat map;
@@ -217,7 +222,7 @@ def cim_study(
         calibration = torch.stack([calibration_data[i][0] for i in range(count)])
         statistics = calibrate(model.eval(), calibration, device, REPORT_VECTORS, generator)
         report, losses = run_study(model, statistics, test_data, device, mapping, mode, seed, trials, progress,
-                                   sweep_tile_sizes, weight_bits)  # fmt: skip
+                                   sweep_tile_sizes, weight_bits, mappings)  # fmt: skip
         report.context = {"test_images": len(test_data), "calibration_images": count,
                           "report_vectors_per_layer": REPORT_VECTORS, "operations": operations(model)}  # fmt: skip
         return report, losses

@@ -113,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
 def _print(console, report: DeployReport) -> None:
     from rich.table import Table
 
-    tile = report.distortion[MAPPINGS[0]].tile_size
+    mappings = list(report.distortion)
+    tile = report.distortion[mappings[0]].tile_size
     table = Table(title=f"NF / output error per layer, tile {tile}x{tile} (first trial)")
     table.add_column("layer")
     table.add_column("tiles", justify="right")
-    for name in MAPPINGS:
+    for name in mappings:
         table.add_column(name, justify="right")
-    per_mapping = [report.distortion[name] for name in MAPPINGS]
+    per_mapping = [report.distortion[name] for name in mappings]
     for index, layer in enumerate(per_mapping[0].layers):
         cells = [f"{m.layers[index].nf:.4f} / {m.layers[index].output_error:.4f}" for m in per_mapping]
         table.add_row(layer.name, str(layer.tiles), *cells)
@@ -127,14 +128,14 @@ def _print(console, report: DeployReport) -> None:
                   *(f"{m.nf:.4f} / {m.output_error:.4f}" for m in per_mapping))
     console.print(table)
 
-    trials = len(report.trials[MAPPINGS[0]]["accuracy"].values)
+    trials = len(report.trials[mappings[0]]["accuracy"].values)
     accuracy = Table(title=f"Accuracy ({report.context['test_images']} test images, analog mode {report.mode})")
     for column in ("model", "accuracy", "bias corrected", "NF", "out err", "gain-free err"):
         accuracy.add_column(column, justify="left" if column == "model" else "right")
     accuracy.add_row("digital (float)", f"{report.accuracy['digital']:.2%}", "", "", "", "")
     accuracy.add_row(f"quantised w{report.device['weight_bits']}, ideal crossbar", f"{report.accuracy['quantised']:.2%}",
                      f"{report.accuracy['quantised_corrected']:.2%}", "", "", "")  # fmt: skip
-    for name in MAPPINGS:
+    for name in mappings:
         marker = " (deployed)" if name == report.mapping else ""
         summary = report.trials[name]
         accuracy.add_row(f"analog, {name}{marker}", _percent(summary["accuracy"]), _percent(summary["accuracy_corrected"]),
@@ -155,12 +156,13 @@ def _print_precisions(console, report: DeployReport) -> None:
 
     table = Table(title="Accuracy by weight precision, without / with weight bias correction "
                         f"(analog mode {report.mode}, tile {report.device['tile_size']})")
-    for column in ("weight bits", "cells per weight", "quantised", *(f"analog, {name}" for name in MAPPINGS)):
+    mappings = list(report.distortion)
+    for column in ("weight bits", "cells per weight", "quantised", *(f"analog, {name}" for name in mappings)):
         table.add_column(column, justify="right")
     for result in report.precisions:
         quantised = f"{result.accuracy['quantised']:.2%} / {result.accuracy['quantised_corrected']:.2%}"
         analog = [f"{_percent(result.trials[name]['accuracy'])} / {_percent(result.trials[name]['accuracy_corrected'])}"
-                  for name in MAPPINGS]  # fmt: skip
+                  for name in mappings]  # fmt: skip
         table.add_row(str(result.weight_bits), str(result.cells_per_weight), quantised, *analog)
     console.print(table)
 

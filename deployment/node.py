@@ -71,6 +71,9 @@ NOT_LAST_WEIGHTS = "refused: these are not the weights of this node's last train
 POLICY_REFUSAL = "refused by this node's privacy policy"
 FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, POLICY_REFUSAL)
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
+# Mappings a node studies beside the one it deploys: the naive baseline, MDM and sw-MDM
+# (each costs an analog model; gf-mdm only when it is the node's own).
+STUDIED_MAPPINGS = ("naive", "mdm", "sw-mdm")
 # Accuracy on the node's device at its own precision, without and with weight bias correction.
 CORRECTED = "-corrected"
 SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
@@ -204,8 +207,9 @@ def deploy_on_node(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
         ranks, config=CompressionConfig(seed=plan.seed),
     )  # fmt: skip
+    studied = tuple(dict.fromkeys((*STUDIED_MAPPINGS, plan.mapping)))
     report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed,
-                               sweep_tile_sizes=plan.sweep_tile_sizes)  # fmt: skip
+                               sweep_tile_sizes=plan.sweep_tile_sizes, mappings=studied)  # fmt: skip
     report.context.update(model=spec.name, dataset=dataset, compressed=True, device_name=plan.device_name,
                           held_out_images=len(held_out), local_images=len(data),
                           seconds=time.perf_counter() - started)  # fmt: skip
@@ -218,14 +222,14 @@ def deploy_on_node(
     save_report(report, losses, plan.storage)
     summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED}
     if plan.share_nf:
-        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS})
+        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in studied})
     if plan.share_accuracy:
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
             "accuracy-quantised": report.accuracy["quantised"],
             "accuracy-quantised" + CORRECTED: report.accuracy["quantised_corrected"],
-            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in MAPPINGS},
-            **{f"accuracy-analog-{mapping}{CORRECTED}": report.accuracy[f"analog_{mapping}_corrected"] for mapping in MAPPINGS},
+            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in studied},
+            **{f"accuracy-analog-{mapping}{CORRECTED}": report.accuracy[f"analog_{mapping}_corrected"] for mapping in studied},
         })  # fmt: skip
     return summary
 

@@ -168,13 +168,15 @@ def test_the_study_reports_every_precision_with_and_without_bias_correction(smal
     device = CrossbarDevice(tile_size=32, weight_bits=6, bits_per_cell=2, r_wordline=0.5, r_bitline=0.5)
     statistics = calibrate(model, data.train.tensors[0][:64], device, 4, torch.Generator().manual_seed(0))
     test = torch.utils.data.Subset(data.test, range(60))
-    report, _ = run_study(model, statistics, test, device, "mdm", "auto", 0, sweep_tile_sizes=(), weight_bits=(2, 4))
+    report, _ = run_study(model, statistics, test, device, "mdm", "auto", 0, sweep_tile_sizes=(), weight_bits=(2, 4),
+                          mappings=("naive", "mdm"))  # fmt: skip
     assert [(p.weight_bits, p.cells_per_weight) for p in report.precisions] == [(2, 1), (4, 2), (6, 3)]
     own = report.precisions[-1]
     assert report.accuracy == {"digital": report.accuracy["digital"], **own.accuracy}
-    assert [entry.tile_size for entry in report.sweep] == [32, 32, 32]  # the device's own tile, every mapping
+    assert [(entry.tile_size, entry.mapping) for entry in report.sweep] == [(32, "naive"), (32, "mdm")]  # its own tile
     for result in report.precisions:
         assert {"quantised", "quantised_corrected", "analog_mdm", "analog_mdm_corrected"} <= set(result.accuracy)
+        assert set(result.trials) == {"naive", "mdm"}
         assert set(result.trials["naive"]) == {"accuracy", "accuracy_corrected", "nf", "output_error", "gain_free_error"}
     assert json.loads(json.dumps(report.to_json()))["precisions"][0]["weight_bits"] == 2
 
