@@ -20,6 +20,7 @@ from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magni
 from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, resolve_mode, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
+from conftest import fit_on_digits
 
 IDEAL = CrossbarDevice(tile_size=32, r_wordline=0.0, r_bitline=0.0)
 
@@ -292,16 +293,9 @@ def test_single_cell_loses_more_current_farther_from_drivers_and_sense_amplifier
 def trained_mlp():
     """A two-layer perceptron trained on digits for a second: bell-shaped weights."""
     torch.manual_seed(0)
-    data = load_dataset("digits")
-    images, labels = data.train.tensors
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for start in range(0, len(images), 128):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images[start : start + 128]), labels[start : start + 128]).backward()
-            optimiser.step()
-    return model.eval(), images[:64]
+    images = load_dataset("digits").train.tensors[0]
+    model = fit_on_digits(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 8, 1e-2, 128)
+    return model, images[:64]
 
 
 def test_mdm_nf_not_above_naive_on_trained_weights(trained_mlp):

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 from threadpoolctl import threadpool_info
-from torch import nn
 
 from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.study import single_threaded
 from dpfl.cli.main import main
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.data import load_dataset
+from conftest import fit_on_digits
 
 
 def dpfl(*args: str) -> subprocess.CompletedProcess:
@@ -30,15 +30,8 @@ def checkpoint(tmp_path_factory) -> str:
     """A small CNN trained on digits for a few seconds, saved as a dpfl checkpoint."""
     torch.manual_seed(0)
     data = load_dataset("digits")
-    images, labels = data.train.tensors
     spec = ModelSpec("cnn", data.num_classes, data.in_channels, data.image_size, 8)
-    model = spec.build()
-    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(6):
-        for start in range(0, len(images), 64):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
-            optimiser.step()
+    model = fit_on_digits(spec.build(), 6, 3e-3, 64)
     path = tmp_path_factory.mktemp("cim") / "final_model.pt"
     save_checkpoint(path, Checkpoint(spec, "digits", model.state_dict()))
     return str(path)

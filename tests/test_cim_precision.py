@@ -21,6 +21,7 @@ from dpfl.cim.study import precision_devices, run_study
 from dpfl.cli.main import main
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
+from conftest import fit_on_digits
 
 RRAM = dict(r_on=6e3, r_off=9e5, r_wordline=2.46, r_bitline=2.46)
 
@@ -114,16 +115,8 @@ def test_bias_correction_restores_each_output_channels_mean_at_two_weight_bits(l
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    data = load_dataset("digits")
-    images, labels = data.train.tensors
     model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10))
-    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(3):
-        for start in range(0, len(images), 128):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images[start : start + 128]), labels[start : start + 128]).backward()
-            optimiser.step()
-    return model.eval(), data
+    return fit_on_digits(model, 3, 1e-2, 128), load_dataset("digits")
 
 
 def test_distortion_read_through_the_analog_models_transfer_matrices_equals_solving_each_read(small_model):
