@@ -49,9 +49,11 @@ def train(msg: Message, context: Context) -> Message:
         raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     instructions = ClientInstructions.from_config(config)
     global_weights = record_tensors(msg.content[ARRAYS_KEY])
-    # Counted before training: a node that fails mid-round has still been asked.
+    # Counted before training: a node that fails mid-round has still been asked. The weights
+    # are remembered only for a run that announces a deployment round: without one, a query
+    # finds nothing to match and is refused.
     memory.participation = participation
-    memory.last_weights = weights_digest(global_weights)
+    memory.last_weights = weights_digest(global_weights) if settings.deploy else ""
     memory.save()
     server_round = int(config[SERVER_ROUND_KEY])
     # The node's stable identity in a simulation is its partition; a deployed node has its own id.

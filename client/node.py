@@ -46,8 +46,10 @@ def parse_node_config(text: str) -> dict[str, Any]:
     try:
         config = parse_config_args([text])
     except click.ClickException:
+        config = {}
+    if text.strip() and not config:  # Flower reads a lone word as nothing at all
         raise UsageError(f"node config {text!r} is not key=value pairs (numbers, true/false, or \"text\" in "
-                         "double quotes)") from None  # fmt: skip
+                         "double quotes)")  # fmt: skip
     NodePrivacyPolicy.from_node_config(config)
     return config
 

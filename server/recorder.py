@@ -34,6 +34,8 @@ import torch
 from dpfl.errors import UsageError
 from dpfl.server.checkpoint import LEDGER_KEY, RunCheckpoint
 from dpfl.server.curves import plot_curves
+from dpfl.server.public_records import CONFIG_EXTRA_KEYS, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
+from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.files import write_atomically
 
@@ -44,23 +46,6 @@ FINAL_MODEL_FILE = "final_model.pt"
 PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
 CURVES_FILE = "curves.png"
 LOCK_FILE = ".dpfl-run.lock"
-
-# What a round line and the summary may hold: accuracy and loss of the global model
-# on the server's own test (and validation) data, ε and the mechanism's public parameters.
-# No timings: they correlate with the private number of clients that trained.
-PUBLIC_ROUND_KEYS = frozenset(
-    {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "validation-accuracy", "update-skipped",
-     # adaptive clipping: the round's C and its noisy clipped fraction, both covered by ε
-     "clip-norm", "noisy-clipped-fraction"}
-)  # fmt: skip
-PUBLIC_SUMMARY_KEYS = frozenset(
-    {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
-     "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy",
-     # public pretraining on synthetic data: no client is involved
-     "pretraining-seconds"}
-)  # fmt: skip
-
 
 class NotPublicError(ValueError):
     """A record that would release something neither covered by ε nor public."""
@@ -110,7 +95,7 @@ class RunRecorder:
         self.out_dir = out_dir if resume else fresh_run_dir(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_run_dir(self.out_dir)
-        self.config = config
+        self.config = _public(config, frozenset(RunSettings().to_run_config()) | CONFIG_EXTRA_KEYS, "config.json")
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.rounds: list[dict[str, Any]] = list(resume.rounds) if resume else []
         write_atomically(self.out_dir / METRICS_FILE, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rounds)))

@@ -26,7 +26,8 @@ from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
 from dpfl.engines.inprocess import run_in_process
-from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS
+from dpfl.server.public_records import PUBLIC_ROUND_KEYS
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 
 def update_noise_multiplier(sigma: float, count_std: float) -> float:
