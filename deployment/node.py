@@ -76,8 +76,15 @@ NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
 STUDIED_MAPPINGS = ("naive", "mdm", "sw-mdm")
 # Accuracy on the node's device at its own precision, without and with weight bias correction.
 CORRECTED = "-corrected"
-SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
-                        *(f"accuracy-analog-{mapping}{kind}" for mapping in MAPPINGS for kind in ("", CORRECTED)))  # fmt: skip
+
+
+def shared_accuracy_keys(mappings: tuple[str, ...]) -> tuple[str, ...]:
+    """The accuracy keys of a node that shares its accuracies and studied ``mappings``."""
+    return ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
+            *(f"accuracy-analog-{mapping}{kind}" for mapping in mappings for kind in ("", CORRECTED)))  # fmt: skip
+
+
+SHARED_ACCURACY_KEYS = shared_accuracy_keys(MAPPINGS)
 DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
 SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
