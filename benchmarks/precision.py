@@ -11,9 +11,11 @@ and without weight bias correction (:func:`dpfl.cim.model.set_bias_correction`),
   precision alone costs; nothing random, so the interval is Clopper-Pearson over the
   test images), and
 * the RRAM device at ``--tiles`` (default 128 and 256): NeuroSim's RRAM cell (6 kOhm /
-  900 kOhm) and 22 nm wires (2.46 Ohm per segment) with the PCM-like non-idealities of
-  ``benchmarks/cim.py`` (``NOISY``: programming noise, drift with compensation, stuck
-  cells), exact mode, the MDM mapping, mean and 95% Student-t interval over ``--trials``
+  900 kOhm) and 22 nm wires (2.46 Ohm per segment), exact mode, the MDM mapping; with
+  ideal cells (nothing random: Clopper-Pearson over the test images), and with
+  programming noise (``--programming-noise``, default 4%, aihwkit's PCM fit at G_max;
+  ``--pcm`` adds the rest of ``benchmarks/cim.py``'s PCM-like device: drift with
+  compensation and stuck cells), mean and 95% Student-t interval over ``--trials``
   device instances (default 3).
 
 Prints one table (accuracy in %, CPU seconds per row) and writes
@@ -81,13 +83,16 @@ def run(args: argparse.Namespace) -> dict:
     bits = [int(b) for b in args.weight_bits.split(",")]
     tiles = [int(t) for t in args.tiles.split(",")]
     calibration = torch.stack([data.train[i][0] for i in range(CALIBRATION_IMAGES)])
+    noise = {**NOISY, "programming_noise": args.programming_noise} if args.pcm else {"programming_noise": args.programming_noise}
+    noise_label = f"{'PCM-like' if args.pcm else 'prog.'} σ {args.programming_noise:g}"
     devices = {"ideal": (CrossbarDevice(r_wordline=0.0, r_bitline=0.0), "ideal", 1)}
     for tile in tiles:
-        devices[f"RRAM {tile}"] = (CrossbarDevice(tile_size=tile, **RRAM, **NOISY), "exact", args.trials)
+        devices[f"RRAM {tile}"] = (CrossbarDevice(tile_size=tile, **RRAM), "exact", 1)
+        devices[f"RRAM {tile}, {noise_label}"] = (CrossbarDevice(tile_size=tile, **RRAM, **noise), "exact", args.trials)
     digital = accuracy(model, test, EVAL_BATCH_SIZE)
     print(f"{checkpoint.spec.name} width {checkpoint.spec.width}, {len(test)} test images: digital {digital:.2%}; "
           f"mapping {MAPPING}", flush=True)  # fmt: skip
-    print(f"{'device':>10} {'bits':>4} {'cells':>5} {'accuracy':>18} {'bias-corrected':>18} {'gain':>7} {'CPU s':>6}")
+    print(f"{'device':>26} {'bits':>4} {'cells':>5} {'accuracy':>18} {'bias-corrected':>18} {'gain':>7} {'CPU s':>6}")
     results = {"digital": digital, "rows": []}
     for label, (device, mode, trials) in devices.items():
         statistics = calibrate(model, calibration, device, 1, torch.Generator().manual_seed(args.seed))
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 extra = {kind: "" for kind in scores}
             gain = scores["corrected"].mean - scores["plain"].mean
-            print(f"{label:>10} {weight_bits:>4} {at_bits.cells_per_weight:>5} {_cell(scores['plain']):>18} "
+            print(f"{label:>26} {weight_bits:>4} {at_bits.cells_per_weight:>5} {_cell(scores['plain']):>18} "
                   f"{_cell(scores['corrected']):>18} {gain * 100:>+6.1f} {seconds:>6.0f} {extra['plain']} {extra['corrected']}",
                   flush=True)  # fmt: skip
             results["rows"].append({"device": label, "weight_bits": weight_bits, "cells_per_weight": at_bits.cells_per_weight,
@@ -139,7 +144,9 @@ def cli() -> None:
     parser.add_argument("--weight-bits", default="2,3,4,6,8")
     parser.add_argument("--bits-per-cell", type=int, default=1, help="bits per cell (capped at the weight bits)")
     parser.add_argument("--tiles", default="128,256", help="tile sizes of the RRAM device")
-    parser.add_argument("--trials", type=int, default=3, help="RRAM device instances")
+    parser.add_argument("--trials", type=int, default=3, help="instances of the noisy RRAM device")
+    parser.add_argument("--programming-noise", type=float, default=0.04, help="relative sigma of the programmed conductance")
+    parser.add_argument("--pcm", action="store_true", help="the PCM-like device of benchmarks/cim.py instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", default="", help="folder for precision_accuracy.png (none if empty)")
     args = parser.parse_args()

@@ -175,12 +175,6 @@ class CrossbarLayer(nn.Module):
         weights = weight_matrix(layer)
         q, self.weight_step = quantise_weights(weights, device.weight_bits)
         self.q = q
-        # Weight bias correction: the expected output error of the weight quantisation,
-        # E[(W - step·Q) x] = (W - step·Q) E[x] per output channel, to be folded into the
-        # bias (:func:`set_bias_correction`). GroupNorm divides out a gain, not a shift
-        # that differs between channels, so this is the part of the error it keeps.
-        self.bias_correction = (weights - q.double() * self.weight_step[:, None]) @ statistics.mean
-        self.correct_bias = False
         self.read_variance = self.transfers = self.effective = None
         self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
         if mode == "exact" and not device.read_noise:
@@ -197,6 +191,30 @@ class CrossbarLayer(nn.Module):
             self.effective = effective_weights(self.tiles, attenuation, q.shape[0], q.shape[1], device)
             if device.read_noise:
                 self.read_variance = read_noise_variance(self.tiles, attenuation, q.shape[0], q.shape[1], device)
+        self.bias_correction = self._bias_correction(weights, statistics.mean)
+        self.correct_bias = False
+
+    def _bias_correction(self, weights: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
+        """Weight bias correction (:func:`set_bias_correction`): per output channel, the
+        expected error of the weights the device realises, A = step · (its effective
+        integer weights: Q on ideal crossbars, the transfer-matrix weights of the wires
+        and the programmed cells in exact mode, the attenuated ones in fast mode),
+        against W scaled by the layer's best gain g = <A, W> / <A, A> (A x is about
+        W x / g), which a following GroupNorm divides out: with the layer's bias b,
+        c = (W E[x] + b) / g - A E[x] - b, so that E[A x + c + b] = E[W x + b] / g and the
+        mean output scales as the signal does. On ideal crossbars g is about 1 and c the
+        quantisation error (W - step·Q) E[x]."""
+        if self.effective is not None:
+            realised = self.effective
+        elif self.transfers is not None:  # with an ADC: its linear part, the reads before conversion
+            realised = transfer_weights(self.tiles, self.transfers, *self.q.shape)
+        else:  # read noise in exact mode: every read differs; the quantisation error alone
+            realised = self.q.double()
+        applied = realised * self.weight_step[:, None]
+        power = float((applied * applied).sum())
+        gain = float((applied * weights).sum()) / power if power > 0 else 1.0
+        bias = 0.0 if self.layer.bias is None else self.layer.bias.detach().double()
+        return (weights @ mean_input + bias) / gain - applied @ mean_input - bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -262,11 +280,15 @@ def crossbar_layers(analog: nn.Module) -> dict[str, CrossbarLayer]:
 def set_bias_correction(analog: nn.Module, enabled: bool) -> nn.Module:
     """Switch weight bias correction on or off in every crossbar layer of ``analog``
     (in place; returned for chaining): each output channel's bias gains the expected
-    error of the weight quantisation, (W - step·Q) E[x], with E[x] the layer's mean
-    input on the calibration images (:class:`LayerCalibration`). Data-free in the sense
-    of EMQ's weight bias correction (Kim et al., arXiv 2510.20673): no labels, no
-    training or fine-tuning per bit-width; the statistics are those the deployment
-    already measures for the activation scale, on the deploying party's own images."""
+    error of the weights the device realises (the quantisation error, and on a
+    simulated device that of its wires and programmed cells), up to the gain a
+    GroupNorm divides out (:meth:`CrossbarLayer._bias_correction`), with E[x] the
+    layer's mean input on the calibration images (:class:`LayerCalibration`).
+    Data-free in the sense of EMQ's weight bias correction (Kim et al., arXiv
+    2510.20673): no labels, no training or fine-tuning per bit-width; the statistics
+    are those the deployment already measures for the activation scale, on the
+    deploying party's own images. A real periphery would measure the realised
+    weights by one-hot reads of each tile, as drift compensation does."""
     for layer in crossbar_layers(analog).values():
         layer.correct_bias = enabled
     return analog

@@ -15,7 +15,7 @@ from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, cell_current_loss, simulate_matmul
 from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.metrics import model_distortion
-from dpfl.cim.model import calibrate, crossbar_layers, set_bias_correction, to_crossbars
+from dpfl.cim.model import calibrate, crossbar_layers, set_bias_correction, to_crossbars, weight_matrix
 from dpfl.cim.nonideal import adc_quantise, adc_step
 from dpfl.cim.study import precision_devices, run_study
 from dpfl.cli.main import main
@@ -87,7 +87,7 @@ def test_weights_whose_bits_the_cells_do_not_divide_take_a_partial_top_cell():
 def test_bias_correction_restores_each_output_channels_mean_at_two_weight_bits(layer, inputs):
     """Inputs with a mean far from zero make the weight quantisation shift every output
     channel's mean; the correction removes that shift (up to the fine activation grid's
-    own error), whatever the layer."""
+    own error and the layer's gain g, which a GroupNorm divides out), whatever the layer."""
     torch.manual_seed(0)
     layer = layer.double()
     inputs = inputs.double()
@@ -101,7 +101,11 @@ def test_bias_correction_restores_each_output_channels_mean_at_two_weight_bits(l
         corrected = channel_mean(set_bias_correction(quantised, True)(inputs))
     shift = (plain - reference).abs().max()
     assert shift > 0.01 * reference.abs().max()  # two bits do shift the means
-    assert (corrected - reference).abs().max() < 1e-3 * shift
+    q, step = quantise_weights(weight_matrix(layer), 2)
+    applied = q.double() * step[:, None]
+    gain = float((applied * weight_matrix(layer)).sum() / (applied * applied).sum())
+    assert 0.8 < gain < 1.25
+    assert (gain * corrected - reference).abs().max() < 1e-3 * shift
     # Built with it, or switched off again: the same two models.
     with torch.no_grad():
         torch.testing.assert_close(to_crossbars(layer, statistics, device, "mdm", "ideal", bias_correction=True)(inputs),
