@@ -70,6 +70,8 @@ OPTIONS = [
     ("--batch-size", "batch_size", positive_int, "local batch size"),
     ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
     ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
+    ("--train-bit-widths", "train_bit_widths", str,
+     "multi-precision training: local steps also take the forward at these weight bits, e.g. 2,4 (docs/cim.md)"),
     ("--server-optimizer", "server_optimizer", str,
      "how the server applies the released mean update: sgd, momentum or adam (post-processing, no privacy cost)"),
     ("--server-lr", "server_lr", positive_float, "the server optimizer's learning rate (sgd at 1 is plain FedAvg)"),

@@ -3,12 +3,14 @@ correction, and the shortcuts that make a deployment cheap without changing its 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from dpfl.cim.circuit import ideal_cell_currents, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
@@ -17,9 +19,15 @@ from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.metrics import model_distortion
 from dpfl.cim.model import calibrate, crossbar_layers, set_bias_correction, to_crossbars, weight_matrix
 from dpfl.cim.nonideal import adc_quantise, adc_step
+from dpfl.cim.precision import multi_precision_gradient, quantised_weights
 from dpfl.cim.study import precision_devices, run_study
 from dpfl.cli.main import main
+from dpfl.client.training import train_private_update
 from dpfl.errors import UsageError
+from dpfl.privacy.mechanism import ClientInstructions
+from dpfl.privacy.randomness import Randomness
+from dpfl.settings import RunSettings
+from dpfl.strategies.base import LocalUpdateRule
 from dpfl.task.data import load_dataset
 from conftest import fit_on_digits
 
@@ -84,33 +92,38 @@ def test_weights_whose_bits_the_cells_do_not_divide_take_a_partial_top_cell():
         (nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.rand(40, 4, 6, 6) + 0.25),
     ],
 )
-def test_bias_correction_restores_each_output_channels_mean_at_two_weight_bits(layer, inputs):
-    """Inputs with a mean far from zero make the weight quantisation shift every output
-    channel's mean; the correction removes that shift (up to the fine activation grid's
-    own error and the layer's gain g, which a GroupNorm divides out), whatever the layer."""
+@pytest.mark.parametrize("wires, mode", [(0.0, "ideal"), (3.0, "exact")])
+def test_bias_correction_restores_each_output_channels_mean_at_two_weight_bits(layer, inputs, wires, mode):
+    """Inputs with a mean far from zero make the weight quantisation (and resistive
+    wires) shift every output channel's mean; the correction removes that shift up to
+    the layer's gain g, which a GroupNorm divides out (and the fine activation grid's
+    own error), whatever the layer."""
     torch.manual_seed(0)
     layer = layer.double()
     inputs = inputs.double()
-    device = CrossbarDevice(tile_size=32, weight_bits=2, activation_bits=16, r_wordline=0.0, r_bitline=0.0)
+    device = CrossbarDevice(tile_size=32, weight_bits=2, activation_bits=16, r_on=20e3, r_off=2e6,
+                            r_wordline=wires, r_bitline=wires)  # fmt: skip
     statistics = calibrate(layer, inputs, device, 4, torch.Generator().manual_seed(0))
-    quantised = to_crossbars(layer, statistics, device, "mdm", "ideal")
+    analog = to_crossbars(layer, statistics, device, "mdm", mode)
     channel_mean = lambda y: y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)  # noqa: E731
     with torch.no_grad():
         reference = channel_mean(layer(inputs))
-        plain = channel_mean(quantised(inputs))
-        corrected = channel_mean(set_bias_correction(quantised, True)(inputs))
+        plain = channel_mean(analog(inputs))
+        corrected = channel_mean(set_bias_correction(analog, True)(inputs))
     shift = (plain - reference).abs().max()
     assert shift > 0.01 * reference.abs().max()  # two bits do shift the means
-    q, step = quantise_weights(weight_matrix(layer), 2)
-    applied = q.double() * step[:, None]
+    # The gain of the weights the device realises (exact mode: through the wires, tested
+    # equal to solving every read in test_cim.py).
+    crossbar = crossbar_layers(analog)[""]
+    applied = crossbar.effective * crossbar.weight_step[:, None]
     gain = float((applied * weight_matrix(layer)).sum() / (applied * applied).sum())
     assert 0.8 < gain < 1.25
     assert (gain * corrected - reference).abs().max() < 1e-3 * shift
     # Built with it, or switched off again: the same two models.
     with torch.no_grad():
-        torch.testing.assert_close(to_crossbars(layer, statistics, device, "mdm", "ideal", bias_correction=True)(inputs),
-                                   quantised(inputs))  # fmt: skip
-        torch.testing.assert_close(set_bias_correction(quantised, False)(inputs), to_crossbars(layer, statistics, device, "mdm", "ideal")(inputs))  # fmt: skip
+        torch.testing.assert_close(to_crossbars(layer, statistics, device, "mdm", mode, bias_correction=True)(inputs),
+                                   analog(inputs))  # fmt: skip
+        torch.testing.assert_close(set_bias_correction(analog, False)(inputs), to_crossbars(layer, statistics, device, "mdm", mode)(inputs))  # fmt: skip
 
 
 # --- the deployment's shortcuts give the numbers of the long way ----------------------------
@@ -201,3 +214,66 @@ def test_a_federation_deploys_at_each_nodes_own_precision(tmp_path, capsys):
     reports = [json.loads(path.read_text()) for path in out.glob("nodes/*/**/report.json")]
     assert sorted((r["device"]["weight_bits"], r["device"]["bits_per_cell"], r["device"]["activation_bits"],
                    r["precisions"][0]["cells_per_weight"]) for r in reports) == [(4, 2, 6, 2), (8, 1, 8, 8)]  # fmt: skip
+
+
+# --- multi-precision training ----------------------------------------------------------------
+
+
+def test_quantised_weights_hold_the_deployment_quantisation_inside_and_restore_the_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with quantised_weights(model, 3):
+        for module in (model[0], model[2]):
+            q, step = quantise_weights(weight_matrix(module) if isinstance(module, nn.Linear)
+                                       else module.weight.detach().reshape(4, -1).double(), 3)  # fmt: skip
+            assert torch.allclose(module.weight.detach().reshape(q.shape[0], -1).double(), q * step[:, None], atol=1e-6)
+        assert torch.equal(model[0].bias, before["0.bias"])  # biases stay as they are
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+def test_multi_precision_gradient_is_the_mean_of_the_child_models_straight_through_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def compute() -> float:
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return float(loss.detach())
+
+    expected_grads, expected_loss = [], 0.0
+    for bits in (None, 2, 4):  # each child model: its own copy, with quantised weights
+        child = copy.deepcopy(model)
+        if bits is not None:
+            with torch.no_grad():
+                for module in (child[0], child[2]):
+                    q, step = quantise_weights(module.weight, bits)
+                    module.weight.copy_(q * step[:, None])
+        loss = nn.functional.cross_entropy(child(inputs), targets)
+        loss.backward()
+        expected_loss += float(loss.detach())
+        expected_grads.append([p.grad for p in child.parameters()])
+    model.zero_grad()
+    loss = multi_precision_gradient(compute, model, (2, 4))
+    assert loss == pytest.approx(expected_loss / 3, rel=1e-6)
+    for index, param in enumerate(model.parameters()):
+        torch.testing.assert_close(param.grad, sum(grads[index] for grads in expected_grads) / 3)
+    assert multi_precision_gradient(lambda: 1.5, model, ()) == 1.5  # no bit widths: the plain gradient
+
+
+def test_a_multi_precision_update_is_clipped_like_any_other_and_local_dp_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    data = TensorDataset(torch.randn(12, 6), torch.randint(0, 3, (12,)))
+    result = train_private_update(
+        model, data, LocalUpdateRule({}, {}), steps=3, lr=0.5, batch_size=4, weight_decay=0.0, grad_clip=10.0,
+        instructions=ClientInstructions.flat(0.01), generator=torch.Generator().manual_seed(0),
+        noise_stream=Randomness().stream("client-noise"), train_bit_widths=(2, 4),
+    )  # fmt: skip
+    norm = torch.sqrt(sum((value.double() ** 2).sum() for value in result.update.values()))
+    assert result.norm_before_clip > 0.01 and float(norm) <= 0.01 * (1 + 1e-6)
+    with pytest.raises(UsageError, match="train-bit-widths cannot be combined with local-dp"):
+        RunSettings(train_bit_widths="4", local_dp=True).validate()
+    with pytest.raises(UsageError, match="train-bit-widths must be comma-separated weight bits in 1..16, got '4,x'"):
+        RunSettings(train_bit_widths="4,x").bit_widths()
