@@ -79,6 +79,9 @@ class RunSettings:
     batch_size: int = 0  # recipe
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
+    # Multi-precision training: local steps also take the forward of the weights quantised
+    # at each of these bits (comma-separated, e.g. "2,4"), for devices of those precisions
+    train_bit_widths: str = ""
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe, by strategy
@@ -97,7 +100,7 @@ class RunSettings:
     deploy_ratio: float = 0.5
     deploy_mapping: str = "mdm"
     deploy_mode: str = "auto"
-    deploy_sweep_tiles: str = "64,128,256,512"
+    deploy_sweep_tiles: str = ""  # e.g. "64,128,256,512"; "" = only the node's own tile size
     deploy_node_configs: str = ""
     # Bookkeeping
     seed: int = 0
@@ -228,6 +231,8 @@ class RunSettings:
         if self.local_dp:
             # Layer types do not depend on the data's shape, so a nominal shape will do.
             check_local_dp_supported(build_model(self.model, 10, 3, 32, 2 * GROUP_NORM_GROUPS), self.model)
+        if self.bit_widths() and self.local_dp:
+            raise UsageError("train-bit-widths cannot be combined with local-dp (one backward pass per DP-SGD step)")
 
     def _validate_adaptive_clipping(self) -> None:
         from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
@@ -267,8 +272,22 @@ class RunSettings:
         # The syntax and who may set each key: each node judges its own values, so one bad node fails alone.
         check_run_config_node_keys(parse_node_configs(self.deploy_node_configs))
 
+    def bit_widths(self) -> tuple[int, ...]:
+        """The weight bits of multi-precision training (``train-bit-widths``; "" = none)."""
+        if not self.train_bit_widths.strip():
+            return ()
+        try:
+            widths = tuple(int(bits) for bits in self.train_bit_widths.split(","))
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) < 1 or max(widths) > 16:
+            raise UsageError(f"train-bit-widths must be comma-separated weight bits in 1..16, got {self.train_bit_widths!r}")
+        return widths
+
     def sweep_tile_sizes(self) -> tuple[int, ...]:
-        """The tile sizes of each node's NF sweep (``deploy-sweep-tiles``)."""
+        """The tile sizes of each node's NF sweep beside its own (``deploy-sweep-tiles``; "" = none)."""
+        if not self.deploy_sweep_tiles.strip():
+            return ()
         try:
             sizes = tuple(int(size) for size in self.deploy_sweep_tiles.split(","))
         except ValueError:

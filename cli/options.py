@@ -236,6 +236,8 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--batch-size", "batch_size", positive_int, "local batch size"),
         ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
         ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
+        ("--train-bit-widths", "train_bit_widths", str,
+         "multi-precision training: local steps also take the forward at these weight bits, e.g. 2,4 (docs/cim.md)"),
         ("--server-optimizer", "server_optimizer", str,
          "how the server applies the released mean update: sgd, momentum or adam (no privacy cost)"),
         ("--server-lr", "server_lr", positive_float, "the server optimizer's learning rate (sgd at 1 is plain FedAvg)"),
@@ -253,7 +255,7 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--deploy-ratio", "deploy_ratio", open_unit, "fraction of parameters the nodes keep, in (0, 1)"),
         ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm"),
         ("--deploy-mode", "deploy_mode", str, "analog inference: auto, exact, fast or ideal"),
-        ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep, comma-separated"),
+        ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep beside its own, comma-separated (default: none)"),
     ],
     "continuing": [
         ("--init-from", "init_from", str,

@@ -109,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
             generator=shuffle,
             noise_stream=noise_stream,
             local_dp=local_dp,
+            train_bit_widths=settings.bit_widths(),
         )
     if local_dp is not None:
         local_dp.save(context.state)

@@ -10,6 +10,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from dpfl.cim.precision import multi_precision_gradient
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, privatise_update
@@ -53,8 +54,11 @@ def local_sgd(
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
     dp_optimizer: DPOptimizer | None = None,
+    bit_widths: tuple[int, ...] = (),
 ) -> float:
     """Take exactly ``steps`` steps of ``optimizer`` along the rule's direction; return the mean loss.
+    With ``bit_widths``, each step's gradient is the mean over the full-precision model
+    and its quantisations at those weight bits (:func:`dpfl.cim.precision.multi_precision_gradient`).
 
     With ``dp_optimizer`` (sample-level DP, wrapping ``optimizer``) each step's
     per-sample gradients are clipped and noised first; the stability clip and the
@@ -66,7 +70,7 @@ def local_sgd(
     for _ in range(steps):
         inputs, targets = next(batches)
         (dp_optimizer or optimizer).zero_grad(set_to_none=False)  # the DP optimizer's also drops per-sample grads
-        loss = rule.compute_gradient(model, inputs, targets)
+        loss = multi_precision_gradient(lambda: rule.compute_gradient(model, inputs, targets), model, bit_widths)
         if len(targets):  # an empty Poisson batch has no loss, but its noise-only step is still taken
             total_loss += loss
             batches_with_data += 1
@@ -95,6 +99,7 @@ def train_private_update(
     generator: torch.Generator,
     noise_stream: RandomStream,
     local_dp: LocalDP | None = None,
+    train_bit_widths: tuple[int, ...] = (),
 ) -> PrivateUpdate:
     """Train from the model's current weights x and return the privatised private part of Δ.
 
@@ -102,15 +107,20 @@ def train_private_update(
     share comes from ``noise_stream`` and the clipping and noise follow the
     mechanism's ``instructions`` (:func:`dpfl.privacy.mechanism.privatise_update`).
     ``local_dp`` adds sample-level DP-SGD inside the client; its accountant counts
-    the steps taken.
+    the steps taken. ``train_bit_widths`` trains the weights for devices of those
+    precisions too (multi-precision training; not with ``local_dp``, whose per-sample
+    clipping expects one backward pass per step).
     """
+    if train_bit_widths and local_dp is not None:
+        raise UsageError("train-bit-widths cannot be combined with local-dp (one backward pass per DP-SGD step)")
     if len(dataset) == 0:
         raise UsageError("this client's partition has no training examples; give it data or leave it out of the federation")
     start = {name: t.detach().clone() for name, t in model.state_dict().items()}
     # Momentum 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     if local_dp is None:
-        loss = local_sgd(model, cycle_batches(dataset, batch_size, generator), rule, steps, optimizer, grad_clip)
+        loss = local_sgd(model, cycle_batches(dataset, batch_size, generator), rule, steps, optimizer, grad_clip,
+                         bit_widths=train_bit_widths)  # fmt: skip
     else:
         with local_dp.training(model, optimizer, dataset, batch_size) as (dp_optimizer, batches):
             loss = local_sgd(model, batches, rule, steps, optimizer, grad_clip, dp_optimizer)

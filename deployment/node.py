@@ -75,8 +75,20 @@ ALREADY_DEPLOYED = "refused: this node deploys once per run"
 POLICY_REFUSAL = "refused by this node's privacy policy"
 FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, ALREADY_DEPLOYED, POLICY_REFUSAL)
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
-SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
-                        *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
+# Mappings a node studies beside the one it deploys: the naive baseline, MDM and sw-MDM
+# (each costs an analog model; gf-mdm only when it is the node's own).
+STUDIED_MAPPINGS = ("naive", "mdm", "sw-mdm")
+# Accuracy on the node's device at its own precision, without and with weight bias correction.
+CORRECTED = "-corrected"
+
+
+def shared_accuracy_keys(mappings: tuple[str, ...]) -> tuple[str, ...]:
+    """The accuracy keys of a node that shares its accuracies and studied ``mappings``."""
+    return ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
+            *(f"accuracy-analog-{mapping}{kind}" for mapping in mappings for kind in ("", CORRECTED)))  # fmt: skip
+
+
+SHARED_ACCURACY_KEYS = shared_accuracy_keys(MAPPINGS)
 DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
 SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
@@ -162,6 +174,7 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], storage: P
     value is a one-line UsageError. Keys the node left unset take the platform's defaults."""
     defaults = RunSettings()
     device = device_from_config(config)
+    device.check_precision()
     mapping = str(config.get(DEVICE_MAPPING_KEY, defaults.deploy_mapping))
     method = str(config.get(METHOD_KEY, defaults.deploy_method))
     norm = str(config.get(NORM_KEY, defaults.deploy_norm))
@@ -208,8 +221,9 @@ def deploy_on_node(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
         ranks, config=CompressionConfig(seed=plan.seed),
     )  # fmt: skip
+    studied = tuple(dict.fromkeys((*STUDIED_MAPPINGS, plan.mapping)))
     report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed,
-                               sweep_tile_sizes=plan.sweep_tile_sizes)  # fmt: skip
+                               sweep_tile_sizes=plan.sweep_tile_sizes, mappings=studied)  # fmt: skip
     report.context.update(model=spec.name, dataset=dataset, compressed=True, device_name=plan.device_name,
                           held_out_images=len(held_out), local_images=len(data),
                           seconds=time.perf_counter() - started)  # fmt: skip
@@ -222,12 +236,14 @@ def deploy_on_node(
     save_report(report, losses, plan.storage)
     summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED}
     if plan.share_nf:
-        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS})
+        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in studied})
     if plan.share_accuracy:
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
             "accuracy-quantised": report.accuracy["quantised"],
-            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in MAPPINGS},
+            "accuracy-quantised" + CORRECTED: report.accuracy["quantised_corrected"],
+            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in studied},
+            **{f"accuracy-analog-{mapping}{CORRECTED}": report.accuracy[f"analog_{mapping}_corrected"] for mapping in studied},
         })  # fmt: skip
     return summary
 

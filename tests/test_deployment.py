@@ -12,7 +12,7 @@ from dpfl.cli.main import main
 from dpfl.deployment.federation import choose_nodes, screen_summary
 from dpfl.deployment.node import (
     ALREADY_DEPLOYED, CONFIG_FAILURE, DEPLOY_FAILURE, DEPLOYMENT_KEY, NF_KEYS, NOT_LAST_WEIGHTS, SHARED_ACCURACY_KEYS,
-    SUMMARY_KEYS,
+    STUDIED_MAPPINGS, SUMMARY_KEYS, shared_accuracy_keys,
     device_from_config, effective_node_config, run_config_proposal, run_node_deployment,
 )  # fmt: skip
 from dpfl.errors import UsageError
@@ -78,7 +78,7 @@ def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, 
         assert max(row[key] for row in by_device["quiet"]) < min(row[key] for row in by_device["lossy"])
     # Local accuracy only from the nodes that opted in.
     assert all(not set(SHARED_ACCURACY_KEYS) & row.keys() for row in by_device["quiet"])
-    assert all(set(SHARED_ACCURACY_KEYS) <= row.keys() for row in by_device["lossy"])
+    assert all(set(shared_accuracy_keys(STUDIED_MAPPINGS)) <= row.keys() for row in by_device["lossy"])
     assert "Deployment round" in printed and "quiet" in printed and "lossy" in printed
     # What reached the server: one config record of allowed scalar keys per node, no arrays.
     replies = deployment_replies(received)
