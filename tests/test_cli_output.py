@@ -127,6 +127,9 @@ def test_tensorboard_receives_the_public_round_records_and_nothing_else(dpfl_qui
 def test_flowers_colour_codes_stay_out_of_the_logs(tmp_path):
     from dpfl.engines.local_federation import split_stream
 
-    stream = io.BytesIO(b"\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n")
+    stream = io.BytesIO(b"\x1b[92mINFO \x1b[0m:      dpfl round 1/2 epsilon 1.0\n"
+                        b"\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n")
     split_stream(stream, tmp_path / "flower.log", tmp_path / "server.log", tmp_path / "nodes.log")
-    assert (tmp_path / "flower.log").read_bytes() == b"INFO :      Starting Flower Simulation\n"
+    # The ServerApp's own line to the public log, Flower's to the server's: both as plain text.
+    assert (tmp_path / "flower.log").read_bytes() == b"INFO :      dpfl round 1/2 epsilon 1.0\n"
+    assert (tmp_path / "server.log").read_bytes() == b"INFO :      Starting Flower Simulation\n"
