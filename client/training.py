@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,19 +104,44 @@ def train_private_update(
     ``local_dp`` adds sample-level DP-SGD inside the client; its accountant counts
     the steps taken.
     """
-    if len(dataset) == 0:
-        raise UsageError("this client's partition has no training examples; give it data or leave it out of the federation")
+    check_has_examples(dataset)
     start = {name: t.detach().clone() for name, t in model.state_dict().items()}
     # Momentum 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
+    device = next(model.parameters()).device
     if local_dp is None:
-        loss = local_sgd(model, cycle_batches(dataset, batch_size, generator), rule, steps, optimizer, grad_clip)
+        batches = (_to(batch, device) for batch in cycle_batches(dataset, batch_size, generator))
+        loss = local_sgd(model, batches, rule, steps, optimizer, grad_clip)
     else:
         with local_dp.training(model, optimizer, dataset, batch_size) as (dp_optimizer, batches):
-            loss = local_sgd(model, batches, rule, steps, optimizer, grad_clip, dp_optimizer)
+            loss = local_sgd(model, (_to(batch, device) for batch in batches), rule, steps, optimizer, grad_clip, dp_optimizer)
     end = model.state_dict()
     delta = {name: start[name] - end[name].detach() for name in start}
+    return privatise_local_update(delta, rule, steps, lr, instructions, noise_stream, loss)
+
+
+def check_has_examples(dataset: Dataset) -> None:
+    if len(dataset) == 0:
+        raise UsageError("this client's partition has no training examples; give it data or leave it out of the federation")
+
+
+def privatise_local_update(
+    delta: Tensors,
+    rule: LocalUpdateRule,
+    steps: int,
+    lr: float,
+    instructions: ClientInstructions,
+    noise_stream: RandomStream,
+    loss: float,
+) -> PrivateUpdate:
+    """The client's half of the mechanism on its Δ = x − y (on any device): the rule's public
+    part removed, the rest brought to the CPU and privatised there (clipped to C in float64,
+    its noise share from the secure stream; :func:`dpfl.privacy.mechanism.privatise_update`)."""
     public = rule.public_part(steps, lr)
     private = delta if public is None else {name: delta[name] - public[name] for name in delta}
-    update, norm = privatise_update(private, instructions, noise_stream)
+    update, norm = privatise_update({name: t.cpu() for name, t in private.items()}, instructions, noise_stream)
     return PrivateUpdate(update=update, norm_before_clip=norm, train_loss=loss, steps=steps)
+
+
+def _to(batch: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [t.to(device, non_blocking=True) for t in batch]
