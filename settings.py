@@ -21,11 +21,16 @@ from dpfl.privacy.adaptive_clipping import AdaptiveClipping, CLIP_MODES, check_a
 from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
 from dpfl.privacy.validation import check_local_dp_supported
 from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
+from dpfl.task.devices import check_device_name
 from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
 from dpfl.task.partition import PARTITION_SCHEMES
 from dpfl.task.pretraining import PRETRAINING_CHOICES
 from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
 from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
+
+
+# Vectorised cohorts: where possible (auto), always (on: refused where not possible), never (off).
+COHORT_BATCHING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,11 @@ class RunSettings:
     batch_size: int = 0  # recipe
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
+    # Where clients train (auto, cpu, cuda, cuda:N, mps; dpfl.task.devices), and whether the
+    # in-process engine trains a round's clients as one vectorised computation (auto, on, off;
+    # dpfl.client.cohort): auto does wherever the strategy's rule has a functional form
+    device: str = "auto"
+    cohort_batching: str = "auto"
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe, by strategy
@@ -218,6 +228,8 @@ class RunSettings:
         if self.weight_decay < 0:
             raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
         _positive("grad-clip", self.grad_clip)
+        check_device_name(self.device)
+        _one_of("cohort-batching", self.cohort_batching, COHORT_BATCHING)
         if self.image_size < 0:
             raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
         _positive("local-noise-multiplier", self.local_noise_multiplier)

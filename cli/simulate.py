@@ -17,7 +17,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpfl.cli.options import non_negative_float, open_unit, positive_float, positive_int, probability
-from dpfl.engines.simulation import ENGINES, FLOWER_LOG, prepare_run, resumed_settings, run_simulation, run_warnings
+from dpfl.engines.simulation import (
+    ENGINES,
+    FLOWER_LOG,
+    client_training,
+    prepare_run,
+    resumed_settings,
+    run_simulation,
+    run_warnings,
+)
 from dpfl.errors import UsageError
 from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon, holds_run
 from dpfl.settings import RunSettings, describe_recipe
@@ -69,6 +77,9 @@ OPTIONS = [
     ("--batch-size", "batch_size", positive_int, "local batch size"),
     ("--weight-decay", "weight_decay", non_negative_float, "local weight decay"),
     ("--grad-clip", "grad_clip", positive_float, "per-step clip of the raw local gradient (stability, not DP)"),
+    ("--device", "device", str, "where clients train: auto, cpu, cuda, cuda:N or mps (privacy noise and clipping stay on the CPU)"),
+    ("--cohort-batching", "cohort_batching", str,
+     "in-process engine: train a round's clients as one vectorised computation: auto (where the strategy allows), on or off"),
     ("--server-optimizer", "server_optimizer", str,
      "how the server applies the released mean update: sgd, momentum or adam (post-processing, no privacy cost)"),
     ("--server-lr", "server_lr", positive_float, "the server optimizer's learning rate (sgd at 1 is plain FedAvg)"),
@@ -191,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers {args.workers} is for --engine in-process; Flower's engine runs its own workers")
     workers = args.workers or len(os.sched_getaffinity(0))
     settings = settings_from_args(args)
+    training = client_training(settings, args.engine)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
@@ -203,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
         + (f" ({workers} workers)" if args.engine == "in-process" else "")
+        + f"\n  {training}"
         + f"\n  {describe_recipe(settings, get_strategy_class(settings.strategy).has_public_part())}"
         f"\n  records: {out}"
     )

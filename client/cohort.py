@@ -24,8 +24,10 @@ at once), so a large cohort is trained in chunks that fit :func:`memory_budget`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +35,16 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 
-from dpfl.client.training import PrivateUpdate, check_has_examples, cycle_batches, privatise_local_update
+from dpfl.client.training import (
+    LocalTraining,
+    PrivateUpdate,
+    check_has_examples,
+    cycle_batches,
+    privatise_local_update,
+)
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import RandomStream
-from dpfl.strategies.base import LocalUpdateRule, Tensors, l2_norm
+from dpfl.strategies.base import LocalUpdateRule, Tensors, defining_class
 
 # torch.nn.utils.clip_grad_norm_ divides by the norm plus this, and so does the cohort.
 CLIP_EPSILON = 1e-6
@@ -47,6 +55,106 @@ CPU_COHORT_BYTES = 1 << 30
 # a forward pass's activations to those kept for its backward pass and their gradients.
 PARAMETER_COPIES = 6
 ACTIVATION_FACTOR = 3
+
+
+# A ClientApp's training of one message, as a generator: it yields its LocalTraining, is
+# sent the result (or has the training's exception thrown in) and returns its reply.
+Training = Generator[LocalTraining, PrivateUpdate, Any]
+
+
+def train_alone(training: Training) -> Any:
+    """Run one client's ``training`` in the loop; its reply."""
+    try:
+        job = next(training)
+    except StopIteration as done:  # it needed no training (e.g. only a noise share)
+        return done.value
+    return _resume(training, _outcome(job.run))
+
+
+def train_together(trainings: Sequence[Training]) -> list[Any]:
+    """Run several clients' ``trainings``, vectorising those that can be: each one's reply,
+    or the exception it raised (one client's failure is its own)."""
+    outcomes: list[Any] = [None] * len(trainings)
+    jobs: dict[int, LocalTraining] = {}
+    for index, training in enumerate(trainings):
+        try:
+            jobs[index] = next(training)
+        except StopIteration as done:
+            outcomes[index] = done.value
+        except Exception as err:  # noqa: BLE001 - reported for this client alone
+            outcomes[index] = err
+    results: dict[int, PrivateUpdate | Exception] = {}
+    for group in _cohorts(jobs):
+        if len(group) > 1:
+            first = jobs[group[0]]
+            first.model.load_state_dict(first.weights)
+            updates = _outcome(lambda: train_cohort(
+                first.model, first.rule, [CohortClient(jobs[i].dataset, jobs[i].generator, jobs[i].instructions,
+                                                       jobs[i].noise_stream) for i in group],
+                steps=first.steps, lr=first.lr, batch_size=first.batch_size, weight_decay=first.weight_decay,
+                grad_clip=first.grad_clip,
+            ))  # fmt: skip
+            if not isinstance(updates, Exception):
+                results.update(zip(group, updates))
+                continue
+        # Alone, or a cohort that failed: each client in the loop, each with its own outcome.
+        results.update((index, _outcome(jobs[index].run)) for index in group)
+    for index, result in results.items():
+        outcomes[index] = _outcome(lambda: _resume(trainings[index], result))
+    return outcomes
+
+
+def vectorisable(job: LocalTraining) -> bool:
+    """Whether ``job`` can train in a vectorised cohort: a rule with a functional form, no
+    sample-level DP (Opacus's per-sample hooks act on the module, client by client)."""
+    return job.local_dp is None and type(job.rule).has_functional_form()
+
+
+def _cohorts(jobs: dict[int, LocalTraining]) -> list[list[int]]:
+    """The jobs' indices in groups that train as one cohort (a group of one trains alone)."""
+    groups: list[list[int]] = []
+    for index, job in jobs.items():
+        group = next((g for g in groups if vectorisable(job) and _same_start(jobs[g[0]], job)), None)
+        if group is None:
+            groups.append([index])
+        else:
+            group.append(index)
+    return groups
+
+
+def _same_start(a: LocalTraining, b: LocalTraining) -> bool:
+    """Whether ``b`` trains the same model from the same weights with the same rule, config,
+    records and hyper-parameters as ``a`` (by value: each client reads its own copy)."""
+    hyper = ("steps", "lr", "batch_size", "weight_decay", "grad_clip")
+    return (
+        vectorisable(a) and a.model is b.model and type(a.rule) is type(b.rule)
+        and all(getattr(a, key) == getattr(b, key) for key in hyper)
+        and dict(a.rule.config) == dict(b.rule.config) and a.rule.records.keys() == b.rule.records.keys()
+        and _equal(a.weights, b.weights) and all(_equal(a.rule.records[k], b.rule.records[k]) for k in a.rule.records)
+    )  # fmt: skip
+
+
+def _equal(a: Tensors, b: Tensors) -> bool:
+    return a.keys() == b.keys() and all(a[name] is b[name] or torch.equal(a[name], b[name]) for name in a)
+
+
+def _outcome(compute: Callable[[], Any]) -> Any:
+    try:
+        return compute()
+    except Exception as err:  # noqa: BLE001 - the caller hands it to the client it belongs to
+        return err
+
+
+def _resume(training: Training, result: PrivateUpdate | Exception) -> Any:
+    """Send the training ``result`` (or throw its exception) into ``training``; its reply."""
+    try:
+        if isinstance(result, Exception):
+            training.throw(result)
+        else:
+            training.send(result)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a client's training yielded more than once")
 
 
 @dataclass(frozen=True)
@@ -82,16 +190,18 @@ def train_cohort(
         check_has_examples(client.dataset)
     model.train()
     start = {name: t.detach() for name, t in model.state_dict().items()}
+    layout = ParameterLayout(model)
+    start_params = {name: start[name] for name in layout.shapes}
     example = clients[0].dataset[0][0]
     chunk = chunk_size(model, tuple(example.shape), batch_size)
     updates: list[PrivateUpdate] = []
     for first in range(0, len(clients), chunk):
         members = clients[first : first + chunk]
         params, losses = _train_chunk(model, rule, members, steps, lr, batch_size, weight_decay, grad_clip)
+        deltas = layout.views(layout.flatten(start_params) - params)
         for index, client in enumerate(members):
             # Buffers do not train (dpfl's models have no BatchNorm): their Δ is zero, as in the loop.
-            delta = {name: start[name] - params[name][index] if name in params else torch.zeros_like(t)
-                     for name, t in start.items()}  # fmt: skip
+            delta = {name: deltas[name][index] if name in deltas else torch.zeros_like(t) for name, t in start.items()}
             updates.append(
                 privatise_local_update(delta, rule, steps, lr, client.instructions, client.noise_stream, losses[index])
             )
@@ -107,35 +217,63 @@ def _train_chunk(
     batch_size: int,
     weight_decay: float,
     grad_clip: float,
-) -> tuple[Tensors, list[float]]:
-    """The clients' parameters after ``steps`` steps, stacked on a first axis, and their mean losses."""
+) -> tuple[torch.Tensor, list[float]]:
+    """The clients' parameters after ``steps`` steps, one row each of a [clients, d] matrix
+    (the model's parameters flattened in order), and their mean losses.
+
+    Only the gradient (and a rule's own direction) runs under ``vmap``: the stability clip
+    and the SGD step act on the whole matrix at once, a few operations for every client
+    and parameter, where under ``vmap`` each would be one operation per named tensor.
+    """
     device = next(model.parameters()).device
     buffers = {name: t.detach() for name, t in model.named_buffers()}
+    count = len(clients)
 
     def mean_loss(params: Tensors, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, {**params, **buffers}, (inputs,))
         return (nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
-    def step(params: Tensors, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
-        grads, loss = rule.functional_gradient(mean_loss, params, (inputs, targets, weights))
-        # The platform's stability clip, clip_grad_norm_'s arithmetic on this client's norm.
-        scale = torch.clamp(grad_clip / (l2_norm(grads) + CLIP_EPSILON), max=1.0)
-        direction = rule.functional_direction({name: g * scale for name, g in grads.items()})
-        # torch.optim.SGD without momentum: p − lr·(d + weight_decay·p).
-        return {name: p - lr * (direction[name] + weight_decay * p) for name, p in params.items()}, loss
-
-    vectorised = vmap(step, randomness="error")
-    params = {name: p.detach().expand(len(clients), *p.shape).clone() for name, p in model.named_parameters()}
+    gradients = vmap(lambda params, *batch: rule.functional_gradient(mean_loss, params, batch), randomness="error")
+    own_direction = defining_class(type(rule), "functional_direction") is not LocalUpdateRule
+    directions = vmap(rule.functional_direction, randomness="error")
+    layout = ParameterLayout(model)
+    params = layout.flatten(dict(model.named_parameters())).detach().expand(count, -1).clone()
     streams = [cycle_batches(client.dataset, batch_size, client.generator) for client in clients]
-    total = torch.zeros(len(clients), dtype=torch.float64)
+    total = torch.zeros(count, dtype=torch.float64)
     # Attention as matrix products, which vmap batches; its fused kernels have no batching
     # rule and would run client by client.
     with sdpa_kernel(SDPBackend.MATH):
         for _ in range(steps):
             inputs, targets, weights = (t.to(device) for t in _stacked_batches(streams))
-            params, loss = vectorised(params, inputs, targets, weights)
+            grads, loss = gradients(layout.views(params), inputs, targets, weights)
+            flat = layout.flatten(grads)
+            # The platform's stability clip: clip_grad_norm_'s arithmetic on each client's norm.
+            flat *= torch.clamp(grad_clip / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + CLIP_EPSILON), max=1.0)
+            if own_direction:
+                flat = layout.flatten(directions(layout.views(flat)))
+            # torch.optim.SGD without momentum: p − lr·(d + weight_decay·p).
+            params = params - lr * (flat + weight_decay * params)
             total += loss.detach().double().cpu()
     return params, (total / steps).tolist()
+
+
+class ParameterLayout:
+    """A model's parameters as one vector (per client: one row of a matrix) and back as named views."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shapes = {name: p.shape for name, p in model.named_parameters()}
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
+
+    def flatten(self, tensors: Tensors) -> torch.Tensor:
+        """Named tensors with a leading client axis (or none) as [clients, d] (or [d])."""
+        lead = next(iter(tensors.values())).dim() - len(next(iter(self.shapes.values())))
+        return torch.cat([tensors[name].reshape(*tensors[name].shape[:lead], -1) for name in self.shapes], dim=-1)
+
+    def views(self, flat: torch.Tensor) -> Tensors:
+        """Named views of a [clients, d] (or [d]) matrix, without copying."""
+        lead = flat.shape[:-1]
+        parts = flat.split(self.sizes, dim=-1)
+        return {name: part.view(*lead, *shape) for (name, shape), part in zip(self.shapes.items(), parts)}
 
 
 def _stacked_batches(streams: Sequence[Iterator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,7 +300,19 @@ def chunk_size(model: nn.Module, example_shape: tuple[int, ...], batch_size: int
 
 
 def activation_bytes(model: nn.Module, example_shape: tuple[int, ...]) -> int:
-    """Bytes of the outputs of every module in a forward pass of one example."""
+    """Bytes of the outputs of every module in a forward pass of one example (measured once
+    per model and shape)."""
+    measured = _activation_bytes.setdefault(model, {})
+    if example_shape not in measured:
+        measured[example_shape] = _measure_activation_bytes(model, example_shape)
+    return measured[example_shape]
+
+
+# model -> example shape -> bytes; a model that is no longer used is forgotten.
+_activation_bytes: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def _measure_activation_bytes(model: nn.Module, example_shape: tuple[int, ...]) -> int:
     total = 0
 
     def count(module: nn.Module, inputs, output) -> None:

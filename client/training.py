@@ -81,6 +81,47 @@ def local_sgd(
     return total_loss / max(batches_with_data, 1)
 
 
+@dataclass
+class LocalTraining:
+    """One client's local training as its ClientApp prepared it: everything
+    :func:`train_private_update` takes, and the weights to start from.
+
+    The ClientApp hands it to whoever trains (:func:`dpfl.client.cohort.train_alone`, or
+    :func:`dpfl.client.cohort.train_together` for a vectorised cohort), so that what a
+    client checks, counts and replies stays in one place whichever way it trains.
+    """
+
+    model: nn.Module
+    weights: Tensors
+    dataset: Dataset
+    rule: LocalUpdateRule
+    steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    grad_clip: float
+    instructions: ClientInstructions
+    generator: torch.Generator  # shuffles the local data (seeded from --seed, round and partition)
+    noise_stream: RandomStream
+    seed: int  # of anything else random in local training (a strategy's own draws)
+    local_dp: LocalDP | None = None
+
+    def run(self) -> PrivateUpdate:
+        """Train in the loop, alone."""
+        self.model.load_state_dict(self.weights)
+        # A strategy's own draws are seeded too, so that a client computes the same
+        # whichever process or engine runs it.
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed also queues a seeding of every
+            # accelerator backend, with a formatted stack, at each call.
+            torch.default_generator.manual_seed(self.seed)
+            return train_private_update(
+                self.model, self.dataset, self.rule, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                weight_decay=self.weight_decay, grad_clip=self.grad_clip, instructions=self.instructions,
+                generator=self.generator, noise_stream=self.noise_stream, local_dp=self.local_dp,
+            )  # fmt: skip
+
+
 def train_private_update(
     model: nn.Module,
     dataset: Dataset,

@@ -27,7 +27,9 @@ from typing import Any
 
 import psutil
 
+from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
+from dpfl.task.devices import cuda_devices
 
 SUPERLINK_START_TIMEOUT_S = 60.0
 # One CPU per ClientApp, so a 2-core machine runs two clients at a time.
@@ -178,6 +180,19 @@ def kill_processes(processes: list[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=10)
 
 
+def client_resources(device: str) -> str:
+    """Flower's resources for each ClientApp of a run on ``device``: one CPU, and with GPUs a
+    share of them such that a client on every core fits (Ray then shows each ClientApp only
+    the GPU it assigned, which is its ``cuda``)."""
+    if device.startswith("cuda:"):
+        raise UsageError(f"device {device!r}: Flower's engine assigns the GPUs itself; use device cuda (or auto)")
+    resources = f"client-resources-num-cpus={CLIENT_CPUS}"
+    gpus = cuda_devices(device)
+    if gpus:
+        resources += f" client-resources-num-gpus={min(1.0, len(gpus) / len(os.sched_getaffinity(0))):.4g}"
+    return resources
+
+
 @contextmanager
 def simulation(settings: RunSettings, num_supernodes: int, log_file: Path) -> Iterator[subprocess.Popen]:
     """Start ``flwr run`` on a private local SuperLink; yields the ``flwr run`` process."""
@@ -188,7 +203,7 @@ def simulation(settings: RunSettings, num_supernodes: int, log_file: Path) -> It
         write_app(app_dir, settings)
         env = private_flower_environment(home_path / "flwr")
         with local_superlink(env, log_file):
-            federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
+            federation = f"num-supernodes={num_supernodes} {client_resources(settings.device)}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
             with log_file.open("ab") as log:
                 process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)

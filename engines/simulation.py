@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dpfl.client.app import app as client_app
-from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.client.app import app as client_app, train_cohort
+from dpfl.engines.inprocess import CohortHandler, flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
+from dpfl.errors import UsageError
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.server.app import app as server_app
@@ -26,6 +27,7 @@ from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import not_valid_reasons
 from dpfl.task.data import cached_dataset, load_dataset
+from dpfl.task.devices import cuda_devices, device_name
 from dpfl.task.partition import partition_indices
 
 FLOWER_LOG = "flower.log"
@@ -47,6 +49,7 @@ def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
 
 def prepare_run(settings: RunSettings, download: bool = False) -> None:
     """Everything a run needs before its first round, checked (and the data set cached)."""
+    device_name(settings.device)  # a device that is not here is refused now, in one line
     if settings.init_from and not settings.resume_from:
         load_initial_state(settings.init_from, settings.init_new_data)
     smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
@@ -64,6 +67,41 @@ def run_warnings(settings: RunSettings) -> list[str]:
         private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
     )  # fmt: skip
     return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
+
+
+def cohort_obstacles(settings: RunSettings, engine: str) -> list[str]:
+    """Why the run's clients could not train in vectorised cohorts on ``engine`` (none: they can)."""
+    rule = get_strategy_class(settings.strategy).local_update_rule
+    return [
+        text for text, applies in (
+            ("Flower's engine runs each client on its own", engine != "in-process"),
+            (f"the strategy's local rule {rule.__qualname__} has no functional form", not rule.has_functional_form()),
+            ("local DP (Opacus) trains each client on its own", settings.local_dp),
+        ) if applies
+    ]  # fmt: skip
+
+
+def vectorised(settings: RunSettings, engine: str = "in-process") -> bool:
+    """Whether the run's clients train in vectorised cohorts: ``cohort-batching`` auto
+    wherever they can, off never; on refuses, in one line, a run where they cannot."""
+    obstacles = cohort_obstacles(settings, engine)
+    if obstacles and settings.cohort_batching == "on":
+        raise UsageError(f"cohort-batching on: a round's clients cannot train as one cohort here: {'; '.join(obstacles)}")
+    return settings.cohort_batching != "off" and not obstacles
+
+
+def client_training(settings: RunSettings, engine: str) -> str:
+    """How the run's clients train and where, for the run's header."""
+    device = device_name(settings.device)
+    if vectorised(settings, engine):
+        return f"clients train on {device} in vectorised cohorts (torch.func)"
+    why = "cohort-batching off" if settings.cohort_batching == "off" else "; ".join(cohort_obstacles(settings, engine))
+    return f"clients train on {device} one by one ({why})"
+
+
+def cohort_handler(settings: RunSettings) -> CohortHandler | None:
+    """dpfl's cohort handler for an in-process run of ``settings``, or None to train one by one."""
+    return train_cohort if vectorised(settings) else None
 
 
 def run_simulation(
@@ -100,7 +138,8 @@ def _run_in_process(
 
     def target() -> None:
         try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop)
+            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop,
+                           cohort_handler(settings), cuda_devices(settings.device))  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 

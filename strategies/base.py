@@ -136,7 +136,7 @@ class LocalUpdateRule:
     def has_functional_form(cls) -> bool:
         """Whether both loop hooks have their functional twin defined where they are, or below."""
         twins = (("compute_gradient", "functional_gradient"), ("direction", "functional_direction"))
-        return all(issubclass(_defined_by(cls, twin), _defined_by(cls, hook)) for hook, twin in twins)
+        return all(issubclass(defining_class(cls, twin), defining_class(cls, hook)) for hook, twin in twins)
 
 
 # One client's mini-batch as the functional form sees it: inputs, targets and the
@@ -145,7 +145,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 LossFunction = Callable[..., torch.Tensor]
 
 
-def _defined_by(cls: type, name: str) -> type:
+def defining_class(cls: type, name: str) -> type:
     return next(klass for klass in cls.__mro__ if name in vars(klass))
 
 
