@@ -30,9 +30,9 @@ def smoke_test_strategy(cls: type[ClientLevelDPStrategy], settings: RunSettings,
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     x = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2)
-    strategy.global_arrays = ArrayRecord(x)
     try:
+        strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2)
+        strategy.global_arrays = ArrayRecord(x)
         config = strategy.round_config(1)
         _expect(isinstance(config, dict) and all(isinstance(v, (bool, int, float, str)) for v in config.values()),
                 "round_config must return a dict of bool/int/float/str")  # fmt: skip

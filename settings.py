@@ -270,8 +270,8 @@ class RunSettings:
         if not 0 < self.deploy_holdout < 1:
             raise UsageError(f"deploy-holdout must be in (0, 1), got {self.deploy_holdout}")
         self.sweep_tile_sizes()
-        # The syntax only: each node judges its own values, so one bad node fails alone.
-        parse_node_configs(self.deploy_node_configs)
+        # The syntax and who may set each key: each node judges its own values, so one bad node fails alone.
+        check_run_config_node_keys(parse_node_configs(self.deploy_node_configs))
 
     def sweep_tile_sizes(self) -> tuple[int, ...]:
         """The tile sizes of each node's NF sweep (``deploy-sweep-tiles``)."""
@@ -319,6 +319,9 @@ class RunSettings:
         return self.max_epsilon or math.inf
 
 
+# The node-config keys a run config may propose to a node (deploy-node-configs), and a node
+# may accept: its simulated device and its compression, nothing it shares or where it writes.
+RUN_CONFIG_NODE_PREFIXES = ("device-", "compress-")
 # How a bool key may be spelled in a run config; bool("false") would be True.
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -349,7 +352,7 @@ def _one_of(key: str, value: str, allowed) -> None:
         raise UsageError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
 
 
-def parse_node_configs(text: str) -> list[dict[str, str]]:
+def parse_node_configs(text: str, what: str = "deploy-node-configs") -> list[dict[str, str]]:
     """``"k=v k=v; k=v"``: one node config per ``;``-separated entry (a simulation's
     stand-in for the node configs of real SuperNodes)."""
     configs = []
@@ -358,10 +361,23 @@ def parse_node_configs(text: str) -> list[dict[str, str]]:
         for item in entry.split():
             key, sep, value = item.partition("=")
             if not sep or not key or not value:
-                raise UsageError(f"deploy-node-configs: {item!r} is not key=value (entries: 'k=v k=v; k=v ...')")
+                raise UsageError(f"{what}: {item!r} is not key=value (entries: 'k=v k=v; k=v ...')")
             config[key] = value
         configs.append(config)
     return configs
+
+
+def check_run_config_node_keys(configs: list[dict[str, str]]) -> None:
+    """Refuse, in one line, a node key the run config may not set: only device and compression keys
+    (``device-*``, ``compress-*``) may come from it; sharing, storage and policy are the node's own."""
+    for config in configs:
+        for key in config:
+            if not key.startswith(RUN_CONFIG_NODE_PREFIXES):
+                raise UsageError(
+                    f"deploy-node-configs: {key!r} is the node's own choice and cannot come from the run config "
+                    f"(only {', '.join(p + '*' for p in RUN_CONFIG_NODE_PREFIXES)}); in simulation, set it with "
+                    "--node-config"
+                )
 
 
 def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> str:

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_audit_options(parser)
     add_run_options(parser)
     parser.add_argument("--out", default=None, help="output folder (default runs/audit-<time>)")
-    parser.set_defaults(func=run, deploy_node_configs=[], download=False, resume=None)
+    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[], download=False, resume=None)
 
 
 def add_audit_options(parser: argparse.ArgumentParser) -> None:

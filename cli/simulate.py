@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpfl.cli.options import non_negative_float, open_unit, positive_float, positive_int, probability
+from dpfl.client.node import parse_node_config
 from dpfl.engines.simulation import (
     ENGINES,
     FLOWER_LOG,
@@ -120,8 +121,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(parser)
     parser.add_argument("--deploy-node-config", dest="deploy_node_configs", action="append", default=[],
                         metavar="'KEY=VALUE ...'",
-                        help="node config of simulated nodes for the deployment round (device-*, compress-*, "
-                        "share-accuracy); repeat for several device types, assigned round robin by partition")  # fmt: skip
+                        help="run config's proposal to simulated nodes for the deployment round (device-* and "
+                        "compress-* keys only); repeat for several device types, assigned round robin by partition")  # fmt: skip
+    parser.add_argument("--node-config", dest="node_configs", action="append", default=[], type=parse_node_config,
+                        metavar="'KEY=VALUE ...'",
+                        help="a simulated data owner's own node config, as flower-supernode --node-config takes it "
+                        "(policy-*, share-accuracy, share-nf, node-dir, device-*; strings in double quotes); repeat "
+                        "for several owners, assigned round robin by partition; never part of the run config")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default runs/<strategy>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue the run in RUN_DIR from its last completed round, with its run config "
@@ -221,10 +227,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.engine == "flower":
         console.print(f"  Flower log: {out / FLOWER_LOG}")
+    started = time.monotonic()
     try:
         with signals_interrupt():
             failure = run_simulation(settings, args.engine, workers, lambda running: follow_metrics(
-                out / METRICS_FILE, running, settings, console))
+                out / METRICS_FILE, running, settings, console), args.node_configs)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted[/]: {_completed_rounds(out)}; resume with\n  {RESUME_HINT.format(out=out)}")
         return INTERRUPTED_EXIT_CODE
@@ -238,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]{summary['outcome']}[/]: {summary['rounds-completed']} rounds, final accuracy "
         f"{summary['final-accuracy']:.4f} (best {summary['best-accuracy']:.4f}), epsilon "
         f"{epsilon} at delta {summary['delta']:g}, sigma {summary['noise-multiplier']:.4f}, "
-        f"{summary['wall-time']:.0f} s\n  final model: {out / 'final_model.pt'}"
+        f"{time.monotonic() - started:.0f} s\n  final model: {out / 'final_model.pt'}"
     )
     if settings.deploy and (code := _show_deployment(out, console)):
         return code
@@ -289,7 +296,7 @@ def follow_metrics(path: Path, running: Callable[[], bool], settings: RunSetting
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("starting Flower", total=settings.num_server_rounds)
-        offset = 0
+        offset, last = 0, time.monotonic()
         while True:
             finished = not running()
             if path.exists():
@@ -299,17 +306,20 @@ def follow_metrics(path: Path, running: Callable[[], bool], settings: RunSetting
                         if not line.endswith("\n"):
                             break
                         offset += len(line)
-                        _show_round(json.loads(line), settings, progress, task)
+                        # Timed here, for the operator: the public records hold no timings.
+                        now = time.monotonic()
+                        _show_round(json.loads(line), settings, progress, task, now - last)
+                        last = now
             if finished:
                 return
             time.sleep(0.5)
 
 
-def _show_round(row: dict, settings: RunSettings, progress: Progress, task) -> None:
+def _show_round(row: dict, settings: RunSettings, progress: Progress, task, seconds: float) -> None:
     progress.update(task, completed=row["round"], description=f"round {row['round']}")
     progress.console.print(
         f"round {row['round']:>3}/{settings.num_server_rounds}  accuracy {row['accuracy']:.4f}  "
-        f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  {row['round-time']:.1f} s"
+        f"loss {row['loss']:.4f}  epsilon {format_epsilon(row['epsilon'])}  {seconds:.1f} s"
         + (f"  local epsilon (nominal client, every round) {row['local-epsilon-nominal']:.3f}"
            if "local-epsilon-nominal" in row else "")
     )

@@ -1,24 +1,32 @@
-"""The ClientApp: trains the strategy's local update rule and returns the privatised private part."""
+"""The ClientApp: trains the strategy's local update rule and returns the privatised private part.
+
+Before it touches its data, a node checks every train message against its own privacy
+policy, counting in its own state how often it has been asked to contribute
+(:mod:`dpfl.privacy.node_policy`), and then does exactly what it checked: its clipping
+and noise share derive from the checked values. Per-client facts (its ε, its
+participation, its sample-level ε) go to its private log (:mod:`dpfl.client.node`),
+never to Flower's log, which the server publishes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from logging import INFO
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from flwr.clientapp import ClientApp
-from flwr.supercore import log
 
 from dpfl.client.cache import resident_model, run_device, run_settings
 from dpfl.client.cohort import train_alone, train_together
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
+from dpfl.client.node import NodeMemory, log_privately, node_dir, node_label, own_node_config, weights_digest
 from dpfl.client.training import LocalTraining, PrivateUpdate
-from dpfl.deployment.node import DEPLOYMENT_KEY, run_node_deployment
+from dpfl.deployment.node import DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment
 from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
-from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest
+from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest, amplified_epsilon, unamplified_epsilon
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors, tensor_record
 from dpfl.strategies import get_strategy_class
@@ -41,20 +49,41 @@ def train_cohort(deliveries: Sequence[tuple[Message, Context]]) -> list[Message 
 def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUpdate, Message]:
     """The node's part around its local training: yields the training, then replies."""
     settings = run_settings(context.run_config)
-    policy = NodePrivacyPolicy.from_node_config(context.node_config)
-    if refusal := policy.violation(PolicyRequest.from_train(msg.content[CONFIG_KEY], settings)):
-        raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
+    node_config = own_node_config(context.node_config)
+    policy = NodePrivacyPolicy.from_node_config(node_config)
+    private_log = node_dir(node_config, settings, node_label(context))
     config = msg.content[CONFIG_KEY]
+    request = PolicyRequest.from_train(config, settings, get_strategy_class(settings.strategy).private)
+    memory = NodeMemory(context)
+    participation = memory.participation.after(request)
+    if refusal := policy.violation(request, participation):
+        memory.participation = memory.participation.refused(request)
+        memory.save()
+        log_privately(private_log, {"round": request.server_round, "refused": refusal})
+        raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     instructions = ClientInstructions.from_config(config)
+    global_weights = record_tensors(msg.content[ARRAYS_KEY])
+    # Counted before training: a node that fails mid-round has still been asked. The weights
+    # are remembered only for a run that announces a deployment round: without one, a query
+    # finds nothing to match and is refused.
+    memory.participation = participation
+    memory.last_weights = weights_digest(global_weights) if settings.deploy else ""
+    memory.save()
     server_round = int(config[SERVER_ROUND_KEY])
     # The node's stable identity in a simulation is its partition; a deployed node has its own id.
     identity = int(context.node_config.get("partition-id", context.node_id))
     # Secure by default; seeded from --seed only when the run asked for reproducible noise.
     randomness = Randomness(settings.seed if instructions.reproducible_noise else None)
     noise_stream = randomness.stream("client-noise", server_round, identity)
-    global_weights = record_tensors(msg.content[ARRAYS_KEY])
     if not instructions.contribute_update:  # not sampled: only this client's noise share
         return update_reply(msg, noise_share(global_weights, instructions, noise_stream))
+    if request.epsilon_valid:
+        delta = min(request.delta, policy.delta)
+        log_privately(private_log, {
+            "round": server_round, "contributions": participation.contributions, "rounds-seen": participation.rounds,
+            "delta": delta, "epsilon-own-contributions": unamplified_epsilon(request, participation, delta),
+            "epsilon-if-sampling-honest": amplified_epsilon(request, delta),
+        })  # fmt: skip
     partition = load_client_partition(settings, context.node_config)
     device = run_device(settings.device)
     records = {key: {name: t.to(device) for name, t in record_tensors(record).items()}
@@ -92,9 +121,9 @@ def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUp
     )
     if local_dp is not None:
         local_dp.save(context.state)
-        # The client's own sample-level epsilon depends on its data size: it stays in the node's log.
-        log(INFO, "dpfl client: sample-level epsilon %.3f (delta %g) after round %d", local_dp.epsilon(),
-            settings.local_delta, server_round)  # fmt: skip
+        # Depends on the client's data size and how often it was sampled: the node's alone.
+        log_privately(private_log, {"round": server_round, "sample-level-epsilon": local_dp.epsilon(),
+                                    "local-delta": settings.local_delta})  # fmt: skip
     # Only the privatised update leaves the client (with adaptive clipping, also the bit
     # [norm <= C] the server noises): no loss, norm or data size.
     return update_reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
@@ -102,18 +131,33 @@ def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUp
 
 @app.query()
 def deploy(msg: Message, context: Context) -> Message:
-    """The deployment round: compress the final model with this node's data and run it
-    on this node's simulated CIM device; only the shareable summary goes back."""
+    """The deployment round: compress the weights of this node's last train message with its
+    data and run them on its simulated CIM device; only what it chose to share goes back.
+
+    One query per train message: a server cannot probe the node's data with many
+    crafted models, nor with one the node's policy never checked.
+    """
     settings = run_settings(context.run_config)
-    node_config = context.node_config
-
-    def local_data():
-        partition = load_client_partition(settings, node_config)
-        return partition.spec, settings.dataset, partition.dataset
-
-    label = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{context.node_id}"
+    node_config = own_node_config(context.node_config)
+    policy = NodePrivacyPolicy.from_node_config(node_config)
+    private_log = node_dir(node_config, settings, node_label(context))
+    memory = NodeMemory(context)
     weights = record_tensors(msg.content[ARRAYS_KEY])
-    summary = run_node_deployment(context.run_config, node_config, label, local_data, weights)
+    if policy.registered_strategies_only and ":" in settings.strategy:
+        summary, detail = failure_summary(POLICY_REFUSAL, node_config), f"plugin strategy {settings.strategy!r}"
+    elif not memory.last_weights or weights_digest(weights) != memory.last_weights:
+        summary, detail = failure_summary(NOT_LAST_WEIGHTS, node_config), "query weights differ from the last train message's"
+    else:
+        memory.last_weights = ""  # answered: the next query needs another train message
+        memory.save()
+
+        def local_data():
+            partition = load_client_partition(settings, context.node_config)
+            return partition.spec, settings.dataset, partition.dataset
+
+        summary, detail = run_node_deployment(settings, node_config, private_log, local_data, weights)
+    if detail:
+        log_privately(private_log, {"deployment-failed": detail})
     return Message(content=RecordDict({DEPLOYMENT_KEY: ConfigRecord(summary)}), reply_to=msg)
 
 

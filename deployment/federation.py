@@ -8,7 +8,6 @@ and shown as failed, so no client statistic beyond what nodes may share is recor
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Sequence
@@ -30,8 +29,9 @@ TABLE_COLUMNS = (
 # Characters the table needs to show every column unabridged.
 TABLE_WIDTH = 180
 NOT_COVERED = (
-    "deployment summaries are per-node statistics outside the training's epsilon: the device parameters and "
-    "NF always, local accuracies only from nodes that opted in (share-accuracy)"
+    "deployment summaries are what each node chose to share, outside the training's epsilon: its device and "
+    "compression settings always; NF and local accuracies, statistics of its own data, only from nodes that "
+    "opted in (share-nf, share-accuracy)"
 )
 
 
@@ -87,12 +87,3 @@ def deployment_table(payload: dict[str, Any]):
     for row in payload["nodes"]:
         table.add_row(*(_cell(row, key) for _, key in TABLE_COLUMNS))
     return table
-
-
-def render_table(payload: dict[str, Any], width: int = TABLE_WIDTH) -> str:
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO())
-    console.print(deployment_table(payload))
-    return console.file.getvalue()
-

@@ -1,12 +1,21 @@
 """One node's deployment: the final global model, compressed with the node's own data,
 run on the node's own simulated CIM device, reported into the node's own storage.
 
-The device, the mapping and the compression come from the node config (keys below),
-falling back to the run config's ``deploy-*`` defaults, so a federation can hold
-heterogeneous devices. What the node returns to the server is a summary of public
-facts (the device and the non-ideality factors); its accuracy on its own data is a
-per-client statistic that is not covered by epsilon, shared only if the node opts in
-with ``share-accuracy = true``. Neither the input statistics (Σ) nor any data leave it.
+Who decides what. The device, the mapping and the compression are the node's: its own
+config (keys below) first; then what the run config proposes (its ``deploy-*`` defaults
+and its ``deploy-node-configs`` entry for this node), but only device and compression
+keys, and only those the node allows (``deploy-run-config-keys``, by default every
+``device-*`` and ``compress-*`` key). What the node shares and where it writes
+(``share-accuracy``, ``share-nf``, ``node-dir``) come from the node alone.
+
+What the node returns is a summary. Its device and compression settings are the
+node's own choices. Its non-ideality factors (NF) and its accuracies are statistics
+of its own data (NF is measured on the layer inputs of its calibration slice), not
+covered by the training's ε: each is returned only if the node opted in
+(``share-nf``, ``share-accuracy``). A failure is returned as one of a few fixed
+strings, never with numbers (a reason such as "72 local examples are too few" would
+state the node's data size); the full reason goes to the node's private log. Neither
+the input statistics (Σ) nor any data leave it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +38,7 @@ from dpfl.cim.study import cim_study, save_report
 from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
 from dpfl.compression.study import StudyOptions, plan_layer_ranks
 from dpfl.errors import UsageError
-from dpfl.settings import RunSettings, coerce_config_value, parse_node_configs
+from dpfl.settings import RUN_CONFIG_NODE_PREFIXES, RunSettings, coerce_config_value, parse_node_configs
 from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 
@@ -40,8 +50,12 @@ DEVICE_NAME_KEY = "device-name"
 DEVICE_MAPPING_KEY = "device-mapping"
 DEVICE_WIRE_KEY = "device-r-wire"
 METHOD_KEY, NORM_KEY, RATIO_KEY = "compress-method", "compress-norm", "compress-ratio"
+# The node's own choices: never taken from the run config.
 SHARE_ACCURACY_KEY = "share-accuracy"
-STORAGE_KEY = "deploy-dir"
+SHARE_NF_KEY = "share-nf"
+# Which keys the node accepts from the run config (fnmatch patterns; "none" for none).
+ACCEPTED_KEY = "deploy-run-config-keys"
+ACCEPTED_BY_DEFAULT = tuple(prefix + "*" for prefix in RUN_CONFIG_NODE_PREFIXES)
 
 # The one (config) record of a node's reply to the deployment query.
 DEPLOYMENT_KEY = "deployment"
@@ -50,6 +64,12 @@ COMPRESSION_REPORT_FILE = "compression_report.json"
 # Summary keys a node may return; the server refuses a reply with any other key.
 STATUS_KEY, REASON_KEY = "status", "reason"
 DEPLOYED, FAILED = "deployed", "failed"
+# The only reasons a failed deployment states (the node's private log has the details).
+CONFIG_FAILURE = "the node's deployment settings are invalid"
+DEPLOY_FAILURE = "the deployment failed on this node"
+NOT_LAST_WEIGHTS = "refused: these are not the weights of this node's last train message"
+POLICY_REFUSAL = "refused by this node's privacy policy"
+FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, POLICY_REFUSAL)
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
 SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
                         *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
@@ -73,6 +93,7 @@ class NodeDeployment:
     ratio: float
     holdout: float
     share_accuracy: bool
+    share_nf: bool
     storage: Path
     seed: int
     sweep_tile_sizes: tuple[int, ...]
@@ -84,12 +105,24 @@ class NodeDeployment:
                 NORM_KEY: self.norm, RATIO_KEY: self.ratio, **device}  # fmt: skip
 
 
-def effective_node_config(node_config: Mapping[str, Any], simulated: list[dict[str, str]]) -> dict[str, Any]:
-    """The node's own config, over the simulated one of its partition (round robin)."""
-    base = {}
+def run_config_proposal(settings: RunSettings, node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run config proposes to this node: its ``deploy-*`` defaults as node keys, under
+    its ``deploy-node-configs`` entry for the node's partition (round robin)."""
+    proposal: dict[str, Any] = {METHOD_KEY: settings.deploy_method, NORM_KEY: settings.deploy_norm,
+                                RATIO_KEY: settings.deploy_ratio, DEVICE_MAPPING_KEY: settings.deploy_mapping}  # fmt: skip
+    simulated = parse_node_configs(settings.deploy_node_configs)
     if simulated and "partition-id" in node_config:
-        base = simulated[int(node_config["partition-id"]) % len(simulated)]
-    return {**base, **node_config}
+        proposal.update(simulated[int(node_config["partition-id"]) % len(simulated)])
+    return proposal
+
+
+def effective_node_config(node_config: Mapping[str, Any], proposal: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's own config over the device and compression keys of ``proposal`` that it accepts."""
+    raw = str(node_config.get(ACCEPTED_KEY, " ".join(ACCEPTED_BY_DEFAULT)))
+    patterns = [] if raw.strip() == "none" else raw.replace(",", " ").split()
+    accepted = {key: value for key, value in proposal.items()
+                if key.startswith(RUN_CONFIG_NODE_PREFIXES) and any(fnmatch(key, p) for p in patterns)}  # fmt: skip
+    return {**accepted, **node_config}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -120,25 +153,25 @@ def device_from_config(config: Mapping[str, Any]) -> CrossbarDevice:
     return CrossbarDevice(**values)
 
 
-def node_deployment(settings: RunSettings, config: Mapping[str, Any], node_label: str) -> NodeDeployment:
+def node_deployment(settings: RunSettings, config: Mapping[str, Any], storage: Path) -> NodeDeployment:
     """Validate and resolve a node's deployment from its effective node config; any bad
-    value is a one-line UsageError."""
+    value is a one-line UsageError. Keys the node left unset take the platform's defaults."""
+    defaults = RunSettings()
     device = device_from_config(config)
-    mapping = str(config.get(DEVICE_MAPPING_KEY, settings.deploy_mapping))
-    method = str(config.get(METHOD_KEY, settings.deploy_method))
-    norm = str(config.get(NORM_KEY, settings.deploy_norm))
-    ratio = _coerce(RATIO_KEY, config.get(RATIO_KEY, settings.deploy_ratio), float)
+    mapping = str(config.get(DEVICE_MAPPING_KEY, defaults.deploy_mapping))
+    method = str(config.get(METHOD_KEY, defaults.deploy_method))
+    norm = str(config.get(NORM_KEY, defaults.deploy_norm))
+    ratio = _coerce(RATIO_KEY, config.get(RATIO_KEY, defaults.deploy_ratio), float)
     for key, value, allowed in ((DEVICE_MAPPING_KEY, mapping, MAPPINGS), (METHOD_KEY, method, METHODS), (NORM_KEY, norm, NORMS)):
         if value not in allowed:
             raise UsageError(f"node config {key} {value!r} is not one of {', '.join(allowed)}")
     if not 0 < ratio < 1:
         raise UsageError(f"node config {RATIO_KEY} must be in (0, 1), got {ratio}")
-    # A node's own storage keeps one folder per run (named as the run's records folder).
-    storage = Path(config[STORAGE_KEY]) / Path(settings.out_dir).name if config.get(STORAGE_KEY) else Path(settings.out_dir) / "nodes" / node_label
     return NodeDeployment(
         device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
         mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,
         share_accuracy=_coerce(SHARE_ACCURACY_KEY, config.get(SHARE_ACCURACY_KEY, False), bool),
+        share_nf=_coerce(SHARE_NF_KEY, config.get(SHARE_NF_KEY, False), bool),
         storage=storage, seed=settings.seed, sweep_tile_sizes=settings.sweep_tile_sizes(),
     )  # fmt: skip
 
@@ -180,8 +213,9 @@ def deploy_on_node(
         json.dumps({**compression.report(), "ratio": plan.ratio, "scope": "model"}, indent=2) + "\n"
     )
     save_report(report, losses, plan.storage)
-    summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED,
-               **{f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS}}  # fmt: skip
+    summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED}
+    if plan.share_nf:
+        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS})
     if plan.share_accuracy:
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
@@ -192,26 +226,28 @@ def deploy_on_node(
 
 
 def failure_summary(reason: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A failed deployment: the one-line reason, and the device's name if the node gave one."""
-    lines = str(reason).strip().splitlines()
-    summary = {STATUS_KEY: FAILED, REASON_KEY: lines[0] if lines else "failed"}
+    """A failed deployment: one of the fixed :data:`FAILURE_REASONS`, and the device's name if the node gave one."""
+    assert reason in FAILURE_REASONS, reason
+    summary = {STATUS_KEY: FAILED, REASON_KEY: reason}
     if DEVICE_NAME_KEY in config:
         summary[DEVICE_NAME_KEY] = str(config[DEVICE_NAME_KEY])
     return summary
 
 
 def run_node_deployment(
-    run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_label: str,
+    settings: RunSettings, node_config: Mapping[str, Any], storage: Path,
     load_data: Callable[[], tuple[ModelSpec, str, Dataset]], global_weights: dict[str, torch.Tensor],
-) -> dict[str, Any]:
-    """A node's whole deployment; a bad node config, ratio or layer fails only this node,
-    with its one-line reason in the summary."""
+) -> tuple[dict[str, Any], str | None]:
+    """A node's whole deployment: (the summary it returns, the full reason of a failure for its
+    private log). A bad node config, ratio or layer fails only this node."""
     config: Mapping[str, Any] = node_config
     try:
-        settings = RunSettings.from_run_config(run_config)
-        config = effective_node_config(node_config, parse_node_configs(settings.deploy_node_configs))
-        plan = node_deployment(settings, config, node_label)
-        spec, dataset, data = load_data()
-        return deploy_on_node(plan, spec, dataset, global_weights, data)
+        config = effective_node_config(node_config, run_config_proposal(settings, node_config))
+        plan = node_deployment(settings, config, storage)
     except UsageError as err:
-        return failure_summary(str(err), config)
+        return failure_summary(CONFIG_FAILURE, config), str(err)
+    try:
+        spec, dataset, data = load_data()
+        return deploy_on_node(plan, spec, dataset, global_weights, data), None
+    except Exception as err:  # noqa: BLE001 - whatever fails, the server learns only the fixed reason
+        return failure_summary(DEPLOY_FAILURE, config), f"{type(err).__name__}: {err}"

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                       help='this node\'s simulated CIM device and compression for the deployment round, node-config style: '
                       '"device-name=edge device-tile-size=64 device-r-wire=1 share-accuracy=false" (docs/cim.md)')
     node.add_argument("--reports", default="/reports",
-                      help="folder (the node's own volume) where the deployment round writes its reports, one subfolder per run")
+                      help="the node's private folder (its own volume): its private log and deployment reports, one subfolder per run")
     node.add_argument("--partition-id", type=int, required=True)
     node.add_argument("--num-partitions", type=int, required=True)
     node.add_argument("--data-file", default="/data/partition.pt", help="this node's partition")
@@ -247,7 +247,7 @@ def run_supernode(args: argparse.Namespace) -> int:
         "--superlink", args.superlink,
         "--node-config",
         f'partition-id={args.partition_id} num-partitions={args.num_partitions} data-file="{args.data_file}" '
-        f'deploy-dir="{args.reports}" {args.policy} {args.device}',
+        f'node-dir="{args.reports}" {args.policy} {args.device}',
         "--host", SUPERNODE_RUNTIME_ADDRESS[0],
         "--port", str(SUPERNODE_RUNTIME_ADDRESS[1]),
     ]
@@ -405,7 +405,9 @@ def _check_device(device: str) -> None:
     with its reason in the server's table, and never stops the node from training."""
     from flwr.common.config import parse_config_args
 
-    from dpfl.deployment.node import DEVICE_PREFIX, METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY
+    from dpfl.deployment.node import (
+        ACCEPTED_KEY, DEVICE_PREFIX, METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY,
+    )  # fmt: skip
 
     try:
         values = parse_config_args([device])
@@ -413,7 +415,7 @@ def _check_device(device: str) -> None:
         raise InputError(f"device settings {device!r} are not key=value pairs ({err})") from None
     if device.strip() and not values:  # Flower reads a lone word as nothing at all
         raise InputError(f"device settings {device!r} are not key=value pairs (strings in double quotes)")
-    allowed = {METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY}
+    allowed = {METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY, ACCEPTED_KEY}
     stray = [key for key in values if not key.startswith(DEVICE_PREFIX) and key not in allowed]
     if stray:
         raise InputError(f"device settings take {DEVICE_PREFIX}* keys and {', '.join(sorted(allowed))}, got {', '.join(stray)}")

@@ -126,11 +126,14 @@ class InProcessGrid(Grid):
 
 @contextmanager
 def flower_log_to(path: Path) -> Iterator[None]:
-    """Send Flower's log to ``path`` instead of the terminal, as the Flower engine does."""
+    """Send Flower's log to ``path`` instead of the terminal, as the Flower engine does.
+
+    Without timestamps: the log is public, and the time between two rounds' lines grows
+    with the number of clients that trained in between (a private count)."""
     flower_logger = logging.getLogger("flwr")
     saved = flower_logger.handlers[:], flower_logger.propagate
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     flower_logger.handlers, flower_logger.propagate = [handler], False
     try:
         yield
@@ -139,13 +142,17 @@ def flower_log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def node_contexts(run_config: Mapping[str, Any], num_nodes: int) -> dict[int, Context]:
-    """One simulated node's ``Context`` per partition, as Flower's simulation gives them."""
+def node_contexts(
+    run_config: Mapping[str, Any], num_nodes: int, node_configs: Sequence[Mapping[str, Any]] = ()
+) -> dict[int, Context]:
+    """One simulated node's ``Context`` per partition, as Flower's simulation gives them, with
+    the simulated data owners' ``node_configs`` (round robin by partition) in its node config."""
     return {
         node_id: Context(
             run_id=RUN_ID,
             node_id=node_id,
-            node_config={"partition-id": partition, "num-partitions": num_nodes},
+            node_config={**(node_configs[partition % len(node_configs)] if node_configs else {}),
+                         "partition-id": partition, "num-partitions": num_nodes},  # fmt: skip
             state=RecordDict(),
             run_config=dict(run_config),
         )
@@ -262,12 +269,13 @@ def in_process_grid(
     num_nodes: int,
     workers: ClientWorkers | None = None,
     stop: threading.Event | None = None,
+    node_configs: Sequence[Mapping[str, Any]] = (),
     cohort: CohortHandler | None = None,
 ) -> InProcessGrid:
     """A grid of ``num_nodes`` in-process nodes running ``client_app`` (in ``workers``, if given)."""
     # Flower's runtimes set the identity of the task a process runs; messages read it.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = RUN_ID, RUN_ID, SERVER_NODE_ID
-    return InProcessGrid(client_app, node_contexts(run_config, num_nodes), workers, stop, cohort)
+    return InProcessGrid(client_app, node_contexts(run_config, num_nodes, node_configs), workers, stop, cohort)
 
 
 def run_in_process(
@@ -277,6 +285,7 @@ def run_in_process(
     num_nodes: int,
     workers: int = 1,
     stop: threading.Event | None = None,
+    node_configs: Sequence[Mapping[str, Any]] = (),
     cohort: CohortHandler | None = None,
     gpus: Sequence[int] = (),
 ) -> None:
@@ -284,10 +293,11 @@ def run_in_process(
     ``workers`` > 1 runs each round's clients in that many worker processes (spawned, one
     per GPU of ``gpus`` in turn, when there are any), and ``cohort`` hands each process's
     train messages over together. Setting ``stop`` (from another thread) ends the run
-    with :class:`RunStopped`."""
+    with :class:`RunStopped`. ``node_configs``: the simulated data owners' own node
+    configs (round robin by partition)."""
     pool = ClientWorkers(client_app, workers, cohort, gpus) if workers > 1 else None
     try:
-        grid = in_process_grid(client_app, run_config, num_nodes, pool, stop, cohort)
+        grid = in_process_grid(client_app, run_config, num_nodes, pool, stop, node_configs, cohort)
         server_context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                                  run_config=dict(run_config))  # fmt: skip
         server_app(grid, server_context)

@@ -7,6 +7,12 @@ dependency installation off, and a SuperLink process group that is stopped when
 the run ends. The app directory holds only a generated ``pyproject.toml`` whose
 components point at the installed ``dpfl`` package, so the same ServerApp and
 ClientApp objects run as with ``flwr run .`` from a clone.
+
+Flower's log of the run (``flower.log``) is public, so it gets only the ``flwr run``
+stream of the ServerApp: the SuperLink's own log (timestamped requests) goes to a
+server-private file, and the lines Ray forwards from the simulated nodes' processes
+(``(ClientAppActor pid=…)``: per-client facts, one line per sampled client) to the
+simulated nodes' log, never to ``flower.log``.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from dpfl.client.node import SIMULATED_NODE_CONFIGS_ENV, simulated_node_configs_env
 from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
 from dpfl.task.devices import cuda_devices
@@ -34,6 +42,8 @@ from dpfl.task.devices import cuda_devices
 SUPERLINK_START_TIMEOUT_S = 60.0
 # One CPU per ClientApp, so a 2-core machine runs two clients at a time.
 CLIENT_CPUS = 1
+# How Ray marks a line a simulated node's process printed.
+NODE_PROCESS_MARK = "ClientAppActor pid="
 
 
 def _free_port() -> int:
@@ -194,22 +204,43 @@ def client_resources(device: str) -> str:
 
 
 @contextmanager
-def simulation(settings: RunSettings, num_supernodes: int, log_file: Path) -> Iterator[subprocess.Popen]:
-    """Start ``flwr run`` on a private local SuperLink; yields the ``flwr run`` process."""
+def simulation(
+    settings: RunSettings, num_supernodes: int, log_file: Path, superlink_log: Path, nodes_log: Path,
+    node_configs: Sequence[Mapping[str, Any]] = (),
+) -> Iterator[subprocess.Popen]:
+    """Start ``flwr run`` on a private local SuperLink; yields the ``flwr run`` process.
+
+    ``log_file`` gets the run's public stream, ``superlink_log`` the SuperLink's own log and
+    ``nodes_log`` what the simulated nodes' processes print; ``node_configs`` are the
+    simulated data owners' node configs (round robin by partition)."""
     with tempfile.TemporaryDirectory(prefix="dpfl-flower-") as home:
         home_path = Path(home)
         app_dir = home_path / "app"
         app_dir.mkdir()
         write_app(app_dir, settings)
         env = private_flower_environment(home_path / "flwr")
-        with local_superlink(env, log_file):
+        if node_configs:
+            env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
+        with local_superlink(env, superlink_log):
             federation = f"num-supernodes={num_supernodes} {client_resources(settings.device)}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
-            with log_file.open("ab") as log:
-                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
-                try:
-                    yield process
-                finally:
-                    if process.poll() is None:
-                        process.terminate()
-                        process.wait()
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home)
+            splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, nodes_log), daemon=True)
+            splitter.start()
+            try:
+                yield process
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    process.wait()
+                splitter.join(timeout=10)
+
+
+def split_stream(stream, public_log: Path, nodes_log: Path) -> None:
+    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, the rest to ``public_log``."""
+    nodes_log.parent.mkdir(parents=True, exist_ok=True)
+    with public_log.open("ab") as public, nodes_log.open("ab") as nodes:
+        for line in iter(stream.readline, b""):
+            target = nodes if NODE_PROCESS_MARK.encode() in line else public
+            target.write(line)
+            target.flush()

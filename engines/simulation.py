@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from dpfl.errors import UsageError
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.server.app import app as server_app
-from dpfl.server.checkpoint import check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
@@ -31,6 +31,10 @@ from dpfl.task.devices import cuda_devices, device_name
 from dpfl.task.partition import partition_indices
 
 FLOWER_LOG = "flower.log"
+# Flower's engine: the SuperLink's own log (the server operator's), and what the simulated
+# nodes' processes print (per-client lines, the nodes' own).
+SUPERLINK_LOG = "server_private_superlink.log"
+NODES_LOG = "nodes/simulated_nodes.log"
 ENGINES = ("flower", "in-process")
 # Lines of the Flower log shown when `flwr run` fails.
 LOG_TAIL_LINES = 15
@@ -60,13 +64,16 @@ def prepare_run(settings: RunSettings, download: bool = False) -> None:
 
 
 def run_warnings(settings: RunSettings) -> list[str]:
-    """Why this run's epsilon is not a guarantee, and a delta too large for its clients."""
+    """Why this run's epsilon is not a guarantee, a delta too large for its clients, and a resume
+    that lifts or raises the run's budget."""
+    budget = (budget_change_warning(load_run_checkpoint(settings.resume_from).run_config, settings.to_run_config())
+              if settings.resume_from else None)  # fmt: skip
     params = MechanismParams(
         noise_multiplier=settings.noise_multiplier, clip_norm=settings.clip_norm, sample_rate=settings.sample_rate,
         num_clients=settings.num_clients, delta=settings.delta, clipping=settings.clipping,
         private=get_strategy_class(settings.strategy).private, reproducible_noise=settings.reproducible_noise,
     )  # fmt: skip
-    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning()] if warning]
+    return [warning for warning in [*not_valid_reasons(params), settings.delta_warning(), budget] if warning]
 
 
 def cohort_obstacles(settings: RunSettings, engine: str) -> list[str]:
@@ -105,22 +112,28 @@ def cohort_handler(settings: RunSettings) -> CohortHandler | None:
 
 
 def run_simulation(
-    settings: RunSettings, engine: str, workers: int, follow: Callable[[Callable[[], bool]], None]
+    settings: RunSettings, engine: str, workers: int, follow: Callable[[Callable[[], bool]], None],
+    node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
     """Run ``settings`` on ``engine`` while ``follow(running)`` watches; the failure, or None.
 
     ``follow`` is called in this thread and returns once ``running()`` is false. A
     KeyboardInterrupt inside it stops the run cleanly before it propagates.
+    ``node_configs``: the simulated data owners' own node configs (round robin by
+    partition), never part of the run config.
     """
     out = Path(settings.out_dir)
     if engine == "flower":
-        return _run_on_flower(settings, out, follow)
-    return _run_in_process(settings, out, workers, follow)
+        return _run_on_flower(settings, out, follow, node_configs)
+    return _run_in_process(settings, out, workers, follow, node_configs)
 
 
-def _run_on_flower(settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None]) -> str | None:
+def _run_on_flower(
+    settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None], node_configs: Sequence[Mapping[str, Any]]
+) -> str | None:
     try:
-        with simulation(settings, settings.num_clients, out / FLOWER_LOG) as flower:
+        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SUPERLINK_LOG, out / NODES_LOG,
+                        node_configs) as flower:  # fmt: skip
             follow(lambda: flower.poll() is None)
     except FederationError as err:
         return str(err)
@@ -131,7 +144,8 @@ def _run_on_flower(settings: RunSettings, out: Path, follow: Callable[[Callable[
 
 
 def _run_in_process(
-    settings: RunSettings, out: Path, workers: int, follow: Callable[[Callable[[], bool]], None]
+    settings: RunSettings, out: Path, workers: int, follow: Callable[[Callable[[], bool]], None],
+    node_configs: Sequence[Mapping[str, Any]],
 ) -> str | None:
     failure: list[str] = []
     stop = threading.Event()
@@ -139,7 +153,7 @@ def _run_in_process(
     def target() -> None:
         try:
             run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop,
-                           cohort_handler(settings), cuda_devices(settings.device))  # fmt: skip
+                           node_configs, cohort_handler(settings), cuda_devices(settings.device))  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 

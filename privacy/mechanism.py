@@ -4,7 +4,10 @@ Per round, on the server: refuse a round that would exceed the budget; sample
 clients by Poisson(q) from a secure stream; tell every client what it must do
 (:meth:`ClientLevelMechanism.instructions`). On each client
 (:func:`privatise_update`): clip the private part u of its update to C in
-float64 and add its noise share. Back on the server
+float64 and add its noise share. What a client does is derived from the few
+values a node's policy checks (σ, C, N, the clipping mode,
+:meth:`ClientInstructions.from_config`), never from a separate key: a node that
+checked σ cannot be told to add another noise std. Back on the server
 (:meth:`ClientLevelMechanism.release`): screen every update, re-clip, record the
 round in the accountant *before* any noise is drawn (write-ahead: a crash can
 only over-count), sum, add the noise, and divide by the fixed qN (dividing by the
@@ -37,6 +40,11 @@ clipping, no noise, a plain mean over the clients that replied, no accounting.
 ``clipping = "paper"`` reproduces the DP-FedPGN authors' code (github.com/junkangLiu0/DP-FedPGN
 at 6203180, for Liu et al., arXiv 2510.27504: per-tensor median clipping, client
 noise σC_i/√m, fixed-size sampling) and has no formal guarantee.
+
+The mechanism's parameters, randomness, accountant, clip norm and the round's
+sample cannot be rebound after construction (read-only attributes): a strategy
+plugin holds the mechanism through the platform's base class, and a mistake there
+must not silently weaken the noise while ε is still reported.
 
 Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomness`.
 """
@@ -97,21 +105,29 @@ def split_noise_multiplier(total: float, *others: float) -> float:
         raise ValueError(f"the other releases' noise multipliers ({listed}) leave no part of the total {total:g}")
     return remaining**-0.5
 
+
+def noise_share_std(update_noise_multiplier: float, clip_norm: float, num_clients: int) -> float:
+    """One client's share under client placement, σ_Δ·C/√N: N shares sum to the update's σ_Δ·C."""
+    return update_noise_multiplier * clip_norm / math.sqrt(num_clients)
+
+
 # The train-config entries the mechanism sends; a strategy may not set or override them.
 CLIP_NORM = "clip-norm"
-CLIENT_NOISE_STD = "client-noise-std"
 CONTRIBUTE_UPDATE = "contribute-update"
 CLIPPING = "clipping"
 NOISE_MULTIPLIER = "noise-multiplier"
+# σ_Δ ≥ σ: the update's own multiplier when other noisy releases share the round.
+UPDATE_NOISE_MULTIPLIER = "update-noise-multiplier"
+NOISE_PLACEMENT = "noise-placement"
+NUM_CLIENTS = "num-clients"
 SAMPLE_RATE = "sample-rate"
 SAMPLE_SIZE = "sample-size"
 DELTA = "delta"
-EPSILON_VALID = "epsilon-valid"
 REPRODUCIBLE_NOISE = "reproducible-noise"
 REPORT_UNCLIPPED = "report-unclipped"
 INSTRUCTION_KEYS = frozenset(
-    {CLIP_NORM, CLIENT_NOISE_STD, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, SAMPLE_RATE, SAMPLE_SIZE,
-     DELTA, EPSILON_VALID, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED}
+    {CLIP_NORM, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, UPDATE_NOISE_MULTIPLIER, NOISE_PLACEMENT,
+     NUM_CLIENTS, SAMPLE_RATE, SAMPLE_SIZE, DELTA, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED}
 )  # fmt: skip
 # The reply's entry holding an adaptive-clipping client's bit [‖u‖ ≤ C].
 UNCLIPPED = "unclipped"
@@ -184,13 +200,13 @@ class MechanismParams:
         return self.private and self.clipping == "flat"
 
     def client_noise_std(self, clip_norm: float | None = None) -> float:
-        """Each client's share: σC/√N (every client adds one each round, sampled or not).
+        """Each client's share: σ_ΔC/√N (every client adds one each round, sampled or not).
 
         ``clip_norm`` is the round's C (default: the initial one).
         """
         if not self.flat or self.noise_placement != "client":
             return 0.0
-        return self.update_noise_multiplier * (clip_norm or self.clip_norm) / math.sqrt(self.num_clients)
+        return noise_share_std(self.update_noise_multiplier, clip_norm or self.clip_norm, self.num_clients)
 
     def server_noise_std(self, shares: int, clip_norm: float | None = None) -> float:
         """Std of the noise the server adds when ``shares`` client shares arrived, at the round's C."""
@@ -202,13 +218,29 @@ class MechanismParams:
         return std * math.sqrt(max(0.0, 1.0 - shares / self.num_clients))
 
 
+@dataclass
+class _RoundState:
+    """What the mechanism changes as the run goes; held where a strategy cannot rebind it."""
+
+    # The round's C: fixed, or moved by adaptive clipping after every release.
+    clip_norm: float
+    # Adaptive clipping's public release of the last round: (its C, its noisy unclipped fraction).
+    last_adaptive_release: tuple[float, float] | None = None
+    # The round's sample (private: only the server may know who was sampled).
+    sampled: frozenset[int] = frozenset()
+
+
 class ClientLevelMechanism:
     """The server's half of the mechanism for one run, with its accountant.
 
     ``journal``, if given, is called with the accountant's state each time a round
     is recorded, before that round's noise is drawn: the server persists it there,
-    so the ledger on disk is never behind what has been released.
+    so the ledger on disk is never behind what has been released. It is the one
+    attribute that may be set after construction (the server sets it once the run
+    folder exists); every other one is read-only.
     """
+
+    _SETTABLE = frozenset({"journal"})
 
     def __init__(
         self,
@@ -219,14 +251,44 @@ class ClientLevelMechanism:
     ) -> None:
         if params.reproducible_noise != randomness.reproducible:
             raise ValueError("the mechanism's reproducible-noise flag must match its randomness")
-        self.params = params
-        self.accountant = accountant
-        self.randomness = randomness
-        self.journal = journal
-        # The round's C: fixed, or moved by adaptive clipping after every release.
-        self.clip_norm = params.clip_norm
-        # Adaptive clipping's public release of the last round: (its C, its noisy unclipped fraction).
-        self.last_adaptive_release: tuple[float, float] | None = None
+        set_attribute = super().__setattr__
+        set_attribute("_params", params)
+        set_attribute("_accountant", accountant)
+        set_attribute("_randomness", randomness)
+        set_attribute("_state", _RoundState(clip_norm=params.clip_norm))
+        set_attribute("journal", journal)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._SETTABLE:
+            raise AttributeError(
+                f"the mechanism's {name!r} cannot be set: its parameters, randomness, accountant, clip norm "
+                "and sample are fixed by the platform"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def params(self) -> MechanismParams:
+        return self._params
+
+    @property
+    def accountant(self) -> Accountant:
+        return self._accountant
+
+    @property
+    def randomness(self) -> Randomness:
+        return self._randomness
+
+    @property
+    def clip_norm(self) -> float:
+        return self._state.clip_norm
+
+    @property
+    def last_adaptive_release(self) -> tuple[float, float] | None:
+        return self._state.last_adaptive_release
+
+    def contributes(self, node: int) -> bool:
+        """Whether ``node`` is in this round's sample (its reply carries an update, not only a share)."""
+        return node in self._state.sampled
 
     @property
     def adaptive(self) -> bool:
@@ -247,11 +309,14 @@ class ClientLevelMechanism:
         )
 
     def sample(self, nodes: Sequence[int], server_round: int) -> list[int]:
-        """This round's clients: Poisson(q), or the paper mode's fixed-size sample."""
+        """This round's clients: Poisson(q), or the paper mode's fixed-size sample (kept for the round)."""
         stream = self.randomness.stream("sampling", server_round)
         if self.params.private and self.params.clipping == "paper":
-            return fixed_size_sample(nodes, self.params.sample_size, stream)
-        return poisson_sample(nodes, self.params.sample_rate, stream)
+            sampled = fixed_size_sample(nodes, self.params.sample_size, stream)
+        else:
+            sampled = poisson_sample(nodes, self.params.sample_rate, stream)
+        self._state.sampled = frozenset(sampled)
+        return sampled
 
     def recipients(self, nodes: Sequence[int], sampled: Sequence[int]) -> list[tuple[int, bool]]:
         """(node, contributes an update) for every node that gets a message this round.
@@ -265,18 +330,19 @@ class ClientLevelMechanism:
         return [(node, True) for node in nodes if node in chosen]
 
     def instructions(self, contribute_update: bool) -> dict[str, bool | int | float | str]:
-        """What a client is told: how to clip, how much noise to add, and the public context."""
+        """What a client is told: the mechanism's public values, from which it derives what it does."""
         p = self.params
         return {
             CONTRIBUTE_UPDATE: contribute_update,
             CLIPPING: p.clipping,
             CLIP_NORM: self.clip_norm if p.private else 0.0,  # 0: no clipping
-            CLIENT_NOISE_STD: p.client_noise_std(self.clip_norm),
             NOISE_MULTIPLIER: p.noise_multiplier,
+            UPDATE_NOISE_MULTIPLIER: p.update_noise_multiplier,
+            NOISE_PLACEMENT: p.noise_placement,
+            NUM_CLIENTS: p.num_clients,
             SAMPLE_RATE: p.sample_rate,
             SAMPLE_SIZE: p.sample_size,
             DELTA: p.delta,
-            EPSILON_VALID: p.epsilon_valid,
             REPRODUCIBLE_NOISE: p.reproducible_noise,
             REPORT_UNCLIPPED: self.adaptive,
         }
@@ -329,7 +395,7 @@ class ClientLevelMechanism:
         float64 and returned in the dtypes of ``like``.
         """
         p = self.params
-        self.last_adaptive_release = None
+        self._state.last_adaptive_release = None
         if p.epsilon_valid:
             # Write-ahead: the round is spent (and journaled) before its noise exists.
             self.accountant.step(p.noise_multiplier, p.sample_rate)
@@ -361,15 +427,15 @@ class ClientLevelMechanism:
         assert adaptive is not None
         stream = self.randomness.stream("clip-count-noise", server_round)
         fraction = adaptive.noisy_unclipped_fraction(unclipped, self.params.expected_clients, stream)
-        self.last_adaptive_release = (self.clip_norm, fraction)
-        self.clip_norm = adaptive.next_clip_norm(self.clip_norm, fraction)
+        self._state.last_adaptive_release = (self.clip_norm, fraction)
+        self._state.clip_norm = adaptive.next_clip_norm(self.clip_norm, fraction)
 
     def state_dict(self) -> dict[str, float]:
         """The mechanism's public state (C under adaptive clipping); never its randomness."""
         return {"clip-norm": self.clip_norm}
 
     def load_state_dict(self, state: Mapping[str, float]) -> None:
-        self.clip_norm = float(state["clip-norm"])
+        self._state.clip_norm = float(state["clip-norm"])
 
     def too_few_replies(self, contributions: int, server_round: int) -> bool:
         """Whether the (noisy, for a private strategy) count of contributions is below ``min_replies``."""
@@ -391,7 +457,12 @@ class ClientLevelMechanism:
 
 @dataclass(frozen=True)
 class ClientInstructions:
-    """The client's reading of :meth:`ClientLevelMechanism.instructions`."""
+    """The client's reading of :meth:`ClientLevelMechanism.instructions`.
+
+    Everything here is derived from the values a node's policy checks
+    (:mod:`dpfl.privacy.node_policy`): the noise share from σ_Δ (never below the
+    checked σ), C and N; there is no separate noise key a server could set to 0.
+    """
 
     contribute_update: bool
     clipping: str
@@ -413,12 +484,26 @@ class ClientInstructions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientInstructions:
+        """What the client does, derived from a train message's mechanism values; ValueError if malformed."""
+        clipping, placement = str(config[CLIPPING]), str(config[NOISE_PLACEMENT])
+        noise_multiplier, clip_norm = float(config[NOISE_MULTIPLIER]), float(config[CLIP_NORM])
+        num_clients = int(config[NUM_CLIENTS])
+        if clipping not in CLIPPING_MODES or placement not in NOISE_PLACEMENTS:
+            raise ValueError(f"clipping {clipping!r} or noise placement {placement!r} is not one the mechanism knows")
+        if not (noise_multiplier >= 0 and clip_norm >= 0 and num_clients >= 1):
+            raise ValueError(f"noise multiplier {noise_multiplier:g}, clip norm {clip_norm:g} and {num_clients} clients "
+                             "are not a mechanism")  # fmt: skip
+        share = 0.0
+        if placement == "client" and clipping == "flat" and clip_norm > 0:
+            # σ_Δ is at least σ (other releases only take from σ): never below what the node checked.
+            update_multiplier = max(noise_multiplier, float(config[UPDATE_NOISE_MULTIPLIER]))
+            share = noise_share_std(update_multiplier, clip_norm, num_clients)
         return cls(
             contribute_update=bool(config[CONTRIBUTE_UPDATE]),
-            clipping=str(config[CLIPPING]),
-            clip_norm=float(config[CLIP_NORM]),
-            client_noise_std=float(config[CLIENT_NOISE_STD]),
-            noise_multiplier=float(config[NOISE_MULTIPLIER]),
+            clipping=clipping,
+            clip_norm=clip_norm,
+            client_noise_std=share,
+            noise_multiplier=noise_multiplier,
             sample_size=int(config[SAMPLE_SIZE]),
             reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
             report_unclipped=bool(config[REPORT_UNCLIPPED]),

@@ -3,11 +3,21 @@
 The data owner writes the policy into the SuperNode's node config (``flower-supernode
 --node-config "policy-min-noise-multiplier=1.0 policy-max-epsilon=8 ..."``); the
 ClientApp checks every train message against it before it touches the data and
-refuses a run that asks for less. Whatever a submitter or the server claims, the
-node recomputes ε itself from the mechanism's parameters (σ, q, δ, rounds).
+refuses a run that asks for less.
+
+What the node obeys is what it checks: the message's mechanism values (σ, σ_Δ, C,
+N, the clipping mode, the noise placement) are the very values the ClientApp derives
+its clipping and noise share from (:meth:`dpfl.privacy.mechanism.ClientInstructions.from_config`),
+so a server cannot pass the check with one value and be obeyed on another. Whatever a
+submitter or the server claims about ε, the node computes it itself, from what it
+can verify: how often it was asked to contribute (:class:`Participation`, kept in
+the node's own state). It cannot verify the server's sampling, so amplification by
+sampling enters its ε only if its policy says it trusts that sampling
+(``policy-trust-server-sampling``); either way it refuses a run that asks it to
+contribute implausibly often for the sample rate the server claims.
 
 Pure: no Flower, no I/O; the ClientApp hands in its node config, the train
-message's config record and the run's settings.
+message's config record, the run's settings and the node's participation so far.
 """
 
 from __future__ import annotations
@@ -15,11 +25,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any
+
+from scipy.stats import binom
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants.rdp import epsilon_for
-from dpfl.privacy.mechanism import CLIP_NORM, DELTA, EPSILON_VALID, NOISE_MULTIPLIER, SAMPLE_RATE
+from dpfl.privacy.mechanism import (
+    CLIP_NORM,
+    CLIPPING,
+    CONTRIBUTE_UPDATE,
+    DELTA,
+    NOISE_MULTIPLIER,
+    NOISE_PLACEMENT,
+    NUM_CLIENTS,
+    REPORT_UNCLIPPED,
+    REPRODUCIBLE_NOISE,
+    SAMPLE_RATE,
+    SAMPLE_SIZE,
+    UPDATE_NOISE_MULTIPLIER,
+)
 
 POLICY_PREFIX = "policy-"
 # The round number in a train message's config (strategies.base.SERVER_ROUND_KEY, which
@@ -27,6 +53,10 @@ POLICY_PREFIX = "policy-"
 SERVER_ROUND = "server-round"
 # δ at which the node computes ε when the policy does not name one.
 DEFAULT_POLICY_DELTA = 1e-5
+# A node refuses once P[Binomial(rounds, q) ≥ its contributions] falls below this: an
+# honest Poisson sampler trips it about once in a million checks, while a server that
+# claims q = 0.01 and asks every round is refused by its third or fourth request.
+SAMPLING_TEST_LEVEL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -39,26 +69,74 @@ class PolicyRequest:
     sample_rate: float
     delta: float
     rounds: int
-    epsilon_valid: bool
+    # Whether the strategy is private at all (the node looks it up in its own registry).
+    private_strategy: bool = True
+    server_round: int = 1
+    contribute_update: bool = True
+    update_noise_multiplier: float = 0.0
+    clipping: str = "flat"
+    noise_placement: str = "server"
+    num_clients: int = 1
+    sample_size: int = 1
+    reproducible_noise: bool = False
+    report_unclipped: bool = False
 
     @classmethod
-    def from_train(cls, config: Mapping[str, Any], settings: Any) -> PolicyRequest:
+    def from_train(cls, config: Mapping[str, Any], settings: Any, private_strategy: bool = True) -> PolicyRequest:
         """From a train message's config record and the run's ``RunSettings``.
 
-        σ, C, q and δ are what the server's mechanism actually uses (σ may have been
-        calibrated from a target ε), so they come from the message. Rounds are the
-        larger of the run's and the message's round number: a server that runs past
-        its announced rounds is judged by what it does.
+        The mechanism's values come from the message (what the ClientApp obeys). Rounds
+        are the larger of the run's and the message's round number: a server that runs
+        past its announced rounds is judged by what it does.
         """
+        server_round = int(config[SERVER_ROUND])
         return cls(
             strategy=str(settings.strategy),
             noise_multiplier=float(config[NOISE_MULTIPLIER]),
             clip_norm=float(config[CLIP_NORM]),
             sample_rate=float(config[SAMPLE_RATE]),
             delta=float(config[DELTA]),
-            rounds=max(int(settings.num_server_rounds), int(config[SERVER_ROUND])),
-            epsilon_valid=bool(config[EPSILON_VALID]),
+            rounds=max(int(settings.num_server_rounds), server_round),
+            private_strategy=private_strategy,
+            server_round=server_round,
+            contribute_update=bool(config[CONTRIBUTE_UPDATE]),
+            update_noise_multiplier=float(config[UPDATE_NOISE_MULTIPLIER]),
+            clipping=str(config[CLIPPING]),
+            noise_placement=str(config[NOISE_PLACEMENT]),
+            num_clients=int(config[NUM_CLIENTS]),
+            sample_size=int(config[SAMPLE_SIZE]),
+            reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
+            report_unclipped=bool(config[REPORT_UNCLIPPED]),
         )
+
+    @property
+    def epsilon_valid(self) -> bool:
+        """Whether ε bounds this run as the node will run it: computed here, never taken from a claim."""
+        return (self.private_strategy and self.clipping == "flat" and not self.reproducible_noise
+                and self.noise_multiplier > 0 and self.clip_norm > 0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Participation:
+    """What the node has seen of a run: the highest round it was sent, how often it contributed."""
+
+    rounds: int = 0
+    contributions: int = 0
+
+    def after(self, request: PolicyRequest) -> Participation:
+        """The participation once ``request`` is answered."""
+        return Participation(max(self.rounds, request.server_round), self.contributions + request.contribute_update)
+
+    def refused(self, request: PolicyRequest) -> Participation:
+        """The participation once ``request`` is refused: its round was seen, nothing contributed."""
+        return Participation(max(self.rounds, request.server_round), self.contributions)
+
+    def implausible_under(self, sample_rate: float) -> bool:
+        """Whether so many contributions in so few rounds are implausible for Poisson(``sample_rate``)."""
+        if self.contributions == 0:
+            return False
+        rounds = max(self.rounds, self.contributions)
+        return float(binom.sf(self.contributions - 1, rounds, min(max(sample_rate, 0.0), 1.0))) < SAMPLING_TEST_LEVEL
 
 
 def _number(key: str, value: Any) -> float:
@@ -85,6 +163,8 @@ class NodePrivacyPolicy:
     delta: float = DEFAULT_POLICY_DELTA
     private_only: bool = False
     registered_strategies_only: bool = False
+    # Whether the node's ε may count on amplification by the server's (unverifiable) sampling.
+    trust_server_sampling: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -112,14 +192,25 @@ class NodePrivacyPolicy:
             raise UsageError(f"node config policy-delta={values['delta']!r} must be in (0, 1)")
         return cls(**values)
 
-    def violation(self, request: PolicyRequest) -> str | None:
-        """One line naming every limit ``request`` breaks, or None when it respects them all."""
+    @property
+    def limits_set(self) -> bool:
+        """Whether the data owner set any limit (trusting the server's sampling is none)."""
+        return any((self.min_noise_multiplier, self.max_clip_norm, self.max_epsilon, self.private_only,
+                    self.registered_strategies_only))  # fmt: skip
+
+    def violation(self, request: PolicyRequest, participation: Participation = Participation()) -> str | None:
+        """One line naming every limit ``request`` breaks, or None when it respects them all.
+
+        ``participation`` is the node's, with ``request`` answered (:meth:`Participation.after`).
+        """
         reasons = []
         if self.registered_strategies_only and ":" in request.strategy:
             reasons.append(
                 f"strategy {request.strategy!r} is a plugin given as module:Class, "
                 "but this node runs registered strategies only"
             )
+        if self.limits_set:
+            reasons += self._inconsistencies(request, participation)
         if (self.private_only or self.max_epsilon is not None) and not request.epsilon_valid:
             reasons.append(
                 f"run has no valid client-level DP guarantee (strategy {request.strategy!r}, "
@@ -137,18 +228,68 @@ class NodePrivacyPolicy:
             reasons.append(f"clip norm {shown} is above this node's maximum {self.max_clip_norm:g}")
         if self.max_epsilon is not None and request.epsilon_valid:
             delta = min(request.delta, self.delta)
-            epsilon = self.epsilon_of(request, delta)
+            epsilon = self.epsilon_of(request, participation, delta)
             if epsilon > self.max_epsilon:
-                reasons.append(
-                    f"epsilon {epsilon:.3g} at delta {delta:g} after {request.rounds} rounds "
-                    f"(noise multiplier {request.noise_multiplier:g}, sample rate {request.sample_rate:g}) "
-                    f"is above this node's maximum {self.max_epsilon:g}"
-                )
+                reasons.append(f"epsilon {epsilon:.3g} at delta {delta:g} {self._basis(request, participation)} "
+                               f"is above this node's maximum {self.max_epsilon:g}")  # fmt: skip
         return "; ".join(reasons) or None
 
     @staticmethod
-    def epsilon_of(request: PolicyRequest, delta: float) -> float:
-        """ε of the run's rounds of Poisson-subsampled Gaussian releases, computed here (RDP)."""
-        if not (request.noise_multiplier > 0 and 0 < request.sample_rate <= 1):
-            return math.inf
-        return epsilon_for(request.noise_multiplier, request.sample_rate, request.rounds, delta)[0]
+    def _inconsistencies(request: PolicyRequest, participation: Participation) -> list[str]:
+        """What no honest server asks of a node that has set limits."""
+        reasons = []
+        if request.reproducible_noise:
+            reasons.append("run asks for reproducible noise, which anyone who knows the seed can remove")
+        if request.clipping != "flat":
+            reasons.append(f"run asks for clipping {request.clipping!r}, which has no formal guarantee")
+        if request.report_unclipped and request.noise_placement == "client":
+            reasons.append("run asks for the unnoised bit [norm <= C] while the node adds its own noise")
+        if request.update_noise_multiplier < request.noise_multiplier:
+            reasons.append(f"update noise multiplier {request.update_noise_multiplier:g} is below the noise "
+                           f"multiplier {request.noise_multiplier:g}")  # fmt: skip
+        expected_size = max(1, round(request.sample_rate * request.num_clients))
+        if request.sample_size != expected_size:
+            reasons.append(f"sample size {request.sample_size} is not round(q*N) = {expected_size}")
+        if participation.implausible_under(request.sample_rate):
+            reasons.append(
+                f"this node was asked to contribute {participation.contributions} times in "
+                f"{participation.rounds} rounds, implausible at sample rate {request.sample_rate:g} "
+                f"(binomial tail below {SAMPLING_TEST_LEVEL:g})"
+            )
+        return reasons
+
+    def epsilon_of(self, request: PolicyRequest, participation: Participation, delta: float) -> float:
+        """This node's ε (RDP) by this policy: amplified over the run's rounds if it trusts the
+        server's sampling, else over its own contributions without amplification."""
+        if self.trust_server_sampling:
+            return amplified_epsilon(request, delta)
+        return unamplified_epsilon(request, participation, delta)
+
+    def _basis(self, request: PolicyRequest, participation: Participation) -> str:
+        if self.trust_server_sampling:
+            return (f"after {request.rounds} rounds (noise multiplier {request.noise_multiplier:g}, "
+                    f"sample rate {request.sample_rate:g}, trusting the server's sampling)")  # fmt: skip
+        return (f"after {participation.contributions} contributions (noise multiplier "
+                f"{request.noise_multiplier:g}, without amplification by sampling)")  # fmt: skip
+
+
+def amplified_epsilon(request: PolicyRequest, delta: float) -> float:
+    """ε of the run's rounds of Poisson(q)-subsampled Gaussian releases, as the server claims them."""
+    if not (request.noise_multiplier > 0 and 0 < request.sample_rate <= 1):
+        return math.inf
+    return _epsilon(request.noise_multiplier, request.sample_rate, request.rounds, delta)
+
+
+def unamplified_epsilon(request: PolicyRequest, participation: Participation, delta: float) -> float:
+    """ε of this node's own contributions, each a Gaussian release with multiplier σ (no sampling)."""
+    if participation.contributions == 0:
+        return 0.0
+    if not request.noise_multiplier > 0:
+        return math.inf
+    return _epsilon(request.noise_multiplier, 1.0, participation.contributions, delta)
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    # One process serves many simulated nodes, which ask for the same few values every round.
+    return epsilon_for(noise_multiplier, sample_rate, steps, delta)[0]

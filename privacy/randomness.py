@@ -92,16 +92,29 @@ class Randomness:
     worthless as privacy noise.
     """
 
+    # The seed is fixed at construction: a strategy plugin holding the mechanism must not
+    # be able to make secure noise reproducible by setting it afterwards.
+    __slots__ = ("_seed",)
+
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = seed
+        if hasattr(self, "_seed"):
+            raise AttributeError("Randomness is read-only: it cannot be initialised again")
+        object.__setattr__(self, "_seed", seed)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Randomness is read-only: {name!r} cannot be set after construction")
+
+    @property
+    def seed(self) -> int | None:
+        return self._seed
 
     @property
     def reproducible(self) -> bool:
-        return self.seed is not None
+        return self._seed is not None
 
     def stream(self, *label: str | int) -> RandomStream:
         """The stream for ``label``, e.g. ``("server-noise", round)``."""
-        if self.seed is None:
+        if self._seed is None:
             return RandomStream(os.urandom(_KEY_BYTES))
-        material = repr(("dpfl-reproducible-noise", self.seed, *label)).encode()
+        material = repr(("dpfl-reproducible-noise", self._seed, *label)).encode()
         return RandomStream(hashlib.sha256(material).digest())

@@ -21,6 +21,7 @@ from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.server.checkpoint import (
     InitialState,
     RunCheckpoint,
+    budget_change_warning,
     check_resumable,
     load_initial_state,
     load_run_checkpoint,
@@ -67,6 +68,8 @@ def load_resume(settings: RunSettings) -> RunCheckpoint | None:
         return None
     checkpoint = load_run_checkpoint(settings.resume_from)
     check_resumable(checkpoint, settings.to_run_config(), Path(settings.resume_from))
+    if warning := budget_change_warning(checkpoint.run_config, settings.to_run_config()):
+        log(WARNING, "dpfl: %s", warning)
     return checkpoint
 
 
@@ -171,13 +174,13 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         save_run_checkpoint(recorder.out_dir, RunCheckpoint(
             round=server_round, weights=arrays.to_torch_state_dict(), strategy_state=strategy.state_dict(),
             run_config=settings.to_run_config(), noise_multiplier=noise_multiplier, epsilon_valid=strategy.epsilon_valid,
-            rounds=recorder.rounds, wall_time=recorder.wall_time, pretraining_seconds=pretraining_seconds,
+            rounds=recorder.rounds, pretraining_seconds=pretraining_seconds,
         ))  # fmt: skip
+        # No duration: Flower's log is public, and a round's time grows with its private cohort.
         log(
             INFO,
-            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g), %.1f s",
+            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g)",
             server_round, settings.num_server_rounds, accuracy, loss, format_epsilon(row["epsilon"]), settings.delta,
-            row["round-time"],
         )  # fmt: skip
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
@@ -209,5 +212,5 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     )
     # After the trained model is saved: a failing deployment cannot cost it.
     if settings.deploy:
-        run_deployment_round(grid, settings, latest["arrays"], recorder.out_dir)
+        run_deployment_round(grid, settings, strategy, latest["arrays"], recorder.out_dir)
     return summary

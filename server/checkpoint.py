@@ -59,7 +59,6 @@ class RunCheckpoint:
     noise_multiplier: float
     epsilon_valid: bool
     rounds: list[dict[str, Any]]  # the public round records so far, round 0 included
-    wall_time: float
     pretraining_seconds: float
 
     @property
@@ -105,6 +104,16 @@ def check_resumable(checkpoint: RunCheckpoint, run_config: Mapping[str, Any], ru
         )
 
 
+def budget_change_warning(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """One line when a resume lifts the run's ε budget or raises it, else None."""
+    before, after = float(saved.get("max-epsilon", 0.0)), float(current["max-epsilon"])
+    if before > 0 and after == 0:
+        return f"this resume lifts the run's epsilon budget of {before:g}: nothing stops it before any epsilon"
+    if before > 0 and after > before:
+        return f"this resume raises the run's epsilon budget from {before:g} to {after:g}"
+    return None
+
+
 def write_ledger(run_dir: Path, ledger: Mapping[str, Any]) -> None:
     """The journal: the accountant's ledger, written before the round's noise is drawn."""
     write_atomically(run_dir / LEDGER_FILE, lambda tmp: tmp.write_text(json.dumps(ledger) + "\n"))
@@ -116,15 +125,21 @@ def rounds_in(ledger: Mapping[str, Any]) -> int:
 
 def resumed_ledger(checkpoint: RunCheckpoint, run_dir: Path) -> dict[str, Any]:
     """The checkpoint's ledger, or the journal's if it counts more rounds (a crash after accounting)."""
+    return journaled_ledger(checkpoint.ledger, run_dir)
+
+
+def journaled_ledger(ledger: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``ledger``, or the journal in ``run_dir`` if it counts more rounds: a round accounted
+    (its noise about to be drawn) after the checkpoint was written, then a crash."""
     path = run_dir / LEDGER_FILE
     if not path.exists():
-        return checkpoint.ledger
+        return dict(ledger)
     try:
         journal = json.loads(path.read_text())
         journaled = rounds_in(journal)
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"privacy ledger {str(path)!r} is corrupted; it cannot be trusted to resume") from None
-    return journal if journaled > rounds_in(checkpoint.ledger) else checkpoint.ledger
+        raise UsageError(f"privacy ledger {str(path)!r} is corrupted; it cannot be trusted") from None
+    return journal if journaled > rounds_in(ledger) else dict(ledger)
 
 
 @dataclass
@@ -154,6 +169,8 @@ def load_initial_state(path: str | Path, new_data: bool) -> InitialState:
         if payload.get("compression"):
             raise UsageError(f"init-from {str(file)!r} is a compressed model; start from an uncompressed federated model") from None
         weights, ledger = payload["state_dict"], (payload.get("extra") or {}).get(LEDGER_KEY)
+    if ledger is not None:  # as --resume does: a round accounted after the checkpoint counts too
+        ledger = journaled_ledger(ledger, file.parent)
     if ledger is None and not new_data:
         raise UsageError(
             f"init-from {str(file)!r} carries no privacy ledger, so the privacy already spent on its clients is "

@@ -7,10 +7,12 @@ multiplier and K), ``final_model.pt`` (a ``dpfl.task.checkpoint`` file) and
 ``curves.png`` (accuracy and ε by round, accuracy against ε).
 
 The public records hold only what ε covers or what is public by construction
-(:data:`PUBLIC_ROUND_KEYS`, :data:`PUBLIC_SUMMARY_KEYS`); any other key is refused
-rather than written. Raw facts only the server may see (the realised number of
-clients, drop reasons, the clipped fraction) go to
-``server_private_diagnostics.jsonl``, never mixed into the public files.
+(:data:`PUBLIC_ROUND_KEYS`, :data:`PUBLIC_SUMMARY_KEYS`; the inventory of every file is
+:mod:`dpfl.server.public_records`); any other key is refused rather than written. Raw
+facts only the server may see (the realised number of clients, drop reasons, the
+clipped fraction, and timings: a round's duration grows with the number of clients
+that trained in it) go to ``server_private_diagnostics.jsonl``, never mixed into the
+public files.
 
 One process at a time writes a run folder: the recorder holds an exclusive lock on
 it (a resume of a folder still being written is refused). A resumed recorder
@@ -32,6 +34,8 @@ import torch
 from dpfl.errors import UsageError
 from dpfl.server.checkpoint import LEDGER_KEY, RunCheckpoint
 from dpfl.server.curves import plot_curves
+from dpfl.server.public_records import CONFIG_EXTRA_KEYS, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
+from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.files import write_atomically
 
@@ -42,20 +46,6 @@ FINAL_MODEL_FILE = "final_model.pt"
 PRIVATE_DIAGNOSTICS_FILE = "server_private_diagnostics.jsonl"
 CURVES_FILE = "curves.png"
 LOCK_FILE = ".dpfl-run.lock"
-
-# What a round line and the summary may hold: accuracy and loss of the global model
-# on the server's own test (and validation) data, ε and the mechanism's public parameters, timings.
-PUBLIC_ROUND_KEYS = frozenset(
-    {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
-     "local-epsilon-nominal", "round-time", "wall-time", "validation-accuracy", "update-skipped",
-     # adaptive clipping: the round's C and its noisy clipped fraction, both covered by ε
-     "clip-norm", "noisy-clipped-fraction"}
-)  # fmt: skip
-PUBLIC_SUMMARY_KEYS = frozenset(
-    {"outcome", "rounds-completed", "final-accuracy", "best-accuracy", "epsilon", "epsilon-valid", "delta",
-     "wall-time", "noise-multiplier", "local-steps", "strategy", "final-validation-accuracy", "pretraining-seconds"}
-)  # fmt: skip
-
 
 class NotPublicError(ValueError):
     """A record that would release something neither covered by ε nor public."""
@@ -105,34 +95,32 @@ class RunRecorder:
         self.out_dir = out_dir if resume else fresh_run_dir(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_run_dir(self.out_dir)
-        self.config = config
+        self.config = _public(config, frozenset(RunSettings().to_run_config()) | CONFIG_EXTRA_KEYS, "config.json")
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.rounds: list[dict[str, Any]] = list(resume.rounds) if resume else []
         write_atomically(self.out_dir / METRICS_FILE, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rounds)))
         self._metrics = (self.out_dir / METRICS_FILE).open("a")
         self._private = (self.out_dir / PRIVATE_DIAGNOSTICS_FILE).open("a" if resume else "w")
         self._last = time.time()
-        self.started = self._last - (resume.wall_time if resume else 0.0)
-
-    @property
-    def wall_time(self) -> float:
-        return time.time() - self.started
+        self.started = self._last
 
     def record_round(self, row: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
         # NaN (an epsilon that is not valid, a loss with no client) is null in JSON.
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-        row = _public({**row, "round-time": now - self._last, "wall-time": now - self.started}, PUBLIC_ROUND_KEYS, "a round record")
-        self._last = now
+        row = _public({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()},
+                      PUBLIC_ROUND_KEYS, "a round record")  # fmt: skip
         self.rounds.append(row)
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         return row
 
-    def record_private(self, diagnostics: dict[str, Any]) -> None:
-        """Raw server-side facts of a round, to the server-private file only."""
+    def record_private(self, diagnostics: dict[str, Any]) -> dict[str, Any]:
+        """Raw server-side facts of a round, with its timings, to the server-private file only."""
+        now = time.time()
+        diagnostics = {**diagnostics, "round-time": now - self._last, "wall-time": now - self.started}
+        self._last = now
         self._private.write(json.dumps(diagnostics) + "\n")
         self._private.flush()
+        return diagnostics
 
     def finish(
         self,
@@ -156,7 +144,6 @@ class RunRecorder:
             "epsilon": final.get("epsilon", 0.0),
             "epsilon-valid": self.config["epsilon-valid"],
             "delta": self.config["delta"],
-            "wall-time": time.time() - self.started,
             **extra,
         }, PUBLIC_SUMMARY_KEYS, "the summary")
         save_checkpoint(

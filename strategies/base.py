@@ -13,13 +13,24 @@ step's direction is formed, which part of the update is public (computed by the
 server from released state only, so a wrong declaration costs accuracy, never
 privacy), how the released mean is post-processed, what server state it keeps,
 and its own options.
+
+The platform's state (the mechanism, the budget, the round's released metrics and
+its server-private diagnostics) is read-only to a strategy, and a strategy class
+whose code names the mechanism or the private diagnostics is refused when it is
+defined (:func:`platform_state_references`). This guards against mistakes: plugin
+code runs inside the server process with its rights, so its author is trusted
+(docs/plugins.md).
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -72,8 +83,14 @@ PLATFORM_RECORD_KEYS = frozenset({ARRAYS_KEY, CONFIG_KEY, UPDATE_KEY, METRICS_KE
 PLATFORM_METHODS = frozenset(
     {"configure_train", "aggregate_train", "aggregate_updates", "configure_evaluate", "aggregate_evaluate", "start",
      "from_settings", "round_lr", "screen_reply", "epsilon_valid", "state_dict", "load_state_dict", "public_metrics",
-     "has_public_part", "resolved_settings"}
+     "has_public_part", "resolved_settings", "final_model_messages",
+     # read-only views of the platform's state
+     "mechanism", "max_epsilon", "last_metrics", "private_diagnostics", "noise_multiplier", "clip_norm",
+     "sample_rate", "num_clients", "expected_clients", "accountant"}
 )  # fmt: skip
+# What a strategy's own code may not name: the mechanism (its randomness, parameters and
+# sample), the round's server-private facts, and the base class's private attributes.
+PLATFORM_PRIVATE_NAMES = frozenset({"mechanism", "private_diagnostics", "_ClientLevelDPStrategy__platform"})
 
 
 class BudgetExhausted(PrivacyBudgetExhausted):
@@ -206,6 +223,13 @@ class ClientLevelDPStrategy(Strategy):
                 f"{cls.__qualname__} overrides {', '.join(sorted(overridden))}, which the platform owns "
                 "(sampling, clipping, noise, accounting and what they rely on); use the strategy hooks instead"
             )
+        named = platform_state_references(cls)
+        if named:
+            raise TypeError(
+                f"{cls.__qualname__} uses {', '.join(named)}, the platform's privacy state (the mechanism's "
+                "randomness, parameters and sample, the server-private diagnostics); a strategy reads only "
+                "the public properties (noise_multiplier, clip_norm, sample_rate, ...)"
+            )
 
     def __init__(
         self,
@@ -248,21 +272,18 @@ class ClientLevelDPStrategy(Strategy):
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
-        self.mechanism = ClientLevelMechanism(params, create_accountant(accountant, delta), randomness)
+        self.__platform = _PlatformState(
+            mechanism=ClientLevelMechanism(params, create_accountant(accountant, delta), randomness),
+            max_epsilon=max_epsilon,
+        )
         self.local_steps = local_steps
         self.lr = lr
         self.lr_decay = lr_decay
-        self.max_epsilon = max_epsilon
         self.option_values = {**self.options, **(option_values or {})}
         # How the released Δ̄ moves x (post-processing): x − Δ̄ for sgd at lr 1.
         self.server_optimizer = ServerOptimizer(server_optimizer, server_lr)
         self.current_round = 0
         self.global_arrays: ArrayRecord | None = None
-        self.last_metrics: dict[str, float] = {}
-        self.sampled: frozenset[int] = frozenset()
-        # Raw per-round facts only the server may see (realised counts, drop reasons):
-        # never part of the public records.
-        self.private_diagnostics: dict[str, Any] = {}
 
     @classmethod
     def has_public_part(cls) -> bool:
@@ -322,6 +343,26 @@ class ClientLevelDPStrategy(Strategy):
             except ValueError:
                 raise UsageError(f"strategy option {key} must be {type(default).__name__}, got {raw!r}") from None
         return values
+
+    # The platform's state, read-only to a strategy (assigning any of these raises).
+    @property
+    def mechanism(self) -> ClientLevelMechanism:
+        return self.__platform.mechanism
+
+    @property
+    def max_epsilon(self) -> float:
+        return self.__platform.max_epsilon
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The public metrics of the last round (a copy: what is released is the platform's)."""
+        return dict(self.__platform.last_metrics)
+
+    @property
+    def private_diagnostics(self) -> dict[str, Any]:
+        """Raw facts of the last round only the server may see (realised counts, drop reasons):
+        never part of the public records."""
+        return dict(self.__platform.private_diagnostics)
 
     # The mechanism's public parameters, read by strategies and reports.
     @property
@@ -438,11 +479,18 @@ class ClientLevelDPStrategy(Strategy):
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
         sampled = self.mechanism.sample(nodes, server_round)
-        self.sampled = frozenset(sampled)
+        messages = self._train_messages(server_round, arrays, config, self.mechanism.recipients(nodes, sampled))
+        # The realised sample is private: only the server-private diagnostics hold its size.
+        self.__platform.private_diagnostics = {"round": server_round, "sampled": len(sampled), "messages": len(messages)}
+        return messages
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, recipients: Iterable[tuple[int, bool]]
+    ) -> list[Message]:
         records = checked_extra_records(self.extra_records(server_round))
         strategy_config = checked_round_config(self.round_config(server_round))
         messages = []
-        for node, contributes in self.mechanism.recipients(nodes, sampled):
+        for node, contributes in recipients:
             train_config = ConfigRecord(
                 {
                     **dict(config),
@@ -455,9 +503,17 @@ class ClientLevelDPStrategy(Strategy):
             )
             content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, **records})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        # The realised sample is private: only the server-private diagnostics hold its size.
-        self.private_diagnostics = {"round": server_round, "sampled": len(sampled), "messages": len(messages)}
         return messages
+
+    def final_model_messages(self, arrays: ArrayRecord, nodes: Iterable[int]) -> list[Message]:
+        """Train messages that hand ``nodes`` the final model without asking for an update.
+
+        A node deploys only the weights of its last train message, which its policy
+        checked (docs/cim.md); these carry the last round's number and ask for no
+        update, so they change neither what a node counts nor what is accounted. Under
+        client placement a node still answers with a noise share, which is discarded.
+        """
+        return self._train_messages(self.current_round, arrays, ConfigRecord(), [(node, False) for node in nodes])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -478,7 +534,8 @@ class ClientLevelDPStrategy(Strategy):
                 dropped.append(reason)
             else:
                 updates.append(update)
-                contributions += reply.metadata.src_node_id in self.sampled
+                # Under client placement the unsampled nodes' noise-only replies are no contributions.
+                contributions += self.mechanism.contributes(reply.metadata.src_node_id)
                 if bit is not None:
                     unclipped.append(bit)
         # At this round's C, before adaptive clipping moves it.
@@ -493,7 +550,7 @@ class ClientLevelDPStrategy(Strategy):
                        "update-skipped": self.last_metrics.get(UPDATE_SKIPPED, 0.0) > 0}  # fmt: skip
         if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
             diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
-        self.private_diagnostics.update(diagnostics)
+        self.__platform.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
 
     def screen_reply(self, reply: Message, x: Tensors) -> tuple[Tensors | None, str]:
@@ -528,16 +585,16 @@ class ClientLevelDPStrategy(Strategy):
         mean_delta = self.mechanism.release(updates, x, server_round, contributions, unclipped)
         self.current_round = server_round
         if mean_delta is None:
-            self.last_metrics = {**self.public_metrics(server_round), UPDATE_SKIPPED: 1.0}
+            self.__platform.last_metrics = {**self.public_metrics(server_round), UPDATE_SKIPPED: 1.0}
             return dict(x)
         public = self.public_update(server_round, x)
         if public is not None:
             mean_delta = {name: t + public[name] for name, t in mean_delta.items()}
         mean_delta = self.transform_update(server_round, mean_delta)
         self.after_aggregate(server_round, mean_delta)
-        self.last_metrics = self.public_metrics(server_round)
+        self.__platform.last_metrics = self.public_metrics(server_round)
         if self.mechanism.params.counts_replies:
-            self.last_metrics[UPDATE_SKIPPED] = 0.0
+            self.__platform.last_metrics[UPDATE_SKIPPED] = 0.0
         if public is None:
             return self.server_optimizer.step(x, mean_delta)
         # The server optimiser steps along what is new this round; the public part (for
@@ -603,6 +660,34 @@ class ClientLevelDPStrategy(Strategy):
         self.load_extra_state(state["strategy"])
         # Checkpoints from before server optimisers had only x − Δ̄, which keeps no state.
         self.server_optimizer.load_state_dict(state.get("server-optimizer", {}))
+
+
+@dataclass
+class _PlatformState:
+    """The base class's privacy state, behind read-only properties of the strategy."""
+
+    mechanism: ClientLevelMechanism
+    max_epsilon: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    private_diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def platform_state_references(cls: type) -> list[str]:
+    """``self.<name>`` uses in ``cls``'s own source that reach the platform's privacy state.
+
+    Read from the class's syntax tree when it is defined; a class whose source is not
+    available (defined in an interactive session) is left to the read-only properties.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    named = {
+        f"self.{node.attr}" for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in PLATFORM_PRIVATE_NAMES
+        and isinstance(node.value, ast.Name) and node.value.id == "self"
+    }  # fmt: skip
+    return sorted(named)
 
 
 def not_valid_reasons(params: MechanismParams) -> list[str]:

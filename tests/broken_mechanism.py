@@ -1,43 +1,25 @@
-"""A deliberately broken strategy plugin for the audit tests: the accountant is told σ, the noise is not σ.
+"""A deliberately broken mechanism for the audit tests: the accountant is told σ, the noise is not σ.
 
-Not a test module (no ``test_`` prefix): ``dpfl audit --strategy broken_mechanism:QuietNoiseDPFedAvg``
-loads it as any strategy plugin, on the server and in every client.
+A strategy plugin can no longer do this (the mechanism's randomness is read-only and a
+strategy that names the mechanism is refused when it is defined), so the test breaks the
+noise the only way left, the way code running with the server's rights could: it replaces
+the Gaussian sampler of the secure streams, for the duration of a ``with`` block only.
 """
 
 from __future__ import annotations
 
-from dpfl.privacy.randomness import Randomness, RandomStream
-from dpfl.strategies.dp_fedavg import DPFedAvg
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from dpfl.privacy.randomness import RandomStream
 
 
-class QuietRandomness(Randomness):
-    """Secure streams whose Gaussian noise is ``scale`` times the std asked for (0: none)."""
-
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def stream(self, *label: str | int) -> RandomStream:
-        stream = super().stream(*label)
-        gaussian = stream.gaussian
-        stream.gaussian = lambda shape, std: gaussian(shape, std * self.scale)  # type: ignore[method-assign]
-        return stream
-
-
-class QuietNoiseDPFedAvg(DPFedAvg):
-    """DP-FedAvg whose server noise is 100 times smaller than the σ the accountant counts."""
-
-    name = "quiet-noise-dp-fedavg"
-    description = "BROKEN on purpose: server noise at sigma/100 while epsilon is computed for sigma"
-    scale = 0.01
-
-    def apply_settings(self, settings) -> None:
-        self.mechanism.randomness = QuietRandomness(self.scale)
-
-
-class NoNoiseDPFedAvg(QuietNoiseDPFedAvg):
-    """DP-FedAvg that adds no noise at all while ε is computed for σ."""
-
-    name = "no-noise-dp-fedavg"
-    description = "BROKEN on purpose: no server noise while epsilon is computed for sigma"
-    scale = 0.0
+@contextmanager
+def scaled_noise(scale: float) -> Iterator[None]:
+    """Every Gaussian a secure stream draws is ``scale`` times the std asked for (0: none)."""
+    gaussian = RandomStream.gaussian
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RandomStream, "gaussian", lambda stream, shape, std: gaussian(stream, shape, std * scale))
+        yield

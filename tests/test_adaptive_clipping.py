@@ -26,7 +26,8 @@ from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams, split_
 from dpfl.privacy.randomness import Randomness
 from dpfl.server.app import app as server_app
 from dpfl.engines.inprocess import run_in_process
-from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS
+from dpfl.server.public_records import PUBLIC_ROUND_KEYS
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 
 def update_noise_multiplier(sigma: float, count_std: float) -> float:
@@ -160,7 +161,7 @@ def test_released_count_noise_has_the_stated_std_and_hostile_bits_are_clamped():
     like = {"v": torch.zeros(1)}
     fractions = []
     for server_round in range(1, 2001):
-        mech.clip_norm = 1.0
+        mech.load_state_dict({"clip-norm": 1.0})
         mech.release([like] * 4, like, server_round, unclipped=[1.0, 0.0, 1e9, -1e9])  # clamped to 1, 0, 1, 0
         fractions.append(mech.last_adaptive_release[1])
     # (Σ(b − ½) + N(0, 3²)) / 10 + ½ with Σ(b − ½) = 0: mean ½, std 0.3.
@@ -260,7 +261,7 @@ def test_only_a_zero_or_one_bit_passes_the_screen(value, accepted):
 
 def test_the_update_noise_follows_c_as_adaptive_clipping_moves_it():
     mech = adaptive_mechanism(sigma=1.0, count_std=3.0, quantile=0.5, clip=1.0, n=50, q=0.2)  # qN = 10
-    mech.clip_norm = 2.5  # where adaptive clipping has taken C
+    mech.load_state_dict({"clip-norm": 2.5})  # where adaptive clipping has taken C
     like = {"v": torch.zeros(200_000)}
     released = mech.release([], like, server_round=1)["v"].double() * 10
     assert float(released.std()) == pytest.approx(2.5 * update_noise_multiplier(1.0, 3.0), rel=0.01)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dpfl.privacy.accountants.rdp import epsilon_for
-from dpfl.server.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_run_checkpoint
+from dpfl.server.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, load_initial_state, load_run_checkpoint
 from dpfl.engines.local_federation import kill_processes, local_superlink, private_flower_environment, write_app
 from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
@@ -145,6 +145,46 @@ def test_resume_adds_rounds_and_a_crash_after_accounting_over_counts(dpfl_quick,
     assert history == [[1.0, 0.5, 5]]  # the journaled round is counted: over, never under
 
 
+def test_init_from_after_a_crash_takes_the_journal_as_resume_does(dpfl_quick, tmp_path):
+    out = tmp_path / "run"
+    assert dpfl_quick("simulate", *FAST, "--rounds", "2", "--out", str(out)).returncode == 0
+    # A crash after round 3 was accounted (journaled) but before its checkpoint: 3 rounds were released.
+    ledger = json.loads((out / LEDGER_FILE).read_text())
+    ledger["history"] = [[1.0, 0.5, 3]]
+    (out / LEDGER_FILE).write_text(json.dumps(ledger))
+    for source in (out, out / CHECKPOINT_FILE):
+        assert load_initial_state(source, new_data=False).history == [(1.0, 0.5, 3)]
+    more = dpfl_quick("simulate", *FAST, "--rounds", "1", "--init-from", str(out), "--out", str(tmp_path / "more"))
+    assert more.returncode == 0, more.stderr
+    assert json.loads((tmp_path / "more" / "summary.json").read_text())["epsilon"] == pytest.approx(
+        epsilon_for(1.0, 0.5, 4, 1e-5)[0], rel=1e-12)
+
+
+def test_init_from_with_a_target_calibrates_sigma_over_the_carried_rounds_too(dpfl_quick, tmp_path):
+    # Calibrating the new rounds alone to the target would end the two runs together above it.
+    first = dpfl_quick("simulate", *FAST, "--rounds", "3", "--out", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr
+    target = 2 * epsilon_for(1.0, 0.5, 3, 1e-5)[0]
+    more = dpfl_quick("simulate", *[a for a in FAST if a not in ("--noise-multiplier", "1.0")], "--rounds", "3",
+                      "--target-epsilon", f"{target}", "--init-from", str(tmp_path / "first"),
+                      "--out", str(tmp_path / "more"))  # fmt: skip
+    assert more.returncode == 0, more.stderr
+    summary = json.loads((tmp_path / "more" / "summary.json").read_text())
+    assert summary["epsilon"] == pytest.approx(target, rel=1e-3) and summary["epsilon"] <= target * (1 + 1e-6)
+
+
+def test_a_resume_that_lifts_or_raises_the_budget_says_so(dpfl_quick, tmp_path):
+    out = tmp_path / "run"
+    budgeted = [a for a in FAST if a not in ("--max-epsilon", "0")]
+    assert dpfl_quick("simulate", *budgeted, "--max-epsilon", "50", "--rounds", "1", "--out", str(out)).returncode == 0
+    raised = dpfl_quick("simulate", "--resume", str(out), "--rounds", "2", "--max-epsilon", "60", "--engine", "in-process")
+    assert raised.returncode == 0, raised.stderr
+    assert "this resume raises the run's epsilon budget from 50 to 60" in " ".join(raised.stdout.split())
+    lifted = dpfl_quick("simulate", "--resume", str(out), "--rounds", "3", "--max-epsilon", "0", "--engine", "in-process")
+    assert lifted.returncode == 0, lifted.stderr
+    assert "this resume lifts the run's epsilon budget of 60" in " ".join(lifted.stdout.split())
+
+
 BAD_RESUMES = [
     ("empty", "holds no checkpoint.pt"),
     ("truncated", "is not a dpfl run checkpoint"),
@@ -168,11 +208,11 @@ def test_a_bad_resume_is_one_line_exit_2_and_overwrites_nothing(dpfl_quick, tmp_
         extra = ["--lr", "0.5"]
     else:
         extra = ["--rounds", "1"]
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     result = dpfl_quick("simulate", "--resume", str(out), *extra, "--engine", "in-process")
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ def test_the_accountant_round_trips_through_a_checkpoint_exactly(tmp_path_factor
     folder = tmp_path_factory.mktemp("run")
     checkpoint = RunCheckpoint(
         round=len(history), weights={"w": torch.ones(2)}, strategy_state={"round": 1, "accountant": accountant.state_dict(), "strategy": {}},
-        run_config={"k": 1}, noise_multiplier=history[-1][0], epsilon_valid=True, rounds=[], wall_time=0.0, pretraining_seconds=0.0,
+        run_config={"k": 1}, noise_multiplier=history[-1][0], epsilon_valid=True, rounds=[], pretraining_seconds=0.0,
     )  # fmt: skip
     save_run_checkpoint(folder, checkpoint)
     restored = create_accountant(kind, 1e-5)

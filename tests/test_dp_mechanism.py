@@ -166,18 +166,33 @@ def test_the_mean_divides_by_the_expected_count_not_the_reported_one():
     assert torch.allclose(mean, torch.full((4,), 2.0), atol=1e-6)
 
 
-def test_the_round_is_accounted_before_its_noise_is_drawn():
-    mech = mechanism(sigma=1.0, clip=1.0, q=0.1, n=10)
-    seen = []
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_the_round_is_accounted_and_journaled_before_its_noise_is_drawn(monkeypatch, placement):
+    mech = mechanism(placement, sigma=1.0, clip=1.0, q=0.1, n=10)
+    journaled, seen = [], []
+    mech.journal = lambda ledger: journaled.append([tuple(step) for step in ledger["history"]])
 
     class Recording:
         def gaussian(self, shape, std):
-            seen.append(list(mech.accountant.history))
+            seen.append((list(mech.accountant.history), list(journaled)))
             return torch.zeros(shape, dtype=torch.float64)
 
-    mech.randomness.stream = lambda *label: Recording()
-    mech.release([], {"v": torch.zeros(3)}, server_round=1)
-    assert seen == [[(1.0, 0.1, 1)]]
+    monkeypatch.setattr(Randomness, "stream", lambda self, *label: Recording())
+    mech.release([], {"v": torch.zeros(3)}, server_round=1)  # no reply: the whole noise is the server's
+    assert seen and all(drawn == ([(1.0, 0.1, 1)], [[(1.0, 0.1, 1)]]) for drawn in seen)
+
+
+def test_the_mechanism_cannot_be_rebound_after_construction():
+    mech = mechanism(sigma=1.0)
+    for name, value in (("randomness", Randomness(0)), ("params", None), ("accountant", None), ("clip_norm", 9.0),
+                        ("_state", None), ("_randomness", Randomness(0))):  # fmt: skip
+        with pytest.raises(AttributeError):
+            setattr(mech, name, value)
+    with pytest.raises(AttributeError):
+        mech.randomness.__init__(0)  # nor can its secure randomness be made reproducible
+    with pytest.raises(AttributeError):
+        mech.randomness.seed = 0
+    assert not mech.randomness.reproducible and mech.clip_norm == 0.7
 
 
 def test_screening_names_what_is_wrong_with_a_reply():
@@ -356,3 +371,30 @@ class ExampleByExample(Dataset):
 
     def __getitem__(self, index: int):
         return self.data[index]
+
+
+def test_under_client_noise_only_the_sampled_clients_replies_count_towards_min_replies():
+    """Every node replies under client placement (the unsampled with a noise share only); the
+    noisy reply count that decides whether the round's update is applied counts the sampled."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from dpfl.engines.inprocess import in_process_grid
+    from dpfl.records import tensor_record
+    from dpfl.strategies.base import UPDATE_KEY, UPDATE_SKIPPED
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return Message(RecordDict({UPDATE_KEY: tensor_record({"w": torch.zeros(3)})}), reply_to=msg)
+
+    strategy = DPFedAvg(noise_multiplier=0.5, clip_norm=1.0, sample_rate=0.25, num_clients=40, local_steps=1, lr=0.1,
+                        lr_decay=1.0, delta=1e-5, noise_placement="client", min_replies=30, reply_count_noise=1.0,
+                        reproducible_noise=True, seed=3)  # fmt: skip
+    grid = in_process_grid(app, {}, 40)
+    messages = strategy.configure_train(1, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord(), grid)
+    assert len(messages) == 40 and strategy.private_diagnostics["sampled"] < 20
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    # About 10 sampled replies (+ N(0, 1)) are below 30; counting the 40 replies would apply the update.
+    assert strategy.private_diagnostics["accepted"] == 40 and strategy.last_metrics[UPDATE_SKIPPED] == 1.0

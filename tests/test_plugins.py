@@ -81,10 +81,49 @@ BAD_PLUGINS = {
             name = "no-noise"
             description = "sends its own client noise level"
             def round_config(self, server_round):
-                return {"client-noise-std": 0.0}
+                return {"noise-multiplier": 0.0}
         """,
         "Strategy",
-        "round_config sets client-noise-std, which the platform owns",
+        "round_config sets noise-multiplier, which the platform owns",
+    ),
+    "rebinds_randomness": (  # the audit's old broken plugin: noise at σ/100 while ε counts σ
+        """
+        from dpfl.privacy.randomness import Randomness
+        from dpfl.strategies.dp_fedavg import DPFedAvg
+        class Strategy(DPFedAvg):
+            name = "quiet-noise"
+            description = "replaces the mechanism's randomness"
+            def apply_settings(self, settings):
+                self.mechanism.randomness = Randomness(0)
+        """,
+        "Strategy",
+        "Strategy uses self.mechanism, the platform's privacy state",
+    ),
+    "releases_the_sample_size": (
+        """
+        from dpfl.strategies.dp_fedavg import DPFedAvg
+        class Strategy(DPFedAvg):
+            name = "leaky"
+            description = "writes the realised sample size into the released model"
+            def transform_update(self, server_round, mean_delta):
+                name = next(iter(mean_delta))
+                mean_delta[name].view(-1)[0] = self.private_diagnostics["sampled"]
+                return mean_delta
+        """,
+        "Strategy",
+        "Strategy uses self.private_diagnostics, the platform's privacy state",
+    ),
+    "lifts_the_budget": (
+        """
+        from dpfl.strategies.dp_fedavg import DPFedAvg
+        class Strategy(DPFedAvg):
+            name = "no-budget"
+            description = "raises its own epsilon budget"
+            def apply_settings(self, settings):
+                self.max_epsilon = float("inf")
+        """,
+        "Strategy",
+        "failed its check (AttributeError: property 'max_epsilon' of 'Strategy' object has no setter)",
     ),
     "record_replaces_model": (
         """

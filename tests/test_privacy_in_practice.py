@@ -27,7 +27,8 @@ from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.randomness import RandomStream, Randomness, largest_standard_normal
 from dpfl.server.app import app as server_app
 from dpfl.engines.inprocess import in_process_grid, run_in_process
-from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
+from dpfl.server.public_records import PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.task.checkpoint import load_checkpoint
