@@ -42,6 +42,7 @@ from dpfl.client.training import (
     cycle_batches,
     privatise_local_update,
 )
+from dpfl.privacy.flat import Layout
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors, defining_class
@@ -190,7 +191,7 @@ def train_cohort(
         check_has_examples(client.dataset)
     model.train()
     start = {name: t.detach() for name, t in model.state_dict().items()}
-    layout = ParameterLayout(model)
+    layout = Layout(dict(model.named_parameters()))
     start_params = {name: start[name] for name in layout.shapes}
     example = clients[0].dataset[0][0]
     chunk = chunk_size(model, tuple(example.shape), batch_size)
@@ -236,7 +237,7 @@ def _train_chunk(
     gradients = vmap(lambda params, *batch: rule.functional_gradient(mean_loss, params, batch), randomness="error")
     own_direction = defining_class(type(rule), "functional_direction") is not LocalUpdateRule
     directions = vmap(rule.functional_direction, randomness="error")
-    layout = ParameterLayout(model)
+    layout = Layout(dict(model.named_parameters()))
     params = layout.flatten(dict(model.named_parameters())).detach().expand(count, -1).clone()
     streams = [cycle_batches(client.dataset, batch_size, client.generator) for client in clients]
     total = torch.zeros(count, dtype=torch.float64)
@@ -255,25 +256,6 @@ def _train_chunk(
             params = params - lr * (flat + weight_decay * params)
             total += loss.detach().double().cpu()
     return params, (total / steps).tolist()
-
-
-class ParameterLayout:
-    """A model's parameters as one vector (per client: one row of a matrix) and back as named views."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.shapes = {name: p.shape for name, p in model.named_parameters()}
-        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
-
-    def flatten(self, tensors: Tensors) -> torch.Tensor:
-        """Named tensors with a leading client axis (or none) as [clients, d] (or [d])."""
-        lead = next(iter(tensors.values())).dim() - len(next(iter(self.shapes.values())))
-        return torch.cat([tensors[name].reshape(*tensors[name].shape[:lead], -1) for name in self.shapes], dim=-1)
-
-    def views(self, flat: torch.Tensor) -> Tensors:
-        """Named views of a [clients, d] (or [d]) matrix, without copying."""
-        lead = flat.shape[:-1]
-        parts = flat.split(self.sizes, dim=-1)
-        return {name: part.view(*lead, *shape) for (name, shape), part in zip(self.shapes.items(), parts)}
 
 
 def _stacked_batches(streams: Sequence[Iterator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
