@@ -254,7 +254,7 @@ def _train_chunk(
                 flat = layout.flatten(directions(layout.views(flat)))
             # torch.optim.SGD without momentum: p − lr·(d + weight_decay·p).
             params = params - lr * (flat + weight_decay * params)
-            total += loss.detach().double().cpu()
+            total += loss.detach().cpu().double()
     return params, (total / steps).tolist()
 
 

@@ -204,16 +204,22 @@ class ClientWorkers:
     set at no cost, where a spawned one would import them again for seconds. Each
     worker takes one torch thread: the parallelism is over clients (or its cohort). With
     ``gpus``, workers are spawned (CUDA cannot be used in a process forked after it was
-    initialised) and each makes one of them its current CUDA device, round robin.
+    initialised) and each makes one of them its current CUDA device, round robin;
+    ``start_method`` overrides the choice.
     """
 
     def __init__(
-        self, client_app: ClientApp, workers: int, cohort: CohortHandler | None = None, gpus: Sequence[int] = ()
+        self,
+        client_app: ClientApp,
+        workers: int,
+        cohort: CohortHandler | None = None,
+        gpus: Sequence[int] = (),
+        start_method: str | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        context = multiprocessing.get_context("spawn" if gpus else "fork")
+        context = multiprocessing.get_context(start_method or ("spawn" if gpus else "fork"))
         self._pool = ProcessPoolExecutor(
             workers, mp_context=context, initializer=_start_worker,
             initargs=(client_app, cohort, tuple(gpus), context.Value("i", 0)),

@@ -15,6 +15,7 @@ from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
 from dpfl.strategies import get_strategy_class, registered_strategies
 from dpfl.strategies.base import LocalUpdateRule
+from dpfl.settings import RunSettings
 from dpfl.task.models import build_model
 
 # Unequal clients: with batches of 5, a step's batches hold 3, 4 or 5 examples, and the
@@ -112,3 +113,57 @@ def test_a_cohort_is_chunked_to_fit_its_memory_budget(monkeypatch):
     # Chunked or not, the same updates.
     monkeypatch.setattr("dpfl.client.cohort.chunk_size", lambda model, shape, batch: 2)
     assert_same_updates(*cohort_and_loop("dp-fedpgn"))
+
+
+# --- through the engine -----------------------------------------------------------------
+
+
+def run(tmp_path, name: str, workers: int = 1, cohort=None, **changes):
+    from test_engines import REPRODUCIBLE
+
+    from dpfl.client.app import app as client_app
+    from dpfl.engines.inprocess import run_in_process
+    from dpfl.server.app import app as server_app
+
+    settings = RunSettings(**{**REPRODUCIBLE, "device": "cpu", **changes}, out_dir=str(tmp_path / name))
+    run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, cohort=cohort)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("placement", ["server", "client"])
+def test_a_run_in_vectorised_cohorts_is_the_run_client_by_client(tmp_path, placement):
+    from test_engines import assert_same_run
+
+    from dpfl.client.app import train_cohort
+
+    # DP-FedPGN with several local steps (client-size 30, batch 8: 4 steps), clients of unequal size.
+    changes = dict(noise_placement=placement, num_clients=10, client_size=30, batch_size=8)
+    loop = run(tmp_path, "loop", **changes)
+    assert_same_run(loop, run(tmp_path, "cohort", cohort=train_cohort, **changes))
+    if placement == "client":  # and in two worker processes, each a cohort of its share
+        assert_same_run(loop, run(tmp_path, "cohort-workers", workers=2, cohort=train_cohort, **changes))
+
+
+def test_one_clients_failure_in_a_cohort_is_its_own():
+    from dpfl.client.cohort import train_together
+    from dpfl.client.training import LocalTraining
+
+    model = build_model("cnn", 10, 1, 8, 4)
+    weights = copy.deepcopy(model.state_dict())
+    data = TensorDataset(torch.randn(12, 1, 8, 8), torch.randint(10, (12,)))
+
+    def training(i: int, fail_before: bool = False, empty: bool = False):
+        if fail_before:
+            raise RuntimeError(f"client {i} refuses")
+        result = yield LocalTraining(
+            model, weights, Subset(data, [] if empty else [i, i + 6]), LocalUpdateRule({}, {}), steps=2, lr=0.1,
+            batch_size=2, weight_decay=0.0, grad_clip=1.0, instructions=ClientInstructions.flat(1.0),
+            generator=torch.Generator().manual_seed(i), noise_stream=Randomness(0).stream(i), seed=i,
+        )  # fmt: skip
+        return (i, result.update)
+
+    outcomes = train_together([training(0), training(1, fail_before=True), training(2), training(3, empty=True),
+                               training(4)])  # fmt: skip
+    assert isinstance(outcomes[1], RuntimeError) and "client 1 refuses" in str(outcomes[1])
+    assert "no training examples" in str(outcomes[3])
+    assert [outcome[0] for i, outcome in enumerate(outcomes) if i in (0, 2, 4)] == [0, 2, 4]
