@@ -25,7 +25,7 @@ from dpfl.task.devices import check_device_name
 from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
 from dpfl.task.partition import PARTITION_SCHEMES
 from dpfl.task.pretraining import PRETRAINING_CHOICES
-from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
+from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for, recipe_name
 from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
 
 
@@ -146,7 +146,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         unset = [name for name in self._unset() if name not in SERVER_STEP_KEYS]
         if unset:
-            recipe = recipe_for(self.model)
+            recipe = recipe_for(self.model, self.dataset)
             for name in unset:  # frozen: set once, here, as a generated __init__ would
                 object.__setattr__(self, name, getattr(recipe, name))
 
@@ -160,13 +160,13 @@ class RunSettings:
         if not unset:
             return self
         given = None if "server_optimizer" in unset else self.server_optimizer
-        optimizer, lr = recipe_for(self.model).server_step(public_part, given)
+        optimizer, lr = recipe_for(self.model, self.dataset).server_step(public_part, given)
         return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
 
     def with_strategy_option_defaults(self, declared: Iterable[str]) -> RunSettings:
         """These settings with the model's recipe defaults for the options a strategy
         ``declared`` and the user did not set appended to ``strategy-options``; idempotent."""
-        defaults = recipe_for(self.model).option_defaults(declared, self.strategy_options)
+        defaults = recipe_for(self.model, self.dataset).option_defaults(declared, self.strategy_options)
         if not defaults:
             return self
         return replace(self, strategy_options=" ".join([*self.strategy_options.split(), *defaults]))
@@ -386,7 +386,7 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
     ``public_part``: whether the run's strategy has a public part, which picks the
     recipe's server step; None (several strategies) shows both steps.
     """
-    recipe = recipe_for(settings.model)
+    recipe = recipe_for(settings.model, settings.dataset)
     by_strategy = [recipe.values(public_part)] if public_part is not None else [recipe.values(False), recipe.values(True)]
     values, overridden = [], []
     for name in UNSET:
@@ -397,4 +397,4 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
             overridden.append(f"{key}={getattr(settings, name)}")
     if recipe.strategy_option_defaults:
         values.append(f"strategy options {recipe.strategy_option_defaults} (where the strategy has them)")
-    return f"recipe {settings.model}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")
+    return f"recipe {recipe_name(settings.model, settings.dataset)}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

@@ -40,6 +40,8 @@ from dpfl.client.training import (
     PrivateUpdate,
     check_has_examples,
     cycle_batches,
+    load_weights,
+    model_state,
     privatise_local_update,
 )
 from dpfl.privacy.flat import Layout
@@ -88,7 +90,7 @@ def train_together(trainings: Sequence[Training]) -> list[Any]:
     for group in _cohorts(jobs):
         if len(group) > 1:
             first = jobs[group[0]]
-            first.model.load_state_dict(first.weights)
+            load_weights(first.model, first.weights)
             updates = _outcome(lambda: train_cohort(
                 first.model, first.rule, [CohortClient(jobs[i].dataset, jobs[i].generator, jobs[i].instructions,
                                                        jobs[i].noise_stream) for i in group],
@@ -190,7 +192,7 @@ def train_cohort(
     for client in clients:
         check_has_examples(client.dataset)
     model.train()
-    start = {name: t.detach() for name, t in model.state_dict().items()}
+    start = model_state(model)[1]
     layout = Layout(dict(model.named_parameters()))
     start_params = {name: start[name] for name in layout.shapes}
     example = clients[0].dataset[0][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
+from dpfl.privacy.flat import Layout
 from dpfl.privacy.mechanism import ClientInstructions, privatise_update
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors
@@ -108,7 +110,7 @@ class LocalTraining:
 
     def run(self) -> PrivateUpdate:
         """Train in the loop, alone."""
-        self.model.load_state_dict(self.weights)
+        load_weights(self.model, self.weights)
         # A strategy's own draws are seeded too, so that a client computes the same
         # whichever process or engine runs it.
         with torch.random.fork_rng(devices=[]):
@@ -146,7 +148,8 @@ def train_private_update(
     the steps taken.
     """
     check_has_examples(dataset)
-    start = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    layout, state = model_state(model)
+    start = layout.flatten(state)  # a copy
     # Momentum 0: DP-FedPGN's public part (1−γ)Kηc is exact only then.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     device = next(model.parameters()).device
@@ -156,9 +159,33 @@ def train_private_update(
     else:
         with local_dp.training(model, optimizer, dataset, batch_size) as (dp_optimizer, batches):
             loss = local_sgd(model, (_to(batch, device) for batch in batches), rule, steps, optimizer, grad_clip, dp_optimizer)
-    end = model.state_dict()
-    delta = {name: start[name] - end[name].detach() for name in start}
+    delta = layout.views(start - layout.flatten(state))
     return privatise_local_update(delta, rule, steps, lr, instructions, noise_stream, loss)
+
+
+def model_state(model: nn.Module) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """The model's state dict (its tensors, sharing the model's storage) and its layout, read
+    once per model: ``state_dict`` and ``load_state_dict`` walk every submodule at each call,
+    which costs more than a small model's local step."""
+    kept = _states.get(model)
+    if kept is None:
+        state = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+        kept = _states[model] = (Layout(state), state)
+    return kept
+
+
+def load_weights(model: nn.Module, weights: Tensors) -> None:
+    """``model.load_state_dict(weights)``, strictly (same names and shapes), without the walk."""
+    layout, state = model_state(model)
+    if weights.keys() != state.keys() or any(weights[name].shape != t.shape for name, t in state.items()):
+        model.load_state_dict(weights)  # raises, naming what does not fit
+    with torch.no_grad():
+        for name, t in state.items():
+            t.copy_(weights[name])
+
+
+# model -> its state; a model no longer used is forgotten.
+_states: weakref.WeakKeyDictionary[nn.Module, tuple[Layout, dict[str, torch.Tensor]]] = weakref.WeakKeyDictionary()
 
 
 def check_has_examples(dataset: Dataset) -> None:
