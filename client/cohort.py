@@ -43,6 +43,7 @@ from dpfl.client.training import (
     load_weights,
     model_state,
     privatise_local_update,
+    public_vector,
 )
 from dpfl.privacy.flat import Layout
 from dpfl.privacy.mechanism import ClientInstructions
@@ -192,22 +193,25 @@ def train_cohort(
     for client in clients:
         check_has_examples(client.dataset)
     model.train()
-    start = model_state(model)[1]
+    state_layout, state = model_state(model)
     layout = Layout(dict(model.named_parameters()))
-    start_params = {name: start[name] for name in layout.shapes}
+    start = layout.flatten({name: state[name] for name in layout.shapes})
+    public = public_vector(rule, state_layout, steps, lr)  # the same for every client of the cohort
     example = clients[0].dataset[0][0]
     chunk = chunk_size(model, tuple(example.shape), batch_size)
     updates: list[PrivateUpdate] = []
     for first in range(0, len(clients), chunk):
         members = clients[first : first + chunk]
         params, losses = _train_chunk(model, rule, members, steps, lr, batch_size, weight_decay, grad_clip)
-        deltas = layout.views(layout.flatten(start_params) - params)
-        for index, client in enumerate(members):
+        deltas = params.neg_().add_(start)  # Δ = x − y for every client, in place
+        if state_layout.shapes != layout.shapes:
             # Buffers do not train (dpfl's models have no BatchNorm): their Δ is zero, as in the loop.
-            delta = {name: deltas[name][index] if name in deltas else torch.zeros_like(t) for name, t in start.items()}
-            updates.append(
-                privatise_local_update(delta, rule, steps, lr, client.instructions, client.noise_stream, losses[index])
-            )
+            named = layout.views(deltas)
+            deltas = state_layout.flatten({name: named[name] if name in named else t.expand(len(members), *t.shape) * 0
+                                           for name, t in state.items()})  # fmt: skip
+        for index, client in enumerate(members):
+            updates.append(privatise_local_update(deltas[index], state_layout, public, client.instructions,
+                                                  client.noise_stream, losses[index], steps))  # fmt: skip
     return updates
 
 
@@ -254,8 +258,8 @@ def _train_chunk(
             flat *= torch.clamp(grad_clip / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + CLIP_EPSILON), max=1.0)
             if own_direction:
                 flat = layout.flatten(directions(layout.views(flat)))
-            # torch.optim.SGD without momentum: p − lr·(d + weight_decay·p).
-            params = params - lr * (flat + weight_decay * params)
+            # torch.optim.SGD without momentum, in place as it steps: d += weight_decay·p; p −= lr·d.
+            params.add_(flat.add_(params, alpha=weight_decay), alpha=-lr)
             total += loss.detach().cpu().double()
     return params, (total / steps).tolist()
 

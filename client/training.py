@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
 from dpfl.privacy.flat import Layout
-from dpfl.privacy.mechanism import ClientInstructions, privatise_update
+from dpfl.privacy.mechanism import ClientInstructions, privatise_vector
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors
 
@@ -159,8 +159,9 @@ def train_private_update(
     else:
         with local_dp.training(model, optimizer, dataset, batch_size) as (dp_optimizer, batches):
             loss = local_sgd(model, (_to(batch, device) for batch in batches), rule, steps, optimizer, grad_clip, dp_optimizer)
-    delta = layout.views(start - layout.flatten(state))
-    return privatise_local_update(delta, rule, steps, lr, instructions, noise_stream, loss)
+    delta = start - layout.flatten(state)
+    return privatise_local_update(delta, layout, public_vector(rule, layout, steps, lr), instructions, noise_stream,
+                                  loss, steps)  # fmt: skip
 
 
 def model_state(model: nn.Module) -> tuple[Layout, dict[str, torch.Tensor]]:
@@ -194,21 +195,27 @@ def check_has_examples(dataset: Dataset) -> None:
 
 
 def privatise_local_update(
-    delta: Tensors,
-    rule: LocalUpdateRule,
-    steps: int,
-    lr: float,
+    delta: torch.Tensor,
+    layout: Layout,
+    public: torch.Tensor | None,
     instructions: ClientInstructions,
     noise_stream: RandomStream,
     loss: float,
+    steps: int,
 ) -> PrivateUpdate:
-    """The client's half of the mechanism on its Δ = x − y (on any device): the rule's public
-    part removed, the rest brought to the CPU and privatised there (clipped to C in float64,
-    its noise share from the secure stream; :func:`dpfl.privacy.mechanism.privatise_update`)."""
-    public = rule.public_part(steps, lr)
-    private = delta if public is None else {name: delta[name] - public[name] for name in delta}
-    update, norm = privatise_update({name: t.cpu() for name, t in private.items()}, instructions, noise_stream)
+    """The client's half of the mechanism on its Δ = x − y, one vector in the model's state
+    ``layout`` (on any device): the rule's ``public`` part (the same layout) removed, the
+    rest brought to the CPU and privatised there (clipped to C in float64, its noise share
+    from the secure stream; :func:`dpfl.privacy.mechanism.privatise_vector`)."""
+    private = delta if public is None else delta - public
+    update, norm = privatise_vector(private.cpu(), layout, instructions, noise_stream)
     return PrivateUpdate(update=update, norm_before_clip=norm, train_loss=loss, steps=steps)
+
+
+def public_vector(rule: LocalUpdateRule, layout: Layout, steps: int, lr: float) -> torch.Tensor | None:
+    """The rule's public part of Δ after ``steps`` steps at ``lr`` as one vector of ``layout``, if any."""
+    public = rule.public_part(steps, lr)
+    return None if public is None else layout.flatten(public)
 
 
 def _to(batch: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

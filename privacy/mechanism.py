@@ -517,19 +517,25 @@ class ClientInstructions:
 def privatise_update(
     private: Tensors, instructions: ClientInstructions, stream: RandomStream
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """The client's half: clip the private part and add its noise share; return it and ‖u‖.
+    """The client's half: clip the private part and add its noise share; return it and ‖u‖
+    (:func:`privatise_vector` on the update laid out as one vector)."""
+    layout = Layout(private)
+    return privatise_vector(layout.flatten(private), layout, instructions, stream)
 
-    The update is laid out as one vector (:class:`dpfl.privacy.flat.Layout`): one norm,
-    one scale, one noise draw, and named views of the result for the reply.
+
+def privatise_vector(
+    vector: torch.Tensor, layout: Layout, instructions: ClientInstructions, stream: RandomStream
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The client's half on its private part as one vector (``layout``'s): one norm, one
+    scale, one noise draw; the result as named views for the reply, and ‖u‖.
+
     ``clip_norm`` 0 means no clipping (a strategy without DP). A non-finite update is
     sent as zeros plus the share (:func:`dpfl.privacy.clipping.clip_vector`).
     """
     if instructions.clipping == "paper" and instructions.clip_norm > 0:
-        clipped, median_norm, norm = per_tensor_median_clip(private)
+        clipped, median_norm, norm = per_tensor_median_clip(layout.unflatten(vector))
         std = instructions.noise_multiplier * median_norm / math.sqrt(instructions.sample_size)
         return add_noise(clipped, std, stream), norm
-    layout = Layout(private)
-    vector = layout.flatten(private)
     if instructions.clip_norm > 0:
         clipped, norm = clip_vector(vector, instructions.clip_norm, layout.cast)
         std = instructions.client_noise_std
