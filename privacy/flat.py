@@ -42,6 +42,8 @@ class Layout:
         if first is None:
             return torch.zeros(0, dtype=self.dtype)
         lead = tensors[first].shape[: tensors[first].dim() - len(self.shapes[first])]
+        if self.uniform:  # one conversion of the whole, not one per tensor
+            return torch.cat([tensors[name].reshape(*lead, -1) for name in self.shapes], dim=-1).to(self.dtype)
         return torch.cat([tensors[name].reshape(*lead, -1).to(self.dtype) for name in self.shapes], dim=-1)
 
     def views(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
