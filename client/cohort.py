@@ -192,6 +192,7 @@ def train_cohort(
         raise ValueError(f"{type(rule).__qualname__} has no functional form; train its clients in the loop")
     for client in clients:
         check_has_examples(client.dataset)
+    sgd = LocalSGD(steps, lr, batch_size, weight_decay, grad_clip)
     model.train()
     state_layout, state = model_state(model)
     layout = Layout(dict(model.named_parameters()))
@@ -202,7 +203,7 @@ def train_cohort(
     updates: list[PrivateUpdate] = []
     for first in range(0, len(clients), chunk):
         members = clients[first : first + chunk]
-        params, losses = _train_chunk(model, rule, members, steps, lr, batch_size, weight_decay, grad_clip)
+        params, losses = _train_chunk(model, rule, members, sgd)
         deltas = params.neg_().add_(start)  # Δ = x − y for every client, in place
         if state_layout.shapes != layout.shapes:
             # Buffers do not train (dpfl's models have no BatchNorm): their Δ is zero, as in the loop.
@@ -215,15 +216,19 @@ def train_cohort(
     return updates
 
 
+@dataclass(frozen=True)
+class LocalSGD:
+    """What every client of a cohort does alike: ``steps`` plain SGD steps on its batches."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    grad_clip: float
+
+
 def _train_chunk(
-    model: nn.Module,
-    rule: LocalUpdateRule,
-    clients: Sequence[CohortClient],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    grad_clip: float,
+    model: nn.Module, rule: LocalUpdateRule, clients: Sequence[CohortClient], sgd: LocalSGD
 ) -> tuple[torch.Tensor, list[float]]:
     """The clients' parameters after ``steps`` steps, one row each of a [clients, d] matrix
     (the model's parameters flattened in order), and their mean losses.
@@ -245,23 +250,24 @@ def _train_chunk(
     directions = vmap(rule.functional_direction, randomness="error")
     layout = Layout(dict(model.named_parameters()))
     params = layout.flatten(dict(model.named_parameters())).detach().expand(count, -1).clone()
-    streams = [cycle_batches(client.dataset, batch_size, client.generator) for client in clients]
+    streams = [cycle_batches(client.dataset, sgd.batch_size, client.generator) for client in clients]
     total = torch.zeros(count, dtype=torch.float64)
     # Attention as matrix products, which vmap batches; its fused kernels have no batching
     # rule and would run client by client.
     with sdpa_kernel(SDPBackend.MATH):
-        for _ in range(steps):
+        for _ in range(sgd.steps):
             inputs, targets, weights = (t.to(device) for t in _stacked_batches(streams))
             grads, loss = gradients(layout.views(params), inputs, targets, weights)
             flat = layout.flatten(grads)
             # The platform's stability clip: clip_grad_norm_'s arithmetic on each client's norm.
-            flat *= torch.clamp(grad_clip / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + CLIP_EPSILON), max=1.0)
+            norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+            flat *= torch.clamp(sgd.grad_clip / (norms + CLIP_EPSILON), max=1.0)
             if own_direction:
                 flat = layout.flatten(directions(layout.views(flat)))
             # torch.optim.SGD without momentum, in place as it steps: d += weight_decay·p; p −= lr·d.
-            params.add_(flat.add_(params, alpha=weight_decay), alpha=-lr)
+            params.add_(flat.add_(params, alpha=sgd.weight_decay), alpha=-sgd.lr)
             total += loss.detach().cpu().double()
-    return params, (total / steps).tolist()
+    return params, (total / sgd.steps).tolist()
 
 
 def _stacked_batches(streams: Sequence[Iterator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

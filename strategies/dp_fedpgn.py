@@ -25,15 +25,8 @@ from torch import nn
 
 from dpfl.privacy.clipping import global_l2_norm
 from dpfl.errors import UsageError
-from dpfl.strategies.base import (
-    Batch,
-    ClientLevelDPStrategy,
-    LocalUpdateRule,
-    LossFunction,
-    Tensors,
-    gradient_at_shift,
-    shifted,
-)
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift, shifted
+from dpfl.strategies.base import Batch, LossFunction  # the functional form's types
 
 GLOBAL_DIRECTION_KEY = "global-direction"
 

@@ -9,16 +9,8 @@ from torch import nn
 from torch.func import grad
 
 from dpfl.privacy.clipping import global_l2_norm
-from dpfl.strategies.base import (
-    Batch,
-    ClientLevelDPStrategy,
-    LocalUpdateRule,
-    LossFunction,
-    Tensors,
-    gradient_at_shift,
-    l2_norm,
-    shifted,
-)
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift, l2_norm, shifted
+from dpfl.strategies.base import Batch, LossFunction  # the functional form's types
 
 
 class SAMLocalUpdate(LocalUpdateRule):
