@@ -208,7 +208,7 @@ def test_a_node_deploys_only_the_weights_of_its_last_train_message_and_only_once
     from dpfl.strategies.dp_fedavg import DPFedAvg
 
     settings = RunSettings(model="cnn", model_width=2, num_clients=1, sample_rate=1.0, num_server_rounds=1,
-                           deploy=True, deploy_sweep_tiles="64", out_dir=str(tmp_path / "run"))  # fmt: skip
+                           deploy=True, deploy_sweep_tiles="64", deploy_ratio=0.8, out_dir=str(tmp_path / "run"))  # fmt: skip
     grid = in_process_grid(client_app, settings.to_run_config(), 1)
     node = next(iter(grid.get_node_ids()))
     data = load_dataset("digits")
@@ -226,5 +226,6 @@ def test_a_node_deploys_only_the_weights_of_its_last_train_message_and_only_once
                         lr_decay=1.0, delta=1e-5)  # fmt: skip
     grid.send_and_receive(strategy.final_model_messages(released, [node]))
     assert query(crafted)["reason"] == NOT_LAST_WEIGHTS
-    assert query(released)["status"] == "deployed"
+    deployed = query(released)
+    assert deployed["status"] == "deployed", (tmp_path / "run" / "nodes" / "partition-0" / "node_private_log.jsonl").read_text()
     assert query(released)["reason"] == NOT_LAST_WEIGHTS  # once per train message

@@ -36,7 +36,7 @@ MODES = {
     "local-dp": dict(local_dp=True, local_epochs=1),
     "adaptive-clipping": dict(clip_mode="adaptive", clip_count_noise=5.0, noise_multiplier=3.0),
     "min-replies-client-noise": dict(min_replies=1, reply_count_noise=5.0, noise_placement="client"),
-    "deployment-round": dict(deploy=True, deploy_sweep_tiles="64", deploy_ratio=0.5),
+    "deployment-round": dict(deploy=True, deploy_sweep_tiles="64", deploy_ratio=0.8),
 }
 # Anything that looks like a clock time or a date: a public log must not time the rounds.
 TIMESTAMP = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
@@ -55,7 +55,7 @@ def wait(running) -> None:
         time.sleep(0.2)
 
 
-def check_public_files(out: Path) -> None:
+def check_public_files(out: Path, log_file: Path | None = None) -> None:
     """Every file of the run folder is declared, and every public one holds only what its entry allows."""
     declared = set(PUBLIC_FILES) | set(SERVER_PRIVATE_FILES) | set(NODE_PRIVATE_FOLDERS) | {AUDIT_FOLDER}
     assert {path.name for path in out.iterdir()} <= declared
@@ -74,7 +74,7 @@ def check_public_files(out: Path) -> None:
     assert set(final.extra) <= FINAL_MODEL_EXTRA_KEYS and final.extra["summary"] == summary
     if (out / "privacy_ledger.json").exists():
         assert set(json.loads((out / "privacy_ledger.json").read_text())) <= {"accountant", "delta", "history", "refine"}
-    log = (out / FLOWER_LOG).read_text()
+    log = (log_file or out / FLOWER_LOG).read_text()
     assert not TIMESTAMP.search(log), TIMESTAMP.search(log)
     assert not any(mark in log for mark in PER_CLIENT_MARKS)
     # The plot's only data are the public records: drawn again from them, it is the same image.
@@ -119,7 +119,7 @@ def test_the_flower_engine_publishes_no_per_client_line_and_no_timestamp(tmp_pat
 def test_an_audit_writes_only_declared_files(tmp_path):
     settings = RunSettings(**SMALL)
     run_audit(settings, canaries=8, confidence=0.95, out=tmp_path / "audit")
-    check_public_files(tmp_path / "audit" / "run")
+    check_public_files(tmp_path / "audit" / "run", log_file=tmp_path / "audit" / FLOWER_LOG)
 
 
 def test_the_inventory_declares_no_timing_and_no_count():
