@@ -15,11 +15,15 @@ from typing import Any
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import ACCOUNTANTS
 from dpfl.task.partition import PARTITION_SCHEMES
-from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
+from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for, recipe_name
 
 # The names validate() checks against live beside torch (models, data sets, the mechanism,
 # compression, crossbars): they are imported there, so that reading a run's settings (every
 # `dpfl` command line) does not import torch.
+
+
+# Vectorised cohorts: where possible (auto), always (on: refused where not possible), never (off).
+COHORT_BATCHING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ class RunSettings:
     # Multi-precision training: local steps also take the forward of the weights quantised
     # at each of these bits (comma-separated, e.g. "2,4"), for devices of those precisions
     train_bit_widths: str = ""
+    # Where clients train (auto, cpu, cuda, cuda:N, mps; dpfl.task.devices), and whether the
+    # in-process engine trains a round's clients as one vectorised computation (auto, on, off;
+    # dpfl.client.cohort): auto does wherever the strategy's rule has a functional form
+    device: str = "auto"
+    cohort_batching: str = "auto"
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe, by strategy
@@ -132,7 +141,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         unset = [name for name in self._unset() if name not in SERVER_STEP_KEYS]
         if unset:
-            recipe = recipe_for(self.model)
+            recipe = recipe_for(self.model, self.dataset)
             for name in unset:  # frozen: set once, here, as a generated __init__ would
                 object.__setattr__(self, name, getattr(recipe, name))
 
@@ -146,13 +155,13 @@ class RunSettings:
         if not unset:
             return self
         given = None if "server_optimizer" in unset else self.server_optimizer
-        optimizer, lr = recipe_for(self.model).server_step(public_part, given)
+        optimizer, lr = recipe_for(self.model, self.dataset).server_step(public_part, given)
         return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
 
     def with_strategy_option_defaults(self, declared: Iterable[str]) -> RunSettings:
         """These settings with the model's recipe defaults for the options a strategy
         ``declared`` and the user did not set appended to ``strategy-options``; idempotent."""
-        defaults = recipe_for(self.model).option_defaults(declared, self.strategy_options)
+        defaults = recipe_for(self.model, self.dataset).option_defaults(declared, self.strategy_options)
         if not defaults:
             return self
         return replace(self, strategy_options=" ".join([*self.strategy_options.split(), *defaults]))
@@ -164,6 +173,7 @@ class RunSettings:
         from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.privacy.validation import check_local_dp_supported
         from dpfl.task.data import DATASET_NAMES
+        from dpfl.task.devices import check_device_name
         from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
         from dpfl.task.pretraining import PRETRAINING_CHOICES
         from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
@@ -221,6 +231,8 @@ class RunSettings:
         if self.weight_decay < 0:
             raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
         _positive("grad-clip", self.grad_clip)
+        check_device_name(self.device)
+        _one_of("cohort-batching", self.cohort_batching, COHORT_BATCHING)
         if self.image_size < 0:
             raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
         _positive("local-noise-multiplier", self.local_noise_multiplier)
@@ -401,7 +413,7 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
     ``public_part``: whether the run's strategy has a public part, which picks the
     recipe's server step; None (several strategies) shows both steps.
     """
-    recipe = recipe_for(settings.model)
+    recipe = recipe_for(settings.model, settings.dataset)
     by_strategy = [recipe.values(public_part)] if public_part is not None else [recipe.values(False), recipe.values(True)]
     values, overridden = [], []
     for name in UNSET:
@@ -412,4 +424,4 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
             overridden.append(f"{key}={getattr(settings, name)}")
     if recipe.strategy_option_defaults:
         values.append(f"strategy options {recipe.strategy_option_defaults} (where the strategy has them)")
-    return f"recipe {settings.model}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")
+    return f"recipe {recipe_name(settings.model, settings.dataset)}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

@@ -60,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from dpfl.engines.simulation import FLOWER_LOG, SERVER_LOG, follow_rounds, prepare_run, run_simulation, run_warnings
+    from dpfl.engines.simulation import (
+        FLOWER_LOG, SERVER_LOG, client_training, follow_rounds, prepare_run, run_simulation, run_warnings,
+    )  # fmt: skip
     from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE, format_epsilon
     from dpfl.server.round_line import round_line
     from dpfl.settings import describe_recipe
@@ -71,6 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers {args.workers} is for --engine in-process; Flower's engine runs its own workers")
     workers = args.workers or len(os.sched_getaffinity(0))
     settings = settings_from_args(args, args.strategy)
+    training = client_training(settings, args.engine)
     out = Path(settings.out_dir)
     console = make_console()
     with ProgressDisplay(console) as progress:
@@ -86,6 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
         f"{settings.num_server_rounds} rounds, C={settings.clip_norm}, delta={settings.delta}, "
         f"budget epsilon={settings.max_epsilon or 'none'}, engine {args.engine}"
         + (f" ({workers} workers)" if args.engine == "in-process" else "")
+        + f"\n  {training}"
         + f"\n  {describe_recipe(settings, get_strategy_class(settings.strategy).has_public_part())}"
         f"\n  records: {out}" + (f"\n  TensorBoard: {tracker.path}" if tracker else "")
         + (f"\n  Flower log: {out / FLOWER_LOG} (the server's own: {out / SERVER_LOG})" if args.engine == "flower" else "")

@@ -10,16 +10,19 @@ never to Flower's log, which the server publishes.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flwr.clientapp import ClientApp
 
-from dpfl.client.cache import resident_model, run_settings
+from dpfl.client.cache import resident_model, run_device, run_settings
+from dpfl.client.cohort import train_alone, train_together
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
-from dpfl.client.node import NodeMemory, log_privately, node_dir, own_node_config, weights_digest
-from dpfl.client.training import train_private_update
+from dpfl.client.node import NodeMemory, log_privately, node_dir, node_label, own_node_config, weights_digest
+from dpfl.client.training import LocalTraining, PrivateUpdate
 from dpfl.deployment.node import (
     ALREADY_DEPLOYED, DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment,
 )  # fmt: skip
@@ -36,6 +39,17 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return train_alone(_train(msg, context))
+
+
+def train_cohort(deliveries: Sequence[tuple[Message, Context]]) -> list[Message | Exception]:
+    """The replies to several nodes' train messages (or the exception each raised), their
+    local training vectorised where it can be (an engine that holds many nodes calls this)."""
+    return train_together([_train(msg, context) for msg, context in deliveries])
+
+
+def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUpdate, Message]:
+    """The node's part around its local training: yields the training, then replies."""
     settings = run_settings(context.run_config)
     node_config = own_node_config(context.node_config)
     policy = NodePrivacyPolicy.from_node_config(node_config)
@@ -75,10 +89,11 @@ def train(msg: Message, context: Context) -> Message:
             "epsilon-if-sampling-honest": amplified_epsilon(request, participation, delta),
         })  # fmt: skip
     partition = load_client_partition(settings, context.node_config)
-    records = {key: record_tensors(record) for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}
+    device = run_device(settings.device)
+    records = {key: {name: t.to(device) for name, t in record_tensors(record).items()}
+               for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}  # fmt: skip
     rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
-    model = resident_model(partition.spec)
-    model.load_state_dict(global_weights)
+    model = resident_model(partition.spec, device)
     # --seed drives only the local shuffling (comparable experiments), never the noise.
     local_seed = hash((settings.seed, server_round, identity)) % 2**63
     shuffle = torch.Generator().manual_seed(local_seed)
@@ -91,26 +106,24 @@ def train(msg: Message, context: Context) -> Message:
         else None
     )
     # Anything else random in local training (a strategy's own draws) is seeded the same
-    # way, so that a client computes the same whichever process or engine runs it.
-    with torch.random.fork_rng(devices=[]):
-        # The CPU generator only: torch.manual_seed also queues a seeding of every
-        # accelerator backend, with a formatted stack, at each call.
-        torch.default_generator.manual_seed(local_seed)
-        result = train_private_update(
-            model,
-            partition.dataset,
-            rule,
-            steps=int(config[LOCAL_STEPS_KEY]),
-            lr=float(config[LR_KEY]),
-            batch_size=settings.batch_size,
-            weight_decay=settings.weight_decay,
-            grad_clip=settings.grad_clip,
-            instructions=instructions,
-            generator=shuffle,
-            noise_stream=noise_stream,
-            local_dp=local_dp,
-            train_bit_widths=settings.bit_widths(),
-        )
+    # way (local_seed), so that a client computes the same whichever process or engine runs it.
+    result = yield LocalTraining(
+        model,
+        global_weights,
+        partition.dataset,
+        rule,
+        steps=int(config[LOCAL_STEPS_KEY]),
+        lr=float(config[LR_KEY]),
+        batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay,
+        grad_clip=settings.grad_clip,
+        instructions=instructions,
+        generator=shuffle,
+        noise_stream=noise_stream,
+        seed=local_seed,
+        local_dp=local_dp,
+        train_bit_widths=settings.bit_widths(),
+    )
     if local_dp is not None:
         local_dp.save(context.state)
         # Depends on the client's data size and how often it was sampled: the node's alone.

@@ -39,7 +39,9 @@ import psutil
 
 from dpfl.client.node import SIMULATED_NODE_CONFIGS_ENV, simulated_node_configs_env
 from dpfl.server.public_records import is_public_log_line
+from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
+from dpfl.task.devices import cuda_devices
 
 SUPERLINK_START_TIMEOUT_S = 60.0
 # One CPU per ClientApp, so a 2-core machine runs two clients at a time.
@@ -197,6 +199,19 @@ def kill_processes(processes: list[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=10)
 
 
+def client_resources(device: str) -> str:
+    """Flower's resources for each ClientApp of a run on ``device``: one CPU, and with GPUs a
+    share of them such that a client on every core fits (Ray then shows each ClientApp only
+    the GPU it assigned, which is its ``cuda``)."""
+    if device.startswith("cuda:"):
+        raise UsageError(f"device {device!r}: Flower's engine assigns the GPUs itself; use device cuda (or auto)")
+    resources = f"client-resources-num-cpus={CLIENT_CPUS}"
+    gpus = cuda_devices(device)
+    if gpus:
+        resources += f" client-resources-num-gpus={min(1.0, len(gpus) / len(os.sched_getaffinity(0))):.4g}"
+    return resources
+
+
 @contextmanager
 def simulation(
     settings: RunSettings, num_supernodes: int, log_file: Path, superlink_log: Path, nodes_log: Path,
@@ -216,7 +231,7 @@ def simulation(
         # Also marks the nodes as simulated: their owner is this simulation's user.
         env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
         with local_superlink(env, superlink_log):
-            federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
+            federation = f"num-supernodes={num_supernodes} {client_resources(settings.device)}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home)
             splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, superlink_log, nodes_log),

@@ -18,9 +18,10 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
-from dpfl.client.app import app as client_app
-from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.client.app import app as client_app, train_cohort
+from dpfl.engines.inprocess import CohortHandler, flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
+from dpfl.errors import UsageError
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.progress import Progress, no_progress
@@ -33,6 +34,7 @@ from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import not_valid_reasons
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset, load_dataset
+from dpfl.task.devices import cuda_devices, device_name
 from dpfl.task.partition import partition_indices
 from dpfl.task.pretraining import GENERATORS, pretrained_weights
 
@@ -63,6 +65,7 @@ def prepare_run(settings: RunSettings, download: bool = False, progress: Progres
     """Everything a run needs before its first round, checked (and the data set cached), and
     the public pretraining its model starts from computed into the cache, with ``progress``."""
     initial = None
+    device_name(settings.device)  # a device that is not here is refused now, in one line
     if settings.init_from and not settings.resume_from:
         initial = load_initial_state(settings.init_from, settings.init_new_data)
     if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
@@ -112,6 +115,42 @@ def follow_rounds(metrics: Path, on_round: Callable[[dict[str, Any]], None]) -> 
             time.sleep(FOLLOW_INTERVAL)
 
     return follow
+
+
+def cohort_obstacles(settings: RunSettings, engine: str) -> list[str]:
+    """Why the run's clients could not train in vectorised cohorts on ``engine`` (none: they can)."""
+    rule = get_strategy_class(settings.strategy).local_update_rule
+    return [
+        text for text, applies in (
+            ("Flower's engine runs each client on its own", engine != "in-process"),
+            (f"the strategy's local rule {rule.__qualname__} has no functional form", not rule.has_functional_form()),
+            ("local DP (Opacus) trains each client on its own", settings.local_dp),
+            ("multi-precision training (train-bit-widths) trains each client on its own", bool(settings.bit_widths())),
+        ) if applies
+    ]  # fmt: skip
+
+
+def vectorised(settings: RunSettings, engine: str = "in-process") -> bool:
+    """Whether the run's clients train in vectorised cohorts: ``cohort-batching`` auto
+    wherever they can, off never; on refuses, in one line, a run where they cannot."""
+    obstacles = cohort_obstacles(settings, engine)
+    if obstacles and settings.cohort_batching == "on":
+        raise UsageError(f"cohort-batching on: a round's clients cannot train as one cohort here: {'; '.join(obstacles)}")
+    return settings.cohort_batching != "off" and not obstacles
+
+
+def client_training(settings: RunSettings, engine: str) -> str:
+    """How the run's clients train and where, for the run's header."""
+    device = device_name(settings.device)
+    if vectorised(settings, engine):
+        return f"clients train on {device} in vectorised cohorts (torch.func)"
+    why = "cohort-batching off" if settings.cohort_batching == "off" else "; ".join(cohort_obstacles(settings, engine))
+    return f"clients train on {device} one by one ({why})"
+
+
+def cohort_handler(settings: RunSettings) -> CohortHandler | None:
+    """dpfl's cohort handler for an in-process run of ``settings``, or None to train one by one."""
+    return train_cohort if vectorised(settings) else None
 
 
 def run_simulation(
@@ -164,8 +203,10 @@ def run_in_process_following(
 
     def target() -> None:
         try:
+            # Vectorised cohorts are the ClientApp's own: another client (an audit's) trains one by one.
+            cohort = cohort_handler(settings) if client is client_app else None
             run_in_process(server_app, client, settings.to_run_config(), num_nodes or settings.num_clients, workers, stop,
-                           node_configs)  # fmt: skip
+                           node_configs, cohort, cuda_devices(settings.device))  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 

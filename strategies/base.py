@@ -40,6 +40,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
+from torch.func import grad_and_value
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
@@ -108,6 +109,13 @@ class LocalUpdateRule:
     and takes a plain SGD step (momentum 0, so a public part stays exact).
     ``config`` is the round's train config (the strategy's options included);
     ``records`` the message's other records as tensors.
+
+    A rule may also have a functional form, :meth:`functional_gradient` and
+    :meth:`functional_direction`: the same computation as pure functions of named
+    tensors, which the platform runs under ``torch.func.vmap`` to train a round's
+    clients at once (``dpfl.client.cohort``). A rule that overrides a loop hook without
+    its twin (at the same or a more derived class) has no functional form
+    (:meth:`has_functional_form`) and runs in the loop.
     """
 
     def __init__(self, config: Mapping[str, Any], records: Mapping[str, Tensors]) -> None:
@@ -126,6 +134,50 @@ class LocalUpdateRule:
     def public_part(self, steps: int, lr: float) -> Tensors | None:
         """The data-independent part of Δ = x − y after ``steps`` steps at ``lr``, if any."""
         return None
+
+    # --- the functional form: twins of the two loop hooks -----------------------------
+
+    def functional_gradient(self, loss: LossFunction, params: Tensors, batch: Batch) -> tuple[Tensors, torch.Tensor]:
+        """:meth:`compute_gradient` as a pure function: (the gradient, the loss) at ``params``.
+
+        ``loss(params, *batch)`` is one client's mean loss on its mini-batch. The
+        platform calls this under ``torch.func.vmap`` over a cohort's clients, so it
+        may use ``torch.func`` transforms and tensor operations, but no in-place
+        change of its inputs, no ``.item()`` and no Python branch on a tensor's value
+        (``torch.where`` instead).
+        """
+        return grad_and_value(loss)(params, *batch)
+
+    def functional_direction(self, grads: Tensors) -> Tensors:
+        """:meth:`direction` as a pure function of the (clipped) gradient."""
+        return grads
+
+    @classmethod
+    def has_functional_form(cls) -> bool:
+        """Whether both loop hooks have their functional twin defined where they are, or below."""
+        twins = (("compute_gradient", "functional_gradient"), ("direction", "functional_direction"))
+        return all(issubclass(defining_class(cls, twin), defining_class(cls, hook)) for hook, twin in twins)
+
+
+# One client's mini-batch as the functional form sees it: inputs, targets and the
+# examples' weights in its mean loss (1/b for each of its b examples, 0 for padding).
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LossFunction = Callable[..., torch.Tensor]
+
+
+def defining_class(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+
+def l2_norm(tensors: Tensors) -> torch.Tensor:
+    """The L2 norm of named tensors taken together, as a tensor (the functional form's
+    global norm; :func:`dpfl.privacy.clipping.global_l2_norm` is the mechanism's, in float64)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors.values()]))
+
+
+def shifted(params: Tensors, shift: Mapping[str, torch.Tensor]) -> Tensors:
+    """``params`` moved by ``shift`` where it has an entry: :func:`gradient_at_shift`'s point, functionally."""
+    return {name: p + shift[name] if name in shift else p for name, p in params.items()}
 
 
 def gradient_at_shift(model: nn.Module, shift: Mapping[str, torch.Tensor], compute: Callable[[], float]) -> float:

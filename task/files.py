@@ -12,6 +12,14 @@ import torch
 from dpfl.errors import UsageError
 
 
+def cache_dir() -> Path:
+    """Where dpfl keeps what it computes once per machine (pretrained weights, parsed data):
+    ``DPFL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``."""
+    if "DPFL_CACHE_DIR" in os.environ:
+        return Path(os.environ["DPFL_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dpfl"
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write`` on a temporary file beside ``path``, make it durable, then rename it to ``path``.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from dpfl.errors import UsageError
 from dpfl.progress import Progress, no_progress
 from dpfl.task import fractals, rendering, strokes
 from dpfl.task.checkpoint import ModelSpec
-from dpfl.task.files import load_tagged, save_tagged
+from dpfl.task.files import cache_dir, load_tagged, save_tagged
 
 PRETRAINED_FORMAT = "dpfl-pretrained-v1"
 # The synthetic data sets' generators, by the name a recipe or --pretraining gives.
@@ -53,11 +52,6 @@ class PretrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
 
-
-def cache_dir() -> Path:
-    if "DPFL_CACHE_DIR" in os.environ:
-        return Path(os.environ["DPFL_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dpfl"
 
 
 def cache_key(spec: ModelSpec, dataset: str, config: PretrainConfig) -> str:
