@@ -1,15 +1,20 @@
 # Two commands on a fresh machine: `make run` and `make test`. Each creates the venv.
-PYTHON ?= python3.11
-VENV := .venv
+# The newest supported Python on PATH (3.13, 3.12 or 3.11: scripts/find-python); `make PYTHON=python3.12 ...` picks one.
+PYTHON ?= $(shell scripts/find-python)
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast test-docker mutation federation federation-run federation-down federation-flwr clean
+.PHONY: venv run test test-fast test-second-python test-docker mutation federation federation-run federation-down federation-flwr clean
 
 venv: $(STAMP)
 
-# pip, not uv: pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk.
+# pip, not uv: pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk. A venv
+# made by another Python version than $(PYTHON) is made anew.
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no Python 3.11, 3.12 or 3.13 found on PATH; install one, or give make PYTHON=/path/to/python3.X"; exit 2; }
+	@if [ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" != "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then \
+	  echo "$(VENV) was made by another Python than $(PYTHON): making it anew"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -17,8 +22,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/dpfl simulate
 
+# The whole suite, then the fast suite on a second supported Python where the machine has one.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) test-second-python
+
+# The fast suite on another supported Python version than $(VENV)'s, in its own venv
+# (.venv-second), when one is found on PATH or among pyenv's installs (scripts/find-python).
+SECOND_PYTHON ?= $(shell scripts/find-python --other $(PYTHON))
+test-second-python:
+	@if [ -n "$(SECOND_PYTHON)" ]; then $(MAKE) VENV=.venv-second PYTHON=$(SECOND_PYTHON) test-fast; \
+	 else echo "test-second-python: no second Python 3.11-3.13 on this machine; skipped"; fi
 
 # Unit tests only (nothing through a subprocess, Flower or Docker), for the edit-test
 # loop; CI runs `make test`. See docs/testing.md.
@@ -56,4 +70,4 @@ federation-flwr: $(STAMP)
 	$(BIN)/python docker/federation.py flwr $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs build/mutation
+	rm -rf $(VENV) .venv-second runs build/mutation

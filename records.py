@@ -65,7 +65,9 @@ TensorArray.__qualname__ = Array.__qualname__
 
 
 def _tensor_array(values: np.ndarray) -> TensorArray:
-    return TensorArray(torch.from_numpy(values))
+    # Unpickled from another process's buffer (Ray's), the array may be read-only, which
+    # torch warns about wrapping; copied then (TensorArray keeps a copy of its own anyway).
+    return TensorArray(torch.from_numpy(values if values.flags.writeable else values.copy()))
 
 
 @functools.cache

@@ -12,20 +12,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from dpfl.cim.mapping import MAPPINGS
-from dpfl.cim.model import DEPLOY_MODES
-from dpfl.compression.pipeline import METHODS, NORMS
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import ACCOUNTANTS
-from dpfl.privacy.adaptive_clipping import AdaptiveClipping, CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
-from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
-from dpfl.privacy.validation import check_local_dp_supported
-from dpfl.task.data import DATASET_NAMES, PUBLISHED_TRAIN_SIZES
-from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
 from dpfl.task.partition import PARTITION_SCHEMES
-from dpfl.task.pretraining import PRETRAINING_CHOICES
-from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for
-from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
+from dpfl.task.recipes import SERVER_STEP_KEYS, UNSET, recipe_for, recipe_name
+
+# The names validate() checks against live beside torch (models, data sets, the mechanism,
+# compression, crossbars): they are imported there, so that reading a run's settings (every
+# `dpfl` command line) does not import torch.
+
+
+# Vectorised cohorts: where possible (auto), always (on: refused where not possible), never (off).
+COHORT_BATCHING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,14 @@ class RunSettings:
     batch_size: int = 0  # recipe
     weight_decay: float = 1e-3
     grad_clip: float = 10.0
+    # Multi-precision training: local steps also take the forward of the weights quantised
+    # at each of these bits (comma-separated, e.g. "2,4"), for devices of those precisions
+    train_bit_widths: str = ""
+    # Where clients train (auto, cpu, cuda, cuda:N, mps; dpfl.task.devices), and whether the
+    # in-process engine trains a round's clients as one vectorised computation (auto, on, off;
+    # dpfl.client.cohort): auto does wherever the strategy's rule has a functional form
+    device: str = "auto"
+    cohort_batching: str = "auto"
     # How the server applies the released mean update (post-processing, dpfl.task.server_optimizer)
     server_optimizer: str = "auto"  # recipe, by strategy: "sgd", "momentum" or "adam"
     server_lr: float = 0.0  # recipe, by strategy
@@ -103,8 +109,7 @@ class RunSettings:
     deploy_ratio: float = 0.5
     deploy_mapping: str = "mdm"
     deploy_mode: str = "auto"
-    deploy_holdout: float = 0.25
-    deploy_sweep_tiles: str = "64,128,256,512"
+    deploy_sweep_tiles: str = ""  # e.g. "64,128,256,512"; "" = only the node's own tile size
     deploy_node_configs: str = ""
     # Bookkeeping
     seed: int = 0
@@ -136,7 +141,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         unset = [name for name in self._unset() if name not in SERVER_STEP_KEYS]
         if unset:
-            recipe = recipe_for(self.model)
+            recipe = recipe_for(self.model, self.dataset)
             for name in unset:  # frozen: set once, here, as a generated __init__ would
                 object.__setattr__(self, name, getattr(recipe, name))
 
@@ -150,13 +155,13 @@ class RunSettings:
         if not unset:
             return self
         given = None if "server_optimizer" in unset else self.server_optimizer
-        optimizer, lr = recipe_for(self.model).server_step(public_part, given)
+        optimizer, lr = recipe_for(self.model, self.dataset).server_step(public_part, given)
         return replace(self, **{name: value for name, value in zip(SERVER_STEP_KEYS, (optimizer, lr)) if name in unset})
 
     def with_strategy_option_defaults(self, declared: Iterable[str]) -> RunSettings:
         """These settings with the model's recipe defaults for the options a strategy
         ``declared`` and the user did not set appended to ``strategy-options``; idempotent."""
-        defaults = recipe_for(self.model).option_defaults(declared, self.strategy_options)
+        defaults = recipe_for(self.model, self.dataset).option_defaults(declared, self.strategy_options)
         if not defaults:
             return self
         return replace(self, strategy_options=" ".join([*self.strategy_options.split(), *defaults]))
@@ -165,6 +170,14 @@ class RunSettings:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
+        from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
+        from dpfl.privacy.validation import check_local_dp_supported
+        from dpfl.task.data import DATASET_NAMES
+        from dpfl.task.devices import check_device_name
+        from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
+        from dpfl.task.pretraining import PRETRAINING_CHOICES
+        from dpfl.task.server_optimizer import SERVER_OPTIMIZERS
+
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("num-clients", self.num_clients, 1)
         _one_of("model", self.model, MODEL_BUILDERS)
@@ -218,6 +231,8 @@ class RunSettings:
         if self.weight_decay < 0:
             raise UsageError(f"weight-decay must be >= 0, got {self.weight_decay}")
         _positive("grad-clip", self.grad_clip)
+        check_device_name(self.device)
+        _one_of("cohort-batching", self.cohort_batching, COHORT_BATCHING)
         if self.image_size < 0:
             raise UsageError(f"image-size must be >= 0 (0 = the dataset's own), got {self.image_size}")
         _positive("local-noise-multiplier", self.local_noise_multiplier)
@@ -228,8 +243,12 @@ class RunSettings:
         if self.local_dp:
             # Layer types do not depend on the data's shape, so a nominal shape will do.
             check_local_dp_supported(build_model(self.model, 10, 3, 32, 2 * GROUP_NORM_GROUPS), self.model)
+        if self.bit_widths() and self.local_dp:
+            raise UsageError("train-bit-widths cannot be combined with local-dp (one backward pass per DP-SGD step)")
 
     def _validate_adaptive_clipping(self) -> None:
+        from dpfl.privacy.adaptive_clipping import CLIP_MODES, check_adaptive_clipping_supported, check_count_noise
+
         _one_of("clip-mode", self.clip_mode, CLIP_MODES)
         if self.clip_count_noise < 0:
             raise UsageError(f"clip-count-noise must be >= 0 (0 = automatic), got {self.clip_count_noise}")
@@ -241,12 +260,18 @@ class RunSettings:
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""
+        from dpfl.privacy.adaptive_clipping import AdaptiveClipping
+
         if self.clip_mode != "adaptive":
             return None
         return AdaptiveClipping.resolve(self.target_quantile, self.clip_lr, self.clip_count_noise,
                                         self.sample_rate * self.num_clients, noise_multiplier)  # fmt: skip
 
     def _validate_deployment(self) -> None:
+        from dpfl.cim.mapping import MAPPINGS
+        from dpfl.cim.model import DEPLOY_MODES
+        from dpfl.compression.pipeline import METHODS, NORMS
+
         if self.deploy_clients < 0:
             raise UsageError(f"deploy-clients must be >= 0 (0 = every node), got {self.deploy_clients}")
         _one_of("deploy-method", self.deploy_method, METHODS)
@@ -255,14 +280,26 @@ class RunSettings:
         _one_of("deploy-mode", self.deploy_mode, DEPLOY_MODES)
         if not 0 < self.deploy_ratio < 1:
             raise UsageError(f"deploy-ratio must be in (0, 1), got {self.deploy_ratio}")
-        if not 0 < self.deploy_holdout < 1:
-            raise UsageError(f"deploy-holdout must be in (0, 1), got {self.deploy_holdout}")
         self.sweep_tile_sizes()
         # The syntax and who may set each key: each node judges its own values, so one bad node fails alone.
         check_run_config_node_keys(parse_node_configs(self.deploy_node_configs))
 
+    def bit_widths(self) -> tuple[int, ...]:
+        """The weight bits of multi-precision training (``train-bit-widths``; "" = none)."""
+        if not self.train_bit_widths.strip():
+            return ()
+        try:
+            widths = tuple(int(bits) for bits in self.train_bit_widths.split(","))
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) < 1 or max(widths) > 16:
+            raise UsageError(f"train-bit-widths must be comma-separated weight bits in 1..16, got {self.train_bit_widths!r}")
+        return widths
+
     def sweep_tile_sizes(self) -> tuple[int, ...]:
-        """The tile sizes of each node's NF sweep (``deploy-sweep-tiles``)."""
+        """The tile sizes of each node's NF sweep beside its own (``deploy-sweep-tiles``; "" = none)."""
+        if not self.deploy_sweep_tiles.strip():
+            return ()
         try:
             sizes = tuple(int(size) for size in self.deploy_sweep_tiles.split(","))
         except ValueError:
@@ -277,6 +314,8 @@ class RunSettings:
 
         Public by construction: the server never counts the clients' data.
         """
+        from dpfl.task.data import PUBLISHED_TRAIN_SIZES
+
         if self.client_size:
             return self.client_size
         if self.dataset not in PUBLISHED_TRAIN_SIZES:
@@ -374,7 +413,7 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
     ``public_part``: whether the run's strategy has a public part, which picks the
     recipe's server step; None (several strategies) shows both steps.
     """
-    recipe = recipe_for(settings.model)
+    recipe = recipe_for(settings.model, settings.dataset)
     by_strategy = [recipe.values(public_part)] if public_part is not None else [recipe.values(False), recipe.values(True)]
     values, overridden = [], []
     for name in UNSET:
@@ -385,4 +424,4 @@ def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> s
             overridden.append(f"{key}={getattr(settings, name)}")
     if recipe.strategy_option_defaults:
         values.append(f"strategy options {recipe.strategy_option_defaults} (where the strategy has them)")
-    return f"recipe {settings.model}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")
+    return f"recipe {recipe_name(settings.model, settings.dataset)}: {', '.join(values)}" + (f"; overridden: {', '.join(overridden)}" if overridden else "")

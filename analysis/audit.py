@@ -52,13 +52,13 @@ from flwr.clientapp import ClientApp
 from dpfl.client import app as client_module
 from dpfl.client.app import update_reply
 from dpfl.client.data import write_data_file
-from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.engines.simulation import follow_rounds, run_in_process_following
 from dpfl.errors import UsageError
 from dpfl.privacy.audit import STATISTICS, AuditBound, OneShotEstimate, audit_scores, one_shot_estimate
 from dpfl.privacy.mechanism import ClientInstructions, noise_share, privatise_update
 from dpfl.privacy.randomness import Randomness
-from dpfl.server.app import app as server_app
-from dpfl.server.recorder import SUMMARY_FILE
+from dpfl.progress import Progress, no_progress
+from dpfl.server.recorder import METRICS_FILE, SUMMARY_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY
@@ -295,11 +295,13 @@ class InputCanaries:
 
 
 def run_audit(
-    settings: RunSettings, options: AuditOptions, out: Path, canary_reply: CanaryReply = client_level_canary_reply
+    settings: RunSettings, options: AuditOptions, out: Path, canary_reply: CanaryReply = client_level_canary_reply,
+    progress: Progress = no_progress,
 ) -> AuditReport:
     """Run ``settings``' federation with canaries as ``options`` say; write audit.json and audit.png under ``out``.
 
-    ``canary_reply`` is the client half of the mechanism under audit, for gradient canaries.
+    ``canary_reply`` is the client half of the mechanism under audit, for gradient canaries;
+    ``progress`` sees each round.
     """
     options.validate()
     if not get_strategy_class(settings.strategy).private:
@@ -311,24 +313,14 @@ def run_audit(
     canaries = options.canaries_for(sum(t.numel() for t in like.values() if t.is_floating_point()))
     inclusion = Randomness().stream("audit-inclusion").bernoulli(canaries, 0.5)
     included = [canary for canary in range(canaries) if inclusion[canary]]
-    observer = inputs = None
-    if options.threat == "white-box":
-        directions = OrthogonalDirections(like, canaries, settings.seed)
-        observer = WhiteBoxObserver(directions)
-
-        def canary_train(msg: Message, context: Context, canary: int) -> Message:
-            return canary_reply(msg, directions.direction(canary))
-    else:
-        inputs = InputCanaries(settings, canaries, out / CANARY_DIR)
-
-        def canary_train(msg: Message, context: Context, canary: int) -> Message:
-            # The real ClientApp on a node whose only data is the canary's example.
-            return client_module.train(msg, with_node_config(context, {"data-file": str(inputs.files[canary]),
-                                                                       "partition-id": context.node_config["partition-id"]}))  # fmt: skip
-
     federation = CanaryFederation(settings.num_clients, included, canary_train, observer)
-    with flower_log_to(out / FLOWER_LOG):
-        run_in_process(server_app, federation.app, settings.to_run_config(), settings.num_clients + len(included))
+    stage = f"audited run with {len(included)} canaries (rounds)"
+    failure = run_in_process_following(
+        settings, follow_rounds(run_dir / METRICS_FILE, lambda row: progress(stage, row["round"], settings.num_server_rounds)),
+        client=federation.app, num_nodes=settings.num_clients + len(included), log=out / FLOWER_LOG,
+    )  # fmt: skip
+    if failure:
+        raise RuntimeError(f"the audited run failed: {failure}; see {out / FLOWER_LOG}")
     if federation.first_model is None:
         raise RuntimeError(f"the audited run released no model; see {out / FLOWER_LOG}")
     final = load_checkpoint(run_dir / "final_model.pt").state_dict

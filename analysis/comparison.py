@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.client.app import app as client_app
-from dpfl.engines.inprocess import flower_log_to, run_in_process
-from dpfl.plugins import smoke_test_strategy
-from dpfl.server.app import app as server_app
+from dpfl.engines.simulation import follow_rounds, prepare_run, run_in_process_following
+from dpfl.progress import Progress, no_progress
 from dpfl.server.recorder import CONFIG_FILE, METRICS_FILE
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
+
+COMPARISON_FILE = "comparison.json"
+COMPARISON_PLOT = "comparison.png"
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -91,35 +92,43 @@ def plot_comparison(runs: Mapping[str, Sequence[list[dict[str, Any]]]], path: Pa
 def run_comparison(
     base: RunSettings, strategies: list[str], seeds: int, out: Path, option_items: list[str],
     on_run: Callable[[str, int, list[dict[str, Any]]], None] = lambda name, seed, rounds: None,
+    progress: Progress = no_progress,
 ) -> list[dict[str, Any]]:
     """Run every (strategy, seed) on the in-process engine, write comparison.json and
-    comparison.png, return the table rows; ``on_run`` sees each finished run's rounds."""
+    comparison.png, return the table rows; ``on_run`` sees each finished run's rounds,
+    ``progress`` the runs and the rounds of each."""
     plans = {}
     for name in strategies:
         cls = get_strategy_class(name)
         own = " ".join(item for item in option_items if item.partition("=")[0] in cls.options)
-        settings = dataclasses.replace(base, strategy=name, strategy_options=own)
-        smoke_test_strategy(cls, settings, name)
-        plans[name] = settings
+        plans[name] = cls.resolved_settings(dataclasses.replace(base, strategy=name, strategy_options=own))
+        prepare_run(plans[name], progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list] = {}
     labels: dict[str, str] = {}
+    stage = f"runs: {len(plans)} strategies x {seeds} seeds"
     for name, settings in plans.items():
         for seed in range(seeds):
+            progress(stage, sum(map(len, runs.values())), len(plans) * seeds)
             run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-seed{seed}"
             seeded = dataclasses.replace(settings, seed=seed, out_dir=str(run_dir))
-            with flower_log_to(out / "flower.log"):
-                run_in_process(server_app, client_app, seeded.to_run_config(), seeded.num_clients)
+            def on_round(row: dict[str, Any], stage: str = f"{name} seed {seed} (rounds)") -> None:
+                progress(stage, row["round"], settings.num_server_rounds)
+
+            failure = run_in_process_following(seeded, follow_rounds(run_dir / METRICS_FILE, on_round), log=out / "flower.log")
+            if failure:
+                raise RuntimeError(f"{name} seed {seed} failed: {failure}; see {out / 'flower.log'}")
             rounds = read_rounds(run_dir)
             runs.setdefault(name, []).append(rounds)
             labels[name] = privacy_label(run_dir)
             on_run(name, seed, rounds)
+    progress(stage, len(plans) * seeds, len(plans) * seeds)
     rows = summarise(runs, labels)
     title = (
         f"{base.dataset}, {base.model} w{base.model_width}, {base.num_clients} clients, q={base.sample_rate}, "
         f"{base.partition}{f' alpha={base.dirichlet_alpha}' if base.partition == 'dirichlet' else ''}, "
         f"target epsilon {base.target_epsilon} (delta {base.delta:g}), {seeds} seeds"
     )
-    plot_comparison(runs, out / "comparison.png", title)
-    (out / "comparison.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    plot_comparison(runs, out / COMPARISON_PLOT, title)
+    (out / COMPARISON_FILE).write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     return rows

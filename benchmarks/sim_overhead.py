@@ -3,21 +3,28 @@
 For each scale it runs, each as its own process, with one torch thread per process:
   (a) a minimal plain PyTorch loop, written here independently of dpfl's engine, client
       and strategy code: the model, the data, local SGD, clip-and-noise and the mean;
-  (b) `dpfl simulate --engine in-process --workers 1`;
-  (c) `dpfl simulate --engine in-process --workers <usable cores>`;
+  (b) `dpfl simulate --engine in-process --workers 1 --cohort-batching off` (clients one by one);
+  (c) the same with `--workers <usable cores>`;
   (d) `dpfl simulate --engine flower`;
+  (e) `dpfl simulate --engine in-process --workers 1 --cohort-batching on`: each round's
+      clients trained as one vectorised computation (torch.func);
+  (f) the same with `--workers <usable cores>`;
 all DP-FedAvg with the same model, data, partition, local steps, learning-rate schedule,
 clip norm and noise multiplier (σ given, so no run spends time calibrating it). It prints
 each command's wall time (start-up included), the run's own time (from its records, or the
-loop's), the peak RSS and PSS summed over the command's process tree, the final accuracy,
-and the ratios to (a).
+loop's), the median round time, the CPU time of the command's process tree, the peak RSS
+and PSS summed over that tree, the final accuracy, and the ratios to (a).
 
 Scales (client-size sets a client's local steps, K = ⌈size/batch⌉; the data is each
-client's partition of the bundled digits, cycled):
-  10x600   10 clients × 600 samples, every client every round, 5 rounds, ResNet-10 w8
-  50x120   50 clients × 120 samples (the same data per round), 5 rounds, ResNet-10 w8
-  default  the default federation: 400 clients, q = 0.25, 40 rounds, ResNet-10 w8
-  1000x20  1000 clients × 20 samples, q = 0.25, 3 rounds, the small CNN: memory
+client's partition of the data set, cycled):
+  10x600   10 clients × 600 samples, every client every round, 5 rounds, ResNet-10 w8, digits
+  50x120   50 clients × 120 samples (the same data per round), 5 rounds, ResNet-10 w8, digits
+  default  the default federation: 400 clients, q = 0.25, 40 rounds, ResNet-10 w8, digits
+  1000x20  1000 clients × 20 samples, q = 0.25, 3 rounds, the small CNN, digits: memory
+  mnist5k  400 clients of mnist5k (10 real 28x28 digits each), q = 0.25, 10 rounds, ResNet-10 w8
+  1k-fake  1,000 clients of fakedata (batch 2), q = 0.1, 5 rounds, the small CNN: 100 clients a round
+  10k-fake 10,000 clients of fakedata (2 images each, batch 2), q = 0.01, 5 rounds, the small
+           CNN: the same 100 clients a round as 1k-fake, so its round time should not grow
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/sim_overhead.py [--scales ...] [--engines ...] [--repeat N]
 """
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +58,8 @@ class Scale:
     rounds: int
     model: str
     width: int
+    dataset: str = "digits"
+    batch_size: int = 0  # 0: the model's recipe
 
 
 SCALES = {
@@ -56,12 +67,18 @@ SCALES = {
     "50x120": Scale(50, 120, 1.0, 5, "resnet10", 8),
     "default": Scale(400, 0, 0.25, 40, "resnet10", 8),
     "1000x20": Scale(1000, 20, 0.25, 3, "cnn", 8),
+    "mnist5k": Scale(400, 0, 0.25, 10, "resnet10", 8, "mnist5k"),
+    "1k-fake": Scale(1000, 2, 0.1, 5, "cnn", 8, "fakedata", batch_size=2),
+    "10k-fake": Scale(10_000, 2, 0.01, 5, "cnn", 8, "fakedata", batch_size=2),
 }
+CORES = len(os.sched_getaffinity(0))
 ENGINES = {
     "plain": "(a) plain loop",
     "in-process-1": "(b) in-process, 1 worker",
-    "in-process-n": f"(c) in-process, {len(os.sched_getaffinity(0))} workers",
+    "in-process-n": f"(c) in-process, {CORES} workers",
     "flower": "(d) Flower engine",
+    "cohort-1": "(e) cohorts, 1 worker",
+    "cohort-n": f"(f) cohorts, {CORES} workers",
 }
 
 
@@ -78,9 +95,9 @@ def plain_loop(scale: Scale) -> dict:
     start = time.perf_counter()
     # The recipe's hyper-parameters, the data and the model are shared with dpfl; the loop is not.
     settings = RunSettings(num_clients=scale.clients, client_size=scale.client_size, model=scale.model,
-                           model_width=scale.width)  # fmt: skip
+                           model_width=scale.width, dataset=scale.dataset, batch_size=scale.batch_size)  # fmt: skip
     steps, clip, lr0 = settings.local_steps(), settings.clip_norm, settings.lr
-    data = load_dataset("digits")
+    data = load_dataset(scale.dataset)
     x_train, y_train = data.train.tensors
     x_test, y_test = data.test.tensors
     parts = [torch.from_numpy(p) for p in partition_indices(data.train_labels, scale.clients, "iid", seed=0)]
@@ -94,8 +111,9 @@ def plain_loop(scale: Scale) -> dict:
             for idx in part[torch.randperm(len(part), generator=generator)].split(settings.batch_size):
                 yield x_train[idx], y_train[idx]
 
-    accuracy = 0.0
+    accuracy, round_times = 0.0, []
     for server_round in range(1, scale.rounds + 1):
+        round_start = time.perf_counter()
         lr = lr0 * settings.lr_decay**server_round
         sampled = (torch.rand(scale.clients, generator=generator) < scale.sample_rate).nonzero().flatten()
         total = {name: torch.zeros_like(t) for name, t in weights.items()}
@@ -124,29 +142,36 @@ def plain_loop(scale: Scale) -> dict:
         with torch.no_grad():
             accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
         model.train()
-    return {"run-time": time.perf_counter() - start, "accuracy": accuracy}
+        round_times.append(time.perf_counter() - round_start)
+    return {"run-time": time.perf_counter() - start, "accuracy": accuracy, "round-time": statistics.median(round_times)}
 
 
 def dpfl_command(scale: Scale, engine: str, out: Path) -> list[str]:
     engine_args = {
-        "in-process-1": ["--engine", "in-process", "--workers", "1"],
-        "in-process-n": ["--engine", "in-process", "--workers", str(len(os.sched_getaffinity(0)))],
+        "in-process-1": ["--engine", "in-process", "--workers", "1", "--cohort-batching", "off"],
+        "in-process-n": ["--engine", "in-process", "--workers", str(CORES), "--cohort-batching", "off"],
         "flower": ["--engine", "flower"],
+        "cohort-1": ["--engine", "in-process", "--workers", "1", "--cohort-batching", "on"],
+        "cohort-n": ["--engine", "in-process", "--workers", str(CORES), "--cohort-batching", "on"],
     }[engine]
     return [DPFL, "simulate", "--strategy", "dp-fedavg", "--model", scale.model, "--width", str(scale.width),
-            "--clients", str(scale.clients), "--client-size", str(scale.client_size),
-            "--sample-rate", str(scale.sample_rate), "--rounds", str(scale.rounds),
+            "--dataset", scale.dataset, "--clients", str(scale.clients), "--client-size", str(scale.client_size),
+            *(["--batch-size", str(scale.batch_size)] if scale.batch_size else []),
+            "--sample-rate", str(scale.sample_rate), "--rounds", str(scale.rounds), "--device", "cpu",
             "--noise-multiplier", str(NOISE_MULTIPLIER), "--max-epsilon", "0", *engine_args, "--out", str(out)]  # fmt: skip
 
 
-def measure(command: list[str]) -> tuple[float, float, float, str]:
-    """Wall time, peak RSS and peak PSS (GiB) summed over the process tree, and stdout of ``command``.
+def measure(command: list[str]) -> tuple[float, float, float, float, str]:
+    """Wall time, CPU time, peak RSS and peak PSS (GiB) summed over the process tree, and
+    stdout of ``command``. The CPU time counts every process of the tree that was waited for
+    (the in-process engine's workers; not the Ray processes Flower's engine leaves behind).
 
     RSS counts a page shared by several processes (the in-process engine's forked
     workers share their parent's) once per process; PSS splits it between them, so
     its sum is the memory the tree really holds.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak_rss, peak_pss, done = 0.0, 0.0, threading.Event()
@@ -171,18 +196,23 @@ def measure(command: list[str]) -> tuple[float, float, float, str]:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    return elapsed, peak_rss, peak_pss, output
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu, peak_rss, peak_pss, output
 
 
 def run_engine(scale: Scale, engine: str, tmp: Path) -> dict:
     if engine == "plain":
         command = [sys.executable, __file__, "--plain-loop", json.dumps(asdict(scale))]
-        wall, rss, pss, output = measure(command)
-        return {"wall": wall, "rss": rss, "pss": pss, **json.loads(output.strip().splitlines()[-1])}
+        wall, cpu, rss, pss, output = measure(command)
+        return {"wall": wall, "cpu": cpu, "rss": rss, "pss": pss, **json.loads(output.strip().splitlines()[-1])}
     out = tmp / f"{engine}-{time.monotonic_ns()}"
-    wall, rss, pss, _ = measure(dpfl_command(scale, engine, out))
+    wall, cpu, rss, pss, _ = measure(dpfl_command(scale, engine, out))
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall": wall, "rss": rss, "pss": pss, "run-time": summary["wall-time"], "accuracy": summary["final-accuracy"]}
+    # Timings are server-private (a round's duration grows with its cohort), read from there.
+    rounds = [json.loads(line) for line in (out / "server_private_diagnostics.jsonl").read_text().splitlines()]
+    return {"wall": wall, "cpu": cpu, "rss": rss, "pss": pss, "run-time": rounds[-1]["wall-time"],
+            "round-time": statistics.median(row["round-time"] for row in rounds), "accuracy": summary["final-accuracy"]}
 
 
 def main() -> None:
@@ -199,15 +229,16 @@ def main() -> None:
         print(json.dumps(plain_loop(Scale(**json.loads(args.plain_loop)))))
         return
     engines = ["plain", *[engine for engine in args.engines if engine != "plain"]]
-    print(f"DP-FedAvg on digits, sigma {NOISE_MULTIPLIER}, one torch thread per process, "
-          f"{len(os.sched_getaffinity(0))} usable cores")  # fmt: skip
+    print(f"DP-FedAvg, sigma {NOISE_MULTIPLIER}, one torch thread per process, {CORES} usable cores, "
+          f"load average {os.getloadavg()[0]:.2f} at the start")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scales:
             scale = SCALES[name]
-            print(f"\n{name}: {scale.clients} clients, client-size {scale.client_size or 'default'}, "
-                  f"q={scale.sample_rate}, {scale.rounds} rounds, {scale.model} w{scale.width}")  # fmt: skip
-            print(f"  {'':28} {'wall s':>7} {'run s':>7} {'RSS GiB':>8} {'PSS GiB':>8} {'accuracy':>9} "
-                  f"{'wall/(a)':>9} {'run/(a)':>8} {'PSS/(a)':>8}")  # fmt: skip
+            print(f"\n{name}: {scale.clients} clients of {scale.dataset}, client-size {scale.client_size or 'default'}, "
+                  f"q={scale.sample_rate}, {scale.rounds} rounds, {scale.model} w{scale.width}, "
+                  f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+            print(f"  {'':28} {'wall s':>7} {'run s':>7} {'round s':>8} {'CPU s':>7} {'RSS GiB':>8} {'PSS GiB':>8} "
+                  f"{'accuracy':>9} {'run/(a)':>8} {'CPU/(a)':>8} {'PSS/(a)':>8}")  # fmt: skip
             # Rounds of every engine in turn, each engine's fastest kept: on a shared machine
             # the load changes between measurements, and it only ever slows one down.
             best: dict[str, dict] = {}
@@ -218,9 +249,10 @@ def main() -> None:
                         best[engine] = result
             baseline = best["plain"]
             for engine, result in best.items():
-                print(f"  {ENGINES[engine]:28} {result['wall']:7.1f} {result['run-time']:7.1f} {result['rss']:8.2f} "
-                      f"{result['pss']:8.2f} {result['accuracy']:9.4f} {result['wall'] / baseline['wall']:8.2f}x "
-                      f"{result['run-time'] / baseline['run-time']:7.2f}x {result['pss'] / baseline['pss']:7.2f}x",
+                print(f"  {ENGINES[engine]:28} {result['wall']:7.1f} {result['run-time']:7.1f} "
+                      f"{result['round-time']:8.3f} {result['cpu']:7.1f} {result['rss']:8.2f} {result['pss']:8.2f} "
+                      f"{result['accuracy']:9.4f} {result['run-time'] / baseline['run-time']:7.2f}x "
+                      f"{result['cpu'] / baseline['cpu']:7.2f}x {result['pss'] / baseline['pss']:7.2f}x",
                       flush=True)  # fmt: skip
 
 

@@ -37,9 +37,9 @@ class CrossbarDevice:
     r_bitline: float = 1.0  # wire resistance per bitline segment (0 = ideal wire)
     read_voltage: float = 0.2  # voltage of an active input bit
     weight_bits: int = 8  # magnitude bits; the sign is the differential column pair
-    bits_per_cell: int = 1
-    activation_bits: int = 8  # applied bit-serially, one binary bit-plane per read cycle
-    adc_bits: int | None = None  # None = ideal sense amplifier / ADC
+    bits_per_cell: int = 1  # cells per weight: weight_bits / bits_per_cell, rounded up
+    activation_bits: int = 8  # input (DAC) bits, applied bit-serially, one binary bit-plane per read cycle
+    adc_bits: int | None = None  # output (ADC) bits per column read; None = ideal sense amplifier / ADC
     # Programming noise: per-cell Gaussian conductance error drawn once per programmed
     # tile, standard deviation programming_noise x the cell's target conductance
     # ("proportional", level-dependent) or x G_on ("independent" of the level).
@@ -67,15 +67,14 @@ class CrossbarDevice:
             raise UsageError(
                 f"weight bits ({self.weight_bits}) and activation bits ({self.activation_bits}) must be >= 1"
             )
-        if self.bits_per_cell < 1 or self.weight_bits % self.bits_per_cell:
-            raise UsageError(
-                f"bits per cell {self.bits_per_cell} must be >= 1 and divide the weight bits {self.weight_bits}"
-            )
+        if self.bits_per_cell < 1:
+            raise UsageError(f"bits per cell must be >= 1, got {self.bits_per_cell}")
         if self.tile_size < self.columns_per_weight:
             raise UsageError(
                 f"tile size {self.tile_size} does not fit one {self.weight_bits}-bit signed weight "
-                f"({self.columns_per_weight} columns: {self.cells_per_weight} cells x 2 for the sign); "
-                f"use a tile of at least {self.columns_per_weight}"
+                f"({self.columns_per_weight} columns: {self.cells_per_weight} cells of {self.bits_per_cell} bit(s) x 2 "
+                f"for the sign); it holds at most {self.max_weight_bits} weight bits, or use a tile of at least "
+                f"{self.columns_per_weight}"
             )
         for name in ("r_on", "r_off", "read_voltage"):
             value = getattr(self, name)
@@ -145,7 +144,39 @@ class CrossbarDevice:
 
     @property
     def cells_per_weight(self) -> int:
-        return self.weight_bits // self.bits_per_cell
+        """Slices of one weight magnitude; the most significant one holds the remaining
+        bits when bits_per_cell does not divide weight_bits (6 bits on 4-bit cells: 4 + 2)."""
+        return -(-self.weight_bits // self.bits_per_cell)
+
+    @property
+    def max_weight_bits(self) -> int:
+        """The most magnitude bits one signed weight can have on this tile: half its
+        columns (the other half is the sign's pair) times the bits of a cell."""
+        return self.tile_size // 2 * self.bits_per_cell
+
+    @property
+    def adc_bits_needed(self) -> int:
+        """ADC resolution that tells every column sum apart: its step (full scale, every
+        cell of the column at G_on, over 2^bits - 1 steps, :mod:`dpfl.cim.nonideal`) is
+        at most one cell level, (G_on - G_off) / cell_levels at the read voltage, so sums
+        one level apart land on different codes. Nearly ISAAC's rule for bit-serial
+        inputs, log2(rows · cell_levels + 1) (Shafiee et al., ISCA 2016); the G_off
+        offset makes a level slightly smaller than G_on / cell_levels."""
+        levels_in_full_scale = self.tile_size * self.cell_levels * self.g_on / (self.g_on - self.g_off)
+        return math.ceil(math.log2(levels_in_full_scale + 1))
+
+    def check_precision(self) -> None:
+        """One-line UsageError unless the device reads back every bit a deployment
+        stores: weights at ``weight_bits`` (checked on construction: the tile holds the
+        slices) read through an ADC fine enough for the column sum. A coarser ADC
+        merges sums that differ in the weights' least significant levels; it remains
+        a device non-ideality for studies of the converter (:mod:`dpfl.cim.nonideal`)."""
+        if self.adc_bits is not None and self.adc_bits < self.adc_bits_needed:
+            raise UsageError(
+                f"adc_bits {self.adc_bits} is too coarse for the sum of a {self.tile_size}-row column of "
+                f"{self.bits_per_cell}-bit cells (0 to {self.tile_size * self.cell_levels} cell levels): this device "
+                f"needs adc_bits >= {self.adc_bits_needed}, or an ideal ADC"
+            )
 
     @property
     def columns_per_weight(self) -> int:

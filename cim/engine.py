@@ -180,24 +180,35 @@ def _bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x[None] >> torch.arange(bits)[:, None, None]) & 1
 
 
+def _signed_parts(x: torch.Tensor):
+    """(sign, magnitudes) of signed integer inputs (N, K): the positive part, then the
+    negative part as a second pass (a part that is all zero is skipped)."""
+    for sign, part in ((1.0, x.clamp_min(0)), (-1.0, (-x).clamp_min(0))):
+        if part.any():
+            yield sign, part
+
+
+def _tile_planes(tile: Tile, part: torch.Tensor, bits: int) -> torch.Tensor:
+    """Binary planes (bits·N, used rows) of non-negative inputs (N, K) on the tile's rows."""
+    return _bit_planes(part[:, tile.row_input[tile.used_rows]], bits).reshape(-1, tile.used_rows.numel())
+
+
 def simulate_matmul(
     tiles: list[Tile], x: torch.Tensor, num_outputs: int, device: CrossbarDevice,
-    dtype: torch.dtype = SIMULATION_DTYPE, cell_loss: dict[int, CellLoss] | None = None,
-    generator: torch.Generator | None = None, transfers: list[torch.Tensor] | None = None,
-    solve_every_read: bool = False, measure_nf: bool = True,
+    dtype: torch.dtype = SIMULATION_DTYPE, generator: torch.Generator | None = None,
+    transfers: list[torch.Tensor] | None = None, solve_every_read: bool = False, measure_nf: bool = True,
 ) -> tuple[torch.Tensor, Distortion]:
     """Analog ``x · Qᵀ`` (N, num_outputs) of signed integer inputs (N, K) on ``tiles``.
 
     Negative inputs are a second pass with the magnitudes of the negative part,
-    subtracted digitally. Identical bit-planes are read once when each is solved, not
-    if the device has read noise (every read differs; ``generator`` draws it), nor
-    through given ``transfers`` (a matrix product costs less than finding the
-    duplicates). ``measure_nf=False`` skips the NF (the returned Distortion is empty)
-    for inference, which needs only the outputs. Reads go through the
+    subtracted digitally. Identical bit-planes are read once, so NF pools over the
+    distinct reads of each tile; not if the device has read noise (every read differs;
+    ``generator`` draws it), nor for inference through given ``transfers`` (a matrix
+    product costs less than finding the duplicates). ``measure_nf=False`` skips the NF
+    (the returned Distortion is empty) for inference, which needs only the outputs. Reads go through the
     tiles' transfer matrices (``transfers``, or computed here when that costs less
     than solving the tile's distinct planes), else each is solved; ``solve_every_read``
-    forces the latter (benchmarks, cross-checks). ``cell_loss`` maps tile indices to accumulators
-    of the current each cell of that tile loses (per-read solves).
+    forces the latter (benchmarks, cross-checks).
     """
     if device.read_noise and transfers is not None:
         raise ValueError("transfer matrices cannot carry read noise: every read has its own conductances")
@@ -205,17 +216,14 @@ def simulate_matmul(
     result = torch.zeros(x.shape[0], num_outputs, dtype=torch.float64)
     distortion = Distortion()
     significance = 2.0 ** torch.arange(bits, dtype=torch.float64)
-    for sign, part in ((1.0, x.clamp_min(0)), (-1.0, (-x).clamp_min(0))):
-        if not part.any():
-            continue
+    for sign, part in _signed_parts(x):
         for index, tile in enumerate(tiles):
-            planes = _bit_planes(part[:, tile.row_input[tile.used_rows]], bits).reshape(-1, tile.used_rows.numel())
-            if device.read_noise or transfers is not None:
+            planes = _tile_planes(tile, part, bits)
+            if device.read_noise or (transfers is not None and not measure_nf):
                 unique, inverse = planes, None
             else:
                 unique, inverse = torch.unique(planes, dim=0, return_inverse=True)
-            loss = None if cell_loss is None else cell_loss.get(index)
-            solve = solve_every_read or device.read_noise or loss is not None
+            solve = solve_every_read or device.read_noise
             if transfers is None and not solve:
                 # Solve the distinct reads, or build the transfer matrix: whichever costs less.
                 per_read, direct = _solve_costs(tile, device, dtype)
@@ -226,12 +234,36 @@ def simulate_matmul(
                 real = unique.double() @ transfer
                 ideal = unique.double() @ ideal_rows if measure_nf else None
             else:
-                real, ideal = _read_cycles(tile, unique, device, dtype, loss, generator)
+                real, ideal = _read_cycles(tile, unique, device, dtype, generator=generator)
             outputs, tile_distortion = _decode_cycles(tile, real, ideal if measure_nf else None, device, num_outputs)
             per_plane = (outputs if inverse is None else outputs[inverse]).reshape(bits, x.shape[0], num_outputs)
             result += sign * torch.einsum("b,bno->no", significance, per_plane)
             distortion.add(tile_distortion)
     return result, distortion
+
+
+def cell_current_loss(
+    tile: Tile, x: torch.Tensor, device: CrossbarDevice, generator: torch.Generator | None = None,
+    dtype: torch.dtype = SIMULATION_DTYPE,
+) -> CellLoss:
+    """Current each cell of ``tile`` loses to parasitics over the read cycles of signed
+    integer inputs (N, K), as :func:`simulate_matmul` reads them (distinct bit-planes
+    once, unless under read noise). The crossbar is linear, so the loss summed over
+    reads is the loss of the reads' summed voltages: one solve instead of one per read.
+    Under read noise every read has conductances of its own, so each is solved."""
+    loss = CellLoss(torch.zeros_like(tile.conductance))
+    for _, part in _signed_parts(x):
+        planes = _tile_planes(tile, part, device.activation_bits)
+        if device.read_noise:
+            _read_cycles(tile, planes, device, dtype, loss, generator)
+            continue
+        unique = torch.unique(planes, dim=0)
+        voltages = _tile_voltages(tile, unique.sum(0, keepdim=True), device, dtype)
+        conductance = tile.conductance.to(dtype)
+        real = solve_fixed_point(conductance, voltages, device.r_wordline, device.r_bitline)
+        loss.total += (ideal_cell_currents(conductance, voltages) - real)[0].double()
+        loss.cycles += unique.shape[0]
+    return loss
 
 
 def attenuation_map(
@@ -313,6 +345,7 @@ def bit_serial_variance(x: torch.Tensor, per_read: torch.Tensor, bits: int) -> t
 
 
 __all__ = [
-    "TRANSFER_METHODS", "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "effective_weights",
+    "TRANSFER_METHODS", "CellLoss", "Distortion", "attenuation_map", "bit_serial_variance", "cell_current_loss",
+    "effective_weights",
     "read_noise_variance", "simulate_matmul", "transfer_matrix", "transfer_weights",
 ]

@@ -31,6 +31,19 @@ Where things sit is the mapping:
   adjacent so that the off-state currents of their two columns see the same wires
   and still cancel.
 
+* ``gf-mdm`` (gain-free MDM, this project's): what costs accuracy is the distortion a
+  GroupNorm after the layer cannot divide out, the part left after the best common
+  gain (the gain-free error, :func:`dpfl.cim.metrics.relative_errors`), not the size
+  of the loss. Currents cause the wire drops, significance decides what a drop
+  costs. Along a wordline the voltage falls fastest next to the driver and hardly at
+  the far end, where every column loses about the same share: a common gain. So the
+  pairs with the most significance-weighted current (the sparse, most significant
+  slices of bell-shaped weights) go farthest from the drivers, the light, dense
+  low-order pairs next to them (as MDM does, by slice). Rows keep sw-MDM's order:
+  the most significance-weighted current nearest the sense amplifiers, where the
+  bitline drop is smallest. (Measured on a trained ResNet-10, docs/cim.md: the
+  order that lowers the gain-free error most among the sortings tried.)
+
 A row permutation is applied to the input vector too, so mapping never changes the
 ideal result; only the parasitic distortion differs. Programming a tile realises its
 target conductances on the device (:func:`dpfl.cim.nonideal.program`): programming
@@ -47,7 +60,7 @@ from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.nonideal import compensation_factor, program
 from dpfl.errors import UsageError
 
-MAPPINGS = ("naive", "mdm", "sw-mdm")
+MAPPINGS = ("naive", "mdm", "sw-mdm", "gf-mdm")
 
 
 def quantise_weights(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +173,15 @@ def _layout_tile(
     significance = 2.0 ** (pair_slice * device.bits_per_cell).double()
     # Expected current of each cell in level units (sw-mdm weighs it by its significance).
     expected = pair_levels.double() * density[:, None, None]
+    pair_load = expected.sum((0, 2)) * significance
     if mapping == "naive":  # most significant slice first, next to the drivers
         pair_order = torch.argsort(-pair_slice, stable=True)
     elif mapping == "mdm":  # least significant (densest) slice first
         pair_order = torch.arange(slices * n_out)
-    else:  # the pairs carrying the most significance-weighted current first
-        pair_order = torch.argsort((expected.sum((0, 2)) * significance), descending=True, stable=True)
+    elif mapping == "sw-mdm":  # the pairs carrying the most significance-weighted current first
+        pair_order = torch.argsort(pair_load, descending=True, stable=True)
+    else:  # gf-mdm: the pairs carrying the most significance-weighted current last, at the flat far end
+        pair_order = torch.argsort(pair_load, stable=True)
     logical = pair_levels[:, pair_order].reshape(n_rows, -1)  # columns: (pair in placement order, sign)
     used_columns = logical.shape[1]
 
@@ -176,7 +192,7 @@ def _layout_tile(
     else:
         if mapping == "mdm":
             cost = (logical > 0).sum(1).double() * density
-        else:
+        else:  # sw-mdm, gf-mdm
             cost = (expected.sum(2) * significance).sum(1)
         # Stable ascending sort, then bottom-aligned: the largest cost sits in the last
         # row, next to the sense amplifiers; unused rows (cost 0) fill the top.

@@ -19,9 +19,9 @@ from scipy import stats
 from torch import nn
 
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.engine import CellLoss, Distortion, simulate_matmul
+from dpfl.cim.engine import Distortion, cell_current_loss, simulate_matmul
 from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
-from dpfl.cim.model import DeviceGenerators, LayerCalibration, mappable_layers, weight_matrix
+from dpfl.cim.model import CrossbarLayer, DeviceGenerators, LayerCalibration, crossbar_layers, mappable_layers, weight_matrix
 
 
 @dataclass
@@ -77,12 +77,16 @@ def relative_errors(analog: torch.Tensor, exact: torch.Tensor) -> tuple[float, f
 
 def _layer_distortion(
     layer: nn.Module, statistics: LayerCalibration, device: CrossbarDevice, mapping: str,
-    generators: DeviceGenerators, cell_loss: dict[int, CellLoss] | None = None,
+    generators: DeviceGenerators, crossbar: CrossbarLayer | None = None,
 ) -> tuple[int, Distortion, tuple[float, float]]:
-    q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
-    tiles = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
+    if crossbar is not None and crossbar.transfers is not None:
+        q, tiles, transfers = crossbar.q, crossbar.tiles, crossbar.transfers
+    else:
+        q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
+        tiles = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
+        transfers = None
     analog, distortion = simulate_matmul(
-        tiles, statistics.sample, q.shape[0], device, cell_loss=cell_loss, generator=generators.read
+        tiles, statistics.sample, q.shape[0], device, generator=generators.read, transfers=transfers
     )
     exact = statistics.sample.double() @ q.T.double()
     return len(tiles), distortion, relative_errors(analog, exact)
@@ -90,16 +94,24 @@ def _layer_distortion(
 
 def model_distortion(
     model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice, mapping: str,
-    seed: int = 0,
+    seed: int = 0, analog: nn.Module | None = None,
 ) -> ModelDistortion:
     """NF, output error and gain-free output error (:func:`relative_errors`) of every
     layer on its sampled calibration inputs, on the device instance of ``seed`` (the
-    same tiles ``to_crossbars`` programs with it); the model's errors are layer means."""
+    same tiles ``to_crossbars`` programs with it); the model's errors are layer means.
+
+    ``analog``, the ``to_crossbars`` model of this device, mapping and seed, lends its
+    tiles and, in exact mode, their transfer matrices: the reads are then products
+    with matrices already built (equal to solving each read, to the solver's float32
+    rounding) instead of programming and solving the layers again."""
     generators = DeviceGenerators.from_seed(seed)
+    crossbars = {} if analog is None else crossbar_layers(analog)
     pooled = Distortion()
     layers = []
     for name, layer in mappable_layers(model).items():
-        tiles, distortion, (error, gain_free) = _layer_distortion(layer, statistics[name], device, mapping, generators)
+        tiles, distortion, (error, gain_free) = _layer_distortion(
+            layer, statistics[name], device, mapping, generators, crossbars.get(name)
+        )
         pooled.add(distortion)
         layers.append(LayerDistortion(name, tiles, distortion.nf, error, gain_free))
     mean_error = sum(layer.output_error for layer in layers) / len(layers)
@@ -109,16 +121,18 @@ def model_distortion(
 
 def tile_current_loss(
     model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice, layer_name: str,
-    seed: int = 0,
+    seed: int = 0, mappings: tuple[str, ...] = MAPPINGS,
 ) -> dict[str, torch.Tensor]:
     """Mean current lost per cell and read cycle in the first tile of ``layer_name``,
-    for each mapping (the same weights and inputs, placed differently)."""
+    for each of ``mappings`` (the same weights and inputs, placed differently)."""
     layer = mappable_layers(model)[layer_name]
+    q, _ = quantise_weights(weight_matrix(layer), device.weight_bits)
+    layer_statistics = statistics[layer_name]
     losses = {}
-    for mapping in MAPPINGS:
-        loss = {0: CellLoss(torch.zeros(device.tile_size, device.tile_size, dtype=torch.float64))}
-        _layer_distortion(layer, statistics[layer_name], device, mapping, DeviceGenerators.from_seed(seed), loss)
-        losses[mapping] = loss[0].mean
+    for mapping in mappings:
+        generators = DeviceGenerators.from_seed(seed)
+        tile = map_matrix(q, device, mapping, layer_statistics.row_density, generators.programming)[0]
+        losses[mapping] = cell_current_loss(tile, layer_statistics.sample, device, generators.read).mean
     return losses
 
 

@@ -99,6 +99,7 @@ class LayerCalibration:
     scale: float  # step of the integer activation grid
     row_density: torch.Tensor  # (K,) how often each input bit is 1 over all bit-planes
     sample: torch.Tensor  # (S, K) integer input vectors kept for distortion reports
+    mean: torch.Tensor  # (K,) float64: the mean input, for weight bias correction
 
 
 def quantise_activations(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
@@ -123,7 +124,9 @@ def calibrate(
         shifts = torch.arange(bits)
         density = ((integers[:, :, None] >> shifts) & 1).double().mean(dim=(0, 2))
         pick = torch.randperm(integers.shape[0], generator=generator)[:sample_size]
-        statistics[name] = LayerCalibration(scale, density, quantise_activations(patches[pick], scale, bits))
+        statistics[name] = LayerCalibration(
+            scale, density, quantise_activations(patches[pick], scale, bits), patches.double().mean(0)
+        )
     return statistics
 
 
@@ -169,7 +172,8 @@ class CrossbarLayer(nn.Module):
         self.layer, self.device, self.mode = layer, device, mode
         self.read_generator = generators.read
         self.input_scale = statistics.scale
-        q, self.weight_step = quantise_weights(weight_matrix(layer), device.weight_bits)
+        weights = weight_matrix(layer)
+        q, self.weight_step = quantise_weights(weights, device.weight_bits)
         self.q = q
         self.read_variance = self.transfers = self.effective = None
         self.tiles: list[Tile] = map_matrix(q, device, mapping, statistics.row_density, generators.programming)
@@ -187,6 +191,30 @@ class CrossbarLayer(nn.Module):
             self.effective = effective_weights(self.tiles, attenuation, q.shape[0], q.shape[1], device)
             if device.read_noise:
                 self.read_variance = read_noise_variance(self.tiles, attenuation, q.shape[0], q.shape[1], device)
+        self.bias_correction = self._bias_correction(weights, statistics.mean)
+        self.correct_bias = False
+
+    def _bias_correction(self, weights: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
+        """Weight bias correction (:func:`set_bias_correction`): per output channel, the
+        expected error of the weights the device realises, A = step · (its effective
+        integer weights: Q on ideal crossbars, the transfer-matrix weights of the wires
+        and the programmed cells in exact mode, the attenuated ones in fast mode),
+        against W scaled by the layer's best gain g = <A, W> / <A, A> (A x is about
+        W x / g), which a following GroupNorm divides out: with the layer's bias b,
+        c = (W E[x] + b) / g - A E[x] - b, so that E[A x + c + b] = E[W x + b] / g and the
+        mean output scales as the signal does. On ideal crossbars g is about 1 and c the
+        quantisation error (W - step·Q) E[x]."""
+        if self.effective is not None:
+            realised = self.effective
+        elif self.transfers is not None:  # with an ADC: its linear part, the reads before conversion
+            realised = transfer_weights(self.tiles, self.transfers, *self.q.shape)
+        else:  # read noise in exact mode: every read differs; the quantisation error alone
+            realised = self.q.double()
+        applied = realised * self.weight_step[:, None]
+        power = float((applied * applied).sum())
+        gain = float((applied * weights).sum()) / power if power > 0 else 1.0
+        bias = 0.0 if self.layer.bias is None else self.layer.bias.detach().double()
+        return (weights @ mean_input + bias) / gain - applied @ mean_input - bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -202,7 +230,10 @@ class CrossbarLayer(nn.Module):
                 variance = bit_serial_variance(integers, self.read_variance, self.device.activation_bits)
                 noise = torch.randn(products.shape, generator=self.read_generator, dtype=torch.float64)
                 products = products + noise * variance.sqrt()
-        y = (products * self.weight_step * self.input_scale).to(x.dtype)
+        y = products * self.weight_step * self.input_scale
+        if self.correct_bias:
+            y = y + self.bias_correction
+        y = y.to(x.dtype)
         if layer.bias is not None:
             y = y + layer.bias
         if isinstance(layer, nn.Linear):
@@ -222,21 +253,46 @@ def _conv_output_size(conv: nn.Conv2d, size: torch.Size) -> tuple[int, int]:
 
 def to_crossbars(
     model: nn.Module, statistics: dict[str, LayerCalibration], device: CrossbarDevice,
-    mapping: str, mode: str, seed: int = 0,
+    mapping: str, mode: str, seed: int = 0, bias_correction: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose Conv2d/Linear layers run on crossbars (``mode``:
     ``fast``, ``exact``, or ``ideal`` for the quantised digital reference); ``seed``
-    fixes the device instance (:class:`DeviceGenerators`)."""
+    fixes the device instance (:class:`DeviceGenerators`); ``bias_correction`` folds
+    each layer's expected weight-quantisation error into its bias (:func:`set_bias_correction`)."""
     analog = copy.deepcopy(model).eval()
     generators = DeviceGenerators.from_seed(seed)
     for name, layer in mappable_layers(analog).items():
         replacement = CrossbarLayer(layer, statistics[name], device, mapping, mode, generators)
         if not name:  # the model is a single layer
-            return replacement
+            analog = replacement
+            break
         parent_name, _, attribute = name.rpartition(".")
         setattr(analog.get_submodule(parent_name), attribute, replacement)
+    return set_bias_correction(analog, bias_correction)
+
+
+def crossbar_layers(analog: nn.Module) -> dict[str, CrossbarLayer]:
+    """The :class:`CrossbarLayer` modules of a :func:`to_crossbars` model, by the name of
+    the layer each replaced."""
+    return {name: module for name, module in analog.named_modules() if isinstance(module, CrossbarLayer)}
+
+
+def set_bias_correction(analog: nn.Module, enabled: bool) -> nn.Module:
+    """Switch weight bias correction on or off in every crossbar layer of ``analog``
+    (in place; returned for chaining): each output channel's bias gains the expected
+    error of the weights the device realises (the quantisation error, and on a
+    simulated device that of its wires and programmed cells), up to the gain a
+    GroupNorm divides out (:meth:`CrossbarLayer._bias_correction`), with E[x] the
+    layer's mean input on the calibration images (:class:`LayerCalibration`).
+    Data-free in the sense of EMQ's weight bias correction (Kim et al., arXiv
+    2510.20673): no labels, no training or fine-tuning per bit-width; the statistics
+    are those the deployment already measures for the activation scale, on the
+    deploying party's own images. A real periphery would measure the realised
+    weights by one-hot reads of each tile, as drift compensation does."""
+    for layer in crossbar_layers(analog).values():
+        layer.correct_bias = enabled
     return analog
 
 
-__all__ = ["DEPLOY_MODES", "MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "mappable_layers",
-           "resolve_mode", "to_crossbars", "weight_matrix"]
+__all__ = ["DEPLOY_MODES", "MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "crossbar_layers",
+           "mappable_layers", "resolve_mode", "set_bias_correction", "to_crossbars", "weight_matrix"]

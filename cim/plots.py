@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.metrics import ModelDistortion
 
 
@@ -29,7 +28,7 @@ def plot_distortion_sweep(sweep: list[ModelDistortion], path: Path) -> None:
     """Model NF and relative output error against tile size, one line per mapping."""
     plt = pyplot()
     fig, (ax_nf, ax_err) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for name in MAPPINGS:
+    for name in dict.fromkeys(entry.mapping for entry in sweep):
         points = [entry for entry in sweep if entry.mapping == name]
         sizes = [entry.tile_size for entry in points]
         ax_nf.plot(sizes, [entry.nf for entry in points], marker="o", label=name)
@@ -52,9 +51,10 @@ def plot_cell_loss(losses: dict[str, torch.Tensor], layer: str, path: Path) -> N
     """Heat maps of the mean current lost per cell and read cycle (by mapping) in the
     first tile of ``layer``, on one colour scale."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(MAPPINGS), figsize=(4.5 * len(MAPPINGS), 4.2))
+    fig, axes = plt.subplots(1, len(losses), figsize=(4.5 * len(losses), 4.2), squeeze=False)
+    axes = axes[0]
     top = max(float(loss.max()) for loss in losses.values()) * 1e9 or 1.0
-    for ax, name in zip(axes, MAPPINGS):
+    for ax, name in zip(axes, losses):
         image = ax.imshow(losses[name].numpy() * 1e9, cmap="magma", vmin=0, vmax=top)
         ax.set_title(f"{name}")
         ax.set_xlabel("column (drivers at 0)")

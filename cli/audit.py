@@ -1,17 +1,18 @@
-"""``dpfl audit``: the accountant's ε of a run configuration beside an empirical lower bound."""
+"""``dpfl audit``: the accountant's ε of a run configuration beside an empirical lower bound.
+
+The audit's own options are added by :func:`add_audit_options` and read by
+:func:`audit_and_print`, which ``dpfl simulate --audit`` shares: a new audit option
+needs a line in each, nothing in ``simulate``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from dpfl.cli.options import open_unit, positive_int
-from dpfl.cli.simulate import add_run_options, settings_from_args
+from dpfl.cli.display import ProgressDisplay, make_console
+from dpfl.cli.options import HelpFormatter, add_output_option, add_run_options, open_unit, positive_int, settings_from_args
 
 DEFAULT_CANARIES = None  # the library's default for the threat model
 DEFAULT_CONFIDENCE = 0.95
@@ -25,26 +26,28 @@ STATISTICS = ("threshold", "gaussian", "fdp")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "audit",
+        usage="%(prog)s [OPTION ...]",
         help="audit a run configuration: accountant epsilon vs an empirical lower bound",
         description="Run the configured federation (the same ServerApp, strategy, mechanism and ClientApp as "
         "`dpfl simulate`, on the in-process engine) with canary clients, each present with probability 1/2, "
         "and bound epsilon from below from the released models in one run; beside it, the accountant's "
         "epsilon, the last-iterate heuristic and Andrew et al.'s one-shot estimate. A lower bound above the "
         "accountant's epsilon means the code does not implement the mechanism it claims.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    add_audit_options(parser)
+    audit = parser.add_argument_group("the audit")
+    add_audit_options(audit)
+    add_output_option(audit, "audit")
     add_run_options(parser)
-    parser.add_argument("--out", default=None, help="output folder (default runs/audit-<time>)")
-    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[], download=False, resume=None)
+    parser.set_defaults(func=run, deploy_node_configs=[], node_configs=[])
 
 
 def add_audit_options(parser: argparse.ArgumentParser) -> None:
-    """The audit's own options (``dpfl simulate --audit`` uses their defaults)."""
-    parser.add_argument("--canaries", type=positive_int, default=DEFAULT_CANARIES,
+    """The audit's options (also those of `dpfl simulate --audit`)."""
+    parser.add_argument("--canaries", type=positive_int, default=DEFAULT_CANARIES, metavar="N",
                         help="canary clients, each present with probability 1/2 (default: white-box 2000 or one per "
                         "model parameter if fewer, final-model 500; white-box: at most the model's parameters)")  # fmt: skip
-    parser.add_argument("--confidence", type=open_unit, default=DEFAULT_CONFIDENCE,
+    parser.add_argument("--confidence", type=open_unit, default=DEFAULT_CONFIDENCE, metavar="X",
                         help="confidence of the audited lower bound")  # fmt: skip
     parser.add_argument("--threat", choices=THREATS, default=DEFAULT_THREAT,
                         help="white-box: the auditor sees every round's model and each canary sends a crafted update "
@@ -57,30 +60,34 @@ def add_audit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.out = args.out or f"runs/audit-{datetime.now():%Y%m%d-%H%M%S}"
-    settings = settings_from_args(args)
-    console = Console()
+    from dpfl.engines.simulation import prepare_run
+
+    settings = settings_from_args(args, "audit")
+    console = make_console()
+    with ProgressDisplay(console) as progress:
+        prepare_run(settings, progress=progress)
     console.print(f"[bold]dpfl audit[/]: {settings.strategy}, {settings.num_clients} clients + "
                   f"{args.canaries or 'the default number of'} {args.threat} canaries (each present with probability "
                   f"1/2), {settings.num_server_rounds} rounds; records: {settings.out_dir}")  # fmt: skip
-    audit_and_print(settings, args.canaries, args.confidence, Path(settings.out_dir), console, args.threat, args.statistic)
+    audit_and_print(settings, args, Path(settings.out_dir), console)
     return 0
 
 
-def audit_and_print(
-    settings, canaries: int | None, confidence: float, out: Path, console: Console, threat: str = DEFAULT_THREAT,
-    statistic: str = DEFAULT_STATISTIC,
-) -> None:
-    """Run the audit of ``settings`` into ``out`` and print its table and files."""
+def audit_and_print(settings, args: argparse.Namespace, out: Path, console) -> None:
+    """Run the audit of ``settings`` with the audit options in ``args`` into ``out``; print its table and files."""
     from dpfl.analysis.audit import AUDIT_FILE, AUDIT_PLOT, AuditOptions, run_audit
 
-    report = run_audit(settings, AuditOptions(canaries, confidence, threat, statistic), out)
+    options = AuditOptions(args.canaries, args.confidence, args.threat, args.statistic)
+    with ProgressDisplay(console) as progress:
+        report = run_audit(settings, options, out, progress=progress)
     print_audit(report, console)
     console.print(f"  {out / AUDIT_FILE}\n  plot: {out / AUDIT_PLOT}")
 
 
-def print_audit(report, console: Console) -> None:
+def print_audit(report, console) -> None:
     """The accountant's ε, the last-iterate heuristic, the audited lower bound and the estimate side by side."""
+    from rich.table import Table
+
     bound = report.bound
     table = Table(title=f"client-level privacy of {report.strategy} (delta {report.delta:g}), {report.threat} audit")
     for column in ("epsilon\n(accountant)", "epsilon last\niterate\n(heuristic)",

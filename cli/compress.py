@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig
-from dpfl.compression.study import COVARIANCE_FILE, MODEL_FILE, REPORT_FILE, SCOPES, StudyOptions, compress_checkpoint
+from dpfl.cli.display import ProgressDisplay, make_console
+from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
+from dpfl.compression.ranks import check_ratio
 from dpfl.errors import UsageError
-from dpfl.task.data import DATASET_NAMES
+
+# Accuracy lost to compression (in points) above which the command suggests fine-tuning.
+FINETUNE_HINT_POINTS = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,27 +28,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Factorise a checkpoint's conv (Tucker-2, CPD) or linear and 1x1 conv (SVD) layers, "
         "minimising the change of each layer's output over the data (--norm sigma) or of its weights "
         "(--norm frobenius), and report ranks, costs, errors and accuracy.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="dpfl checkpoint (e.g. a dpfl simulate run's final_model.pt)")
-    parser.add_argument("--dataset", choices=DATASET_NAMES, help="data for the covariance and accuracy (default: the checkpoint's)")
+    parser.add_argument("--dataset", choices=ImportedChoices("dpfl.task.data", "DATASET_NAMES"), metavar="NAME",
+                        help="data for the covariance and accuracy: %(choices)s (default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
-    parser.add_argument("--method", choices=METHODS, default="tucker2", help="decomposition (default tucker2)")
-    parser.add_argument("--norm", choices=NORMS, default="sigma",
-                        help="sigma: output change over the data; frobenius: weight change (default sigma)")
+    parser.add_argument("--method", choices=ImportedChoices("dpfl.compression.pipeline", "METHODS"), default="tucker2",
+                        metavar="METHOD", help="decomposition: %(choices)s")  # fmt: skip
+    parser.add_argument("--norm", choices=ImportedChoices("dpfl.compression.pipeline", "NORMS"), default="sigma",
+                        metavar="NORM", help="sigma: output change over the data; frobenius: weight change")  # fmt: skip
     parser.add_argument("--ratio", type=float, required=True, help="fraction of parameters kept, in (0, 1)")
-    parser.add_argument("--scope", choices=SCOPES, default="model",
-                        help="model: the whole model keeps --ratio of its parameters; layer: each compressed layer does")
+    parser.add_argument("--scope", choices=ImportedChoices("dpfl.compression.study", "SCOPES"), default="model",
+                        metavar="SCOPE", help="model: the whole model keeps --ratio of its parameters; layer: each compressed layer does")
     parser.add_argument("--rank", action="append", default=[], metavar="LAYER=R[,R]",
                         help="ranks for one layer, overriding --ratio (tucker2: output,input); repeatable")
     parser.add_argument("--layers", help="comma-separated layers to compress (default: all eligible but the first conv and the classifier)")
     parser.add_argument("--covariance", help="input statistics file from an earlier run (e.g. on another data set)")
-    parser.add_argument("--batches", type=int, default=20, help="training batches for the covariance pass (default 20)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the covariance pass and fine-tuning (default 64)")
-    parser.add_argument("--max-iter", type=int, default=CompressionConfig.max_iter, help=f"ALS sweeps per layer (default {CompressionConfig.max_iter})")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after compression (default 0)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help=f"folder for {MODEL_FILE}, {REPORT_FILE} and {COVARIANCE_FILE}")
+    parser.add_argument("--batches", type=int, default=20, help="training batches for the covariance pass")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the covariance pass and fine-tuning")
+    parser.add_argument("--max-iter", type=int, default=None,
+                        help="ALS sweeps per layer (default: the solver's, docs/compression.md)")  # fmt: skip
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="epochs of fine-tuning after compression (recovers the accuracy a high ratio costs)")  # fmt: skip
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
+    parser.add_argument("--seed", type=int, default=0, help="seed of CPD's initialisation and the data order")
+    parser.add_argument("--out", type=output_dir, required=True, metavar="DIR",
+                        help="folder for the compressed model, its report and the input statistics")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -63,16 +72,24 @@ def parse_rank_overrides(values: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    # Before torch loads: a mistake here is reported at once.
+    check_ratio(args.ratio)
+    ranks = parse_rank_overrides(args.rank)
+    from dpfl.compression.pipeline import CompressionConfig
+    from dpfl.compression.study import StudyOptions, compress_checkpoint
 
     layers = None if args.layers is None else [name.strip() for name in args.layers.split(",") if name.strip()]
+    solver = {"seed": args.seed} if args.max_iter is None else {"seed": args.seed, "max_iter": args.max_iter}
     options = StudyOptions(
-        ratio=args.ratio, method=args.method, norm=args.norm, scope=args.scope, ranks=parse_rank_overrides(args.rank),
+        ratio=args.ratio, method=args.method, norm=args.norm, scope=args.scope, ranks=ranks,
         layers=layers, batches=args.batches, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr, config=CompressionConfig(max_iter=args.max_iter, seed=args.seed),
+        finetune_lr=args.finetune_lr, config=CompressionConfig(**solver),
     )  # fmt: skip
-    study = compress_checkpoint(args.checkpoint, args.out, options, args.dataset, args.data_dir, args.covariance)
-    print_report(Console(), study.report)
+    console = make_console()
+    with ProgressDisplay(console) as progress:
+        study = compress_checkpoint(args.checkpoint, args.out, options, args.dataset, args.data_dir, args.covariance, progress)
+    print_report(console, study.report)
+    console.print("wrote " + ", ".join(str(path) for path in study.files), soft_wrap=True)
     return 0
 
 
@@ -105,3 +122,7 @@ def print_report(console, report: dict) -> None:
     console.print(
         f"covariance pass {report['covariance_seconds']:.1f} s, compression {report['compression_seconds']:.1f} s"
     )
+    lost = 100 * (acc["before"] - acc["after"])
+    if lost > FINETUNE_HINT_POINTS and acc["after_finetune"] is None:
+        console.print(f"[yellow]compression cost {lost:.1f} accuracy points[/]: --finetune-epochs 3 (or a larger "
+                      "--ratio) recovers most of them")  # fmt: skip

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from dpfl.cli.options import open_unit, positive_float, positive_int, probability
+from dpfl.cli.display import make_console
+from dpfl.cli.options import HelpFormatter, open_unit, positive_float, positive_int, probability
 from dpfl.privacy.accountants import ACCOUNTANTS
-from dpfl.privacy.calibration import privacy_spent
 
 ALL = "all"
 
@@ -23,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "analysis with a refined order search), PRV (Opacus; the upper end of its error bound) or PLD "
         "(dp-accounting; pessimistic). Give --noise-multiplier to get epsilon, or --target-epsilon to get "
         "the noise multiplier.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--noise-multiplier", type=positive_float, help="noise multiplier sigma")
@@ -39,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from dpfl.privacy.calibration import privacy_spent
+
     names = list(ACCOUNTANTS) if args.accountant == ALL else [args.accountant]
     rows = [privacy_spent(name, args.sample_rate, args.rounds, args.delta, noise_multiplier=args.noise_multiplier,
                           target_epsilon=args.target_epsilon) for name in names]  # fmt: skip
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             f"{row['delta']:g}", f"{row['epsilon']:.4f}", "" if order is None else f"{order:.3f}",
             f"{row['last-iterate-epsilon']:.4f}",
         )  # fmt: skip
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("epsilon is the accountant's guarantee for anyone who sees every round's model. The last-iterate "
                   "epsilon (Steinke et al., ICLR 2025) is a heuristic, not a guarantee, for who sees only the final "

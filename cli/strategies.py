@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.table import Table
-
+from dpfl.cli.display import make_console
 from dpfl.errors import UsageError
-from dpfl.strategies import get_strategy_class, registered_strategies
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from dpfl.strategies import get_strategy_class, registered_strategies
+
     table = Table(title="strategies (use a name, or module:Class, with --strategy)")
     for column in ("name", "DP", "description", "options (--strategy-option)"):
         table.add_column(column)
@@ -33,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
             continue
         options = " ".join(f"{key}={value}" for key, value in cls.options.items())
         table.add_row(name, "yes" if cls.private else "no", cls.description, options)
-    Console().print(table)
+    make_console().print(table)
     return 0

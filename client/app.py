@@ -10,17 +10,22 @@ never to Flower's log, which the server publishes.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flwr.clientapp import ClientApp
 
-from dpfl.client.cache import resident_model, run_settings
+from dpfl.client.cache import resident_model, run_device, run_settings
+from dpfl.client.cohort import train_alone, train_together
 from dpfl.client.data import load_client_partition
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.node import NodeMemory, log_privately, node_dir, node_label, own_node_config, weights_digest
-from dpfl.client.training import train_private_update
-from dpfl.deployment.node import DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment
+from dpfl.client.training import LocalTraining, PrivateUpdate
+from dpfl.deployment.node import (
+    ALREADY_DEPLOYED, DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment,
+)  # fmt: skip
 from dpfl.errors import UsageError
 from dpfl.privacy.mechanism import ClientInstructions, noise_share
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest, amplified_epsilon, unamplified_epsilon
@@ -34,17 +39,30 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return train_alone(_train(msg, context))
+
+
+def train_cohort(deliveries: Sequence[tuple[Message, Context]]) -> list[Message | Exception]:
+    """The replies to several nodes' train messages (or the exception each raised), their
+    local training vectorised where it can be (an engine that holds many nodes calls this)."""
+    return train_together([_train(msg, context) for msg, context in deliveries])
+
+
+def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUpdate, Message]:
+    """The node's part around its local training: yields the training, then replies."""
     settings = run_settings(context.run_config)
     node_config = own_node_config(context.node_config)
     policy = NodePrivacyPolicy.from_node_config(node_config)
-    private_log = node_dir(node_config, settings, node_label(context))
+    private_log = node_dir(node_config, settings, context)
     config = msg.content[CONFIG_KEY]
-    request = PolicyRequest.from_train(config, settings, get_strategy_class(settings.strategy).private)
+    try:
+        request = PolicyRequest.from_train(config, settings, get_strategy_class(settings.strategy).private)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"this node refuses a malformed train message ({type(err).__name__}: {err})") from None
     memory = NodeMemory(context)
     participation = memory.participation.after(request)
+    # A refused message changes nothing the node remembers: a server cannot advance its round count.
     if refusal := policy.violation(request, participation):
-        memory.participation = memory.participation.refused(request)
-        memory.save()
         log_privately(private_log, {"round": request.server_round, "refused": refusal})
         raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     instructions = ClientInstructions.from_config(config)
@@ -68,13 +86,14 @@ def train(msg: Message, context: Context) -> Message:
         log_privately(private_log, {
             "round": server_round, "contributions": participation.contributions, "rounds-seen": participation.rounds,
             "delta": delta, "epsilon-own-contributions": unamplified_epsilon(request, participation, delta),
-            "epsilon-if-sampling-honest": amplified_epsilon(request, delta),
+            "epsilon-if-sampling-honest": amplified_epsilon(request, participation, delta),
         })  # fmt: skip
     partition = load_client_partition(settings, context.node_config)
-    records = {key: record_tensors(record) for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}
+    device = run_device(settings.device)
+    records = {key: {name: t.to(device) for name, t in record_tensors(record).items()}
+               for key, record in msg.content.array_records.items() if key != ARRAYS_KEY}  # fmt: skip
     rule = get_strategy_class(settings.strategy).local_update_rule(config, records)
-    model = resident_model(partition.spec)
-    model.load_state_dict(global_weights)
+    model = resident_model(partition.spec, device)
     # --seed drives only the local shuffling (comparable experiments), never the noise.
     local_seed = hash((settings.seed, server_round, identity)) % 2**63
     shuffle = torch.Generator().manual_seed(local_seed)
@@ -87,25 +106,24 @@ def train(msg: Message, context: Context) -> Message:
         else None
     )
     # Anything else random in local training (a strategy's own draws) is seeded the same
-    # way, so that a client computes the same whichever process or engine runs it.
-    with torch.random.fork_rng(devices=[]):
-        # The CPU generator only: torch.manual_seed also queues a seeding of every
-        # accelerator backend, with a formatted stack, at each call.
-        torch.default_generator.manual_seed(local_seed)
-        result = train_private_update(
-            model,
-            partition.dataset,
-            rule,
-            steps=int(config[LOCAL_STEPS_KEY]),
-            lr=float(config[LR_KEY]),
-            batch_size=settings.batch_size,
-            weight_decay=settings.weight_decay,
-            grad_clip=settings.grad_clip,
-            instructions=instructions,
-            generator=shuffle,
-            noise_stream=noise_stream,
-            local_dp=local_dp,
-        )
+    # way (local_seed), so that a client computes the same whichever process or engine runs it.
+    result = yield LocalTraining(
+        model,
+        global_weights,
+        partition.dataset,
+        rule,
+        steps=int(config[LOCAL_STEPS_KEY]),
+        lr=float(config[LR_KEY]),
+        batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay,
+        grad_clip=settings.grad_clip,
+        instructions=instructions,
+        generator=shuffle,
+        noise_stream=noise_stream,
+        seed=local_seed,
+        local_dp=local_dp,
+        train_bit_widths=settings.bit_widths(),
+    )
     if local_dp is not None:
         local_dp.save(context.state)
         # Depends on the client's data size and how often it was sampled: the node's alone.
@@ -121,21 +139,24 @@ def deploy(msg: Message, context: Context) -> Message:
     """The deployment round: compress the weights of this node's last train message with its
     data and run them on its simulated CIM device; only what it chose to share goes back.
 
-    One query per train message: a server cannot probe the node's data with many
-    crafted models, nor with one the node's policy never checked.
+    One query per run, for the weights of a train message its policy checked: a server
+    cannot probe the node's data with many crafted models. (It chooses the one model;
+    a node that shares its accuracy shares one statistic of its data per run.)
     """
     settings = run_settings(context.run_config)
     node_config = own_node_config(context.node_config)
     policy = NodePrivacyPolicy.from_node_config(node_config)
-    private_log = node_dir(node_config, settings, node_label(context))
+    private_log = node_dir(node_config, settings, context)
     memory = NodeMemory(context)
     weights = record_tensors(msg.content[ARRAYS_KEY])
     if policy.registered_strategies_only and ":" in settings.strategy:
         summary, detail = failure_summary(POLICY_REFUSAL, node_config), f"plugin strategy {settings.strategy!r}"
+    elif memory.deployed:
+        summary, detail = failure_summary(ALREADY_DEPLOYED, node_config), "a second deployment query in this run"
     elif not memory.last_weights or weights_digest(weights) != memory.last_weights:
         summary, detail = failure_summary(NOT_LAST_WEIGHTS, node_config), "query weights differ from the last train message's"
     else:
-        memory.last_weights = ""  # answered: the next query needs another train message
+        memory.deployed = True  # before the data are touched: whatever happens, one query per run
         memory.save()
 
         def local_data():

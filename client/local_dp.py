@@ -130,7 +130,9 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             noise = self.stream.gaussian(p.summed_grad.shape, std)
-            p.grad = (p.summed_grad.double() + noise).to(p.summed_grad.dtype).view_as(p)
+            # Added on the CPU in float64 (an accelerator may have no float64), then moved back.
+            summed = p.summed_grad.cpu().double()
+            p.grad = (summed + noise).to(p.summed_grad.dtype).to(p.summed_grad.device).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

@@ -12,7 +12,10 @@ which belongs to whoever runs the nodes, never to the run config.
 The node's private folder holds what no other party may see: its log of per-client
 facts (its own ε, its participation count, its sample-level ε under local DP) and its
 deployment reports. It is the node's ``node-dir`` (in docker, a volume of the node's
-own), a subfolder per run; a simulated node without one uses ``<out-dir>/nodes/<node>``.
+own), a subfolder per run named safely (the run folder's name when it is a plain name,
+else the run id: a run config cannot send the node's files elsewhere); a node without
+one uses ``~/.dpfl/nodes/<node>/<run>``, and a node that dpfl's engines simulate, whose
+owner is the simulation's user, ``<out-dir>/nodes/<node>``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ from dpfl.settings import RunSettings
 
 SIMULATED_NODE_CONFIGS_ENV = "DPFL_SIMULATED_NODE_CONFIGS"
 NODE_DIR_KEY = "node-dir"
+# Set by dpfl's engines on the nodes they simulate (never by a run config).
+SIMULATED_NODE_KEY = "dpfl-simulated-node"
+SAFE_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NODE_LOG_FILE = "node_private_log.jsonl"
 # The node's memory of the run, in its persistent state (never sent anywhere).
 STATE_KEY = "dpfl-node"
@@ -61,9 +68,11 @@ def simulated_node_configs_env(node_configs: list[Mapping[str, Any]]) -> str:
 
 def own_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
     """The node's config: a simulated node's data-owner keys (round robin by partition) under its own."""
-    simulated = json.loads(os.environ.get(SIMULATED_NODE_CONFIGS_ENV) or "[]")
-    base = simulated[int(node_config["partition-id"]) % len(simulated)] if simulated and "partition-id" in node_config else {}
-    return {**base, **node_config}
+    if SIMULATED_NODE_CONFIGS_ENV not in os.environ or "partition-id" not in node_config:
+        return dict(node_config)
+    simulated = json.loads(os.environ[SIMULATED_NODE_CONFIGS_ENV] or "[]")
+    base = simulated[int(node_config["partition-id"]) % len(simulated)] if simulated else {}
+    return {**base, SIMULATED_NODE_KEY: True, **node_config}
 
 
 def node_label(context: Context) -> str:
@@ -71,11 +80,16 @@ def node_label(context: Context) -> str:
     return f"partition-{config['partition-id']}" if "partition-id" in config else f"node-{context.node_id}"
 
 
-def node_dir(node_config: Mapping[str, Any], settings: RunSettings, label: str) -> Path:
+def node_dir(node_config: Mapping[str, Any], settings: RunSettings, context: Context) -> Path:
     """The node's private folder for this run."""
+    label = node_label(context)
+    if node_config.get(SIMULATED_NODE_KEY) and not node_config.get(NODE_DIR_KEY):
+        return Path(settings.out_dir) / "nodes" / label
+    name = Path(settings.out_dir).name
+    run = name if SAFE_RUN_NAME.fullmatch(name) and name.strip(".") else f"run-{context.run_id}"
     if node_config.get(NODE_DIR_KEY):
-        return Path(str(node_config[NODE_DIR_KEY])) / Path(settings.out_dir).name
-    return Path(settings.out_dir) / "nodes" / label
+        return Path(str(node_config[NODE_DIR_KEY])) / run
+    return Path.home() / ".dpfl" / "nodes" / label / run
 
 
 def log_privately(folder: Path, record: Mapping[str, Any]) -> None:
@@ -101,12 +115,15 @@ class NodeMemory:
     def __init__(self, context: Context) -> None:
         self._state = context.state
         saved = dict(self._state[STATE_KEY]) if STATE_KEY in self._state else {}
-        self.participation = Participation(int(saved.get("rounds", 0)), int(saved.get("contributions", 0)))
-        # The weights of the last train message, which a deployment query must match (once).
+        self.participation = Participation(int(saved.get("rounds", 0)), int(saved.get("contributions", 0)),
+                                           int(saved.get("repeats", 0)))  # fmt: skip
+        # The weights of the last train message, which a deployment query must match.
         self.last_weights = str(saved.get("last-weights", ""))
+        # Whether the node has answered a deployment query in this run (it answers one).
+        self.deployed = bool(saved.get("deployed", False))
 
     def save(self) -> None:
         self._state[STATE_KEY] = ConfigRecord({
             "rounds": self.participation.rounds, "contributions": self.participation.contributions,
-            "last-weights": self.last_weights,
+            "repeats": self.participation.repeats, "last-weights": self.last_weights, "deployed": self.deployed,
         })  # fmt: skip

@@ -19,6 +19,7 @@ from dpfl.compression.sigma_norm import ALSTrace, regularise
 from dpfl.compression.surgery import METHOD_LAYERS, load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
+from dpfl.progress import Progress, no_progress, tracked
 from dpfl.task.evaluation import accuracy
 from dpfl.task.factorised import compression_record, factorised_structure, layer_record, replace_module
 from dpfl.task.models import count_parameters
@@ -125,6 +126,7 @@ def compress_model(
     statistics: dict[str, InputMoments] | None,
     input_shape: tuple[int, ...],
     config: CompressionConfig = CompressionConfig(),
+    progress: Progress = no_progress,
 ) -> tuple[dict[str, Any], list[LayerResult]]:
     """Factorise the layers in ``ranks`` (name → ranks) in place.
 
@@ -136,7 +138,7 @@ def compress_model(
         raise ValueError("the Σ-norm needs input statistics")
     macs_before = count_macs(model, input_shape)
     records, results = {}, []
-    for name, layer_ranks in ranks.items():
+    for name, layer_ranks in tracked(list(ranks.items()), f"compressing layers ({method}, {norm} norm)", progress):
         module = model.get_submodule(name)
         weight = module.weight.detach().double()
         matrix = weight.reshape(weight.shape[0], -1)
@@ -220,6 +222,7 @@ def compress_on_data(
     batch_size: int = 64,
     config: CompressionConfig = CompressionConfig(),
     eval_batch_size: int = 256,
+    progress: Progress = no_progress,
 ) -> CompressionRun:
     """Collect the input statistics of the layers in ``ranks`` on ``train_data`` (unless
     given), compress ``model`` in place and measure accuracy on ``test_data`` before and after."""
@@ -228,14 +231,17 @@ def compress_on_data(
         loader = DataLoader(train_data, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
         started = time.perf_counter()
+        progress("input statistics of the layers (covariance pass)", 0, 1)
         statistics = collect_statistics(model, loader, list(ranks), batches)
+        progress("input statistics of the layers (covariance pass)", 1, 1)
         covariance_seconds = time.perf_counter() - started
     parameters_before = count_parameters(model)
-    accuracy_before = accuracy(model, test_data, eval_batch_size)
+    accuracy_before = accuracy(model, test_data, eval_batch_size, progress, "accuracy before compression")
     started = time.perf_counter()
-    record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, config)
+    record, layers = compress_model(model, method, norm, ranks, statistics, input_shape, config, progress)
     compression_seconds = time.perf_counter() - started
+    accuracy_after = accuracy(model, test_data, eval_batch_size, progress, "accuracy after compression")
     return CompressionRun(
         record, layers, statistics, covariance_seconds, compression_seconds,
-        parameters_before, count_parameters(model), accuracy_before, accuracy(model, test_data, eval_batch_size),
+        parameters_before, count_parameters(model), accuracy_before, accuracy_after,
     )  # fmt: skip

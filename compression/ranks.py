@@ -40,6 +40,12 @@ def max_ranks(method: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (min(shape[0], weight_count(shape[1:])),)
 
 
+def check_ratio(ratio: float) -> None:
+    """A ratio of parameters kept lies in (0, 1)."""
+    if not 0 < ratio < 1:
+        raise UsageError(f"ratio {ratio} is outside (0, 1): it is the fraction of parameters kept")
+
+
 def ranks_for_ratio(method: str, shape: tuple[int, ...], ratio: float) -> tuple[int, ...]:
     """The largest ranks whose factorisation keeps at most ``ratio`` of the layer's
     weights (at least rank 1). Tucker-2 keeps r_T/T = r_S/S, as the two factors play
@@ -81,8 +87,7 @@ def plan_ranks(
     in full, and the compressed ones share one per-layer ratio. ``overrides`` (name →
     ranks) take precedence for their layers.
     """
-    if not 0 < ratio < 1:
-        raise UsageError(f"ratio {ratio} is outside (0, 1): it is the fraction of parameters kept")
+    check_ratio(ratio)
     unknown = sorted(set(overrides) - set(layers))
     if unknown:
         raise UsageError(f"--rank names layer(s) {', '.join(unknown)}, not compressed here; choose from {', '.join(layers)}")

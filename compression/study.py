@@ -24,6 +24,7 @@ from dpfl.compression.pipeline import CompressionConfig, CompressionRun, compres
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
 from dpfl.errors import UsageError
+from dpfl.progress import Progress, no_progress
 from dpfl.task.attention import explicit_attention
 from dpfl.task.checkpoint import Checkpoint, checkpoint_dataset, load_checkpoint, save_checkpoint
 from dpfl.task.evaluation import accuracy
@@ -108,6 +109,7 @@ def compress_checkpoint(
     dataset: str | None = None,
     data_dir: str | None = None,
     covariance: str | None = None,
+    progress: Progress = no_progress,
 ) -> CompressionStudy:
     """Compress the model of ``checkpoint_path`` on ``dataset`` (default: the one it was
     trained for), with the input statistics of the file ``covariance`` if given, and
@@ -137,14 +139,14 @@ def compress_checkpoint(
         covariance_source = {"dataset": data.name, "batches": options.batches, "batch_size": options.batch_size}
     run = compress_on_data(
         model, data.train, data.test, (spec.in_channels, spec.image_size, spec.image_size), options.method,
-        options.norm, ranks, statistics, options.batches, options.batch_size, options.config,
+        options.norm, ranks, statistics, options.batches, options.batch_size, options.config, progress=progress,
     )  # fmt: skip
     accuracy_finetuned = None
     if options.finetune_epochs:
         torch.manual_seed(options.config.seed)
         loader = DataLoader(data.train, batch_size=options.batch_size, shuffle=True)
-        finetune(model, loader, options.finetune_epochs, options.finetune_lr)
-        accuracy_finetuned = accuracy(model, data.test)
+        finetune(model, loader, options.finetune_epochs, options.finetune_lr, progress)
+        accuracy_finetuned = accuracy(model, data.test, progress=progress, stage="accuracy after fine-tuning")
 
     shared = run.report()
     report = {

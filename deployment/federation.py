@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.cim.mapping import MAPPINGS
-from dpfl.deployment.node import DEVICE_NAME_KEY, FAILED, REASON_KEY, STATUS_KEY, SUMMARY_KEYS
+from dpfl.deployment.node import CORRECTED, DEVICE_NAME_KEY, FAILED, REASON_KEY, STATUS_KEY, SUMMARY_KEYS
 from dpfl.task.files import write_atomically
 
 DEPLOYMENT_FILE = "deployment.json"
 NODE_KEY = "node"
 # Shown in the table when a node shares them; device parameters live in deployment.json.
 TABLE_COLUMNS = (
-    ("node", NODE_KEY), ("device", DEVICE_NAME_KEY), ("tile", "device-tile-size"), ("R_on", "device-r-on"),
-    ("R_off", "device-r-off"), ("r_wire", "device-r-wordline"), ("mapping", "device-mapping"),
-    *((f"NF {mapping}", f"nf-{mapping}") for mapping in MAPPINGS), ("acc. analog", None), ("status", STATUS_KEY),
+    ("node", NODE_KEY), ("device", DEVICE_NAME_KEY), ("tile", "device-tile-size"), ("weight bits", "device-weight-bits"),
+    ("bits/cell", "device-bits-per-cell"), ("R_on", "device-r-on"), ("R_off", "device-r-off"),
+    ("r_wire", "device-r-wordline"), ("mapping", "device-mapping"), *((f"NF {mapping}", f"nf-{mapping}") for mapping in MAPPINGS),
+    ("acc. analog / bias corr.", None), ("status", STATUS_KEY),
 )  # fmt: skip
 # Characters the table needs to show every column unabridged.
-TABLE_WIDTH = 180
+TABLE_WIDTH = 220
 NOT_COVERED = (
     "deployment summaries are what each node chose to share, outside the training's epsilon: its device and "
     "compression settings always; NF and local accuracies, statistics of its own data, only from nodes that "
@@ -64,9 +65,10 @@ def write_deployment(out_dir: Path, rows: list[dict[str, Any]], seconds: float) 
 
 
 def _cell(row: dict[str, Any], key: str | None) -> str:
-    if key is None:  # the deployed mapping's analog accuracy, if shared
-        value = row.get(f"accuracy-analog-{row.get('device-mapping', '')}")
-        return "not shared" if value is None else f"{value:.2%}"
+    if key is None:  # the deployed mapping's analog accuracy without and with weight bias correction, if shared
+        prefix = f"accuracy-analog-{row.get('device-mapping', '')}"
+        values = row.get(prefix), row.get(prefix + CORRECTED)
+        return "not shared" if None in values else " / ".join(f"{value:.2%}" for value in values)
     value = row.get(key)
     if key == STATUS_KEY and value == FAILED:
         return f"failed: {row.get(REASON_KEY, '')}"

@@ -53,6 +53,9 @@ METHOD_KEY, NORM_KEY, RATIO_KEY = "compress-method", "compress-norm", "compress-
 # The node's own choices: never taken from the run config.
 SHARE_ACCURACY_KEY = "share-accuracy"
 SHARE_NF_KEY = "share-nf"
+# The share of its data held out to evaluate: a run config that chose it could learn the
+# node's data size from whether the split succeeds.
+HOLDOUT_KEY, DEFAULT_HOLDOUT = "deploy-holdout", 0.25
 # Which keys the node accepts from the run config (fnmatch patterns; "none" for none).
 ACCEPTED_KEY = "deploy-run-config-keys"
 ACCEPTED_BY_DEFAULT = tuple(prefix + "*" for prefix in RUN_CONFIG_NODE_PREFIXES)
@@ -68,11 +71,24 @@ DEPLOYED, FAILED = "deployed", "failed"
 CONFIG_FAILURE = "the node's deployment settings are invalid"
 DEPLOY_FAILURE = "the deployment failed on this node"
 NOT_LAST_WEIGHTS = "refused: these are not the weights of this node's last train message"
+ALREADY_DEPLOYED = "refused: this node deploys once per run"
 POLICY_REFUSAL = "refused by this node's privacy policy"
-FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, POLICY_REFUSAL)
+FAILURE_REASONS = (CONFIG_FAILURE, DEPLOY_FAILURE, NOT_LAST_WEIGHTS, ALREADY_DEPLOYED, POLICY_REFUSAL)
 NF_KEYS = tuple(f"nf-{mapping}" for mapping in MAPPINGS)
-SHARED_ACCURACY_KEYS = ("accuracy-global", "accuracy-compressed", "accuracy-quantised",
-                        *(f"accuracy-analog-{mapping}" for mapping in MAPPINGS))  # fmt: skip
+# Mappings a node studies beside the one it deploys: the naive baseline, MDM and sw-MDM
+# (each costs an analog model; gf-mdm only when it is the node's own).
+STUDIED_MAPPINGS = ("naive", "mdm", "sw-mdm")
+# Accuracy on the node's device at its own precision, without and with weight bias correction.
+CORRECTED = "-corrected"
+
+
+def shared_accuracy_keys(mappings: tuple[str, ...]) -> tuple[str, ...]:
+    """The accuracy keys of a node that shares its accuracies and studied ``mappings``."""
+    return ("accuracy-global", "accuracy-compressed", "accuracy-quantised", "accuracy-quantised" + CORRECTED,
+            *(f"accuracy-analog-{mapping}{kind}" for mapping in mappings for kind in ("", CORRECTED)))  # fmt: skip
+
+
+SHARED_ACCURACY_KEYS = shared_accuracy_keys(MAPPINGS)
 DEVICE_KEYS = tuple(DEVICE_PREFIX + f.name.replace("_", "-") for f in dataclasses.fields(CrossbarDevice))
 SUMMARY_KEYS = frozenset(
     {STATUS_KEY, REASON_KEY, DEVICE_NAME_KEY, DEVICE_MAPPING_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY,
@@ -158,6 +174,7 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], storage: P
     value is a one-line UsageError. Keys the node left unset take the platform's defaults."""
     defaults = RunSettings()
     device = device_from_config(config)
+    device.check_precision()
     mapping = str(config.get(DEVICE_MAPPING_KEY, defaults.deploy_mapping))
     method = str(config.get(METHOD_KEY, defaults.deploy_method))
     norm = str(config.get(NORM_KEY, defaults.deploy_norm))
@@ -167,9 +184,12 @@ def node_deployment(settings: RunSettings, config: Mapping[str, Any], storage: P
             raise UsageError(f"node config {key} {value!r} is not one of {', '.join(allowed)}")
     if not 0 < ratio < 1:
         raise UsageError(f"node config {RATIO_KEY} must be in (0, 1), got {ratio}")
+    holdout = _coerce(HOLDOUT_KEY, config.get(HOLDOUT_KEY, DEFAULT_HOLDOUT), float)
+    if not 0 < holdout < 1:
+        raise UsageError(f"node config {HOLDOUT_KEY} must be in (0, 1), got {holdout}")
     return NodeDeployment(
         device_name=str(config.get(DEVICE_NAME_KEY, f"tile{device.tile_size}")), device=device, mapping=mapping,
-        mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=settings.deploy_holdout,
+        mode=settings.deploy_mode, method=method, norm=norm, ratio=ratio, holdout=holdout,
         share_accuracy=_coerce(SHARE_ACCURACY_KEY, config.get(SHARE_ACCURACY_KEY, False), bool),
         share_nf=_coerce(SHARE_NF_KEY, config.get(SHARE_NF_KEY, False), bool),
         storage=storage, seed=settings.seed, sweep_tile_sizes=settings.sweep_tile_sizes(),
@@ -201,8 +221,9 @@ def deploy_on_node(
         model, calibration, held_out, (spec.in_channels, spec.image_size, spec.image_size), plan.method, plan.norm,
         ranks, config=CompressionConfig(seed=plan.seed),
     )  # fmt: skip
+    studied = tuple(dict.fromkeys((*STUDIED_MAPPINGS, plan.mapping)))
     report, losses = cim_study(model, calibration, held_out, plan.device, plan.mapping, plan.mode, plan.seed,
-                               sweep_tile_sizes=plan.sweep_tile_sizes)  # fmt: skip
+                               sweep_tile_sizes=plan.sweep_tile_sizes, mappings=studied)  # fmt: skip
     report.context.update(model=spec.name, dataset=dataset, compressed=True, device_name=plan.device_name,
                           held_out_images=len(held_out), local_images=len(data),
                           seconds=time.perf_counter() - started)  # fmt: skip
@@ -215,12 +236,14 @@ def deploy_on_node(
     save_report(report, losses, plan.storage)
     summary = {**plan.public_summary(), STATUS_KEY: DEPLOYED}
     if plan.share_nf:
-        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in MAPPINGS})
+        summary.update({f"nf-{mapping}": report.distortion[mapping].nf for mapping in studied})
     if plan.share_accuracy:
         summary.update({
             "accuracy-global": compression.accuracy_before, "accuracy-compressed": compression.accuracy_after,
             "accuracy-quantised": report.accuracy["quantised"],
-            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in MAPPINGS},
+            "accuracy-quantised" + CORRECTED: report.accuracy["quantised_corrected"],
+            **{f"accuracy-analog-{mapping}": report.accuracy[f"analog_{mapping}"] for mapping in studied},
+            **{f"accuracy-analog-{mapping}{CORRECTED}": report.accuracy[f"analog_{mapping}_corrected"] for mapping in studied},
         })  # fmt: skip
     return summary
 

@@ -406,7 +406,7 @@ def _check_device(device: str) -> None:
     from flwr.common.config import parse_config_args
 
     from dpfl.deployment.node import (
-        ACCEPTED_KEY, DEVICE_PREFIX, METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY,
+        ACCEPTED_KEY, DEVICE_PREFIX, HOLDOUT_KEY, METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY,
     )  # fmt: skip
 
     try:
@@ -415,7 +415,7 @@ def _check_device(device: str) -> None:
         raise InputError(f"device settings {device!r} are not key=value pairs ({err})") from None
     if device.strip() and not values:  # Flower reads a lone word as nothing at all
         raise InputError(f"device settings {device!r} are not key=value pairs (strings in double quotes)")
-    allowed = {METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY, ACCEPTED_KEY}
+    allowed = {METHOD_KEY, NORM_KEY, RATIO_KEY, SHARE_ACCURACY_KEY, SHARE_NF_KEY, ACCEPTED_KEY, HOLDOUT_KEY}
     stray = [key for key in values if not key.startswith(DEVICE_PREFIX) and key not in allowed]
     if stray:
         raise InputError(f"device settings take {DEVICE_PREFIX}* keys and {', '.join(sorted(allowed))}, got {', '.join(stray)}")

@@ -16,6 +16,12 @@ does not depend on which worker served it; replies are returned in the order the
 messages were pushed. Since every client's computation depends only on its
 message and its node (dpfl's ClientApp seeds its local randomness from the run's
 seed, round and partition), a run's result does not depend on ``workers``.
+
+A ``cohort`` handler (dpfl's is ``dpfl.client.app.train_cohort``) takes all the train
+messages a process holds at once, so that their local training can run as one
+vectorised computation; without one, each message goes through the ClientApp alone.
+Workers that use CUDA are spawned rather than forked (a CUDA context does not survive
+a fork), each with its own GPU, round robin.
 """
 
 from __future__ import annotations
@@ -28,18 +34,21 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
 
 import torch
 from threadpoolctl import threadpool_limits
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from dpfl.client.node import SIMULATED_NODE_KEY
+from dpfl.server.public_records import is_public_log_line
 
 SERVER_NODE_ID = 1
 RUN_ID = 1
@@ -51,6 +60,10 @@ class RunStopped(Exception):
     """The run was asked to stop (Ctrl-C, SIGTERM) and ends before its next client."""
 
 
+# Replies to several (message, node context) deliveries at once, or the exception each raised.
+CohortHandler = Callable[[Sequence[tuple[Message, Context]]], list[Message | Exception]]
+
+
 class InProcessGrid(Grid):
     def __init__(
         self,
@@ -58,10 +71,12 @@ class InProcessGrid(Grid):
         node_contexts: Mapping[int, Context],
         workers: ClientWorkers | None = None,
         stop: threading.Event | None = None,
+        cohort: CohortHandler | None = None,
     ) -> None:
         self.client_app = client_app
         self.node_contexts = dict(node_contexts)
         self.workers = workers
+        self.cohort = cohort
         # Set by another thread to end the run before its next client (or round, with workers).
         self.stop = stop
         self._run = Run.create_empty(RUN_ID)
@@ -90,10 +105,7 @@ class InProcessGrid(Grid):
             metadata.created_at = time.time()
         deliveries = [(message, self.node_contexts[message.metadata.dst_node_id]) for message in messages]
         if self.workers is None or len(deliveries) < 2:
-            replies = []
-            for message, context in deliveries:
-                self._stop_if_asked()
-                replies.append(handle(self.client_app, message, context))
+            replies = deliver(self.client_app, self.cohort, deliveries, self._stop_if_asked)
         else:
             self._stop_if_asked()
             replies = []
@@ -116,21 +128,31 @@ class InProcessGrid(Grid):
 
 
 @contextmanager
-def flower_log_to(path: Path) -> Iterator[None]:
+def flower_log_to(path: Path, private_path: Path | None = None) -> Iterator[None]:
     """Send Flower's log to ``path`` instead of the terminal, as the Flower engine does.
 
-    Without timestamps: the log is public, and the time between two rounds' lines grows
-    with the number of clients that trained in between (a private count)."""
+    Only the ServerApp's own lines (:func:`dpfl.server.public_records.is_public_log_line`)
+    and without timestamps: the log is public, and the time between two rounds' lines grows
+    with the number of clients that trained in between (a private count). Every other line
+    goes to ``private_path`` (the server's), with its time, or nowhere."""
     flower_logger = logging.getLogger("flwr")
     saved = flower_logger.handlers[:], flower_logger.propagate
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    flower_logger.handlers, flower_logger.propagate = [handler], False
+    public = logging.FileHandler(path)
+    public.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    public.addFilter(lambda record: is_public_log_line(record.getMessage()))
+    handlers = [public]
+    if private_path is not None:
+        private = logging.FileHandler(private_path)
+        private.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        private.addFilter(lambda record: not is_public_log_line(record.getMessage()))
+        handlers.append(private)
+    flower_logger.handlers, flower_logger.propagate = handlers, False
     try:
         yield
     finally:
         flower_logger.handlers, flower_logger.propagate = saved
-        handler.close()
+        for handler in handlers:
+            handler.close()
 
 
 def node_contexts(
@@ -143,7 +165,7 @@ def node_contexts(
             run_id=RUN_ID,
             node_id=node_id,
             node_config={**(node_configs[partition % len(node_configs)] if node_configs else {}),
-                         "partition-id": partition, "num-partitions": num_nodes},  # fmt: skip
+                         SIMULATED_NODE_KEY: True, "partition-id": partition, "num-partitions": num_nodes},  # fmt: skip
             state=RecordDict(),
             run_config=dict(run_config),
         )
@@ -156,25 +178,64 @@ def handle(client_app: ClientApp, message: Message, context: Context) -> Message
     try:
         return client_app(message, context)
     except Exception as err:  # noqa: BLE001 - a failing client is a reply with an error
-        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        return error_reply(message, err)
+
+
+def error_reply(message: Message, err: Exception) -> Message:
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
+def deliver(
+    client_app: ClientApp,
+    cohort: CohortHandler | None,
+    deliveries: Sequence[tuple[Message, Context]],
+    before_client: Callable[[], None] = lambda: None,
+) -> list[Message]:
+    """The replies to ``deliveries``: the train messages through ``cohort`` together (when
+    there is one and they are several), anything else through the ClientApp one by one.
+    ``before_client`` runs before each client (or the cohort), to stop a run between them."""
+    train = [i for i, (message, _) in enumerate(deliveries) if message.metadata.message_type == MessageType.TRAIN]
+    replies: dict[int, Message] = {}
+    if cohort is not None and len(train) > 1:
+        before_client()
+        outcomes = cohort([deliveries[i] for i in train])
+        for i, outcome in zip(train, outcomes, strict=True):
+            message = deliveries[i][0]
+            replies[i] = error_reply(message, outcome) if isinstance(outcome, Exception) else outcome
+    for i, (message, context) in enumerate(deliveries):
+        if i not in replies:
+            before_client()
+            replies[i] = handle(client_app, message, context)
+    return [replies[i] for i in range(len(deliveries))]
 
 
 class ClientWorkers:
     """Worker processes that run shares of a round's messages through the ClientApp.
 
-    Forked rather than spawned: a worker inherits the loaded ClientApp (whatever
-    module defines it), the imported libraries and the cached data set at no cost,
-    where a spawned one would import them again for seconds. Each worker takes one
-    torch thread: the parallelism is over clients.
+    Forked rather than spawned where no GPU is used: a worker inherits the loaded
+    ClientApp (whatever module defines it), the imported libraries and the cached data
+    set at no cost, where a spawned one would import them again for seconds. Each
+    worker takes one torch thread: the parallelism is over clients (or its cohort). With
+    ``gpus``, workers are spawned (CUDA cannot be used in a process forked after it was
+    initialised) and each makes one of them its current CUDA device, round robin;
+    ``start_method`` overrides the choice.
     """
 
-    def __init__(self, client_app: ClientApp, workers: int) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        workers: int,
+        cohort: CohortHandler | None = None,
+        gpus: Sequence[int] = (),
+        start_method: str | None = None,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
+        context = multiprocessing.get_context(start_method or ("spawn" if gpus else "fork"))
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-            initargs=(client_app,),
+            workers, mp_context=context, initializer=_start_worker,
+            initargs=(client_app, cohort, tuple(gpus), context.Value("i", 0)),
         )  # fmt: skip
 
     def run(self, deliveries: Sequence[tuple[Message, Context]]) -> list[tuple[Message, RecordDict]]:
@@ -192,14 +253,19 @@ class ClientWorkers:
         self._pool.shutdown(cancel_futures=True)
 
 
-# The ClientApp of this worker process, set once when the worker starts.
+# The ClientApp of this worker process and its cohort handler, set once when the worker starts.
 _worker_app: ClientApp | None = None
+_worker_cohort: CohortHandler | None = None
 
 
-def _start_worker(client_app: ClientApp) -> None:
+def _start_worker(client_app: ClientApp, cohort: CohortHandler | None, gpus: tuple[int, ...], started) -> None:
     # Flower's log handlers come with the fork: a worker logs where this process does.
-    global _worker_app
-    _worker_app = client_app
+    global _worker_app, _worker_cohort
+    _worker_app, _worker_cohort = client_app, cohort
+    if gpus:
+        with started.get_lock():  # the workers' start order deals out the GPUs
+            index, started.value = started.value, started.value + 1
+        torch.cuda.set_device(gpus[index % len(gpus)])
     # One thread per worker, for torch and for BLAS alike: the workers already fill the
     # cores, and OpenBLAS's spinning threads in several forked workers (scipy's LAPACK
     # in the CIM solver) starve each other to a near-standstill.
@@ -213,7 +279,7 @@ def _start_worker(client_app: ClientApp) -> None:
 
 def _run_share(share: Sequence[tuple[Message, Context]]) -> list[tuple[Message, RecordDict]]:
     assert _worker_app is not None, "worker not started"
-    return [(handle(_worker_app, message, context), context.state) for message, context in share]
+    return [(reply, context.state) for reply, (_, context) in zip(deliver(_worker_app, _worker_cohort, share), share)]
 
 
 def in_process_grid(
@@ -223,11 +289,12 @@ def in_process_grid(
     workers: ClientWorkers | None = None,
     stop: threading.Event | None = None,
     node_configs: Sequence[Mapping[str, Any]] = (),
+    cohort: CohortHandler | None = None,
 ) -> InProcessGrid:
     """A grid of ``num_nodes`` in-process nodes running ``client_app`` (in ``workers``, if given)."""
     # Flower's runtimes set the identity of the task a process runs; messages read it.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = RUN_ID, RUN_ID, SERVER_NODE_ID
-    return InProcessGrid(client_app, node_contexts(run_config, num_nodes, node_configs), workers, stop)
+    return InProcessGrid(client_app, node_contexts(run_config, num_nodes, node_configs), workers, stop, cohort)
 
 
 def run_in_process(
@@ -238,14 +305,18 @@ def run_in_process(
     workers: int = 1,
     stop: threading.Event | None = None,
     node_configs: Sequence[Mapping[str, Any]] = (),
+    cohort: CohortHandler | None = None,
+    gpus: Sequence[int] = (),
 ) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process nodes, as ``flwr run`` would;
-    ``workers`` > 1 runs each round's clients in that many worker processes. Setting
-    ``stop`` (from another thread) ends the run with :class:`RunStopped`. ``node_configs``:
-    the simulated data owners' own node configs (round robin by partition)."""
-    pool = ClientWorkers(client_app, workers) if workers > 1 else None
+    ``workers`` > 1 runs each round's clients in that many worker processes (spawned, one
+    per GPU of ``gpus`` in turn, when there are any), and ``cohort`` hands each process's
+    train messages over together. Setting ``stop`` (from another thread) ends the run
+    with :class:`RunStopped`. ``node_configs``: the simulated data owners' own node
+    configs (round robin by partition)."""
+    pool = ClientWorkers(client_app, workers, cohort, gpus) if workers > 1 else None
     try:
-        grid = in_process_grid(client_app, run_config, num_nodes, pool, stop, node_configs)
+        grid = in_process_grid(client_app, run_config, num_nodes, pool, stop, node_configs, cohort)
         server_context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                                  run_config=dict(run_config))  # fmt: skip
         server_app(grid, server_context)

@@ -9,16 +9,19 @@ components point at the installed ``dpfl`` package, so the same ServerApp and
 ClientApp objects run as with ``flwr run .`` from a clone.
 
 Flower's log of the run (``flower.log``) is public, so it gets only the ``flwr run``
-stream of the ServerApp: the SuperLink's own log (timestamped requests) goes to a
-server-private file, and the lines Ray forwards from the simulated nodes' processes
-(``(ClientAppActor pid=…)``: per-client facts, one line per sampled client) to the
-simulated nodes' log, never to ``flower.log``.
+stream of the ServerApp, and of it only the ServerApp's own lines
+(:func:`dpfl.server.public_records.is_public_log_line`). The SuperLink's own log
+(timestamped requests) and every other line (Flower's and Ray's notices, the
+tracebacks of clients that failed or refused, which may name a node's participation)
+go to a server-private file, and the lines Ray forwards from the simulated nodes'
+processes (``(ClientAppActor pid=…)``: per-client facts) to the simulated nodes' log.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import signal
 import socket
@@ -35,13 +38,19 @@ from typing import Any
 import psutil
 
 from dpfl.client.node import SIMULATED_NODE_CONFIGS_ENV, simulated_node_configs_env
+from dpfl.server.public_records import is_public_log_line
+from dpfl.errors import UsageError
 from dpfl.settings import RunSettings
+from dpfl.task.devices import cuda_devices
 
 SUPERLINK_START_TIMEOUT_S = 60.0
 # One CPU per ClientApp, so a 2-core machine runs two clients at a time.
 CLIENT_CPUS = 1
 # How Ray marks a line a simulated node's process printed.
 NODE_PROCESS_MARK = "ClientAppActor pid="
+# Flower's console line: colour codes, a level, a colon, the message.
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+CONSOLE_LINE = re.compile(r"^\s*(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*(.*)$")
 
 
 def _free_port() -> int:
@@ -106,6 +115,8 @@ def private_flower_environment(flower_home: Path) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Without Ray's warning about a GPU setting that CPU clients do not use.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         # One thread per process: each ClientApp has one CPU, and oversubscribed
         # OpenMP threads spin-wait (a 10x slowdown measured on 2 cores).
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(CLIENT_CPUS)),
@@ -188,6 +199,19 @@ def kill_processes(processes: list[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=10)
 
 
+def client_resources(device: str) -> str:
+    """Flower's resources for each ClientApp of a run on ``device``: one CPU, and with GPUs a
+    share of them such that a client on every core fits (Ray then shows each ClientApp only
+    the GPU it assigned, which is its ``cuda``)."""
+    if device.startswith("cuda:"):
+        raise UsageError(f"device {device!r}: Flower's engine assigns the GPUs itself; use device cuda (or auto)")
+    resources = f"client-resources-num-cpus={CLIENT_CPUS}"
+    gpus = cuda_devices(device)
+    if gpus:
+        resources += f" client-resources-num-gpus={min(1.0, len(gpus) / len(os.sched_getaffinity(0))):.4g}"
+    return resources
+
+
 @contextmanager
 def simulation(
     settings: RunSettings, num_supernodes: int, log_file: Path, superlink_log: Path, nodes_log: Path,
@@ -204,13 +228,14 @@ def simulation(
         app_dir.mkdir()
         write_app(app_dir, settings)
         env = private_flower_environment(home_path / "flwr")
-        if node_configs:
-            env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
+        # Also marks the nodes as simulated: their owner is this simulation's user.
+        env[SIMULATED_NODE_CONFIGS_ENV] = simulated_node_configs_env(list(node_configs))
         with local_superlink(env, superlink_log):
-            federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={CLIENT_CPUS}"
+            federation = f"num-supernodes={num_supernodes} {client_resources(settings.device)}"
             command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home)
-            splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, nodes_log), daemon=True)
+            splitter = threading.Thread(target=split_stream, args=(process.stdout, log_file, superlink_log, nodes_log),
+                                        daemon=True)  # fmt: skip
             splitter.start()
             try:
                 yield process
@@ -221,11 +246,20 @@ def simulation(
                 splitter.join(timeout=10)
 
 
-def split_stream(stream, public_log: Path, nodes_log: Path) -> None:
-    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, the rest to ``public_log``."""
+def split_stream(stream, public_log: Path, server_log: Path, nodes_log: Path) -> None:
+    """Copy ``flwr run``'s output line by line: the simulated nodes' lines to ``nodes_log``, the
+    ServerApp's own lines to ``public_log`` (without colour codes), everything else to ``server_log``."""
     nodes_log.parent.mkdir(parents=True, exist_ok=True)
-    with public_log.open("ab") as public, nodes_log.open("ab") as nodes:
+    with public_log.open("ab") as public, server_log.open("ab") as server, nodes_log.open("ab") as nodes:
         for line in iter(stream.readline, b""):
-            target = nodes if NODE_PROCESS_MARK.encode() in line else public
-            target.write(line)
-            target.flush()
+            text = COLOUR.sub("", line.decode(errors="replace"))
+            console = CONSOLE_LINE.match(text.rstrip("\n"))
+            # The logs are files: plain text, without colour codes.
+            if NODE_PROCESS_MARK in text:
+                nodes.write(text.encode())
+            elif console and is_public_log_line(console.group(1)):
+                public.write(text.encode())
+            else:
+                server.write(text.encode())
+            for target in (public, server, nodes):
+                target.flush()

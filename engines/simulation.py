@@ -9,33 +9,45 @@ simulated node.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpfl.client.app import app as client_app
-from dpfl.engines.inprocess import flower_log_to, run_in_process
+from flwr.clientapp import ClientApp
+
+from dpfl.client.app import app as client_app, train_cohort
+from dpfl.engines.inprocess import CohortHandler, flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
+from dpfl.errors import UsageError
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
-from dpfl.server.app import app as server_app
+from dpfl.progress import Progress, no_progress
+from dpfl.server.app import app as server_app, resolve_noise_multiplier
 from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.public_records import pin_public_times
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import not_valid_reasons
+from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset, load_dataset
+from dpfl.task.devices import cuda_devices, device_name
 from dpfl.task.partition import partition_indices
+from dpfl.task.pretraining import GENERATORS, pretrained_weights
 
 FLOWER_LOG = "flower.log"
-# Flower's engine: the SuperLink's own log (the server operator's), and what the simulated
-# nodes' processes print (per-client lines, the nodes' own).
-SUPERLINK_LOG = "server_private_superlink.log"
+# Every line of Flower's log that is not the ServerApp's own (the server operator's), and what
+# the simulated nodes' processes print under Flower's engine (per-client lines, the nodes' own).
+SERVER_LOG = "server_private_flower.log"
 NODES_LOG = "nodes/simulated_nodes.log"
-ENGINES = ("flower", "in-process")
 # Lines of the Flower log shown when `flwr run` fails.
 LOG_TAIL_LINES = 15
+# How often a follower looks for new rounds in a run's metrics.jsonl, in seconds.
+FOLLOW_INTERVAL = 0.5
+Follow = Callable[[Callable[[], bool]], None]
 
 
 def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
@@ -49,15 +61,24 @@ def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
     return settings
 
 
-def prepare_run(settings: RunSettings, download: bool = False) -> None:
-    """Everything a run needs before its first round, checked (and the data set cached)."""
+def prepare_run(settings: RunSettings, download: bool = False, progress: Progress = no_progress) -> None:
+    """Everything a run needs before its first round, checked (and the data set cached), and
+    the public pretraining its model starts from computed into the cache, with ``progress``."""
+    initial = None
+    device_name(settings.device)  # a device that is not here is refused now, in one line
     if settings.init_from and not settings.resume_from:
-        load_initial_state(settings.init_from, settings.init_new_data)
+        initial = load_initial_state(settings.init_from, settings.init_new_data)
+    if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
+        resolve_noise_multiplier(settings, initial.history if initial else ())
     smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
     if download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
+    if settings.pretraining in GENERATORS and not (settings.resume_from or settings.init_from):
+        # The ServerApp reads the cache (in whatever process it runs), so it starts at once.
+        spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
+        pretrained_weights(spec, settings.pretraining, progress=progress)
 
 
 def run_warnings(settings: RunSettings) -> list[str]:
@@ -73,9 +94,67 @@ def run_warnings(settings: RunSettings) -> list[str]:
     return [warning for warning in [*not_valid_reasons(params), settings.delta_warning(), budget] if warning]
 
 
+def follow_rounds(metrics: Path, on_round: Callable[[dict[str, Any]], None]) -> Follow:
+    """A ``follow`` for :func:`run_simulation`: ``on_round`` sees each round of ``metrics``
+    (a run's ``metrics.jsonl``, public records only) as the ServerApp writes it."""
+
+    def follow(running: Callable[[], bool]) -> None:
+        offset = 0
+        while True:
+            finished = not running()
+            if metrics.exists():
+                with metrics.open() as lines:
+                    lines.seek(offset)
+                    for line in iter(lines.readline, ""):
+                        if not line.endswith("\n"):  # being written
+                            break
+                        offset += len(line)
+                        on_round(json.loads(line))
+            if finished:
+                return
+            time.sleep(FOLLOW_INTERVAL)
+
+    return follow
+
+
+def cohort_obstacles(settings: RunSettings, engine: str) -> list[str]:
+    """Why the run's clients could not train in vectorised cohorts on ``engine`` (none: they can)."""
+    rule = get_strategy_class(settings.strategy).local_update_rule
+    return [
+        text for text, applies in (
+            ("Flower's engine runs each client on its own", engine != "in-process"),
+            (f"the strategy's local rule {rule.__qualname__} has no functional form", not rule.has_functional_form()),
+            ("local DP (Opacus) trains each client on its own", settings.local_dp),
+            ("multi-precision training (train-bit-widths) trains each client on its own", bool(settings.bit_widths())),
+        ) if applies
+    ]  # fmt: skip
+
+
+def vectorised(settings: RunSettings, engine: str = "in-process") -> bool:
+    """Whether the run's clients train in vectorised cohorts: ``cohort-batching`` auto
+    wherever they can, off never; on refuses, in one line, a run where they cannot."""
+    obstacles = cohort_obstacles(settings, engine)
+    if obstacles and settings.cohort_batching == "on":
+        raise UsageError(f"cohort-batching on: a round's clients cannot train as one cohort here: {'; '.join(obstacles)}")
+    return settings.cohort_batching != "off" and not obstacles
+
+
+def client_training(settings: RunSettings, engine: str) -> str:
+    """How the run's clients train and where, for the run's header."""
+    device = device_name(settings.device)
+    if vectorised(settings, engine):
+        return f"clients train on {device} in vectorised cohorts (torch.func)"
+    why = "cohort-batching off" if settings.cohort_batching == "off" else "; ".join(cohort_obstacles(settings, engine))
+    return f"clients train on {device} one by one ({why})"
+
+
+def cohort_handler(settings: RunSettings) -> CohortHandler | None:
+    """dpfl's cohort handler for an in-process run of ``settings``, or None to train one by one."""
+    return train_cohort if vectorised(settings) else None
+
+
 def run_simulation(
-    settings: RunSettings, engine: str, workers: int, follow: Callable[[Callable[[], bool]], None],
-    node_configs: Sequence[Mapping[str, Any]] = (),
+    settings: RunSettings, engine: str, workers: int, follow: Follow, node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
     """Run ``settings`` on ``engine`` while ``follow(running)`` watches; the failure, or None.
 
@@ -86,40 +165,52 @@ def run_simulation(
     """
     out = Path(settings.out_dir)
     if engine == "flower":
-        return _run_on_flower(settings, out, follow, node_configs)
-    return _run_in_process(settings, out, workers, follow, node_configs)
+        failure = _run_on_flower(settings, out, follow, node_configs)
+    else:
+        failure = run_in_process_following(settings, follow, workers, node_configs=node_configs)
+    if (out / "config.json").exists():  # flower.log's last line came after the records were written
+        pin_public_times(out)
+    return failure
 
 
 def _run_on_flower(
-    settings: RunSettings, out: Path, follow: Callable[[Callable[[], bool]], None], node_configs: Sequence[Mapping[str, Any]]
+    settings: RunSettings, out: Path, follow: Follow, node_configs: Sequence[Mapping[str, Any]]
 ) -> str | None:
     try:
-        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SUPERLINK_LOG, out / NODES_LOG,
+        with simulation(settings, settings.num_clients, out / FLOWER_LOG, out / SERVER_LOG, out / NODES_LOG,
                         node_configs) as flower:  # fmt: skip
             follow(lambda: flower.poll() is None)
     except FederationError as err:
         return str(err)
     if flower.returncode:
-        tail = (out / FLOWER_LOG).read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
-        return "flwr run exited with code {}; last lines of the Flower log:\n{}".format(flower.returncode, "\n".join(tail))
+        tail = (out / SERVER_LOG).read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
+        return "flwr run exited with code {}; last lines of {}:\n{}".format(flower.returncode, SERVER_LOG, "\n".join(tail))
     return None
 
 
-def _run_in_process(
-    settings: RunSettings, out: Path, workers: int, follow: Callable[[Callable[[], bool]], None],
-    node_configs: Sequence[Mapping[str, Any]],
+def run_in_process_following(
+    settings: RunSettings, follow: Follow, workers: int = 1, client: ClientApp = client_app,
+    num_nodes: int | None = None, log: Path | None = None, node_configs: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
+    """Run ``settings`` on the in-process engine, ``client`` on ``num_nodes`` nodes (default:
+    the ClientApp on one node per client), while ``follow`` watches as in :func:`run_simulation`;
+    Flower's public log goes to ``log`` (default: the run folder's), its other lines to
+    :data:`SERVER_LOG` beside it. The failure, or None."""
     failure: list[str] = []
     stop = threading.Event()
+    log = log or Path(settings.out_dir) / FLOWER_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
 
     def target() -> None:
         try:
-            run_in_process(server_app, client_app, settings.to_run_config(), settings.num_clients, workers, stop,
-                           node_configs)  # fmt: skip
+            # Vectorised cohorts are the ClientApp's own: another client (an audit's) trains one by one.
+            cohort = cohort_handler(settings) if client is client_app else None
+            run_in_process(server_app, client, settings.to_run_config(), num_nodes or settings.num_clients, workers, stop,
+                           node_configs, cohort, cuda_devices(settings.device))  # fmt: skip
         except Exception as err:  # noqa: BLE001 - reported below, as a failed Flower run would be
             failure.append(f"{type(err).__name__}: {err}")
 
-    with flower_log_to(out / FLOWER_LOG):
+    with flower_log_to(log, log.with_name(SERVER_LOG)):
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
         try:

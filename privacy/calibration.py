@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from scipy.optimize import brentq
-
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import History, create_accountant
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
@@ -21,10 +19,11 @@ def calibrate_noise_multiplier(
     """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``.
 
     ``prior``: rounds already spent on the same clients (an earlier run's ledger),
-    which the target includes.
+    which the target includes. A target that even σ = :data:`MAX_NOISE_MULTIPLIER`
+    does not reach is refused with the smallest ε that σ gives.
     """
-    if not target_epsilon > 0:
-        raise UsageError(f"target epsilon must be > 0, got {target_epsilon}")
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise UsageError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
     spent = create_accountant(accountant, delta).spent
     already = spent(prior)[0]
     if already >= target_epsilon:
@@ -35,25 +34,32 @@ def calibrate_noise_multiplier(
     def excess(sigma: float) -> float:
         return spent([*prior, (sigma, sample_rate, rounds)])[0] - target_epsilon
 
+    smallest = excess(MAX_NOISE_MULTIPLIER) + target_epsilon
+    if smallest > target_epsilon:
+        raise UsageError(
+            f"target epsilon {target_epsilon:g} cannot be reached in {rounds} rounds at sample rate {sample_rate:g}: "
+            f"the smallest epsilon ({accountant}, delta {delta:g}) with a noise multiplier up to "
+            f"{MAX_NOISE_MULTIPLIER:g} is {smallest:.4g}"
+        )
     if accountant == "rdp":
         low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
-        if excess(high) > 0:
-            raise UsageError(
-                f"target epsilon {target_epsilon} cannot be reached in {rounds} rounds at sample rate "
-                f"{sample_rate} with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}"
-            )
     else:
-        # PRV and PLD bound ε more tightly than RDP, so RDP's σ meets the target and the
-        # search brackets the answer below it: these accountants get slow at small σ.
-        # The guard covers their small numerical error.
-        high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, prior=prior)
+        # PRV and PLD bound ε more tightly than RDP, so RDP's σ (where RDP reaches the
+        # target) meets it too and the search brackets the answer below it: these
+        # accountants get slow at small σ. The guard covers their small numerical error.
+        try:
+            high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, prior=prior)
+        except UsageError:  # beyond RDP's reach, not beyond this accountant's
+            high = MAX_NOISE_MULTIPLIER
         while excess(high) > 0:
-            high *= 1.01
+            high = min(high * 1.01, MAX_NOISE_MULTIPLIER)
         low = max(high / 2, MIN_NOISE_MULTIPLIER)
         while excess(low) <= 0 and low > MIN_NOISE_MULTIPLIER:
             low = max(low / 2, MIN_NOISE_MULTIPLIER)
     if excess(low) <= 0:
         return low
+    from scipy.optimize import brentq
+
     sigma = brentq(excess, low, high, rtol=1e-6)
     # brentq may land a hair on the wrong side of the root: step up until within budget.
     while excess(sigma) > 0:

@@ -1,12 +1,14 @@
-"""Flat L2 clipping of a model update given as named tensors."""
+"""Flat L2 clipping of a model update, as one vector or as named tensors."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+
+from dpfl.privacy.flat import Layout
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -21,27 +23,37 @@ def global_l2_norm(tensors: Tensors | Iterable[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def all_finite(tensors: Tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
-
-
 def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """Scale ``tensors`` by min(1, C/‖u‖) and return them with ‖u‖ before clipping.
 
     One norm over the whole update (not per layer), so the update's L2 sensitivity
-    is C. The norm and the scale are computed in float64 and the result, in the
-    tensors' own dtype, is checked again: ‖clip(u)‖ ≤ C holds exactly for what is
-    returned, not only up to float32 rounding. A non-finite update (NaN or Inf
-    anywhere) is replaced by zeros: ``min(1, C/nan)`` would be 1 and let it through
-    unclipped.
+    is C: :func:`clip_vector` on the update laid out as one vector
+    (:class:`dpfl.privacy.flat.Layout`), returned as named views of it.
     """
-    norm = global_l2_norm(tensors)
+    layout = Layout(tensors)
+    clipped, norm = clip_vector(layout.flatten(tensors), clip_norm, layout.cast)
+    return layout.unflatten(clipped), norm
+
+
+def clip_vector(
+    vector: torch.Tensor, clip_norm: float, cast: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, float]:
+    """``vector`` scaled by min(1, C/‖u‖), and ‖u‖ before clipping.
+
+    The norm and the scale are computed in float64 and the result, rounded as it will
+    be held (``cast``, by default to the vector's own dtype), is checked again:
+    ‖clip(u)‖ ≤ C holds exactly for what is returned, not only up to float32 rounding.
+    A non-finite update (NaN or Inf anywhere) is replaced by zeros: ``min(1, C/nan)``
+    would be 1 and let it through unclipped.
+    """
+    cast = cast or (lambda scaled: scaled.to(vector.dtype))
+    norm = float(torch.linalg.vector_norm(vector.double()))
     if not math.isfinite(norm):
-        return {name: torch.zeros_like(t) for name, t in tensors.items()}, norm
+        return torch.zeros_like(vector), norm
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     while True:
-        clipped = {name: (t.double() * scale).to(t.dtype) for name, t in tensors.items()}
-        if scale == 1.0 or global_l2_norm(clipped) <= clip_norm:
+        clipped = vector if scale == 1.0 else cast(vector.double() * scale)
+        if scale == 1.0 or float(torch.linalg.vector_norm(clipped.double())) <= clip_norm:
             return clipped, norm
         scale *= _SHRINK
 

@@ -66,7 +66,8 @@ from dpfl.privacy.adaptive_clipping import (
     count_noise_multiplier,
     unclipped_bit,
 )
-from dpfl.privacy.clipping import all_finite, flat_clip, global_l2_norm, per_tensor_median_clip
+from dpfl.privacy.clipping import clip_vector, per_tensor_median_clip
+from dpfl.privacy.flat import Layout
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
 
@@ -359,13 +360,14 @@ class ClientLevelMechanism:
                 return f"tensor {name!r} has shape {tuple(update[name].shape)}, the model's is {tuple(tensor.shape)}"
             if update[name].dtype != tensor.dtype:
                 return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
-        if not all_finite(update):
+        layout = Layout(like)
+        vector = layout.flatten(update)
+        if not bool(torch.isfinite(vector).all()):
             return "the update has NaN or Inf values"
         share = self.params.client_noise_std(self.clip_norm)
         if share > 0:
-            dimension = sum(t.numel() for t in like.values())
-            bound = self.clip_norm + share * (math.sqrt(dimension) + PLAUSIBLE_NOISE_TAIL)
-            norm = global_l2_norm(update)
+            bound = self.clip_norm + share * (math.sqrt(layout.size) + PLAUSIBLE_NOISE_TAIL)
+            norm = float(torch.linalg.vector_norm(vector.double()))
             if norm > bound:
                 return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
         return None
@@ -403,24 +405,25 @@ class ClientLevelMechanism:
                 self.journal(self.accountant.state_dict())
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
-        total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
+        # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end.
+        layout = Layout(like)
+        total = torch.zeros(layout.size, dtype=torch.float64)
         for update in updates:
+            vector = layout.flatten(update)
             if p.flat and p.noise_placement == "server":
-                # Re-clip: the sensitivity bound holds whatever a client sent.
-                update, _ = flat_clip(update, self.clip_norm)
-            for name, t in update.items():
-                total[name] += t.double()
+                # Re-clip: the sensitivity bound holds, for what is summed, whatever a client sent.
+                vector, _ = clip_vector(vector, self.clip_norm, layout.cast)
+            total += vector
         std = p.server_noise_std(len(updates), self.clip_norm)
         if std > 0:
-            stream = self.randomness.stream("server-noise", server_round)
-            total = {name: t + stream.gaussian(t.shape, std) for name, t in total.items()}
+            total += self.randomness.stream("server-noise", server_round).gaussian_segments(layout.sizes, std)
         if p.private:
             denominator = p.expected_clients if p.clipping == "flat" else p.sample_size
         else:
             denominator = max(1, len(updates))
         if self.adaptive:
             self._adapt_clip_norm(unclipped, server_round)
-        return {name: (t / denominator).to(like[name].dtype) for name, t in total.items()}
+        return layout.unflatten(total / denominator)
 
     def _adapt_clip_norm(self, unclipped: Sequence[float], server_round: int) -> None:
         adaptive = self.params.adaptive_clipping
@@ -452,7 +455,8 @@ class ClientLevelMechanism:
 
     def is_clipped(self, update: Tensors) -> bool:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
-        return global_l2_norm(update) >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
+        norm = float(torch.linalg.vector_norm(Layout(update).flatten(update).double()))
+        return norm >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -513,29 +517,53 @@ class ClientInstructions:
 def privatise_update(
     private: Tensors, instructions: ClientInstructions, stream: RandomStream
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """The client's half: clip the private part and add its noise share; return it and ‖u‖.
+    """The client's half: clip the private part and add its noise share; return it and ‖u‖
+    (:func:`privatise_vector` on the update laid out as one vector)."""
+    layout = Layout(private)
+    return privatise_vector(layout.flatten(private), layout, instructions, stream)
 
-    ``clip_norm`` 0 means no clipping (a strategy without DP). A non-finite update
-    is sent as zeros plus the share (:func:`flat_clip`).
+
+def privatise_vector(
+    vector: torch.Tensor, layout: Layout, instructions: ClientInstructions, stream: RandomStream
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The client's half on its private part as one vector (``layout``'s): one norm, one
+    scale, one noise draw; the result as named views for the reply, and ‖u‖.
+
+    ``clip_norm`` 0 means no clipping (a strategy without DP). A non-finite update is
+    sent as zeros plus the share (:func:`dpfl.privacy.clipping.clip_vector`).
     """
     if instructions.clipping == "paper" and instructions.clip_norm > 0:
-        clipped, median_norm, norm = per_tensor_median_clip(private)
+        clipped, median_norm, norm = per_tensor_median_clip(layout.unflatten(vector))
         std = instructions.noise_multiplier * median_norm / math.sqrt(instructions.sample_size)
-    elif instructions.clip_norm > 0:
-        clipped, norm = flat_clip(private, instructions.clip_norm)
+        return add_noise(clipped, std, stream), norm
+    if instructions.clip_norm > 0:
+        clipped, norm = clip_vector(vector, instructions.clip_norm, layout.cast)
         std = instructions.client_noise_std
     else:
-        clipped, norm, std = dict(private), global_l2_norm(private), 0.0
-    return add_noise(clipped, std, stream), norm
+        clipped, norm, std = vector, float(torch.linalg.vector_norm(vector.double())), 0.0
+    return layout.unflatten(_noised(clipped, std, stream, layout)), norm
 
 
 def noise_share(like: Tensors, instructions: ClientInstructions, stream: RandomStream) -> dict[str, torch.Tensor]:
     """A client that was not sampled: its noise share on a zero update."""
-    return add_noise({name: torch.zeros_like(t) for name, t in like.items()}, instructions.client_noise_std, stream)
+    layout = Layout(like)
+    zeros = torch.zeros(layout.size, dtype=layout.dtype)
+    return layout.unflatten(_noised(zeros, instructions.client_noise_std, stream, layout))
 
 
 def add_noise(tensors: Tensors, std: float, stream: RandomStream) -> dict[str, torch.Tensor]:
     """``tensors`` + N(0, std²) per coordinate, added in float64, returned in their dtypes."""
+    layout = Layout(tensors)
+    return layout.unflatten(_noised(layout.flatten(tensors), std, stream, layout))
+
+
+def _noised(vector: torch.Tensor, std: float, stream: RandomStream, layout: Layout) -> torch.Tensor:
+    """``vector`` + N(0, std²) per coordinate, added in float64 and rounded as ``layout`` holds it.
+
+    The draws are the named tensors' own draws in their order
+    (:meth:`RandomStream.gaussian_segments`), so a flat update is noised exactly as its
+    tensors were one by one.
+    """
     if std == 0:
-        return dict(tensors)
-    return {name: (t.double() + stream.gaussian(t.shape, std)).to(t.dtype) for name, t in tensors.items()}
+        return vector
+    return layout.cast(vector.double() + stream.gaussian_segments(layout.sizes, std))

@@ -109,6 +109,22 @@ class PolicyRequest:
             report_unclipped=bool(config[REPORT_UNCLIPPED]),
         )
 
+    def malformed(self) -> str | None:
+        """Why these values are no mechanism at all (a non-finite or out-of-range number), or None."""
+        numbers = {"noise multiplier": self.noise_multiplier, "update noise multiplier": self.update_noise_multiplier,
+                   "clip norm": self.clip_norm}  # fmt: skip
+        for name, value in numbers.items():
+            if not (math.isfinite(value) and value >= 0):
+                return f"run's {name} {value!r} is not a finite number >= 0"
+        if not 0 <= self.sample_rate <= 1:
+            return f"run's sample rate {self.sample_rate!r} is not in [0, 1]"
+        if not 0 < self.delta < 1:
+            return f"run's delta {self.delta!r} is not in (0, 1)"
+        if self.num_clients < 1 or self.sample_size < 1 or self.server_round < 0:
+            return (f"run's {self.num_clients} clients, sample size {self.sample_size} or round {self.server_round} "
+                    "is not a count")  # fmt: skip
+        return None
+
     @property
     def epsilon_valid(self) -> bool:
         """Whether ε bounds this run as the node will run it: computed here, never taken from a claim."""
@@ -118,24 +134,30 @@ class PolicyRequest:
 
 @dataclass(frozen=True)
 class Participation:
-    """What the node has seen of a run: the highest round it was sent, how often it contributed."""
+    """What the node has answered of a run: the highest round number, the messages whose round
+    did not move past it (a repeated or earlier round: each counts as a round of its own), and
+    how often it contributed. Refused messages leave it unchanged."""
 
     rounds: int = 0
     contributions: int = 0
+    repeats: int = 0
+
+    @property
+    def effective_rounds(self) -> int:
+        """The rounds the node must assume: a server cannot hide rounds by repeating their numbers."""
+        return self.rounds + self.repeats
 
     def after(self, request: PolicyRequest) -> Participation:
         """The participation once ``request`` is answered."""
-        return Participation(max(self.rounds, request.server_round), self.contributions + request.contribute_update)
-
-    def refused(self, request: PolicyRequest) -> Participation:
-        """The participation once ``request`` is refused: its round was seen, nothing contributed."""
-        return Participation(max(self.rounds, request.server_round), self.contributions)
+        repeat = 0 < request.server_round <= self.rounds
+        return Participation(max(self.rounds, request.server_round), self.contributions + request.contribute_update,
+                             self.repeats + repeat)  # fmt: skip
 
     def implausible_under(self, sample_rate: float) -> bool:
         """Whether so many contributions in so few rounds are implausible for Poisson(``sample_rate``)."""
         if self.contributions == 0:
             return False
-        rounds = max(self.rounds, self.contributions)
+        rounds = max(self.effective_rounds, self.contributions)
         return float(binom.sf(self.contributions - 1, rounds, min(max(sample_rate, 0.0), 1.0))) < SAMPLING_TEST_LEVEL
 
 
@@ -202,7 +224,10 @@ class NodePrivacyPolicy:
         """One line naming every limit ``request`` breaks, or None when it respects them all.
 
         ``participation`` is the node's, with ``request`` answered (:meth:`Participation.after`).
+        A message whose values are no mechanism at all is refused whatever the policy.
         """
+        if malformed := request.malformed():
+            return malformed
         reasons = []
         if self.registered_strategies_only and ":" in request.strategy:
             reasons.append(
@@ -238,6 +263,8 @@ class NodePrivacyPolicy:
     def _inconsistencies(request: PolicyRequest, participation: Participation) -> list[str]:
         """What no honest server asks of a node that has set limits."""
         reasons = []
+        if request.noise_multiplier > 0 and not request.clip_norm > 0:
+            reasons.append("run asks for noise without clipping: an unclipped update has no sensitivity bound")
         if request.reproducible_noise:
             reasons.append("run asks for reproducible noise, which anyone who knows the seed can remove")
         if request.clipping != "flat":
@@ -253,7 +280,7 @@ class NodePrivacyPolicy:
         if participation.implausible_under(request.sample_rate):
             reasons.append(
                 f"this node was asked to contribute {participation.contributions} times in "
-                f"{participation.rounds} rounds, implausible at sample rate {request.sample_rate:g} "
+                f"{participation.effective_rounds} rounds, implausible at sample rate {request.sample_rate:g} "
                 f"(binomial tail below {SAMPLING_TEST_LEVEL:g})"
             )
         return reasons
@@ -262,22 +289,29 @@ class NodePrivacyPolicy:
         """This node's ε (RDP) by this policy: amplified over the run's rounds if it trusts the
         server's sampling, else over its own contributions without amplification."""
         if self.trust_server_sampling:
-            return amplified_epsilon(request, delta)
+            return amplified_epsilon(request, participation, delta)
         return unamplified_epsilon(request, participation, delta)
 
     def _basis(self, request: PolicyRequest, participation: Participation) -> str:
         if self.trust_server_sampling:
-            return (f"after {request.rounds} rounds (noise multiplier {request.noise_multiplier:g}, "
-                    f"sample rate {request.sample_rate:g}, trusting the server's sampling)")  # fmt: skip
+            return (f"after {accounted_rounds(request, participation)} rounds (noise multiplier "
+                    f"{request.noise_multiplier:g}, sample rate {request.sample_rate:g}, trusting the server's "
+                    "sampling)")  # fmt: skip
         return (f"after {participation.contributions} contributions (noise multiplier "
                 f"{request.noise_multiplier:g}, without amplification by sampling)")  # fmt: skip
 
 
-def amplified_epsilon(request: PolicyRequest, delta: float) -> float:
+def accounted_rounds(request: PolicyRequest, participation: Participation) -> int:
+    """The rounds a node that trusts the server's sampling counts: the planned rounds, or more if
+    it has seen more (a round number past them, or repeated round numbers)."""
+    return max(request.rounds, participation.effective_rounds)
+
+
+def amplified_epsilon(request: PolicyRequest, participation: Participation, delta: float) -> float:
     """ε of the run's rounds of Poisson(q)-subsampled Gaussian releases, as the server claims them."""
     if not (request.noise_multiplier > 0 and 0 < request.sample_rate <= 1):
         return math.inf
-    return _epsilon(request.noise_multiplier, request.sample_rate, request.rounds, delta)
+    return _epsilon(request.noise_multiplier, request.sample_rate, accounted_rounds(request, participation), delta)
 
 
 def unamplified_epsilon(request: PolicyRequest, participation: Participation, delta: float) -> float:

@@ -24,6 +24,7 @@ told, while the set of floats it can produce no longer mirrors one draw's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -74,9 +75,45 @@ class RandomStream:
         scale = std / np.sqrt(GAUSSIAN_DRAWS_PER_SAMPLE)
         return torch.from_numpy(scale * draws.sum(axis=0)).reshape(tuple(shape))
 
+    def gaussian_segments(self, sizes: Sequence[int], std: float) -> torch.Tensor:
+        """One vector of N(0, std²) draws, equal bit for bit to ``gaussian((size,), std)`` for
+        each of ``sizes`` in turn, concatenated (a flat update's noise, drawn as its named
+        tensors' noise would be), from one read of the keystream."""
+        if not sizes:
+            return torch.zeros(0, dtype=torch.float64)
+        radius_at, angle_at, normal_at = _segment_indices(tuple(sizes))
+        words = self.uniform(2 * len(radius_at))
+        radius = np.sqrt(-2.0 * np.log(words[radius_at] + SMALLEST_UNIFORM))
+        angle = 2.0 * np.pi * words[angle_at]
+        normals = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+        scale = std / np.sqrt(GAUSSIAN_DRAWS_PER_SAMPLE)
+        return torch.from_numpy(scale * normals[normal_at].sum(axis=0))
+
     def bernoulli(self, count: int, probability: float) -> np.ndarray:
         """``count`` independent booleans, each True with ``probability``."""
         return self.uniform(count) < probability
+
+
+@functools.lru_cache(maxsize=8)
+def _segment_indices(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where :meth:`RandomStream.gaussian_segments` finds what per-segment calls would draw.
+
+    Segment i's ``gaussian`` reads p_i words for Box–Muller radii, then p_i for angles
+    (p_i pairs for its 4·n_i normals), and its normal j is the cosine output of pair j for
+    j < p_i, else the sine output of pair j − p_i; coordinate k sums its normals k, n_i + k,
+    2n_i + k, 3n_i + k. Returned: the radius and angle word of every pair (in pair order),
+    and for each of the four draws of every coordinate its place in [cosines, sines].
+    """
+    radius_at, angle_at, normal_at = [], [], []
+    word, pair, total_pairs = 0, 0, sum((GAUSSIAN_DRAWS_PER_SAMPLE * n + 1) // 2 for n in sizes)
+    for n in sizes:
+        pairs = (GAUSSIAN_DRAWS_PER_SAMPLE * n + 1) // 2
+        radius_at.append(np.arange(word, word + pairs))
+        angle_at.append(np.arange(word + pairs, word + 2 * pairs))
+        j = np.arange(GAUSSIAN_DRAWS_PER_SAMPLE * n).reshape(GAUSSIAN_DRAWS_PER_SAMPLE, n)
+        normal_at.append(np.where(j < pairs, pair + j, total_pairs + pair + j - pairs))
+        word, pair = word + 2 * pairs, pair + pairs
+    return np.concatenate(radius_at), np.concatenate(angle_at), np.concatenate(normal_at, axis=1)
 
 
 def largest_standard_normal() -> float:

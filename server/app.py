@@ -32,12 +32,14 @@ from dpfl.server.checkpoint import (
 )
 from dpfl.server.deployment_round import run_deployment_round
 from dpfl.task.evaluation import evaluate
-from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder, format_epsilon
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder
+from dpfl.server.round_line import round_line
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
 from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset
+from dpfl.task.devices import resolve_device
 from dpfl.task.pretraining import initialise
 from dpfl.task.recipes import recipe_for
 
@@ -87,7 +89,7 @@ def wait_for_nodes(grid: Grid, wanted: int) -> None:
     while (connected := len(list(grid.get_node_ids()))) < wanted:
         if time.monotonic() > deadline:
             raise UsageError(f"only {connected} of num-clients={wanted} nodes connected in {NODE_WAIT_TIMEOUT_S:g} s")
-        log(INFO, "waiting for nodes: %d of %d connected", connected, wanted)
+        log(INFO, "dpfl: waiting for nodes: %d of %d connected", connected, wanted)
         time.sleep(NODE_WAIT_POLL_S)
 
 
@@ -115,6 +117,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
+    device = resolve_device(settings.device)  # where the server evaluates (the model stays on the CPU)
     initial: InitialState | None = None
     if resume:
         load_weights(model, resume.weights, f"resume-from {settings.resume_from!r}")
@@ -143,7 +146,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "resolved-noise-multiplier": noise_multiplier,
             "local-steps": local_steps,
             "epsilon-valid": strategy.epsilon_valid,
-            "recipe": recipe_for(settings.model).as_run_config(),
+            "recipe": recipe_for(settings.model, settings.dataset).as_run_config(),
             "pretraining-seconds": pretraining_seconds,
         },
         resume=resume,
@@ -161,7 +164,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         latest["arrays"] = arrays
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, data.test)
+        loss, accuracy = evaluate(model, data.test, device=device)
         if server_round > 0:
             train_metrics = dict(strategy.last_metrics)
             recorder.record_private(strategy.private_diagnostics)
@@ -170,7 +173,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         if settings.local_dp:
             train_metrics["local-epsilon-nominal"] = local_epsilon_nominal(settings, local_steps, server_round)
         if data.validation is not None:
-            train_metrics["validation-accuracy"] = evaluate(model, data.validation)[1]
+            train_metrics["validation-accuracy"] = evaluate(model, data.validation, device=device)[1]
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
         save_run_checkpoint(recorder.out_dir, RunCheckpoint(
             round=server_round, weights=arrays.to_torch_state_dict(), strategy_state=strategy.state_dict(),
@@ -178,11 +181,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             rounds=recorder.rounds, pretraining_seconds=pretraining_seconds,
         ))  # fmt: skip
         # No duration: Flower's log is public, and a round's time grows with its private cohort.
-        log(
-            INFO,
-            "dpfl round %d/%d: accuracy %.4f, loss %.4f, epsilon %s (delta %g)",
-            server_round, settings.num_server_rounds, accuracy, loss, format_epsilon(row["epsilon"]), settings.delta,
-        )  # fmt: skip
+        log(INFO, "dpfl %s", round_line(row, settings.num_server_rounds, settings.delta, settings.local_delta))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     wait_for_nodes(grid, settings.num_clients)

@@ -9,7 +9,8 @@ from typing import Any
 
 
 def plot_curves(rounds: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Plot a run's public round records to ``path``; ε panels say so where ε is not valid."""
+    """Plot a run's public round records to ``path``; ε panels show the client-level ε, or where it
+    is not valid the sample-level ε of local DP when the run has it, or say that there is none."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +18,10 @@ def plot_curves(rounds: Sequence[dict[str, Any]], path: Path, title: str) -> Non
 
     steps = [row["round"] for row in rounds]
     accuracy = [row["accuracy"] for row in rounds]
-    epsilon = [row.get("epsilon") for row in rounds]
+    epsilon, label = [row.get("epsilon") for row in rounds], "epsilon spent"
+    if any(e is None for e in epsilon) and all("local-epsilon-nominal" in row for row in rounds):
+        # No client-level guarantee, but sample-level DP in every client: plot the ε the run has.
+        epsilon, label = [row["local-epsilon-nominal"] for row in rounds], "sample-level epsilon per client (nominal)"
     valid = bool(rounds) and all(e is not None and math.isfinite(e) for e in epsilon)
     figure, (by_round, spent, by_epsilon) = plt.subplots(1, 3, figsize=(15, 4.5))
     by_round.plot(steps, accuracy, marker=".")
@@ -25,8 +29,8 @@ def plot_curves(rounds: Sequence[dict[str, Any]], path: Path, title: str) -> Non
         by_round.plot(steps, [row.get("validation-accuracy") for row in rounds], marker=".", label="validation")
         by_round.legend(["test", "validation"])
     by_round.set(xlabel="round", ylabel="accuracy", title="accuracy by round")
-    spent.set(xlabel="round", ylabel="epsilon spent", title="privacy spent by round")
-    by_epsilon.set(xlabel="epsilon spent", ylabel="test accuracy", title="accuracy by privacy spent")
+    spent.set(xlabel="round", ylabel=label, title="privacy spent by round")
+    by_epsilon.set(xlabel=label, ylabel="test accuracy", title="accuracy by privacy spent")
     if valid:
         spent.plot(steps, epsilon, marker=".", color="tab:red")
         by_epsilon.plot(epsilon, accuracy, marker=".", color="tab:purple")

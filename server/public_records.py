@@ -14,6 +14,10 @@ public file against this inventory; the recorder refuses any other key as it wri
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 # One line per round in metrics.jsonl (and the records inside checkpoint.pt).
 PUBLIC_ROUND_KEYS = frozenset(
     {"round", "accuracy", "loss", "epsilon", "rdp-order", "lr", "noise-multiplier", "expected-clients",
@@ -58,17 +62,46 @@ PUBLIC_FILES = {
     "checkpoint.pt": "the last completed round's released state: CHECKPOINT_KEYS",
     "privacy_ledger.json": "the accountant's ledger: (sigma, q, steps) per entry",
     "curves.png": "metrics.jsonl's accuracy and epsilon, plotted",
-    "flower.log": "the ServerApp's log: the run's header and warnings, one line per round (round, accuracy, "
-    "loss, epsilon); no timestamps, no per-client line",
+    "flower.log": "the ServerApp's own lines (they start with 'dpfl'): the run's header and warnings, one line "
+    "per round (round, accuracy, loss, epsilon); no timestamps, no per-client line",
 }
 SERVER_PRIVATE_FILES = {
     "server_private_diagnostics.jsonl": "per round: sampled, replied, accepted, dropped clients and why, "
     "clipped fraction, round and wall time",
-    "server_private_superlink.log": "Flower's engine: the SuperLink's own log, timestamped",
+    "server_private_flower.log": "every other line Flower logs: the SuperLink's own log (timestamped), "
+    "Flower's and Ray's notices, the tracebacks of clients that failed or refused",
     "deployment.json": "the deployment round: what each node chose to share, outside epsilon",
     ".dpfl-run.lock": "the lock that keeps a second process out of the run folder",
 }
 NODE_PRIVATE_FOLDERS = {"nodes": "one folder per simulated node: its private log and deployment reports"}
+# The mark of a line of Flower's log that may be public: the ServerApp's own (dpfl's) lines. Any
+# other line (a client's traceback, which may name its refusal or participation, a library's
+# notice, a timestamp) goes to the server-private log.
+PUBLIC_LOG_MARK = "dpfl"
+
+
+def is_public_log_line(message: str) -> bool:
+    """Whether a log message (its text, without the level) may go to the public flower.log."""
+    return message.startswith(PUBLIC_LOG_MARK) and not CLOCK.search(message)
+
+
+# A clock time or a date: rounds must not be timed by the public log.
+CLOCK = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
+
+def pin_public_times(run_dir: Path) -> None:
+    """Give every public file of a finished run the time ``config.json`` was written.
+
+    A file's modification time is public with it, and the span between the first and the
+    last grows with the number of clients that trained (the attack: r = 0.81 over 14 runs).
+    While a run is live its files still change round by round: publish a folder once the
+    run has ended (README, threat model).
+    """
+    stamp = (run_dir / "config.json").stat().st_mtime
+    for name in PUBLIC_FILES:
+        if (run_dir / name).exists():
+            os.utime(run_dir / name, (stamp, stamp))
+
+
 # Where `dpfl audit` writes (a run of its own with canary clients): its report is computed from that
 # run's released models and the canaries' public directions.
 AUDIT_FOLDER = "audit"

@@ -34,7 +34,7 @@ import torch
 from dpfl.errors import UsageError
 from dpfl.server.checkpoint import LEDGER_KEY, RunCheckpoint
 from dpfl.server.curves import plot_curves
-from dpfl.server.public_records import CONFIG_EXTRA_KEYS, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS
+from dpfl.server.public_records import CONFIG_EXTRA_KEYS, PUBLIC_ROUND_KEYS, PUBLIC_SUMMARY_KEYS, pin_public_times
 from dpfl.settings import RunSettings
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.files import write_atomically
@@ -155,4 +155,5 @@ class RunRecorder:
         if self.rounds:  # drawn last: whatever happens here, the run's records are saved
             title = f"{self.config['strategy']}, {self.config['model']} on {self.config['dataset']}: {outcome}"
             plot_curves(self.rounds, self.out_dir / CURVES_FILE, title)
+        pin_public_times(self.out_dir)
         return summary

@@ -40,6 +40,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
+from torch.func import grad_and_value
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
@@ -87,9 +88,12 @@ PLATFORM_METHODS = frozenset(
      "mechanism", "max_epsilon", "last_metrics", "private_diagnostics", "noise_multiplier", "clip_norm",
      "sample_rate", "num_clients", "expected_clients", "accountant"}
 )  # fmt: skip
-# What a strategy's own code may not name: the mechanism (its randomness, parameters and
-# sample), the round's server-private facts, and the base class's private attributes.
-PLATFORM_PRIVATE_NAMES = frozenset({"mechanism", "private_diagnostics", "_ClientLevelDPStrategy__platform"})
+# What a strategy's own code (and that of every class it inherits from but the base) may not
+# name: the mechanism (its randomness, parameters and sample), its accountant, the round's
+# server-private facts, and the base class's private attributes.
+PLATFORM_PRIVATE_NAMES = frozenset(
+    {"mechanism", "accountant", "private_diagnostics", "_ClientLevelDPStrategy__platform"}
+)
 
 
 class BudgetExhausted(PrivacyBudgetExhausted):
@@ -105,6 +109,13 @@ class LocalUpdateRule:
     and takes a plain SGD step (momentum 0, so a public part stays exact).
     ``config`` is the round's train config (the strategy's options included);
     ``records`` the message's other records as tensors.
+
+    A rule may also have a functional form, :meth:`functional_gradient` and
+    :meth:`functional_direction`: the same computation as pure functions of named
+    tensors, which the platform runs under ``torch.func.vmap`` to train a round's
+    clients at once (``dpfl.client.cohort``). A rule that overrides a loop hook without
+    its twin (at the same or a more derived class) has no functional form
+    (:meth:`has_functional_form`) and runs in the loop.
     """
 
     def __init__(self, config: Mapping[str, Any], records: Mapping[str, Tensors]) -> None:
@@ -123,6 +134,50 @@ class LocalUpdateRule:
     def public_part(self, steps: int, lr: float) -> Tensors | None:
         """The data-independent part of Δ = x − y after ``steps`` steps at ``lr``, if any."""
         return None
+
+    # --- the functional form: twins of the two loop hooks -----------------------------
+
+    def functional_gradient(self, loss: LossFunction, params: Tensors, batch: Batch) -> tuple[Tensors, torch.Tensor]:
+        """:meth:`compute_gradient` as a pure function: (the gradient, the loss) at ``params``.
+
+        ``loss(params, *batch)`` is one client's mean loss on its mini-batch. The
+        platform calls this under ``torch.func.vmap`` over a cohort's clients, so it
+        may use ``torch.func`` transforms and tensor operations, but no in-place
+        change of its inputs, no ``.item()`` and no Python branch on a tensor's value
+        (``torch.where`` instead).
+        """
+        return grad_and_value(loss)(params, *batch)
+
+    def functional_direction(self, grads: Tensors) -> Tensors:
+        """:meth:`direction` as a pure function of the (clipped) gradient."""
+        return grads
+
+    @classmethod
+    def has_functional_form(cls) -> bool:
+        """Whether both loop hooks have their functional twin defined where they are, or below."""
+        twins = (("compute_gradient", "functional_gradient"), ("direction", "functional_direction"))
+        return all(issubclass(defining_class(cls, twin), defining_class(cls, hook)) for hook, twin in twins)
+
+
+# One client's mini-batch as the functional form sees it: inputs, targets and the
+# examples' weights in its mean loss (1/b for each of its b examples, 0 for padding).
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LossFunction = Callable[..., torch.Tensor]
+
+
+def defining_class(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+
+def l2_norm(tensors: Tensors) -> torch.Tensor:
+    """The L2 norm of named tensors taken together, as a tensor (the functional form's
+    global norm; :func:`dpfl.privacy.clipping.global_l2_norm` is the mechanism's, in float64)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors.values()]))
+
+
+def shifted(params: Tensors, shift: Mapping[str, torch.Tensor]) -> Tensors:
+    """``params`` moved by ``shift`` where it has an entry: :func:`gradient_at_shift`'s point, functionally."""
+    return {name: p + shift[name] if name in shift else p for name, p in params.items()}
 
 
 def gradient_at_shift(model: nn.Module, shift: Mapping[str, torch.Tensor], compute: Callable[[], float]) -> float:
@@ -400,7 +455,7 @@ class ClientLevelDPStrategy(Strategy):
             if (metrics := evaluate_fn(0, arrays)) is not None:
                 result.evaluate_metrics_serverapp[0] = metrics
         for server_round in range(first_round, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            log(INFO, "dpfl: round %s/%s starts", server_round, num_rounds)
             messages = list(self.configure_train(server_round, arrays, train_config, grid))
             replies = grid.send_and_receive(messages, timeout=timeout)
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
@@ -423,7 +478,7 @@ class ClientLevelDPStrategy(Strategy):
         if refusal:
             raise BudgetExhausted(refusal)
         for warning in not_valid_reasons(self.mechanism.params):
-            log(WARNING, warning)
+            log(WARNING, "dpfl: %s", warning)
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
         sampled = self.mechanism.sample(nodes, server_round)
@@ -578,12 +633,12 @@ class ClientLevelDPStrategy(Strategy):
 
     def summary(self) -> None:
         if not self.private:
-            log(INFO, "%s: no differential privacy (a reference curve), q=%g", self.name, self.sample_rate)
+            log(INFO, "dpfl strategy %s: no differential privacy (a reference curve), q=%g", self.name, self.sample_rate)
             return
         params = self.mechanism.params
         log(
             INFO,
-            "%s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
+            "dpfl strategy %s: client-level DP, sigma=%.4g, C=%g, q=%g (expected %.1f of %d clients), clipping %s, "
             "noise on the %s, %s accountant, delta=%g, budget epsilon=%g, %s noise, options %s",
             self.name, params.noise_multiplier, params.clip_norm, params.sample_rate, params.expected_clients,
             params.num_clients, params.clipping, params.noise_placement, self.accountant.mechanism,
@@ -591,7 +646,7 @@ class ClientLevelDPStrategy(Strategy):
             self.option_values,
         )  # fmt: skip
         if adaptive := params.adaptive_clipping:
-            log(INFO, "%s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
+            log(INFO, "dpfl strategy %s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
                 "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,
                 adaptive.learning_rate, adaptive.count_noise_std, params.update_noise_multiplier)  # fmt: skip
 
@@ -621,20 +676,25 @@ class _PlatformState:
 
 
 def platform_state_references(cls: type) -> list[str]:
-    """``self.<name>`` uses in ``cls``'s own source that reach the platform's privacy state.
+    """``self.<name>`` uses that reach the platform's privacy state, in the source of ``cls`` and
+    of every class it inherits from except the platform's own (a mixin counts).
 
-    Read from the class's syntax tree when it is defined; a class whose source is not
+    Read from the syntax trees when the class is defined; a class whose source is not
     available (defined in an interactive session) is left to the read-only properties.
     """
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return []
-    named = {
-        f"self.{node.attr}" for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr in PLATFORM_PRIVATE_NAMES
-        and isinstance(node.value, ast.Name) and node.value.id == "self"
-    }  # fmt: skip
+    named = set()
+    for klass in cls.__mro__:
+        if klass in ClientLevelDPStrategy.__mro__:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        named |= {
+            f"self.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in PLATFORM_PRIVATE_NAMES
+            and isinstance(node.value, ast.Name) and node.value.id == "self"
+        }  # fmt: skip
     return sorted(named)
 
 

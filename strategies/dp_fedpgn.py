@@ -25,7 +25,8 @@ from torch import nn
 
 from dpfl.privacy.clipping import global_l2_norm
 from dpfl.errors import UsageError
-from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift, shifted
+from dpfl.strategies.base import Batch, LossFunction  # the functional form's types
 
 GLOBAL_DIRECTION_KEY = "global-direction"
 
@@ -59,6 +60,12 @@ class FedPGNLocalUpdate(LocalUpdateRule):
     def direction(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
             param.grad.mul_(self.gamma).add_(self.global_direction[name], alpha=1 - self.gamma)
+
+    def functional_gradient(self, loss: LossFunction, params: Tensors, batch: Batch) -> tuple[Tensors, torch.Tensor]:
+        return super().functional_gradient(loss, params if self.ascent is None else shifted(params, self.ascent), batch)
+
+    def functional_direction(self, grads: Tensors) -> Tensors:
+        return {name: g * self.gamma + self.global_direction[name] * (1 - self.gamma) for name, g in grads.items()}
 
     def public_part(self, steps: int, lr: float) -> Tensors:
         return public_part(self.global_direction, self.gamma, steps, lr)

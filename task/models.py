@@ -15,12 +15,10 @@ from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from dpfl.errors import UsageError
+from dpfl.task.recipes import VIT_DEPTH
 
 # Two groups, as in the DP-FedPGN reference models (GN-ResNet).
 GROUP_NORM_GROUPS = 2
-# Encoder blocks of the ViT when none is named: the built-in ViT's depth before it was a
-# setting (checkpoints saved then carry no depth and load with it).
-VIT_DEPTH = 4
 # The models whose depth is a setting; a convolutional model's is fixed by its name.
 DEPTH_SETTABLE = ("vit",)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,9 +26,10 @@ import torch
 from torch import nn
 
 from dpfl.errors import UsageError
+from dpfl.progress import Progress, no_progress
 from dpfl.task import fractals, rendering, strokes
 from dpfl.task.checkpoint import ModelSpec
-from dpfl.task.files import load_tagged, save_tagged
+from dpfl.task.files import cache_dir, load_tagged, save_tagged
 
 PRETRAINED_FORMAT = "dpfl-pretrained-v1"
 # The synthetic data sets' generators, by the name a recipe or --pretraining gives.
@@ -53,11 +53,6 @@ class PretrainConfig:
     seed: int = 0
 
 
-def cache_dir() -> Path:
-    if "DPFL_CACHE_DIR" in os.environ:
-        return Path(os.environ["DPFL_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dpfl"
-
 
 def cache_key(spec: ModelSpec, dataset: str, config: PretrainConfig) -> str:
     """Hash of everything the weights depend on: shape, architecture, data set, configuration, code, torch version."""
@@ -71,12 +66,16 @@ def cache_key(spec: ModelSpec, dataset: str, config: PretrainConfig) -> str:
     return hashlib.sha256((payload + code).encode()).hexdigest()[:16]
 
 
-def pretrain(spec: ModelSpec, dataset: str, config: PretrainConfig) -> dict[str, torch.Tensor]:
+def pretrain(
+    spec: ModelSpec, dataset: str, config: PretrainConfig, progress: Progress = no_progress
+) -> dict[str, torch.Tensor]:
     """Train the model to classify the categories of synthetic ``dataset``; return its weights without the head."""
     data = replace(config.data, image_size=spec.image_size)
     if data.render_size % data.image_size:
         data = replace(data, render_size=data.image_size * max(1, round(data.render_size / data.image_size)))
+    progress(f"generating {dataset} images for public pretraining", 0, 1)
     images, labels = GENERATORS[dataset](data)
+    progress(f"generating {dataset} images for public pretraining", 1, 1)
     x = torch.from_numpy(images).unsqueeze(1)
     x = ((x - x.mean()) / x.std()).expand(-1, spec.in_channels, -1, -1).contiguous()
     y = torch.from_numpy(labels)
@@ -88,7 +87,9 @@ def pretrain(spec: ModelSpec, dataset: str, config: PretrainConfig) -> dict[str,
     steps = config.epochs * -(-len(y) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(config.epochs):
+    stage = f"public pretraining of {spec.name} on {dataset} ({config.epochs} epochs)"
+    for epoch in range(config.epochs):
+        progress(stage, epoch * steps // config.epochs, steps)
         order = torch.randperm(len(y), generator=generator)
         for batch in order.split(config.batch_size):
             loss = nn.functional.cross_entropy(model(x[batch]), y[batch], label_smoothing=config.label_smoothing)
@@ -96,11 +97,12 @@ def pretrain(spec: ModelSpec, dataset: str, config: PretrainConfig) -> dict[str,
             loss.backward()
             optimizer.step()
             schedule.step()
+    progress(stage, steps, steps)
     return {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
 
 
 def pretrained_weights(
-    spec: ModelSpec, dataset: str, config: PretrainConfig = PretrainConfig()
+    spec: ModelSpec, dataset: str, config: PretrainConfig = PretrainConfig(), progress: Progress = no_progress
 ) -> tuple[dict[str, torch.Tensor], Path, float]:
     """(backbone weights, cache file, seconds spent pretraining now: 0 on a cache hit)."""
     name = f"{spec.name}-w{spec.width}-{spec.image_size}px-{dataset}-{cache_key(spec, dataset, config)}.pt"
@@ -108,7 +110,7 @@ def pretrained_weights(
     if path.exists():
         return load_tagged(path, PRETRAINED_FORMAT, "pretrained weights")["state_dict"], path, 0.0
     started = time.perf_counter()
-    weights = pretrain(spec, dataset, config)
+    weights = pretrain(spec, dataset, config, progress)
     seconds = time.perf_counter() - started
     save_tagged(path, PRETRAINED_FORMAT, {"state_dict": weights, "dataset": dataset, "config": asdict(config), "seconds": seconds})
     return weights, path, seconds

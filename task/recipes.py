@@ -24,7 +24,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpfl.errors import UsageError
-from dpfl.task.models import VIT_DEPTH
+
+# Encoder blocks of the ViT when none is named: the built-in ViT's depth before it was a
+# setting (checkpoints saved then carry no depth and load with it). Here rather than beside
+# the models, which import torch: the recipes are read by every `dpfl` command line.
+VIT_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,16 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_for(model: str) -> Recipe:
+# A model's recipe on a data set it was tuned on separately (else its own recipe applies).
+DATASET_RECIPES: dict[tuple[str, str], Recipe] = {}
+
+
+def recipe_for(model: str, dataset: str | None = None) -> Recipe:
+    """The recipe of ``model`` on ``dataset``: its own for that data set, if tuned, else the model's."""
     if model not in RECIPES:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(RECIPES)}")
-    return RECIPES[model]
+    return DATASET_RECIPES.get((model, dataset or ""), RECIPES[model])
+
+
+def recipe_name(model: str, dataset: str) -> str:
+    return f"{model} on {dataset}" if (model, dataset) in DATASET_RECIPES else model

@@ -145,6 +145,61 @@ def test_a_tighter_accountant_calibrates_less_noise(name):
     assert calibrate_noise_multiplier(8.0, 1e-5, 0.25, 40, accountant=name) < calibrate_noise_multiplier(8.0, 1e-5, 0.25, 40)
 
 
+# The ends of what a run or `dpfl privacy` may be given: noise from 0.5 to 1000, sampling
+# from one client in a million to all, one round to a thousand (40.37, 0.25, 40: the σ that
+# `dpfl privacy --target-epsilon 0.001` once calibrated, with ε = -11.56). Chosen so that
+# PRV, whose grid grows with ε and rounds, stays within seconds.
+EXTREMES = [
+    (0.5, 1e-6, 1000), (0.5, 0.25, 1), (0.5, 1.0, 1), (1.0, 1e-6, 1), (40.37, 0.25, 1), (40.37, 0.25, 40),
+    (40.37, 1.0, 1000), (1000.0, 1e-6, 1000), (1000.0, 0.25, 1), (1000.0, 0.25, 1000), (1000.0, 1.0, 1),
+]
+
+
+def optimistic_pld_epsilon(sigma: float, q: float, rounds: int, delta: float) -> float:
+    """dp-accounting's PLD rounded optimistically: at or below the true ε, so below any sound bound."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, pessimistic_estimate=False, value_discretization_interval=1e-3, sampling_prob=q
+    )
+    return pld.self_compose(rounds).get_epsilon_for_delta(delta)
+
+
+@pytest.mark.parametrize("sigma,q,rounds", EXTREMES)
+@pytest.mark.parametrize("name", list(ACCOUNTANTS))
+def test_every_accountant_bounds_epsilon_soundly_at_the_extremes(name, sigma, q, rounds):
+    epsilon = spent(name, sigma, q, rounds, 1e-5)
+    assert math.isfinite(epsilon) and epsilon >= 0
+    assert epsilon >= optimistic_pld_epsilon(sigma, q, rounds, 1e-5)
+
+
+def test_prv_refuses_in_one_line_a_history_whose_grid_would_not_fit():
+    # ε ≈ 2,300 (PLD): the PRV grid would need 49M points and minutes, then gave ε = inf.
+    with pytest.raises(UsageError, match=r"the prv accountant would need .* grid points .*; use rdp or pld"):
+        spent("prv", 0.5, 1.0, 1000, 1e-5)
+
+
+@pytest.mark.parametrize("name", list(ACCOUNTANTS))
+def test_rounds_with_infinite_noise_cost_nothing(name):
+    assert spent(name, math.inf, 0.25, 40, 1e-5) == 0.0
+    accountant = create_accountant(name, 1e-5)
+    assert accountant.spent([(math.inf, 0.25, 5), (1.0, 0.25, 3)]) == accountant.spent([(1.0, 0.25, 3)])
+    with pytest.raises(UsageError, match="not a number"):
+        accountant.spent([(math.nan, 0.25, 3)])
+
+
+@pytest.mark.parametrize("name", list(ACCOUNTANTS))
+@pytest.mark.parametrize("target", [1e-9, 1e-3])
+def test_an_unreachable_target_is_refused_with_the_smallest_reachable_epsilon(name, target):
+    with pytest.raises(UsageError) as err:
+        calibrate_noise_multiplier(target, 1e-5, 0.25, 40, accountant=name)
+    smallest = spent(name, 1000.0, 0.25, 40, 1e-5)
+    assert str(err.value) == (
+        f"target epsilon {target:g} cannot be reached in 40 rounds at sample rate 0.25: the smallest epsilon "
+        f"({name}, delta 1e-05) with a noise multiplier up to 1000 is {smallest:.4g}"
+    )
+
+
 class ScaledRDPAccountant(RDPClientAccountant):
     """RDP's ε as if every σ were ``factor`` times larger: an accountant tighter (> 1) or looser (< 1) than RDP."""
 

@@ -8,13 +8,15 @@ import dp_accounting
 import mpmath
 import pytest
 from dp_accounting import rdp as dp_rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import RDPClientAccountant, create_accountant
-from dpfl.privacy.accountants.rdp import DEFAULT_ORDERS, epsilon_for, epsilon_of_history
+from dpfl.privacy.accountants.rdp import default_orders, epsilon_for, epsilon_of_history
 from dpfl.privacy.calibration import calibrate_noise_multiplier
 
 # (sigma, q, rounds, delta)
@@ -41,7 +43,7 @@ def test_epsilon_matches_opacus_accountant_on_the_same_orders(sigma, q, rounds, 
     accountant = RDPAccountant()
     for _ in range(rounds):
         accountant.step(noise_multiplier=sigma, sample_rate=q)
-    expected, _ = accountant.get_privacy_spent(delta=delta, alphas=list(DEFAULT_ORDERS))
+    expected, _ = accountant.get_privacy_spent(delta=delta, alphas=list(default_orders()))
     assert epsilon_for(sigma, q, rounds, delta, refine=False)[0] == pytest.approx(expected, rel=1e-6)
 
 
@@ -63,6 +65,15 @@ def test_refined_order_is_a_valid_bound_no_larger_than_the_grid(sigma, q, rounds
     rdp = rounds * exact_rdp(q, sigma, order)
     independent = rdp - (math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
     assert eps == pytest.approx(independent, rel=1e-6)
+
+
+# σ log-uniform over what calibration searches, q down to one client in a million.
+@settings(max_examples=40, deadline=None)
+@given(st.floats(math.log(0.3), math.log(1000)).map(math.exp), st.floats(1e-6, 1.0), st.integers(1, 1000))
+def test_the_refined_epsilon_is_never_negative_nor_above_the_grid(sigma, q, rounds):
+    # Refining over fractional orders above 12 once gave ε = -11.56 (σ = 40.37, q = 0.25, 40 rounds).
+    grid = epsilon_for(sigma, q, rounds, 1e-5, refine=False)[0]
+    assert 0 <= epsilon_for(sigma, q, rounds, 1e-5)[0] <= grid
 
 
 @pytest.mark.parametrize("q,sigma,alpha", [(0.25, 0.8, 2.1), (0.1, 1.0, 3.2), (0.01, 2.0, 17.5)])
@@ -98,11 +109,11 @@ def test_calibration_round_trips(accountant, target, q, rounds):
     assert spent([(sigma * 0.99, q, rounds)])[0] > target
 
 
-@pytest.mark.parametrize("target", [0.0, -1.0])
+@pytest.mark.parametrize("target", [0.0, -1.0, math.inf, math.nan])
 def test_calibration_refuses_a_target_that_is_not_positive(target):
     with pytest.raises(UsageError) as err:
         calibrate_noise_multiplier(target, 1e-5, 0.25, 40)
-    assert str(err.value) == f"target epsilon must be > 0, got {target}"
+    assert str(err.value) == f"target epsilon must be a finite number > 0, got {target}"
 
 
 def test_calibration_counts_the_carried_ledger_in_the_target():

@@ -20,6 +20,7 @@ from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magni
 from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, resolve_mode, to_crossbars
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
+from conftest import fit_on_digits
 
 IDEAL = CrossbarDevice(tile_size=32, r_wordline=0.0, r_bitline=0.0)
 
@@ -140,6 +141,78 @@ def test_quantise_slice_shift_add_reproduces_integer_matmul(bits_per_cell):
     assert torch.equal(product, x @ q.T)
 
 
+def _naive_column_significance(device: CrossbarDevice, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and signed significance of each column of a full naive tile, from the layout
+    docs/cim.md describes (not from the mapper): differential pairs (+ then -), bit-major,
+    the most significant slice next to the drivers; slice s weighs 2^(s * bits per cell)."""
+    slices = device.cells_per_weight
+    column = torch.arange(2 * slices * outputs)
+    pair, sign = column // 2, 1 - 2 * (column % 2)
+    slice_index = slices - 1 - pair // outputs
+    return pair % outputs, sign * 2.0 ** (slice_index * device.bits_per_cell).double()
+
+
+@pytest.mark.parametrize("bits_per_cell", [1, 2, 3, 4])  # 3: a partial top cell (8 = 3 + 3 + 2 bits)
+def test_outputs_equal_an_independent_dense_computation_at_every_bits_per_cell(bits_per_cell):
+    """Ideal wires: every mapping, solved read by read and through transfer matrices,
+    gives x @ Q^T exactly. Resistive wires: a naive tile's outputs are the nodal
+    solver's column currents, decoded with the significances of the documented layout."""
+    ideal = CrossbarDevice(tile_size=32, bits_per_cell=bits_per_cell, r_wordline=0.0, r_bitline=0.0)
+    generator = torch.Generator().manual_seed(10 + bits_per_cell)
+    q = bell_shaped_integers(generator, 5, 45)
+    x = torch.randint(-255, 256, (7, 45), generator=generator)
+    expected = (x @ q.T).double()
+    density = torch.rand(45, generator=generator)
+    for mapping in MAPPINGS:
+        tiles = map_matrix(q, ideal, mapping, density)
+        solved, _ = simulate_matmul(tiles, x, 5, ideal, dtype=torch.float64, solve_every_read=True)
+        transfers = [transfer_matrix(tile, ideal, torch.float64) for tile in tiles]
+        through, _ = simulate_matmul(tiles, x, 5, ideal, dtype=torch.float64, transfers=transfers)
+        for result in (solved, through, x.double() @ transfer_weights(tiles, transfers, 5, 45).T):
+            torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-6)
+        torch.testing.assert_close(effective_weights(tiles, None, 5, 45, ideal), q.double(), rtol=0, atol=1e-9)
+
+    device = dataclasses.replace(ideal, r_on=20e3, r_off=2e6, r_wordline=2.0, r_bitline=3.0)
+    outputs = device.outputs_per_tile
+    q = bell_shaped_integers(generator, outputs, 32)  # one full tile
+    x = torch.randint(0, 256, (3, 32), generator=generator)
+    (tile,) = map_matrix(q, device, "naive")
+    output_of, significance = _naive_column_significance(device, outputs)
+    nodal = NodalSolver(tile.conductance.numpy(), device.r_wordline, device.r_bitline)
+    level_current = (device.g_on - device.g_off) / device.cell_levels * device.read_voltage
+    expected = torch.zeros(3, outputs, dtype=torch.float64)
+    for bit in range(device.activation_bits):
+        plane = ((x >> bit) & 1).double().numpy() * device.read_voltage
+        columns = torch.from_numpy(nodal.cell_currents(plane).sum(1))[:, : output_of.numel()]
+        expected.index_add_(1, output_of, columns * significance * 2.0**bit / level_current)
+    analog, _ = simulate_matmul([tile], x, outputs, device, dtype=torch.float64, solve_every_read=True)
+    torch.testing.assert_close(analog, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    assert float((expected - (x @ q.T).double()).norm() / (x @ q.T).double().norm()) > 1e-3  # the wires matter
+
+
+@pytest.mark.parametrize("bits_per_cell", [1, 2])
+def test_mdm_row_cost_is_expected_active_cells_and_its_order_minimises_manhattan_distance(bits_per_cell):
+    """MDM's definition: a row's cost is its count of active (non-off) cells times the
+    probability that its input bit is 1; rows sit in ascending cost order towards the
+    sense amplifiers, which minimises the expected Manhattan distance of active cells."""
+    device = CrossbarDevice(tile_size=64, bits_per_cell=bits_per_cell)
+    generator = torch.Generator().manual_seed(20 + bits_per_cell)
+    q = bell_shaped_integers(generator, device.outputs_per_tile, 50)
+    density = torch.rand(50, generator=generator).double()
+    (tile,) = map_matrix(q, device, "mdm", density)
+    rows = tile.used_rows
+    active = (tile.conductance[rows] > device.g_off * (1 + 1e-9)).sum(1).double()
+    expected_active = active * density[tile.row_input[rows]]
+    assert torch.equal(rows, torch.arange(64 - 50, 64))  # bottom-aligned: the unused rows fill the top
+    assert bool((expected_active[1:] >= expected_active[:-1]).all()), expected_active
+    distance_to_sense = (device.tile_size - rows).double()
+    cost = float((expected_active * distance_to_sense).sum())
+    smallest = float((expected_active.sort(descending=True).values * distance_to_sense.sort().values).sum())
+    assert cost == pytest.approx(smallest, rel=1e-12)
+    by_count = float((expected_active[torch.argsort(active, stable=True)] * distance_to_sense).sum())
+    assert cost < by_count  # ignoring the input-bit density places the rows worse
+
+
 def test_mdm_row_permutation_leaves_ideal_result_unchanged():
     generator = torch.Generator().manual_seed(1)
     q = bell_shaped_integers(generator, 5, 70)
@@ -220,16 +293,9 @@ def test_single_cell_loses_more_current_farther_from_drivers_and_sense_amplifier
 def trained_mlp():
     """A two-layer perceptron trained on digits for a second: bell-shaped weights."""
     torch.manual_seed(0)
-    data = load_dataset("digits")
-    images, labels = data.train.tensors
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for start in range(0, len(images), 128):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images[start : start + 128]), labels[start : start + 128]).backward()
-            optimiser.step()
-    return model.eval(), images[:64]
+    images = load_dataset("digits").train.tensors[0]
+    model = fit_on_digits(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 8, 1e-2, 128)
+    return model, images[:64]
 
 
 def test_mdm_nf_not_above_naive_on_trained_weights(trained_mlp):
@@ -305,8 +371,9 @@ def test_fast_mode_tracks_exact_mode_on_a_small_model(trained_mlp):
     "kwargs, message",
     [
         ({"tile_size": 1}, "tile size 1"),
-        ({"tile_size": 8}, "does not fit"),
-        ({"tile_size": 32, "bits_per_cell": 3}, "bits per cell 3"),
+        ({"tile_size": 8}, "does not fit one 8-bit signed weight .* it holds at most 4 weight bits"),
+        ({"tile_size": 4, "weight_bits": 7, "bits_per_cell": 3}, "does not fit .* it holds at most 6 weight bits"),
+        ({"tile_size": 32, "bits_per_cell": 0}, "bits per cell must be >= 1"),
         ({"r_on": 0.0}, "r_on"),
         ({"r_off": -5.0}, "r_off"),
         ({"r_on": 1e6, "r_off": 1e6}, "larger than r_on"),

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 from threadpoolctl import threadpool_info
-from torch import nn
 
+from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.study import single_threaded
 from dpfl.cli.main import main
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from dpfl.task.data import load_dataset
+from conftest import fit_on_digits
 
 
 def dpfl(*args: str) -> subprocess.CompletedProcess:
@@ -29,21 +30,13 @@ def checkpoint(tmp_path_factory) -> str:
     """A small CNN trained on digits for a few seconds, saved as a dpfl checkpoint."""
     torch.manual_seed(0)
     data = load_dataset("digits")
-    images, labels = data.train.tensors
     spec = ModelSpec("cnn", data.num_classes, data.in_channels, data.image_size, 8)
-    model = spec.build()
-    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(6):
-        for start in range(0, len(images), 64):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
-            optimiser.step()
+    model = fit_on_digits(spec.build(), 6, 3e-3, 64)
     path = tmp_path_factory.mktemp("cim") / "final_model.pt"
     save_checkpoint(path, Checkpoint(spec, "digits", model.state_dict()))
     return str(path)
 
 
-MAPPINGS = ("naive", "mdm", "sw-mdm")
 # Read noise (tested in test_cim_nonideal.py) is left out: it makes every read a solve, which the sweep to 512x512 tiles would pay for.
 NOISY_DEVICE = ["--programming-noise", "0.03", "--stuck-off", "0.01", "--drift-nu", "0.05", "--drift-nu-std", "0.01",
                 "--drift-time", "86400", "--drift-compensation"]
@@ -59,7 +52,8 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
     assert "analog mode exact" in result.stdout  # the default mode
     assert "mean ± 95% interval over 2 device instances" in result.stdout and "gain-free err" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert set(report["accuracy"]) == {"digital", "quantised", *(f"analog_{m}" for m in MAPPINGS)}
+    assert set(report["accuracy"]) == {"digital", "quantised", "quantised_corrected",
+                                       *(f"analog_{m}{kind}" for m in MAPPINGS for kind in ("", "_corrected"))}  # fmt: skip
     assert report["accuracy"]["digital"] > 0.6 and report["mode"] == "exact"
     assert report["device"]["programming_noise"] == 0.03 and report["device"]["drift_time"] == 86400
     for mapping in MAPPINGS:
@@ -69,7 +63,7 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
         # The best common gain can only lower the error (what GroupNorm divides out).
         assert 0 < model["gain_free_error"] <= model["output_error"]
         trials = report["trials"][mapping]
-        for metric in ("accuracy", "nf", "output_error", "gain_free_error"):
+        for metric in ("accuracy", "accuracy_corrected", "nf", "output_error", "gain_free_error"):
             values = trials[metric]["values"]
             assert len(values) == 2 and trials[metric]["mean"] == pytest.approx(sum(values) / 2)
         # Every trial is a new device instance: NF differs between them.
@@ -101,6 +95,9 @@ def test_deploy_reports_every_mapping_with_intervals_over_trials(checkpoint, tmp
         (["--drift-nu", "0.05", "--drift-time", "1"], "must be finite and at least drift_t0"),
         (["--drift-compensation"], "drift compensation needs a drift time"),
         (["--dataset", "cifar10"], "needs --data-dir"),
+        (["--weight-bits", "4,x"], "--weight-bits '4,x' is not a comma-separated list of positive integers"),
+        (["--tile", "64", "--weight-bits", "2,40"], "does not fit one 40-bit signed weight"),
+        (["--tile", "64", "--bits-per-cell", "2", "--adc-bits", "7"], "this device needs adc_bits >= 8"),
     ],
 )
 def test_deploy_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message):

@@ -11,7 +11,8 @@ from torch.utils.data import Subset
 from dpfl.cli.main import main
 from dpfl.deployment.federation import choose_nodes, screen_summary
 from dpfl.deployment.node import (
-    CONFIG_FAILURE, DEPLOY_FAILURE, DEPLOYMENT_KEY, NF_KEYS, NOT_LAST_WEIGHTS, SHARED_ACCURACY_KEYS, SUMMARY_KEYS,
+    ALREADY_DEPLOYED, CONFIG_FAILURE, DEPLOY_FAILURE, DEPLOYMENT_KEY, NF_KEYS, NOT_LAST_WEIGHTS, SHARED_ACCURACY_KEYS,
+    STUDIED_MAPPINGS, SUMMARY_KEYS, shared_accuracy_keys,
     device_from_config, effective_node_config, run_config_proposal, run_node_deployment,
 )  # fmt: skip
 from dpfl.errors import UsageError
@@ -77,7 +78,7 @@ def test_simulate_deploy_reports_per_node_and_shares_only_the_summary(tmp_path, 
         assert max(row[key] for row in by_device["quiet"]) < min(row[key] for row in by_device["lossy"])
     # Local accuracy only from the nodes that opted in.
     assert all(not set(SHARED_ACCURACY_KEYS) & row.keys() for row in by_device["quiet"])
-    assert all(set(SHARED_ACCURACY_KEYS) <= row.keys() for row in by_device["lossy"])
+    assert all(set(shared_accuracy_keys(STUDIED_MAPPINGS)) <= row.keys() for row in by_device["lossy"])
     assert "Deployment round" in printed and "quiet" in printed and "lossy" in printed
     # What reached the server: one config record of allowed scalar keys per node, no arrays.
     replies = deployment_replies(received)
@@ -138,11 +139,12 @@ def test_an_unmappable_layer_fails_the_node_with_a_fixed_reason_and_its_details_
 
 
 def test_a_holdout_that_would_state_the_nodes_data_size_fails_with_a_fixed_reason(tmp_path):
-    # The attack: deploy-holdout 0.9999 made the reason say "72 local examples are too few ...".
+    # The attack was deploy-holdout 0.9999 in the run config: the reason said "72 local examples are too
+    # few ...". The holdout is now the node's own; a node that chose a bad one learns why, privately.
     data = load_dataset("digits")
     spec = ModelSpec("cnn", data.num_classes, data.in_channels, data.image_size, 2)
     summary, detail = run_node_deployment(
-        RunSettings(out_dir=str(tmp_path), deploy_holdout=0.9999), {"partition-id": 0, "num-partitions": 1},
+        RunSettings(out_dir=str(tmp_path)), {"partition-id": 0, "num-partitions": 1, "deploy-holdout": 0.9999},
         tmp_path / "node", lambda: (spec, "digits", Subset(data.train, range(72))), spec.build().state_dict(),
     )  # fmt: skip
     assert summary == {"status": "failed", "reason": DEPLOY_FAILURE}
@@ -154,16 +156,16 @@ def test_what_a_node_shares_and_where_it_writes_never_come_from_the_run_config()
     settings = RunSettings(deploy_node_configs="device-tile-size=64")
     node = {"partition-id": 0, "num-partitions": 1}
     hostile = {**run_config_proposal(settings, node), "share-accuracy": "true", "share-nf": "true", "node-dir": "/tmp/x",
-               "policy-max-epsilon": "100"}  # fmt: skip
+               "policy-max-epsilon": "100", "deploy-holdout": "0.9999"}  # fmt: skip
     config = effective_node_config(node, hostile)
-    assert not {"share-accuracy", "share-nf", "node-dir", "policy-max-epsilon"} & config.keys()
+    assert not {"share-accuracy", "share-nf", "node-dir", "policy-max-epsilon", "deploy-holdout"} & config.keys()
     assert config["device-tile-size"] == "64" and config["compress-method"] == settings.deploy_method
     # A node accepts only the run-config keys it allows; its own keys always win.
     assert "device-tile-size" not in effective_node_config({**node, "deploy-run-config-keys": "compress-*"}, hostile)
     assert effective_node_config({**node, "deploy-run-config-keys": "none"}, hostile) == {**node, "deploy-run-config-keys": "none"}
     assert effective_node_config({**node, "device-tile-size": 128}, hostile)["device-tile-size"] == 128
     # And a run config that names them is refused before the run, in one line.
-    for key in ("share-accuracy=true", "node-dir=/tmp", "policy-max-epsilon=9"):
+    for key in ("share-accuracy=true", "node-dir=/tmp", "policy-max-epsilon=9", "deploy-holdout=0.9"):
         with pytest.raises(UsageError, match="is the node's own choice and cannot come from the run config"):
             RunSettings(deploy_node_configs=f"device-tile-size=64 {key}").validate()
 
@@ -198,7 +200,7 @@ def test_the_server_refuses_replies_with_keys_beyond_the_summary():
 
 
 @pytest.mark.slow
-def test_a_node_deploys_only_the_weights_of_its_last_train_message_and_only_once(tmp_path):
+def test_a_node_deploys_only_the_weights_of_its_last_train_message_once_per_run(tmp_path):
     # The attack: queries with crafted models (a constant-class model turns "accuracy" into a label share).
     from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
@@ -228,4 +230,6 @@ def test_a_node_deploys_only_the_weights_of_its_last_train_message_and_only_once
     assert query(crafted)["reason"] == NOT_LAST_WEIGHTS
     deployed = query(released)
     assert deployed["status"] == "deployed", (tmp_path / "run" / "nodes" / "partition-0" / "node_private_log.jsonl").read_text()
-    assert query(released)["reason"] == NOT_LAST_WEIGHTS  # once per train message
+    assert query(released)["reason"] == ALREADY_DEPLOYED  # once per run
+    grid.send_and_receive(strategy.final_model_messages(crafted, [node]))  # even with another train message
+    assert query(crafted)["reason"] == ALREADY_DEPLOYED

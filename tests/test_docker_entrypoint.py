@@ -275,7 +275,7 @@ def test_argument_errors_are_one_line(capsys, argv, message):
     "device, message",
     [
         ("device-tile-size=64 lr=0.5", "device settings take device-* keys and compress-method, compress-norm, "
-                                       "compress-ratio, deploy-run-config-keys, share-accuracy, share-nf, got lr"),
+                                       "compress-ratio, deploy-holdout, deploy-run-config-keys, share-accuracy, share-nf, got lr"),
         ("device-tile-size", "device settings 'device-tile-size' are not key=value pairs"),
     ],
 )

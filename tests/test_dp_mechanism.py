@@ -177,6 +177,9 @@ def test_the_round_is_accounted_and_journaled_before_its_noise_is_drawn(monkeypa
             seen.append((list(mech.accountant.history), list(journaled)))
             return torch.zeros(shape, dtype=torch.float64)
 
+        def gaussian_segments(self, sizes, std):
+            return self.gaussian((sum(sizes),), std)
+
     monkeypatch.setattr(Randomness, "stream", lambda self, *label: Recording())
     mech.release([], {"v": torch.zeros(3)}, server_round=1)  # no reply: the whole noise is the server's
     assert seen and all(drawn == ([(1.0, 0.1, 1)], [[(1.0, 0.1, 1)]]) for drawn in seen)

@@ -21,7 +21,7 @@ NOT_PACKAGE = {"tests", "benchmarks", "docker", "build", "docs", "runs", "deploy
 # Lowest first. A module may import from its own part and from parts of lower layers;
 # parts that share a layer are independent of each other.
 LAYERS: list[set[str]] = [
-    {"dpfl", "errors", "records"},  # the package itself and the vocabulary every layer shares
+    {"dpfl", "errors", "progress", "records"},  # the package itself and the vocabulary every layer shares
     {"privacy"},  # pure math: the DP mechanism and accounting
     {"task"},  # models, data sets, evaluation, recipes, im2col and layer hooks
     {"cim", "compression"},  # crossbar simulation of a task's models; decompositions of them
@@ -104,3 +104,27 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "example.py"
     source.write_text("def f():\n    from dpfl.cli.main import main\n    import dpfl.server.app\n")
     assert imported_modules("dpfl.task.example", source) == [("dpfl.cli.main", 2), ("dpfl.server.app", 3)]
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    # Within a part the layers allow any import; a circle there (cli/audit.py and cli/simulate.py
+    # once imported each other) means a module that belongs to neither, so it is refused too.
+    graph = {
+        module: {target for target, _ in imported_modules(module, MODULES[module]) if target in MODULES and target != module}
+        for module in MODULES
+    }
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "modules import each other in a circle: " + "; ".join(cycles)

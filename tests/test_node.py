@@ -11,6 +11,7 @@ from flwr.app import Context, RecordDict
 
 from dpfl.client.node import (
     SIMULATED_NODE_CONFIGS_ENV,
+    SIMULATED_NODE_KEY,
     NodeMemory,
     node_dir,
     own_node_config,
@@ -36,17 +37,25 @@ def test_a_node_config_is_read_as_flower_reads_it_with_its_policy_checked():
 
 def test_simulated_owners_configs_come_from_the_nodes_environment_round_robin(monkeypatch):
     monkeypatch.setenv(SIMULATED_NODE_CONFIGS_ENV, simulated_node_configs_env([{"share-nf": True}, {"node-dir": "/b"}]))
-    assert own_node_config({"partition-id": 3, "num-partitions": 4}) == {"node-dir": "/b", "partition-id": 3,
-                                                                          "num-partitions": 4}  # fmt: skip
+    assert own_node_config({"partition-id": 3, "num-partitions": 4}) == {
+        "node-dir": "/b", SIMULATED_NODE_KEY: True, "partition-id": 3, "num-partitions": 4}
     # A real SuperNode (no partition) and the node's own keys are never overridden by them.
     assert own_node_config({"data-file": "/d"}) == {"data-file": "/d"}
     assert own_node_config({"partition-id": 0, "share-nf": False})["share-nf"] is False
 
 
-def test_the_nodes_private_folder_is_its_own_or_the_simulated_nodes_folder(tmp_path):
+def test_the_nodes_private_folder_is_its_own_and_the_run_config_cannot_move_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    context = Context(run_id=7, node_id=2, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
     settings = RunSettings(out_dir=str(tmp_path / "runs" / "r1"))
-    assert node_dir({"node-dir": "/reports"}, settings, "partition-0") == Path("/reports/r1")
-    assert node_dir({}, settings, "partition-2") == tmp_path / "runs" / "r1" / "nodes" / "partition-2"
+    assert node_dir({"node-dir": "/reports"}, settings, context) == Path("/reports/r1")
+    # The attack: an out-dir named ".." or "." sent the node's files out of its folder.
+    for hostile in ("runs/..", ".", "/tmp/..", "x/.hidden/.."):
+        assert node_dir({"node-dir": "/reports"}, RunSettings(out_dir=hostile), context) == Path("/reports/run-7")
+    # A node with no folder of its own writes in its owner's home, never where the run config says.
+    assert node_dir({}, settings, context) == tmp_path / "home" / ".dpfl" / "nodes" / "partition-2" / "r1"
+    # A node dpfl's engine simulates belongs to the simulation's user: the run's folder.
+    assert node_dir({SIMULATED_NODE_KEY: True}, settings, context) == tmp_path / "runs" / "r1" / "nodes" / "partition-2"
 
 
 def test_the_weights_digest_sees_every_byte_name_and_shape():

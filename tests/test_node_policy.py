@@ -115,7 +115,7 @@ def test_maximum_clip_norm_also_refuses_no_clipping():
     policy = NodePrivacyPolicy(max_clip_norm=0.5)
     assert policy.violation(request(clip_norm=0.5)) is None
     assert policy.violation(request(clip_norm=2.0)) == "clip norm 2 is above this node's maximum 0.5"
-    assert policy.violation(request(private=False)) == "clip norm 0 (no clipping) is above this node's maximum 0.5"
+    assert policy.violation(request(private=False, noise_multiplier=0.0)) == "clip norm 0 (no clipping) is above this node's maximum 0.5"
 
 
 @pytest.mark.parametrize(
@@ -230,12 +230,11 @@ def test_a_node_refuses_to_contribute_implausibly_often_for_the_claimed_sample_r
         request_ = PolicyRequest.from_train(config, SETTINGS)
         answer = policy.violation(request_, participation.after(request_))
         answers.append(answer)
-        participation = participation.after(request_) if answer is None else participation.refused(request_)
+        participation = participation.after(request_) if answer is None else participation
     refused = [r for r, a in enumerate(answers, 1) if a is not None]
     assert refused and refused[0] <= 4 and "implausible at sample rate 0.01" in answers[refused[0] - 1]
     # It went on contributing only as often as the claim makes plausible: far from 20 of 20.
-    assert participation == Participation(20, participation.contributions) and participation.contributions <= 5
-    assert not participation.implausible_under(0.01)
+    assert participation.contributions <= 5 and not participation.implausible_under(0.01)
 
 
 def test_an_honest_sampler_passes_the_participation_test():
@@ -257,3 +256,44 @@ def test_a_claimed_validity_flag_plays_no_part():
     req = request(clipping="paper")
     assert not req.epsilon_valid and request().epsilon_valid
     assert not PolicyRequest.from_train(train_config(), RunSettings(strategy="fedavg"), private_strategy=False).epsilon_valid
+
+
+def test_repeated_round_numbers_count_as_rounds_and_refused_messages_count_nothing():
+    # The attack: re-send rounds 1, 2, 1, 2, ... so that a node trusting the sampling keeps its ε flat.
+    trusting = NodePrivacyPolicy(min_noise_multiplier=1.0, trust_server_sampling=True)
+    participation = Participation()
+    for server_round in [1, 2] * 10:
+        req = request(server_round=server_round, sample_rate=1.0)
+        participation = participation.after(req)
+    assert participation == Participation(rounds=2, contributions=20, repeats=18)
+    run = request(sample_rate=1.0)  # 40 planned rounds
+    assert trusting.epsilon_of(run, participation, 1e-5) == epsilon_for(1.0, 1.0, 40, 1e-5)[0]
+    beyond = participation
+    for server_round in [1, 2] * 15:
+        beyond = beyond.after(request(server_round=server_round, sample_rate=1.0))
+    assert trusting.epsilon_of(run, beyond, 1e-5) == epsilon_for(1.0, 1.0, 50, 1e-5)[0]  # past the plan
+    # At a claimed q, repeats make the count implausible as quickly as new rounds would.
+    assert Participation(rounds=2, contributions=19, repeats=17).implausible_under(0.25)
+
+
+@pytest.mark.parametrize(
+    ("forgery", "refusal"),
+    [
+        ({"noise-multiplier": float("inf")}, "noise multiplier inf is not a finite number"),
+        ({"noise-multiplier": float("nan")}, "noise multiplier nan is not a finite number"),
+        ({"clip-norm": -1.0}, "clip norm -1.0 is not a finite number >= 0"),
+        ({"sample-rate": float("nan")}, "sample rate nan is not in [0, 1]"),
+        ({"delta": 0.0}, "delta 0.0 is not in (0, 1)"),
+        ({"num-clients": -5}, "-5 clients"),
+    ],
+)
+def test_values_that_are_no_mechanism_are_refused_whatever_the_policy(forgery, refusal):
+    config = {**train_config(), **forgery}
+    for policy in (NodePrivacyPolicy(), CHECKED):
+        assert refusal in asked(policy, config)
+
+
+def test_a_node_with_any_limit_refuses_noise_without_clipping():
+    # The attack: a node whose only limit is a minimum σ is told σ = 2 and C = 0 (no clipping at all).
+    config = {**train_config(noise_multiplier=2.0), "clip-norm": 0.0}
+    assert "noise without clipping" in asked(NodePrivacyPolicy(min_noise_multiplier=1.0), config)

@@ -113,6 +113,31 @@ BAD_PLUGINS = {
         "Strategy",
         "Strategy uses self.private_diagnostics, the platform's privacy state",
     ),
+    "leaks_through_a_mixin": (  # the check reads every class the strategy inherits from
+        """
+        from dpfl.strategies.dp_fedavg import DPFedAvg
+        class Bookkeeping:
+            def extra_state(self):
+                return {"n": self.private_diagnostics.get("sampled")}
+        class Strategy(Bookkeeping, DPFedAvg):
+            name = "mixin-leak"
+            description = "keeps the sample size in its public state"
+        """,
+        "Strategy",
+        "Strategy uses self.private_diagnostics, the platform's privacy state",
+    ),
+    "lowers_the_accountants_delta": (
+        """
+        from dpfl.strategies.dp_fedavg import DPFedAvg
+        class Strategy(DPFedAvg):
+            name = "large-delta"
+            description = "makes epsilon look small"
+            def apply_settings(self, settings):
+                self.accountant.delta = 0.5
+        """,
+        "Strategy",
+        "Strategy uses self.accountant, the platform's privacy state",
+    ),
     "lifts_the_budget": (
         """
         from dpfl.strategies.dp_fedavg import DPFedAvg

@@ -43,9 +43,9 @@ TIMESTAMP = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
 PER_CLIENT_MARKS = ("dpfl client", "sample-level", "ClientAppActor", "partition-")
 
 
-def run(settings: RunSettings, engine: str = "in-process") -> Path:
+def run(settings: RunSettings, engine: str = "in-process", node_configs=()) -> Path:
     Path(settings.out_dir).mkdir(parents=True)
-    failure = run_simulation(settings, engine, 1, wait)
+    failure = run_simulation(settings, engine, 1, wait, node_configs)
     assert failure is None, failure
     return Path(settings.out_dir)
 
@@ -77,6 +77,9 @@ def check_public_files(out: Path, log_file: Path | None = None) -> None:
     log = (log_file or out / FLOWER_LOG).read_text()
     assert not TIMESTAMP.search(log), TIMESTAMP.search(log)
     assert not any(mark in log for mark in PER_CLIENT_MARKS)
+    # Their times too: all that of config.json (the span between them grew with the realised sample).
+    times = {(out / name).stat().st_mtime for name in PUBLIC_FILES if (out / name).exists()}
+    assert times == {(out / "config.json").stat().st_mtime}
     # The plot's only data are the public records: drawn again from them, it is the same image.
     plot_curves(rows, out.parent / "again.png", f"{config['strategy']}, {config['model']} on {config['dataset']}: "
                 f"{summary['outcome']}")  # fmt: skip
@@ -108,11 +111,13 @@ def test_every_public_file_of_every_mode_holds_only_what_the_inventory_declares(
 @pytest.mark.slow
 def test_the_flower_engine_publishes_no_per_client_line_and_no_timestamp(tmp_path):
     settings = RunSettings(**{**SMALL, **MODES["local-dp"], "noise_placement": "client"}, out_dir=str(tmp_path / "run"))
-    out = run(settings, engine="flower")
+    # Half the simulated owners refuse to contribute (their own ε after one contribution is above 3):
+    # their refusals, which state their participation, must not reach the public log.
+    out = run(settings, engine="flower", node_configs=[{"policy-max-epsilon": 3.0}, {}])
     check_public_files(out)
-    # What Ray forwarded from the simulated nodes went to their log, the SuperLink's to the server's.
-    assert (out / "server_private_superlink.log").stat().st_size > 0
-    assert "sample-level" not in (out / FLOWER_LOG).read_text()
+    # What Ray forwarded from the simulated nodes went to their log, the rest of Flower's to the server's.
+    assert "refuses" in (out / "server_private_flower.log").read_text()
+    assert "refuses" not in (out / FLOWER_LOG).read_text() and "sample-level" not in (out / FLOWER_LOG).read_text()
 
 
 @pytest.mark.slow

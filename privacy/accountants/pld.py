@@ -5,9 +5,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import dp_accounting
-from dp_accounting.pld import PLDAccountant
-
 from dpfl.privacy.accountants.base import Accountant, HistoryKey
 
 # dp-accounting's default is 1e-4. Its PLD is a pessimistic estimate, an upper bound at
@@ -22,6 +19,9 @@ def pld_epsilon(history: HistoryKey, delta: float) -> float:
     Each entry is composed as one round's PLD self-convolved ``rounds`` times (one FFT
     power), not round by round.
     """
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
     accountant = PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
     for noise_multiplier, sample_rate, rounds in history:
         accountant.compose(

@@ -3,9 +3,18 @@
 The RDP of the subsampled Gaussian and its conversion to (ε, δ) are Opacus's
 (``opacus.accountants.analysis.rdp``, Mironov et al. 2019; Balle et al. 2020,
 Thm. 21). What is added here: after Opacus's order grid, the best order is refined
-by a bounded scalar minimisation between its grid neighbours (any order gives a
-valid bound, so the minimum over a continuum is as sound as over a grid and never
-larger). Flower's ``RdpAccountant`` stops at its fixed grid.
+between its grid neighbours (any order gives a valid bound, so the minimum over
+more orders is as sound as over the grid and never larger). Flower's
+``RdpAccountant`` stops at its fixed grid.
+
+Opacus evaluates a fractional order by a series whose terms cancel: above its own
+fractional grid (1.1 to 10.9) the series loses all precision at large σ (at σ = 40,
+q = 0.25 it gives a negative RDP at order 127.5, and so a negative ε), while an
+integer order is a finite sum of positive terms. So the refinement is continuous
+only below :data:`FRACTIONAL_LIMIT` and runs over the integers above it.
+
+Opacus and SciPy are imported when ε is first computed, not with this module, so
+that ``dpfl`` starts without them.
 """
 
 from __future__ import annotations
@@ -13,16 +22,25 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from scipy.optimize import minimize_scalar
 
 from dpfl.privacy.accountants.base import Accountant, History, HistoryKey
 
-DEFAULT_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80.0, 128.0, 256.0, 512.0)
+# Orders added above Opacus's grid (which ends at 63): large σ and few rounds need them.
+LARGE_ORDERS = (80.0, 128.0, 256.0, 512.0)
+# The end of Opacus's fractional orders (its grid then goes on in integers from 12):
+# fractional orders are refined only below it.
+FRACTIONAL_LIMIT = 12.0
+
+
+@cache
+def default_orders() -> tuple[float, ...]:
+    """Opacus's default RDP orders and :data:`LARGE_ORDERS`."""
+    from opacus.accountants import RDPAccountant
+
+    return tuple(float(order) for order in RDPAccountant.DEFAULT_ALPHAS) + LARGE_ORDERS
 
 
 def _rdp(history: History, orders: np.ndarray | float) -> np.ndarray:
@@ -35,16 +53,22 @@ def _rdp(history: History, orders: np.ndarray | float) -> np.ndarray:
 # every round.
 @lru_cache(maxsize=256)
 def _one_step_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.atleast_1d(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)))
 
 
 def _to_dp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[float, float]:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     # Opacus warns when the best order is at an end of the list it is given; the
-    # refinement below calls it with one order at a time, so that warning is noise.
+    # refinement below calls it with a few orders at a time, so that warning is noise.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eps, order = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(eps), float(order)
+    # The conversion can be below 0 for a tiny RDP and a large δ (or order): an (ε, δ)
+    # guarantee with ε < 0 implies the one with ε = 0, which is what is reported.
+    return max(float(eps), 0.0), float(order)
 
 
 def _epsilon_at(history: History, order: float, delta: float) -> float:
@@ -52,10 +76,11 @@ def _epsilon_at(history: History, order: float, delta: float) -> float:
 
 
 def epsilon_of_history(
-    history: History, delta: float, orders: Sequence[float] = DEFAULT_ORDERS, refine: bool = True
+    history: History, delta: float, orders: Sequence[float] | None = None, refine: bool = True
 ) -> tuple[float, float]:
-    """(ε, best RDP order) after the rounds in ``history`` at ``delta``."""
-    return _epsilon_of_history(tuple(map(tuple, history)), delta, tuple(orders), refine)
+    """(ε, best RDP order) after the rounds in ``history`` at ``delta`` (``orders``: the
+    grid searched first, :func:`default_orders` if None)."""
+    return _epsilon_of_history(tuple(map(tuple, history)), delta, tuple(orders or default_orders()), refine)
 
 
 # Memoised: a run asks for ε after the next round (the budget check), then for the
@@ -68,17 +93,23 @@ def _epsilon_of_history(
         return 0.0, math.nan
     grid = np.asarray(sorted(orders), dtype=float)
     eps, order = _to_dp(grid, _rdp(history, grid), delta)
-    best = int(np.flatnonzero(grid == order)[0])
-    if not refine:
+    if not refine or not math.isfinite(eps):
         return eps, order
+    best = int(np.flatnonzero(grid == order)[0])
     low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    if high > low:
+    if high <= FRACTIONAL_LIMIT:
+        from scipy.optimize import minimize_scalar
+
         found = minimize_scalar(
-            lambda a: _epsilon_at(history, a, delta), bounds=(low, high), method="bounded",
-            options={"xatol": 1e-4},
+            lambda a: _epsilon_at(history, a, delta), bounds=(low, high), method="bounded", options={"xatol": 1e-4}
         )
-        if found.success and found.fun < eps:
-            eps, order = float(found.fun), float(found.x)
+        candidates = [(float(found.fun), float(found.x))] if found.success else []
+    else:
+        integers = np.arange(math.floor(low) + 1, math.ceil(high), dtype=float)
+        candidates = [_to_dp(integers, _rdp(history, integers), delta)] if len(integers) else []
+    for refined_eps, refined_order in candidates:
+        if refined_eps < eps:
+            eps, order = refined_eps, refined_order
     return eps, order
 
 

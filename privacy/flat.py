@@ -1,0 +1,65 @@
+"""Named tensors as one contiguous vector, and back as named views.
+
+A model update is a dict of some sixty small tensors; clipping, noise, screening and
+the sum each looped over them, one float64 copy per tensor, and the dispatch cost more
+than the arithmetic. Laid out as one vector, each is a few operations on the whole
+update. :class:`Layout` records the names, shapes and dtypes of a model's tensors
+(the order of its state dict) and where each sits in the vector; the named tensors a
+strategy or Flower needs are views into it, not copies.
+
+Pure tensor bookkeeping: no Flower, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class Layout:
+    """Where each of some named tensors sits in one vector, in their (mapping) order.
+
+    A leading batch shape is allowed (a vectorised cohort keeps one row per client).
+    The vector's dtype is the tensors' own when they share one, else float64.
+    """
+
+    def __init__(self, tensors: Tensors) -> None:
+        self.shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        self.dtypes = {name: t.dtype for name, t in tensors.items()}
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
+        self.size = sum(self.sizes)
+        kinds = set(self.dtypes.values())
+        self.dtype = kinds.pop() if len(kinds) == 1 else torch.float64
+        self.uniform = not kinds
+
+    def flatten(self, tensors: Tensors) -> torch.Tensor:
+        """The tensors (named as this layout's, any leading batch shape) as one vector [..., size]."""
+        first = next(iter(self.shapes), None)
+        if first is None:
+            return torch.zeros(0, dtype=self.dtype)
+        lead = tensors[first].shape[: tensors[first].dim() - len(self.shapes[first])]
+        if self.uniform:  # one conversion of the whole, not one per tensor
+            return torch.cat([tensors[name].reshape(*lead, -1) for name in self.shapes], dim=-1).to(self.dtype)
+        return torch.cat([tensors[name].reshape(*lead, -1).to(self.dtype) for name in self.shapes], dim=-1)
+
+    def views(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of ``vector`` [..., size] in its own dtype, without copying."""
+        lead = vector.shape[:-1]
+        parts = vector.split(self.sizes, dim=-1)
+        return {name: part.view((*lead, *shape)) for (name, shape), part in zip(self.shapes.items(), parts)}
+
+    def cast(self, vector: torch.Tensor) -> torch.Tensor:
+        """``vector`` rounded as the named tensors hold it: in their dtype when they share
+        one, else each part through its own dtype (kept in float64)."""
+        if self.uniform:
+            return vector.to(self.dtype)
+        return self.flatten({name: t.to(self.dtypes[name]) for name, t in self.views(vector).items()})
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named tensors of ``vector`` in their own dtypes: views when they share ``vector``'s."""
+        named = self.views(self.cast(vector))
+        return named if self.uniform else {name: t.to(self.dtypes[name]) for name, t in named.items()}
