@@ -18,8 +18,13 @@ from dpfl.privacy.randomness import RandomStream
 
 @contextmanager
 def scaled_noise(scale: float) -> Iterator[None]:
-    """Every Gaussian a secure stream draws is ``scale`` times the std asked for (0: none)."""
-    gaussian = RandomStream.gaussian
+    """Every Gaussian a secure stream draws is ``scale`` times the std asked for (0: none).
+
+    Both samplers: ``gaussian`` and ``gaussian_segments`` (the flat update's noise, which the
+    mechanism draws since issue 29; patching only the first left the noise whole).
+    """
+    gaussian, segments = RandomStream.gaussian, RandomStream.gaussian_segments
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RandomStream, "gaussian", lambda stream, shape, std: gaussian(stream, shape, std * scale))
+        patch.setattr(RandomStream, "gaussian_segments", lambda stream, sizes, std: segments(stream, sizes, std * scale))
         yield

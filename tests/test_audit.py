@@ -30,6 +30,7 @@ from dpfl.privacy.audit import (
     one_run_p_value,
     one_shot_estimate,
 )
+from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.settings import RunSettings
 
 DELTA = 1e-5
@@ -208,6 +209,18 @@ def test_bad_audit_input_is_one_line_and_exit_code_2(dpfl_quick, tmp_path):
                         "--out", str(tmp_path / "too-many"))  # fmt: skip
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "5000 gradient canaries need as many model parameters, the model has 158" in result.stderr
+
+
+def test_the_broken_mechanism_scales_every_gaussian_sampler_of_the_secure_streams():
+    # Every sampler, found by name, so that one added later (as gaussian_segments was) cannot
+    # leave the broken mechanism's noise whole and the audit tests below void.
+    samplers = {"gaussian": ((3, 5),), "gaussian_segments": ([4, 7, 1],)}
+    assert {name for name in dir(RandomStream) if "gaussian" in name} == set(samplers)
+    for name, args in samplers.items():
+        whole = getattr(Randomness(31).stream("n"), name)(*args, 1.0)
+        with scaled_noise(0.5):
+            halved = getattr(Randomness(31).stream("n"), name)(*args, 2.0)
+        assert torch.equal(whole, halved), name
 
 
 # --- through the real ServerApp, strategy, mechanism and ClientApp -------------------------
