@@ -85,7 +85,7 @@ OPTIONS = [
     ("--deploy-method", "deploy_method", str, "nodes' compression: tucker2, cpd or svd (a node config may override)"),
     ("--deploy-norm", "deploy_norm", str, "nodes' compression norm: sigma or frobenius (a node config may override)"),
     ("--deploy-ratio", "deploy_ratio", positive_float, "fraction of parameters the nodes keep, in (0, 1)"),
-    ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive, mdm, sw-mdm or gf-mdm (a node config may override)"),
+    ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm (a node config may override)"),
     ("--deploy-mode", "deploy_mode", str, "analog inference: auto (exact, or fast under read noise), exact, fast or ideal"),
     ("--deploy-holdout", "deploy_holdout", probability, "fraction of each node's data held out for evaluation"),
     ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep beside its own, comma-separated (default: none)"),
