@@ -313,6 +313,21 @@ def run_audit(
     canaries = options.canaries_for(sum(t.numel() for t in like.values() if t.is_floating_point()))
     inclusion = Randomness().stream("audit-inclusion").bernoulli(canaries, 0.5)
     included = [canary for canary in range(canaries) if inclusion[canary]]
+    observer = inputs = None
+    if options.threat == "white-box":
+        directions = OrthogonalDirections(like, canaries, settings.seed)
+        observer = WhiteBoxObserver(directions)
+
+        def canary_train(msg: Message, context: Context, canary: int) -> Message:
+            return canary_reply(msg, directions.direction(canary))
+    else:
+        inputs = InputCanaries(settings, canaries, out / CANARY_DIR)
+
+        def canary_train(msg: Message, context: Context, canary: int) -> Message:
+            # The real ClientApp on a node whose only data is the canary's example.
+            return client_module.train(msg, with_node_config(context, {"data-file": str(inputs.files[canary]),
+                                                                       "partition-id": context.node_config["partition-id"]}))  # fmt: skip
+
     federation = CanaryFederation(settings.num_clients, included, canary_train, observer)
     stage = f"audited run with {len(included)} canaries (rounds)"
     failure = run_in_process_following(
