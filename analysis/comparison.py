@@ -14,6 +14,7 @@ import numpy as np
 
 from dpfl.client.app import app as client_app
 from dpfl.engines.inprocess import flower_log_to, run_in_process
+from dpfl.engines.simulation import cohort_handler
 from dpfl.plugins import smoke_test_strategy
 from dpfl.server.app import app as server_app
 from dpfl.server.recorder import CONFIG_FILE, METRICS_FILE
@@ -109,7 +110,8 @@ def run_comparison(
             run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-seed{seed}"
             seeded = dataclasses.replace(settings, seed=seed, out_dir=str(run_dir))
             with flower_log_to(out / "flower.log"):
-                run_in_process(server_app, client_app, seeded.to_run_config(), seeded.num_clients)
+                run_in_process(server_app, client_app, seeded.to_run_config(), seeded.num_clients,
+                               cohort=cohort_handler(seeded))  # fmt: skip
             rounds = read_rounds(run_dir)
             runs.setdefault(name, []).append(rounds)
             labels[name] = privacy_label(run_dir)
