@@ -26,7 +26,7 @@ client's partition of the data set, cycled):
   10k-fake 10,000 clients of fakedata (2 images each, batch 2), q = 0.01, 5 rounds, the small
            CNN: the same 100 clients a round as 1k-fake, so its round time should not grow
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/sim_overhead.py [--scales ...] [--engines ...] [--repeat N]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/sim_overhead.py [--scales ...] [--engines ...] [--repeat N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", choices=SCALES, default=list(SCALES))
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--repeat", type=int, default=1, help="measure every engine this many times, keep its fastest")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="run every scale for this many rounds instead of its own (a shorter measurement)")
     parser.add_argument("--plain-loop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
@@ -233,7 +235,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at the start")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scales:
-            scale = SCALES[name]
+            scale = replace(SCALES[name], rounds=args.rounds) if args.rounds > 0 else SCALES[name]
             print(f"\n{name}: {scale.clients} clients of {scale.dataset}, client-size {scale.client_size or 'default'}, "
                   f"q={scale.sample_rate}, {scale.rounds} rounds, {scale.model} w{scale.width}, "
                   f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip

@@ -4,20 +4,26 @@ or a pipe, and the progress of the library's long jobs (:mod:`dpfl.progress`).
 In a terminal every running stage is a rich progress bar (what is being done, steps
 done of all, time spent and left); a finished stage's bar goes away. When stdout is
 not a terminal (a log file, CI, a pipe) nothing is redrawn: each stage is one plain
-line when it starts, with the time since the command began.
+line when it starts, with the time since the command began, and a line with its steps
+done when one finishes a minute or more after that stage's last line (a deployment's
+sweep runs for minutes between stage starts; a log should still show it moving).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # Columns of a console that is not a terminal: rich would lay tables out in 80 and cut
 # the cells (layer names) that do not fit; a log has no width to respect.
 LOG_WIDTH = 400
+
+# Seconds between two plain lines of one running stage, in a log.
+LOG_INTERVAL = 60.0
 
 
 def make_console() -> Console:
@@ -29,10 +35,12 @@ def make_console() -> Console:
 class ProgressDisplay:
     """A :data:`dpfl.progress.Progress` callback that draws on ``console``; use it as a context manager."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
-        self.started = time.monotonic()
-        self._tasks: dict[str, int] = {}
+        self.clock = clock
+        self.started = clock()
+        self._tasks: dict[str, TaskID] = {}  # a running stage's bar, in a terminal
+        self._logged: dict[str, float] = {}  # when a running stage's last line was printed, in a log
         self._bars = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("left"), TimeRemainingColumn(), console=console, transient=True,
@@ -49,16 +57,21 @@ class ProgressDisplay:
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self._bars is None:
-            if stage not in self._tasks:
-                self._tasks[stage] = 0
-                steps = f"{total} step{'' if total == 1 else 's'}"
-                self.console.print(f"[{time.monotonic() - self.started:6.0f} s] {stage} ({steps})",
-                                   markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+            now = self.clock()
+            if stage not in self._logged:
+                self._logged[stage] = now
+                self._log_line(now, f"{stage} ({total} step{'' if total == 1 else 's'})")
+            elif done < total and now - self._logged[stage] >= LOG_INTERVAL:
+                self._logged[stage] = now
+                self._log_line(now, f"{stage}: {done}/{total}")
             if done >= total:
-                del self._tasks[stage]
+                del self._logged[stage]
             return
         if stage not in self._tasks:
             self._tasks[stage] = self._bars.add_task(stage, total=total)
         self._bars.update(self._tasks[stage], completed=done, total=total)
         if done >= total:
             self._bars.remove_task(self._tasks.pop(stage))
+
+    def _log_line(self, now: float, text: str) -> None:
+        self.console.print(f"[{now - self.started:6.0f} s] {text}", markup=False, highlight=False, soft_wrap=True)

@@ -256,7 +256,7 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--deploy-method", "deploy_method", str, "nodes' compression: tucker2, cpd or svd"),
         ("--deploy-norm", "deploy_norm", str, "nodes' compression norm: sigma or frobenius"),
         ("--deploy-ratio", "deploy_ratio", open_unit, "fraction of parameters the nodes keep, in (0, 1)"),
-        ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive or mdm"),
+        ("--deploy-mapping", "deploy_mapping", str, "crossbar mapping deployed: naive, mdm, sw-mdm or gf-mdm"),
         ("--deploy-mode", "deploy_mode", str, "analog inference: auto, exact, fast or ideal"),
         ("--deploy-sweep-tiles", "deploy_sweep_tiles", str, "tile sizes of each node's NF sweep beside its own, comma-separated (default: none)"),
     ],

@@ -42,9 +42,10 @@ class Layout:
         if first is None:
             return torch.zeros(0, dtype=self.dtype)
         lead = tensors[first].shape[: tensors[first].dim() - len(self.shapes[first])]
+        flat_shape = (*lead, -1)
         if self.uniform:  # one conversion of the whole, not one per tensor
-            return torch.cat([tensors[name].reshape(*lead, -1) for name in self.shapes], dim=-1).to(self.dtype)
-        return torch.cat([tensors[name].reshape(*lead, -1).to(self.dtype) for name in self.shapes], dim=-1)
+            return torch.cat([tensors[name].reshape(flat_shape) for name in self.shapes], dim=-1).to(self.dtype)
+        return torch.cat([tensors[name].reshape(flat_shape).to(self.dtype) for name in self.shapes], dim=-1)
 
     def views(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views of ``vector`` [..., size] in its own dtype, without copying."""

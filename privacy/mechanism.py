@@ -361,13 +361,14 @@ class ClientLevelMechanism:
             if update[name].dtype != tensor.dtype:
                 return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
         layout = Layout(like)
-        vector = layout.flatten(update)
-        if not bool(torch.isfinite(vector).all()):
+        # One pass: the norm in float64 is finite exactly when every value is (a float32 or
+        # smaller value squared cannot overflow it; a float64 update that does is dropped too).
+        norm = float(torch.linalg.vector_norm(layout.flatten(update).double()))
+        if not math.isfinite(norm):
             return "the update has NaN or Inf values"
         share = self.params.client_noise_std(self.clip_norm)
         if share > 0:
             bound = self.clip_norm + share * (math.sqrt(layout.size) + PLAUSIBLE_NOISE_TAIL)
-            norm = float(torch.linalg.vector_norm(vector.double()))
             if norm > bound:
                 return f"the update's norm {norm:.4g} is implausible for C plus one noise share (bound {bound:.4g})"
         return None

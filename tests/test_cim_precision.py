@@ -277,3 +277,29 @@ def test_a_multi_precision_update_is_clipped_like_any_other_and_local_dp_is_refu
         RunSettings(train_bit_widths="4", local_dp=True).validate()
     with pytest.raises(UsageError, match="train-bit-widths must be comma-separated weight bits in 1..16, got '4,x'"):
         RunSettings(train_bit_widths="4,x").bit_widths()
+
+
+def test_multi_precision_training_makes_the_model_hold_up_on_one_bit_weights():
+    # The same local training (the client's loop, no clipping or noise) with and without
+    # the 1-bit child model: on ternary weights (1 magnitude bit and a sign, per output
+    # channel) the plainly trained model loses 9-14 points on this data, the
+    # multi-precision one 1-2 (seeds 0-2, 300 steps), at a point or two of full precision.
+    data = load_dataset("digits")
+    test_images, test_labels = data.test.tensors
+
+    def accuracy_at(model: nn.Module, bits: int) -> float:
+        with torch.no_grad(), quantised_weights(model, bits):
+            return float((model(test_images).argmax(1) == test_labels).double().mean())
+
+    scores = {}
+    for widths in ((), (1,)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+        train_private_update(
+            model, data.train, LocalUpdateRule({}, {}), steps=300, lr=0.1, batch_size=64, weight_decay=0.0,
+            grad_clip=10.0, instructions=ClientInstructions.flat(0.0), generator=torch.Generator().manual_seed(0),
+            noise_stream=Randomness().stream("client-noise"), train_bit_widths=widths,
+        )  # fmt: skip
+        scores[widths] = accuracy_at(model.eval(), 1), accuracy_at(model, 8)
+    assert scores[(1,)][0] >= scores[()][0] + 0.04, scores
+    assert scores[(1,)][1] >= 0.9, scores  # and the model still works at 8 bits

@@ -60,6 +60,21 @@ def test_a_log_gets_one_plain_line_per_stage():
     ]
 
 
+def test_a_log_hears_from_a_long_stage_once_a_minute():
+    now = [0.0]
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    with ProgressDisplay(console, clock=lambda: now[0]) as progress:
+        progress("sweep", 0, 12)
+        for done, seconds in [(1, 30.0), (2, 59.0), (3, 61.0), (4, 100.0), (5, 125.0), (12, 400.0)]:
+            now[0] = seconds
+            progress("sweep", done, 12)
+    # A line at the start, then one for a step finished a minute or more after the
+    # stage's last line; none for the finished stage.
+    assert console.file.getvalue().splitlines() == [
+        "[     0 s] sweep (12 steps)", "[    61 s] sweep: 3/12", "[   125 s] sweep: 5/12",
+    ]
+
+
 def test_a_terminal_gets_a_bar_per_running_stage():
     console = Console(file=io.StringIO(), width=120, force_terminal=True)
     with ProgressDisplay(console) as progress:
