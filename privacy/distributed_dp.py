@@ -41,6 +41,7 @@ Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomnes
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,12 +129,34 @@ def conditional_round(scaled: np.ndarray, bound: float, stream: RandomStream) ->
 
 def skellam(size: int, mu: float, stream: RandomStream) -> np.ndarray:
     """``size`` draws of Sk(μ, μ) (variance 2μ), each the difference of two Poisson(μ) drawn by
-    the inverse CDF of secure uniforms on (0, 1] (int64)."""
+    the inverse CDF of secure uniforms (int64)."""
     if mu == 0:
         return np.zeros(size, dtype=np.int64)
-    uniforms = stream.uniform_open_closed(2 * size) - 2.0**-54  # inside (0, 1): the quantile stays finite
-    draws = poisson.ppf(uniforms, mu).astype(np.int64)
+    support, cdf = _poisson_table(mu)
+    # Uniforms on the 53-bit grid of (0, 1): the quantile is the first k with F(k) ≥ u.
+    uniforms = stream.uniform_open_closed(2 * size) - 2.0**-54
+    draws = support[np.searchsorted(cdf, uniforms, side="left")]
     return draws[:size] - draws[size:]
+
+
+# Beyond F⁻¹(2⁻⁶⁰) and F̄⁻¹(2⁻⁶⁰) no 53-bit uniform falls: the table is the whole inverse CDF.
+_TABLE_TAIL = 2.0**-60
+
+
+@functools.lru_cache(maxsize=8)
+def _poisson_table(mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, F(k)) of Poisson(μ) over every k a 53-bit uniform can reach by inversion.
+
+    SciPy's ``poisson.ppf`` gives the same quantiles but inverts the incomplete gamma
+    function once per draw (5 s for one update of 10⁵ coordinates); a search in the
+    table of the CDF takes milliseconds.
+    """
+    low = max(0, int(poisson.ppf(_TABLE_TAIL, mu)) - 1)
+    high = int(mu + 10 * math.sqrt(mu)) + 10  # SciPy's isf fails at so small a tail: widen until past it
+    while poisson.sf(high, mu) >= _TABLE_TAIL:
+        high += int(10 * math.sqrt(mu)) + 10
+    support = np.arange(low, high + 1, dtype=np.int64)
+    return support, poisson.cdf(support, mu)
 
 
 def wrap_probability(

@@ -92,6 +92,11 @@ def test_skellam_sampler_matches_scipy():
     probabilities[0] = scipy_skellam.cdf(-8, mu, mu)
     probabilities[-1] = scipy_skellam.sf(7, mu, mu)
     assert chisquare(counts, probabilities * counts.sum()).pvalue > 1e-6
+    # At an update's μ (thousands) too: variance 2μ, mean 0, within 5 standard errors.
+    mu = 12_000.0
+    draws = skellam(100_000, mu, fresh_stream()).astype(float)
+    assert abs(draws.mean()) < 5 * math.sqrt(2 * mu / draws.size)
+    assert draws.var() == pytest.approx(2 * mu, rel=5 * math.sqrt(2 / draws.size))
 
 
 def log_pmf(values: np.ndarray, mu: float) -> np.ndarray:
