@@ -46,8 +46,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -293,43 +295,58 @@ class SecAggServer:
         return combine_shares(shares[:threshold])
 
 
+# Called after each client's answer with (stage, node, seconds it took, bytes it sent).
+StageObserver = Callable[[int, int, float, int], None]
+
+
+def reply_bytes(stage: int, reply: Any, bits: int) -> int:
+    """What a client's answer at ``stage`` weighs on the wire (a masked vector packed at b bits)."""
+    if stage == 0:
+        return sum(len(key) for key in reply)
+    if stage == 1:
+        return sum(len(ciphertext) for ciphertext in reply.values())
+    if stage == 2:
+        return (reply.size * bits + 7) // 8
+    return sum(_ID_BYTES + len(share) for _, share in reply.values())
+
+
 def run_round(
     setup: SecAggSetup,
     inputs: Mapping[int, np.ndarray],
     dropped_before: Mapping[int, Sequence[int]] | None = None,
+    observe: StageObserver | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """One whole round in one process: (the unmasked sum, the survivors whose inputs it holds).
 
     ``dropped_before[stage]`` lists the clients that drop out before ``stage`` (0-3) answers.
     A client that refuses (too few survivors where it checks) counts as dropped at that stage.
-    Raises :class:`TooFewSurvivors` when the server cannot release the sum.
+    Raises :class:`TooFewSurvivors` when the server cannot release the sum. ``observe``, if
+    given, hears each client's time and bytes per stage (the benchmark's measure).
     """
     dropped_before = dropped_before or {}
     gone: set[int] = set()
-
-    def alive(stage: int, candidates: Collection[int]) -> list[int]:
-        gone.update(dropped_before.get(stage, ()))
-        return [node for node in candidates if node not in gone]
-
     clients = {node: SecAggClient(node, setup) for node in setup.nodes}
+
+    def answers(stage: int, candidates: Collection[int], ask: Callable[[SecAggClient], Any]) -> dict[int, Any]:
+        gone.update(dropped_before.get(stage, ()))
+        replies = {}
+        for node in candidates:
+            if node in gone:
+                continue
+            started = time.perf_counter()
+            try:
+                replies[node] = ask(clients[node])
+            except TooFewSurvivors:  # the client refuses: for the server, a dropout
+                gone.add(node)
+                continue
+            if observe is not None:
+                observe(stage, node, time.perf_counter() - started, reply_bytes(stage, replies[node], setup.bits))
+        return replies
+
     server = SecAggServer(setup)
-    advertised = {node: clients[node].advertise() for node in alive(0, setup.nodes)}
-    keys_for = server.public_keys_for(advertised)
-    sent = {}
-    for node in alive(1, keys_for):
-        try:
-            sent[node] = clients[node].share_keys(keys_for[node])
-        except TooFewSurvivors:
-            gone.add(node)
-    routed = server.route_shares(sent)
-    masked = {}
-    for node in alive(2, routed):
-        try:
-            masked[node] = clients[node].masked_input(routed[node], inputs[node])
-        except TooFewSurvivors:
-            gone.add(node)
+    keys_for = server.public_keys_for(answers(0, setup.nodes, SecAggClient.advertise))
+    routed = server.route_shares(answers(1, keys_for, lambda client: client.share_keys(keys_for[client.node])))
+    masked = answers(2, routed, lambda client: client.masked_input(routed[client.node], inputs[client.node]))
     survivors = server.survivors(masked)
-    revealed = {}
-    for node in alive(3, survivors):
-        revealed[node] = clients[node].unmask(survivors)
+    revealed = answers(3, survivors, lambda client: client.unmask(survivors))
     return server.unmasked_sum(revealed), survivors
