@@ -208,3 +208,22 @@ def test_a_hostile_client_can_move_the_sum_only_within_the_field():
     decoded = decode(worst, params, seed)
     assert np.linalg.norm(decoded) <= l2 * (1 + 1e-9)
     assert per_coordinate == params.granularity * 2 ** (params.bits - 1)
+
+
+def test_a_node_checks_its_own_epsilon_under_secure_aggregation():
+    """From the threshold, its share and its own contributions; amplification only if it trusts the sampling."""
+    from dpfl.privacy.node_policy import NodePrivacyPolicy, Participation
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10)
+    own = node_epsilon(params, 4, 1e-5)
+    policy = NodePrivacyPolicy(max_epsilon=own * 1.01)
+    assert policy.secure_aggregation_violation(params, Participation(40, 4), 40, 0.1, 1e-5) is None
+    refusal = NodePrivacyPolicy(max_epsilon=own * 0.99).secure_aggregation_violation(
+        params, Participation(40, 4), 40, 0.1, 1e-5)  # fmt: skip
+    assert f"epsilon {own:.3g}" in refusal and "threshold 5" in refusal and "without amplification" in refusal
+    trusting = NodePrivacyPolicy(max_epsilon=own * 0.99, trust_server_sampling=True)
+    amplified = epsilon(params, [(0.1, 40)], 1e-5)[0]
+    assert (trusting.secure_aggregation_violation(params, Participation(40, 4), 40, 0.1, 1e-5) is None) == (
+        amplified <= own * 0.99)
+    assert "below this node's minimum 2" in NodePrivacyPolicy(min_noise_multiplier=2.0).secure_aggregation_violation(
+        params, Participation(1, 1), 1, 0.1, 1e-5)  # fmt: skip
