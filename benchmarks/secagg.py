@@ -6,8 +6,9 @@ with the distributed Skellam mechanism (:mod:`dpfl.privacy.distributed_dp`: rota
 conditional rounding, noise, mod 2^b) and runs SecAgg+ (:mod:`dpfl.secagg.protocol`)
 with the complete graph (SecAgg, the default) and a SecAgg+ graph of degree
 2⌈log₂ n⌉; the server unmasks and decodes. All in one process, one client after
-another: a client's time is its own computation (encoding and its four answers), the
-server's is routing, unmasking and decoding; no network. Printed per setting: the mean
+another: times are CPU seconds of this process (robust on a shared machine), a client's
+its own computation (encoding and its four answers), the server's routing, unmasking and
+decoding; no network. Printed per setting: the mean
 client time, the server time, bytes sent per client (masked vector at b bits, keys,
 shares) and their ratio to a plain float32 update, and the round's time against plain
 aggregation's (the server summing the float32 updates) on the same machine.
@@ -42,9 +43,9 @@ def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, n
     rng = np.random.default_rng(0)
     updates = rng.normal(size=(clients, size))
     updates *= clip_norm / np.linalg.norm(updates, axis=1, keepdims=True)
-    started = time.perf_counter()
+    started = time.process_time()
     plain = updates.astype(np.float32).sum(axis=0)
-    plain_seconds = time.perf_counter() - started
+    plain_seconds = time.process_time() - started
 
     seed = os.urandom(32)
     nodes = tuple(range(1, clients + 1))
@@ -52,11 +53,11 @@ def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, n
     sent: dict[int, int] = defaultdict(int)
     inputs = {}
     for node, update in zip(nodes, updates):
-        started = time.perf_counter()
+        started = time.process_time()
         inputs[node] = encode(update, params, seed, RandomStream(os.urandom(32)))
-        client_seconds[node] += time.perf_counter() - started
+        client_seconds[node] += time.process_time() - started
 
-    answering = 0.0  # the clients' time inside the protocol, to tell the server's apart
+    answering = 0.0  # the clients' CPU time inside the protocol, to tell the server's apart
 
     def observe(stage: int, node: int, seconds: float, size_sent: int) -> None:
         nonlocal answering
@@ -65,10 +66,10 @@ def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, n
         answering += seconds
 
     setup = SecAggSetup(nodes, degree, threshold, bits, os.urandom(32))
-    started = time.perf_counter()
+    started = time.process_time()
     total, survivors = run_round(setup, inputs, observe=observe)
     decoded = decode(total, params, seed)
-    server_seconds = time.perf_counter() - started - answering
+    server_seconds = time.process_time() - started - answering
     assert len(survivors) == clients
     # The decoded sum's distance from the plain sum, per coordinate: the noise (and rounding).
     error = float(np.linalg.norm(decoded - plain) / math.sqrt(size))

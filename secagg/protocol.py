@@ -159,6 +159,10 @@ class SecAggClient:
         self._held: dict[int, tuple[bytes, bytes]] = {}
         self._masked_with: frozenset[int] = frozenset()
 
+    def __getstate__(self) -> None:
+        raise TypeError("a SecAgg client holds the round's secret keys and seeds: it is never serialised "
+                        "(no checkpoint, node state or log may carry them)")
+
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 0: (pk1, pk2)."""
         return self.public_keys
@@ -224,6 +228,9 @@ class SecAggClient:
 
 class SecAggServer:
     """The server's side of one round: routes what clients send and unmasks the sum."""
+
+    def __getstate__(self) -> None:
+        raise TypeError("a SecAgg server's round state (masked inputs, rebuilt seeds) is never serialised")
 
     def __init__(self, setup: SecAggSetup) -> None:
         self.setup = setup
@@ -295,7 +302,7 @@ class SecAggServer:
         return combine_shares(shares[:threshold])
 
 
-# Called after each client's answer with (stage, node, seconds it took, bytes it sent).
+# Called after each client's answer with (stage, node, CPU seconds it took, bytes it sent).
 StageObserver = Callable[[int, int, float, int], None]
 
 
@@ -321,7 +328,7 @@ def run_round(
     ``dropped_before[stage]`` lists the clients that drop out before ``stage`` (0-3) answers.
     A client that refuses (too few survivors where it checks) counts as dropped at that stage.
     Raises :class:`TooFewSurvivors` when the server cannot release the sum. ``observe``, if
-    given, hears each client's time and bytes per stage (the benchmark's measure).
+    given, hears each client's CPU time and bytes per stage (the benchmark's measure).
     """
     dropped_before = dropped_before or {}
     gone: set[int] = set()
@@ -333,14 +340,14 @@ def run_round(
         for node in candidates:
             if node in gone:
                 continue
-            started = time.perf_counter()
+            started = time.process_time()
             try:
                 replies[node] = ask(clients[node])
             except TooFewSurvivors:  # the client refuses: for the server, a dropout
                 gone.add(node)
                 continue
             if observe is not None:
-                observe(stage, node, time.perf_counter() - started, reply_bytes(stage, replies[node], setup.bits))
+                observe(stage, node, time.process_time() - started, reply_bytes(stage, replies[node], setup.bits))
         return replies
 
     server = SecAggServer(setup)

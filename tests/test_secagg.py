@@ -139,3 +139,13 @@ def test_bad_settings_are_one_line_errors(n, degree, min_inputs, bits, message):
     assert message in setup_problem(n, degree, min_inputs, bits)
     with pytest.raises(ValueError, match=message):
         SecAggSetup(tuple(range(n)), degree, min_inputs, bits, bytes(32))
+
+
+def test_key_material_cannot_be_serialised():
+    """Nothing of a round's secrets can reach a checkpoint, a node's state or a log by pickling."""
+    import pickle
+
+    setup = SecAggSetup((1, 2, 3), 2, 2, 16, os.urandom(32))
+    for party in (SecAggClient(1, setup), SecAggServer(setup)):
+        with pytest.raises(TypeError, match="never serialised"):
+            pickle.dumps(party)
