@@ -77,7 +77,7 @@ def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, n
         "clients": clients, "degree": degree, "threshold": threshold, "bits": bits,
         "client_s": sum(client_seconds.values()) / clients, "server_s": server_seconds, "plain_s": plain_seconds,
         "bytes_per_client": sum(sent.values()) / clients, "plain_bytes": 4 * size,
-        "noise_per_coordinate": error, "central_noise": noise_multiplier * clip_norm,
+        "noise_per_coordinate": error, "central_noise": noise_multiplier * clip_norm, "params": params,
     }
 
 
@@ -103,6 +103,13 @@ def main() -> None:
                 f"{row['plain_s']:.4f}", f"{row['bytes_per_client'] / 1024:.0f}",
                 f"{row['bytes_per_client'] / row['plain_bytes']:.2f}", f"{row['noise_per_coordinate']:.4f}",
                 f"{row['central_noise']:.4f}")), flush=True)  # fmt: skip
+        params = row["params"]
+        per_coordinate, l2 = params.hostile_shift_bound
+        print(f"{'':>11} grid {params.granularity:.3g}, rounded sensitivity {params.l2_sensitivity:.5g} "
+              f"(C/grid {params.clip_norm / params.granularity:.5g}), mu per client {params.mu_per_input:.5g}, "
+              f"wrap probability <= {params.wrap_probability:.2g}; one hostile client can move the sum by up to "
+              f"{per_coordinate:.4g} per rotated coordinate, {l2:.4g} in norm (an honest one: C = {params.clip_norm:g})",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
