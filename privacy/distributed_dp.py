@@ -324,6 +324,32 @@ def decode(total: np.ndarray, params: DistributedDPParams, rotation_seed: bytes)
     return unrotate(centred(total, params.bits).astype(np.float64) * params.granularity, rotation_seed, params.size)
 
 
+def honest_sum_norm_bound(params: DistributedDPParams, inputs: int, failure: float = WRAP_PROBABILITY_LIMIT) -> float:
+    """A norm the decoded sum of ``inputs`` honest clients exceeds with probability ≤ ``failure``.
+
+    The updates give at most nC; the roundings at most γ·n·√D (each moves every coordinate by
+    less than one step); the noise Sk(nμ, nμ) at most γ·h·√D, with h the per-coordinate
+    Bernstein bound at ``failure``/D: h² = 2L(2nμ + h/3), L = ln(2D/failure).
+    """
+    size, log_term = params.padded_size, math.log(2 * params.padded_size / failure)
+    total_mu = inputs * params.mu_per_input
+    h = log_term / 3 + math.sqrt(log_term**2 / 9 + 4 * log_term * total_mu)
+    return inputs * (params.clip_norm + params.granularity * math.sqrt(size)) + params.granularity * h * math.sqrt(size)
+
+
+def bounded_sum(decoded: np.ndarray, params: DistributedDPParams, inputs: int) -> np.ndarray:
+    """The decoded sum scaled down to :func:`honest_sum_norm_bound` if it is longer.
+
+    The server cannot screen one masked input, and a hostile client's may encode any residue
+    (:attr:`DistributedDPParams.hostile_shift_bound`); bounding the sum's norm is
+    post-processing (no privacy cost) that leaves an honest round unchanged except with
+    probability ``failure`` and caps a hostile client's shift at about twice the bound.
+    """
+    bound = honest_sum_norm_bound(params, inputs)
+    norm = float(np.linalg.norm(decoded))
+    return decoded * (bound / norm) if norm > bound else decoded
+
+
 # --- accounting ---------------------------------------------------------------------
 
 

@@ -227,3 +227,24 @@ def test_a_node_checks_its_own_epsilon_under_secure_aggregation():
         amplified <= own * 0.99)
     assert "below this node's minimum 2" in NodePrivacyPolicy(min_noise_multiplier=2.0).secure_aggregation_violation(
         params, Participation(1, 1), 1, 0.1, 1e-5)  # fmt: skip
+
+
+def test_bounding_the_sum_leaves_honest_rounds_and_caps_a_hostile_client():
+    from dpfl.privacy.distributed_dp import bounded_sum, honest_sum_norm_bound
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=2000, threshold=4, max_inputs=6, bits=32)
+    seed = os.urandom(32)
+    rng = np.random.default_rng(2)
+    modulus = np.uint64((1 << params.bits) - 1)
+    honest = np.zeros(params.padded_size, dtype=np.uint64)
+    for _ in range(5):
+        update = rng.normal(size=2000)
+        honest = (honest + encode(update / np.linalg.norm(update), params, seed, fresh_stream())) & modulus
+    decoded = decode(honest, params, seed)
+    np.testing.assert_array_equal(bounded_sum(decoded, params, 6), decoded)
+    # A sixth, hostile input: any residue. Alone it moves the sum by far more than C.
+    hostile = to_residues(rng.integers(-(2**31), 2**31, size=params.padded_size), params.bits)
+    attacked = decode((honest + hostile) & modulus, params, seed)
+    bound = honest_sum_norm_bound(params, 6)
+    assert np.linalg.norm(attacked) > 100 * bound
+    assert np.linalg.norm(bounded_sum(attacked, params, 6)) == pytest.approx(bound)
