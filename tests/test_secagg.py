@@ -149,3 +149,43 @@ def test_key_material_cannot_be_serialised():
     for party in (SecAggClient(1, setup), SecAggServer(setup)):
         with pytest.raises(TypeError, match="never serialised"):
             pickle.dumps(party)
+
+
+def unmasked_views(inputs: dict[int, int], bits: int, rounds: int) -> list[tuple[int, int]]:
+    """What the server can compute of one round: each survivor's masked input minus its self-mask
+    (rebuilt from the revealed seed shares), for clients 1 and 2 of a 3-client round."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+
+    views = []
+    for _ in range(rounds):
+        setup = SecAggSetup((1, 2, 3), 2, 3, bits, os.urandom(32))
+        clients = {node: SecAggClient(node, setup) for node in setup.nodes}
+        server = SecAggServer(setup)
+        keys = server.public_keys_for({node: client.advertise() for node, client in clients.items()})
+        routed = server.route_shares({node: client.share_keys(keys[node]) for node, client in clients.items()})
+        masked = {node: client.masked_input(routed[node], np.array([value], dtype=np.uint64))
+                  for (node, client), value in zip(clients.items(), inputs.values())}  # fmt: skip
+        survivors = server.survivors(masked)
+        revealed = {node: clients[node].unmask(survivors) for node in survivors}
+        view = []
+        for owner in (1, 2):
+            seed = combine_shares([reply[owner][1] for reply in revealed.values()][: setup.share_threshold])
+            view.append(int((masked[owner] - mask(seed, 1, bits))[0] & np.uint64((1 << bits) - 1)))
+        views.append(tuple(view))
+    return views
+
+
+def test_the_servers_view_depends_on_the_inputs_only_through_their_sum():
+    """Two input assignments with the same sum mod 2^b: what the server can unmask of clients
+    1 and 2 (their inputs plus pairwise masks) has the same distribution (chi-square homogeneity
+    over the 16 cells of a 2-bit field), while the inputs themselves differ."""
+    from scipy.stats import chi2_contingency
+
+    bits, rounds = 2, 160
+    first = unmasked_views({1: 1, 2: 2, 3: 3}, bits, rounds)
+    second = unmasked_views({1: 2, 2: 0, 3: 0}, bits, rounds)
+    table = np.zeros((2, 16))
+    for row, views in enumerate((first, second)):
+        for a, b in views:
+            table[row, 4 * a + b] += 1
+    assert chi2_contingency(table).pvalue > 1e-6
