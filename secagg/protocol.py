@@ -49,6 +49,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -93,15 +94,19 @@ class SecAggSetup:
         """r: a strict majority of a client's k + 1 share holders (itself included)."""
         return (min(self.degree, len(self.nodes) - 1) + 1) // 2 + 1
 
-    def neighbours(self, node: int) -> frozenset[int]:
-        """``node``'s neighbours in the Harary graph on the public random order of the clients."""
+    @cached_property
+    def _graph(self) -> dict[int, frozenset[int]]:
         n = len(self.nodes)
         if self.degree >= n - 1:
-            return frozenset(self.nodes) - {node}
+            return {node: frozenset(self.nodes) - {node} for node in self.nodes}
         order = sorted(self.nodes, key=lambda other: hashlib.sha256(self.graph_seed + other.to_bytes(8, "little")).digest())
-        position = order.index(node)
         half = self.degree // 2
-        return frozenset(order[(position + offset) % n] for offset in range(-half, half + 1) if offset)
+        return {node: frozenset(order[(position + offset) % n] for offset in range(-half, half + 1) if offset)
+                for position, node in enumerate(order)}  # fmt: skip
+
+    def neighbours(self, node: int) -> frozenset[int]:
+        """``node``'s neighbours in the Harary graph on the public random order of the clients."""
+        return self._graph[node]
 
 
 def setup_problem(num_nodes: int, degree: int, min_inputs: int, bits: int) -> str | None:
