@@ -31,13 +31,13 @@ import numpy as np
 
 from dpfl.privacy.distributed_dp import DistributedDPParams, decode, encode
 from dpfl.privacy.randomness import RandomStream
-from dpfl.secagg.protocol import SecAggSetup, run_round
+from dpfl.secagg.protocol import SecAggSetup, default_degree, default_min_inputs, run_round
 
 DEFAULT_MODEL_PARAMETERS = 77_858  # resnet10, width 8, digits (dpfl.task.models.count_parameters)
 
 
 def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, noise_multiplier: float) -> dict:
-    threshold = math.ceil(2 * clients / 3)
+    threshold = default_min_inputs(clients)
     params = DistributedDPParams(clip_norm=clip_norm, noise_multiplier=noise_multiplier, size=size,
                                  threshold=threshold, max_inputs=clients, bits=bits)  # fmt: skip
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def main() -> None:
     for clients in args.clients:
         sparse = min(clients - 1, 2 * math.ceil(math.log2(clients)))
         sparse += sparse % 2 and sparse < clients - 1
-        for degree in sorted({clients - 1, sparse}, reverse=True):
+        for degree in sorted({default_degree(clients), sparse}, reverse=True):
             row = measure(clients, degree, args.size, args.bits, args.clip_norm, args.noise_multiplier)
             print(" ".join(f"{value:>11}" for value in (
                 row["clients"], row["degree"], f"{row['client_s']:.3f}", f"{row['server_s']:.3f}",

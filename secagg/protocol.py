@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -109,13 +110,27 @@ class SecAggSetup:
         return self._graph[node]
 
 
+def default_min_inputs(num_nodes: int) -> int:
+    """t = ⌈2n/3⌉: a round survives a third of its clients dropping out, and the noise (each share
+    sized for t) is √(n/t) ≈ 1.22 times what n shares sized for n would give."""
+    return math.ceil(2 * num_nodes / 3)
+
+
+def default_degree(num_nodes: int) -> int:
+    """k = n − 1, the complete graph (classic SecAgg): no input is revealed to an honest-but-curious
+    server colluding with fewer than ⌊n/2⌋ + 1 clients, whatever the graph's randomness; a
+    smaller even k (SecAgg+) is cheaper but protects only against fewer than ⌊(k+1)/2⌋ + 1
+    colluders in a neighbourhood."""
+    return num_nodes - 1
+
+
 def setup_problem(num_nodes: int, degree: int, min_inputs: int, bits: int) -> str | None:
     """Why these SecAgg settings cannot work (one line naming the value and what is allowed), or None."""
     if num_nodes < 2:
         return f"secure aggregation needs at least 2 clients a round, got {num_nodes}"
     if not 1 <= min_inputs <= num_nodes:
         return f"secagg-threshold {min_inputs} must be between 1 and the number of clients {num_nodes}"
-    if degree < 2 or (degree % 2 and degree < num_nodes - 1):
+    if degree < num_nodes - 1 and (degree < 2 or degree % 2):
         return f"secagg-neighbours {degree} must be an even number >= 2 (or at least the number of clients - 1)"
     if not 2 <= bits <= 62:
         return f"secagg-bits {bits} must be between 2 and 62"

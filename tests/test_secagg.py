@@ -189,3 +189,11 @@ def test_the_servers_view_depends_on_the_inputs_only_through_their_sum():
         for a, b in views:
             table[row, 4 * a + b] += 1
     assert chi2_contingency(table).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 100])
+def test_the_defaults_are_valid_settings(n):
+    from dpfl.secagg.protocol import default_degree, default_min_inputs
+
+    assert setup_problem(n, default_degree(n), default_min_inputs(n), 32) is None
+    assert default_min_inputs(n) >= 2 * n / 3
