@@ -248,3 +248,20 @@ def test_bounding_the_sum_leaves_honest_rounds_and_caps_a_hostile_client():
     bound = honest_sum_norm_bound(params, 6)
     assert np.linalg.norm(attacked) > 100 * bound
     assert np.linalg.norm(bounded_sum(attacked, params, 6)) == pytest.approx(bound)
+
+
+def test_the_skellam_accountant_tells_the_mechanisms_epsilon():
+    from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.2, size=1000, threshold=5, max_inputs=10)
+    accountant = DistributedSkellamAccountant(1e-5, params)
+    for _ in range(30):
+        accountant.step(1.2, 0.2)
+    assert accountant.epsilon() == pytest.approx(epsilon(params, [(0.2, 30)], 1e-5)[0])
+    assert accountant.epsilon_after_step(1.2, 0.2) == pytest.approx(epsilon(params, [(0.2, 31)], 1e-5)[0])
+    resumed = DistributedSkellamAccountant(1e-5, params)
+    resumed.load_state_dict(accountant.state_dict())
+    assert resumed.epsilon() == accountant.epsilon()
+    accountant.step(0.8, 0.2)
+    with pytest.raises(ValueError, match="Skellam mechanism at 1.2 only"):
+        accountant.epsilon()
