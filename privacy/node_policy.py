@@ -32,6 +32,8 @@ from scipy.stats import binom
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants.rdp import epsilon_for
+from dpfl.privacy.distributed_dp import DistributedDPParams
+from dpfl.privacy.distributed_dp import epsilon as distributed_epsilon
 from dpfl.privacy.mechanism import (
     CLIP_NORM,
     CLIPPING,
@@ -291,6 +293,37 @@ class NodePrivacyPolicy:
         if self.trust_server_sampling:
             return amplified_epsilon(request, participation, delta)
         return unamplified_epsilon(request, participation, delta)
+
+    def secure_aggregation_violation(
+        self, params: DistributedDPParams, participation: Participation, rounds: int, sample_rate: float, delta: float
+    ) -> str | None:
+        """Under secure aggregation with distributed DP: one line naming the limits broken, or None.
+
+        The node's ε comes from what it sees: the threshold t and its own share's μ (so the
+        noise of any released sum), the rounded sensitivity, and its own contributions, with no
+        amplification unless it trusts the server's sampling (then over ``rounds`` at
+        ``sample_rate``); never from a claimed ε.
+        """
+        reasons = []
+        if self.min_noise_multiplier is not None and params.noise_multiplier < self.min_noise_multiplier:
+            reasons.append(f"noise multiplier {params.noise_multiplier:g} is below this node's minimum "
+                           f"{self.min_noise_multiplier:g}")  # fmt: skip
+        if self.max_clip_norm is not None and params.clip_norm > self.max_clip_norm:
+            reasons.append(f"clip norm {params.clip_norm:g} is above this node's maximum {self.max_clip_norm:g}")
+        if self.max_epsilon is not None:
+            delta = min(delta, self.delta)
+            if self.trust_server_sampling:
+                history, basis = [(sample_rate, max(rounds, participation.effective_rounds))], "trusting the server's sampling"
+            else:
+                history, basis = [(1.0, participation.contributions)], "without amplification by sampling"
+            epsilon = distributed_epsilon(params, history, delta)[0]
+            if epsilon > self.max_epsilon:
+                reasons.append(
+                    f"epsilon {epsilon:.3g} at delta {delta:g} after {participation.contributions} contributions "
+                    f"under secure aggregation (threshold {params.threshold}, {basis}) is above this node's "
+                    f"maximum {self.max_epsilon:g}"
+                )
+        return "; ".join(reasons) or None
 
     def _basis(self, request: PolicyRequest, participation: Participation) -> str:
         if self.trust_server_sampling:

@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"task"},  # models, data sets, evaluation, recipes, im2col and layer hooks
     {"cim", "compression"},  # crossbar simulation of a task's models; decompositions of them
     {"settings"},  # a run's values and their validation
+    {"secagg"},  # the SecAgg+ protocol on Flower's cryptographic primitives
     {"strategies", "deployment"},  # federated strategies; a node's compression and CIM deployment
     {"client"},  # the ClientApp
     {"server"},  # the ServerApp

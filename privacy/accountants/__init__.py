@@ -2,7 +2,9 @@
 
 ``rdp`` (Opacus's RDP analysis with a refined order), ``prv`` (Opacus's PRV) and
 ``pld`` (dp-accounting's PLD) share the interface of :mod:`.base`; a run names
-its accountant and :func:`create_accountant` builds it.
+its accountant and :func:`create_accountant` builds it. ``skellam`` (:mod:`.skellam`,
+the distributed Skellam mechanism of secure aggregation) shares the interface but takes
+that mechanism's parameters, so it is not in the registry.
 """
 
 from __future__ import annotations

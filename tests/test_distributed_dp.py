@@ -1,0 +1,267 @@
+"""The distributed Skellam mechanism: rotation, rounding, noise, modular sum, and its accounting
+checked against independent computations (SciPy's Skellam distribution, Opacus's RDP)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import logsumexp
+from scipy.stats import chisquare
+from scipy.stats import skellam as scipy_skellam
+
+from dpfl.privacy.distributed_dp import (
+    ORDERS,
+    WRAP_PROBABILITY_LIMIT,
+    DistributedDPParams,
+    centred,
+    decode,
+    encode,
+    epsilon,
+    minimum_bits,
+    node_epsilon,
+    poisson_subsampled_rdp,
+    quantise,
+    rotate,
+    skellam,
+    skellam_rdp,
+    to_residues,
+    unrotate,
+)
+from dpfl.privacy.randomness import RandomStream
+
+
+def fresh_stream() -> RandomStream:
+    return RandomStream(os.urandom(32))
+
+
+vectors = st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=70).map(np.array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors, st.binary(min_size=32, max_size=32))
+def test_rotation_is_orthonormal_and_inverted(vector, seed):
+    rotated = rotate(vector, seed)
+    assert rotated.size >= vector.size and rotated.size & (rotated.size - 1) == 0
+    assert np.linalg.norm(rotated) == pytest.approx(np.linalg.norm(vector), rel=1e-9, abs=1e-9)
+    np.testing.assert_allclose(unrotate(rotated, seed, vector.size), vector, atol=1e-9 * (1 + np.abs(vector).max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(vectors, st.floats(0.05, 10), st.integers(1, 20))
+def test_quantisation_error_within_its_bound(vector, clip_norm, threshold):
+    """Every rounded vector keeps ‖ẑ‖ ≤ Δ₂, each coordinate moves by less than one step, so the
+    decoded update is within γ√D of the clipped one (the rotation keeps norms)."""
+    norm = np.linalg.norm(vector)
+    clipped = vector * min(1.0, clip_norm / norm) if norm > 0 else vector
+    params = DistributedDPParams(clip_norm=clip_norm, noise_multiplier=1.0, size=vector.size,
+                                 threshold=threshold, max_inputs=threshold, bits=40)  # fmt: skip
+    seed = os.urandom(32)
+    rounded = quantise(clipped, params, seed, fresh_stream())
+    assert np.linalg.norm(rounded) <= params.l2_sensitivity
+    assert np.abs(rounded - rotate(clipped, seed) / params.granularity).max() < 1
+    decoded = decode(to_residues(rounded, params.bits), params, seed)
+    assert np.linalg.norm(decoded - clipped) <= params.granularity * math.sqrt(params.padded_size)
+    # The rounding's extra sensitivity: at most 1 % (the granularity's rule) beyond C/γ.
+    assert params.clip_norm / params.granularity <= params.l2_sensitivity <= 1.0101 * params.clip_norm / params.granularity
+
+
+def test_the_sum_of_encoded_updates_decodes_to_the_noisy_sum():
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=0.5, size=300, threshold=4, max_inputs=6, bits=32)
+    seed = os.urandom(32)
+    updates = [u / max(1.0, np.linalg.norm(u)) for u in np.random.default_rng(0).normal(size=(6, 300)) * 0.1]
+    total = np.zeros(params.padded_size, dtype=np.uint64)
+    for update in updates:
+        total = (total + encode(update, params, seed, fresh_stream())) & np.uint64((1 << params.bits) - 1)
+    error = decode(total, params, seed) - np.sum(updates, axis=0)
+    # Six shares of noise, std γ√(2·6μ) per coordinate (the inverse rotation keeps it), and six
+    # roundings (smaller by far).
+    expected = math.sqrt(params.size) * params.effective_noise_std
+    assert 0.8 * expected < np.linalg.norm(error) < 1.2 * expected
+
+
+def test_skellam_sampler_matches_scipy():
+    mu = 3.0
+    draws = skellam(200_000, mu, fresh_stream())
+    values, counts = np.unique(np.clip(draws, -8, 8), return_counts=True)
+    probabilities = scipy_skellam.pmf(values, mu, mu)
+    probabilities[0] = scipy_skellam.cdf(-8, mu, mu)
+    probabilities[-1] = scipy_skellam.sf(7, mu, mu)
+    assert chisquare(counts, probabilities * counts.sum()).pvalue > 1e-6
+    # At an update's μ (thousands) too: variance 2μ, mean 0, within 5 standard errors.
+    mu = 12_000.0
+    draws = skellam(100_000, mu, fresh_stream()).astype(float)
+    assert abs(draws.mean()) < 5 * math.sqrt(2 * mu / draws.size)
+    assert draws.var() == pytest.approx(2 * mu, rel=5 * math.sqrt(2 / draws.size))
+
+
+def log_pmf(values: np.ndarray, mu: float) -> np.ndarray:
+    return scipy_skellam.logpmf(values, mu, mu)
+
+
+def renyi(log_p: np.ndarray, log_q: np.ndarray, order: float) -> float:
+    assert np.all(np.isfinite(log_p)) and np.all(np.isfinite(log_q)), "the support reaches SciPy's underflow"
+    return float(logsumexp(order * log_p + (1 - order) * log_q)) / (order - 1)
+
+
+@pytest.mark.parametrize("mu", [2.0, 10.0, 60.0])
+@pytest.mark.parametrize("shift", [1, 3])
+def test_skellam_rdp_bounds_the_exact_divergence(mu, shift):
+    """Agarwal et al.'s bound against the Rényi divergence of SciPy's Skellam and its shift (1-D: Δ₁ = Δ₂)."""
+    support = np.arange(-int(40 * math.sqrt(mu)) - 60, int(40 * math.sqrt(mu)) + 60)
+    for order in (2, 3, 5, 10, 20):
+        exact = renyi(log_pmf(support - shift, mu), log_pmf(support, mu), order)
+        bound = skellam_rdp(np.array([order]), shift, shift, mu)[0]
+        assert exact <= bound * (1 + 1e-9)
+        if mu >= 5 * shift**2 and order <= 10:  # where noise dominates, the bound is close (a loose one tests nothing)
+            assert bound < 1.5 * exact + 0.05
+
+
+@pytest.mark.parametrize("q", [0.01, 0.1, 0.5])
+def test_subsampling_bound_against_opacus_and_the_exact_mixture(q):
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    orders = list(range(2, 33))
+    sigma = 1.5
+    # On the Gaussian's curve, the general bound is no tighter than Opacus's exact one, and within
+    # its known looseness (the factor 3 on the terms l ≥ 3 of Zhu and Wang's sum).
+    general = poisson_subsampled_rdp(np.array(orders, dtype=float) / (2 * sigma**2), orders, q)
+    exact = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
+    assert np.all(general >= exact * (1 - 1e-9))
+    assert np.all(general <= 3 * exact + 1e-6)
+    # On a 1-D Skellam, the bound holds for both directions of the sampled mixture.
+    mu, shift = 8.0, 2
+    support = np.arange(-120, 121)  # ±30 stds: SciPy's log-pmf underflows far beyond
+    plain, moved = log_pmf(support, mu), log_pmf(support - shift, mu)
+    mixture = np.logaddexp(math.log1p(-q) + plain, math.log(q) + moved)
+    bound = poisson_subsampled_rdp(skellam_rdp(np.arange(2, 33), shift, shift, mu), orders, q)
+    for order, order_bound in zip(orders, bound):
+        assert renyi(mixture, plain, order) <= order_bound * (1 + 1e-9)
+        assert renyi(plain, mixture, order) <= order_bound * (1 + 1e-9)
+
+
+def test_unsampled_epsilon_approaches_the_gaussian_one():
+    """At a fine grid the Skellam correction vanishes: ε is Opacus's Gaussian ε at σ (q = 1)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=2.0, size=10_000, threshold=10, max_inputs=10)
+    ours = node_epsilon(params, 20, 1e-5)
+    gaussian = get_privacy_spent(orders=list(ORDERS), rdp=compute_rdp(q=1.0, noise_multiplier=2.0, steps=20,
+                                                                       orders=list(ORDERS)), delta=1e-5)[0]  # fmt: skip
+    assert gaussian <= ours <= 1.01 * gaussian
+    assert epsilon(params, [(0.1, 20)], 1e-5)[0] < ours  # amplification by sampling helps
+    assert epsilon(params, [(0.1, 10), (0.1, 10)], 1e-5)[0] == pytest.approx(epsilon(params, [(0.1, 20)], 1e-5)[0])
+
+
+def test_each_share_is_sized_for_the_threshold():
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.3, size=500, threshold=7, max_inputs=20)
+    # t shares give the variance σ²Δ₂² the accountant is told; all n give more, never less.
+    assert 2 * params.threshold * params.mu_per_input == pytest.approx((1.3 * params.l2_sensitivity) ** 2)
+    assert params.released_mu == pytest.approx(params.threshold * params.mu_per_input)
+
+
+def test_wrap_around_is_rare_at_the_chosen_bits():
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=10, max_inputs=10, bits=20)
+    assert params.wrap_probability <= WRAP_PROBABILITY_LIMIT
+    seed = os.urandom(32)
+    rng = np.random.default_rng(1)
+    total = np.zeros(params.padded_size, dtype=np.int64)
+    for _ in range(10):  # the true (unwrapped) sum stays inside the field
+        update = rng.normal(size=1000)
+        total += centred(encode(update / np.linalg.norm(update), params, seed, fresh_stream()), params.bits)
+    assert np.abs(total).max() < 2 ** (params.bits - 1) / 4
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"threshold": 11}, "secagg-threshold 11 must be between 1 and the number of clients 10"),
+        ({"bits": 8}, "secagg-bits 8 is too small for the sum of 10 inputs"),
+        ({"noise_multiplier": 0.0}, "needs a noise multiplier > 0"),
+        ({"bits": 70}, "secagg-bits 70 must be between 2 and 62"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(values, message):
+    arguments = {"clip_norm": 1.0, "noise_multiplier": 1.0, "size": 1000, "threshold": 5, "max_inputs": 10, "bits": 32}
+    with pytest.raises(ValueError, match=message) as raised:
+        DistributedDPParams(**{**arguments, **values})
+    assert "\n" not in str(raised.value)
+
+
+def test_minimum_bits_is_the_first_that_fits():
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10, bits=32)
+    bits = minimum_bits(params)
+    assert DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10, bits=bits)
+    with pytest.raises(ValueError, match=f"use at least {bits} bits"):
+        DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10, bits=bits - 1)
+
+
+def test_a_hostile_client_can_move_the_sum_only_within_the_field():
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10, bits=24)
+    per_coordinate, l2 = params.hostile_shift_bound
+    seed = os.urandom(32)
+    worst = to_residues(np.full(params.padded_size, -(2 ** (params.bits - 1))), params.bits)
+    decoded = decode(worst, params, seed)
+    assert np.linalg.norm(decoded) <= l2 * (1 + 1e-9)
+    assert per_coordinate == params.granularity * 2 ** (params.bits - 1)
+
+
+def test_a_node_checks_its_own_epsilon_under_secure_aggregation():
+    """From the threshold, its share and its own contributions; amplification only if it trusts the sampling."""
+    from dpfl.privacy.node_policy import NodePrivacyPolicy, Participation
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=1000, threshold=5, max_inputs=10)
+    own = node_epsilon(params, 4, 1e-5)
+    policy = NodePrivacyPolicy(max_epsilon=own * 1.01)
+    assert policy.secure_aggregation_violation(params, Participation(40, 4), 40, 0.1, 1e-5) is None
+    refusal = NodePrivacyPolicy(max_epsilon=own * 0.99).secure_aggregation_violation(
+        params, Participation(40, 4), 40, 0.1, 1e-5)  # fmt: skip
+    assert f"epsilon {own:.3g}" in refusal and "threshold 5" in refusal and "without amplification" in refusal
+    trusting = NodePrivacyPolicy(max_epsilon=own * 0.99, trust_server_sampling=True)
+    amplified = epsilon(params, [(0.1, 40)], 1e-5)[0]
+    assert (trusting.secure_aggregation_violation(params, Participation(40, 4), 40, 0.1, 1e-5) is None) == (
+        amplified <= own * 0.99)
+    assert "below this node's minimum 2" in NodePrivacyPolicy(min_noise_multiplier=2.0).secure_aggregation_violation(
+        params, Participation(1, 1), 1, 0.1, 1e-5)  # fmt: skip
+
+
+def test_bounding_the_sum_leaves_honest_rounds_and_caps_a_hostile_client():
+    from dpfl.privacy.distributed_dp import bounded_sum, honest_sum_norm_bound
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.0, size=2000, threshold=4, max_inputs=6, bits=32)
+    seed = os.urandom(32)
+    rng = np.random.default_rng(2)
+    modulus = np.uint64((1 << params.bits) - 1)
+    honest = np.zeros(params.padded_size, dtype=np.uint64)
+    for _ in range(5):
+        update = rng.normal(size=2000)
+        honest = (honest + encode(update / np.linalg.norm(update), params, seed, fresh_stream())) & modulus
+    decoded = decode(honest, params, seed)
+    np.testing.assert_array_equal(bounded_sum(decoded, params, 6), decoded)
+    # A sixth, hostile input: any residue. Alone it moves the sum by far more than C.
+    hostile = to_residues(rng.integers(-(2**31), 2**31, size=params.padded_size), params.bits)
+    attacked = decode((honest + hostile) & modulus, params, seed)
+    bound = honest_sum_norm_bound(params, 6)
+    assert np.linalg.norm(attacked) > 100 * bound
+    assert np.linalg.norm(bounded_sum(attacked, params, 6)) == pytest.approx(bound)
+
+
+def test_the_skellam_accountant_tells_the_mechanisms_epsilon():
+    from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
+
+    params = DistributedDPParams(clip_norm=1.0, noise_multiplier=1.2, size=1000, threshold=5, max_inputs=10)
+    accountant = DistributedSkellamAccountant(1e-5, params)
+    for _ in range(30):
+        accountant.step(1.2, 0.2)
+    assert accountant.epsilon() == pytest.approx(epsilon(params, [(0.2, 30)], 1e-5)[0])
+    assert accountant.epsilon_after_step(1.2, 0.2) == pytest.approx(epsilon(params, [(0.2, 31)], 1e-5)[0])
+    resumed = DistributedSkellamAccountant(1e-5, params)
+    resumed.load_state_dict(accountant.state_dict())
+    assert resumed.epsilon() == accountant.epsilon()
+    accountant.step(0.8, 0.2)
+    with pytest.raises(ValueError, match="Skellam mechanism at 1.2 only"):
+        accountant.epsilon()
