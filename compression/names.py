@@ -1,0 +1,22 @@
+"""The decomposition methods, norms and scopes of a compression, without torch.
+
+Why this module exists: ``dpfl compress --help`` and the check of a run's deployment
+settings list these names, and importing them from :mod:`dpfl.compression.pipeline` or
+:mod:`dpfl.compression.study` (which import torch) made printing help take seconds. Those
+modules and :mod:`dpfl.compression.surgery` read them from here. It imports nothing.
+"""
+
+from __future__ import annotations
+
+# The layer types each method factorises.
+METHOD_LAYERS = {
+    "tucker2": "conv layers with kernels larger than 1x1",
+    "cpd": "conv layers with kernels larger than 1x1",
+    "svd": "linear layers and 1x1 conv layers",
+}
+METHODS = tuple(METHOD_LAYERS)
+NORMS = ("sigma", "frobenius")
+# model: the whole model keeps the ratio of its parameters; layer: each compressed layer does.
+SCOPES = ("model", "layer")
+
+__all__ = ["METHODS", "METHOD_LAYERS", "NORMS", "SCOPES"]
