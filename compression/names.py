@@ -1,9 +1,10 @@
 """The decomposition methods, norms and scopes of a compression, without torch.
 
 Why this module exists: ``dpfl compress --help`` and the check of a run's deployment
-settings list these names, and importing them from :mod:`dpfl.compression.pipeline` or
-:mod:`dpfl.compression.study` (which import torch) made printing help take seconds. Those
-modules and :mod:`dpfl.compression.surgery` read them from here. It imports nothing.
+settings list these names, and they used to live in :mod:`dpfl.compression.pipeline`,
+``study`` and ``surgery``, which import torch, so printing help took seconds. Every module
+that uses them (``study``, ``dpfl.deployment.node``, ...) reads them from here. It imports
+nothing.
 """
 
 from __future__ import annotations

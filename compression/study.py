@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
 from dpfl.compression.finetune import finetune
-from dpfl.compression.names import METHOD_LAYERS, SCOPES
+from dpfl.compression.names import METHOD_LAYERS
 from dpfl.compression.pipeline import CompressionConfig, CompressionRun, compress_on_data
 from dpfl.compression.ranks import plan_ranks
 from dpfl.compression.surgery import default_layers, eligible_layers, weight_shape

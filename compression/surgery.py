@@ -7,9 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpfl.compression.names import METHOD_LAYERS
-
-
 
 def is_eligible(module: nn.Module, method: str, parent: nn.Module | None) -> bool:
     """Plain (ungrouped, zero-padded, explicitly padded) convs and linears only; a
