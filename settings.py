@@ -172,7 +172,7 @@ class RunSettings:
     def validate(self) -> None:
         from dpfl.privacy.mechanism import CLIPPING_MODES, NOISE_PLACEMENTS
         from dpfl.privacy.validation import check_local_dp_supported
-        from dpfl.task.data import DATASET_NAMES
+        from dpfl.task.names import DATASET_NAMES
         from dpfl.task.devices import check_device_name
         from dpfl.task.models import GROUP_NORM_GROUPS, MODEL_BUILDERS, build_model, check_depth
         from dpfl.task.pretraining import PRETRAINING_CHOICES
@@ -268,9 +268,8 @@ class RunSettings:
                                         self.sample_rate * self.num_clients, noise_multiplier)  # fmt: skip
 
     def _validate_deployment(self) -> None:
-        from dpfl.cim.mapping import MAPPINGS
-        from dpfl.cim.model import DEPLOY_MODES
-        from dpfl.compression.pipeline import METHODS, NORMS
+        from dpfl.cim.names import DEPLOY_MODES, MAPPINGS
+        from dpfl.compression.names import METHODS, NORMS
 
         if self.deploy_clients < 0:
             raise UsageError(f"deploy-clients must be >= 0 (0 = every node), got {self.deploy_clients}")

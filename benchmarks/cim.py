@@ -41,7 +41,8 @@ from torch.utils.data import Subset
 from dpfl.cim.circuit import NodalSolver, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import simulate_matmul, transfer_matrix
-from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
+from dpfl.cim.mapping import map_matrix, quantise_weights
+from dpfl.cim.names import MAPPINGS
 from dpfl.cim.model import DeviceGenerators, calibrate, mappable_layers, to_crossbars, weight_matrix
 from dpfl.cim.metrics import Interval, model_distortion
 from dpfl.cim.plots import pyplot

@@ -58,9 +58,8 @@ import torch
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.nonideal import compensation_factor, program
+from dpfl.cim.names import MAPPINGS
 from dpfl.errors import UsageError
-
-MAPPINGS = ("naive", "mdm", "sw-mdm", "gf-mdm")
 
 
 def quantise_weights(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,4 +214,4 @@ def _layout_tile(
     )
 
 
-__all__ = ["MAPPINGS", "Tile", "map_matrix", "quantise_weights", "slice_magnitudes"]
+__all__ = ["Tile", "map_matrix", "quantise_weights", "slice_magnitudes"]

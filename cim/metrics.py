@@ -20,8 +20,9 @@ from torch import nn
 
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import Distortion, cell_current_loss, simulate_matmul
-from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights
+from dpfl.cim.mapping import map_matrix, quantise_weights
 from dpfl.cim.model import CrossbarLayer, DeviceGenerators, LayerCalibration, crossbar_layers, mappable_layers, weight_matrix
+from dpfl.cim.names import MAPPINGS
 
 
 @dataclass

@@ -35,14 +35,11 @@ from dpfl.cim.engine import (
     transfer_weights,
 )
 from dpfl.cim.mapping import Tile, map_matrix, quantise_weights
+from dpfl.cim.names import DEPLOY_MODES, MODES
 from dpfl.cim.nonideal import PROGRAMMING_STREAM, READ_STREAM, stream_generator
 from dpfl.errors import UsageError
 from dpfl.task.layers import conv_padding, input_rows, watch_layers
 
-# Analog inference modes (see the module docstring); "ideal" is the digital reference.
-MODES = ("fast", "exact", "ideal")
-# What a deployment may ask for: a mode, or "auto" (:func:`resolve_mode`).
-DEPLOY_MODES = ("auto", *MODES)
 # Normalisation layers own parameters but run in the digital periphery, as do the
 # class token and position embedding torchvision's ViT owns (additions, not products).
 DIGITAL_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, VisionTransformer, Encoder)
@@ -294,5 +291,5 @@ def set_bias_correction(analog: nn.Module, enabled: bool) -> nn.Module:
     return analog
 
 
-__all__ = ["DEPLOY_MODES", "MODES", "CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "crossbar_layers",
+__all__ = ["CrossbarLayer", "DeviceGenerators", "LayerCalibration", "calibrate", "crossbar_layers",
            "mappable_layers", "resolve_mode", "set_bias_correction", "to_crossbars", "weight_matrix"]

@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.mapping import MAPPINGS
 from dpfl.cim.metrics import Interval, ModelDistortion, model_distortion, tile_current_loss
 from dpfl.cim.model import (
     LayerCalibration, calibrate, mappable_layers, resolve_mode, set_bias_correction, to_crossbars,
 )
+from dpfl.cim.names import MAPPINGS
 from dpfl.cim.plots import plot_cell_loss, plot_distortion_sweep
 from dpfl.errors import UsageError
 from dpfl.progress import Progress, no_progress

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 
 from dpfl.cli.display import ProgressDisplay, make_console
-from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
+from dpfl.cli.options import HelpFormatter, output_dir
+from dpfl.compression.names import METHODS, NORMS, SCOPES
 from dpfl.compression.ranks import check_ratio
 from dpfl.errors import UsageError
+from dpfl.task.names import DATASET_NAMES
 
 # Accuracy lost to compression (in points) above which the command suggests fine-tuning.
 FINETUNE_HINT_POINTS = 5.0
@@ -31,15 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="dpfl checkpoint (e.g. a dpfl simulate run's final_model.pt)")
-    parser.add_argument("--dataset", choices=ImportedChoices("dpfl.task.data", "DATASET_NAMES"), metavar="NAME",
+    parser.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME",
                         help="data for the covariance and accuracy: %(choices)s (default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
-    parser.add_argument("--method", choices=ImportedChoices("dpfl.compression.pipeline", "METHODS"), default="tucker2",
+    parser.add_argument("--method", choices=METHODS, default="tucker2",
                         metavar="METHOD", help="decomposition: %(choices)s")  # fmt: skip
-    parser.add_argument("--norm", choices=ImportedChoices("dpfl.compression.pipeline", "NORMS"), default="sigma",
+    parser.add_argument("--norm", choices=NORMS, default="sigma",
                         metavar="NORM", help="sigma: output change over the data; frobenius: weight change")  # fmt: skip
     parser.add_argument("--ratio", type=float, required=True, help="fraction of parameters kept, in (0, 1)")
-    parser.add_argument("--scope", choices=ImportedChoices("dpfl.compression.study", "SCOPES"), default="model",
+    parser.add_argument("--scope", choices=SCOPES, default="model",
                         metavar="SCOPE", help="model: the whole model keeps --ratio of its parameters; layer: each compressed layer does")
     parser.add_argument("--rank", action="append", default=[], metavar="LAYER=R[,R]",
                         help="ranks for one layer, overriding --ratio (tucker2: output,input); repeatable")

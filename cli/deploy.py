@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 
 from dpfl.cim.device import PROGRAMMING_NOISE_MODELS, CrossbarDevice
+from dpfl.cim.names import DEPLOY_MODES, MAPPINGS
 from dpfl.cli.display import ProgressDisplay, make_console
-from dpfl.cli.options import HelpFormatter, ImportedChoices, output_dir
+from dpfl.cli.options import HelpFormatter, output_dir
 from dpfl.errors import UsageError
+from dpfl.task.names import DATASET_NAMES
 
 TILE_SIZES = (64, 128, 256, 512)
-MAPPINGS = ImportedChoices("dpfl.cim.mapping", "MAPPINGS")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,13 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="dpfl checkpoint (dpfl simulate / dpfl compress output)")
-    parser.add_argument("--dataset", choices=ImportedChoices("dpfl.task.data", "DATASET_NAMES"), metavar="NAME",
+    parser.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME",
                         help="evaluation data set: %(choices)s (default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--data-dir", help="folder holding the data set (not needed for digits)")
     parser.add_argument("--tile", type=int, choices=TILE_SIZES, default=128, help="crossbar rows = columns")
     parser.add_argument("--mapping", choices=MAPPINGS, default="mdm", metavar="MAPPING",
                         help="mapping to deploy, one of %(choices)s (all are reported)")  # fmt: skip
-    parser.add_argument("--mode", choices=ImportedChoices("dpfl.cim.model", "DEPLOY_MODES"), default="auto",
+    parser.add_argument("--mode", choices=DEPLOY_MODES, default="auto",
                         metavar="MODE", help="exact: every input bit-plane read through the circuit (under read noise every read "
                         "is solved: seconds per image); fast: calibrated attenuation maps, which miss how IR drop "
                         "depends on the input; ideal: the quantised model on ideal crossbars; auto: "

@@ -3,20 +3,19 @@ value in one line (also used by the docker entrypoint), and the run options that
 ``dpfl simulate``, ``dpfl audit`` and ``dpfl compare`` share.
 
 Nothing here imports torch, Flower or Opacus: every ``dpfl`` command line is parsed,
-and a mistake in it reported, before any of them loads. Names that live beside torch
-(data sets, mappings, ...) are read only when a value must be checked against them
-(:class:`ImportedChoices`).
+and a mistake in it reported, before any of them loads. The names a choice is checked
+against (data sets, mappings, ...) come from the torch-free ``names`` modules of
+``task/``, ``compression/`` and ``cim/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -45,34 +44,6 @@ class HelpFormatter(argparse.HelpFormatter):
         if "default" in text or not shown or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
-
-
-class ImportedChoices(Sequence):
-    """The choices named ``attribute`` of ``module``, imported the first time they are read
-    (to check a value, or to print help), so that parsing does not import that module."""
-
-    def __init__(self, module: str, attribute: str, *extra: str) -> None:
-        self._where = (module, attribute)
-        self._extra = extra
-        self._names: tuple[str, ...] | None = None
-
-    def _loaded(self) -> tuple[str, ...]:
-        if self._names is None:
-            module, attribute = self._where
-            self._names = (*getattr(importlib.import_module(module), attribute), *self._extra)
-        return self._names
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self._loaded()[index]
-
-    def __len__(self) -> int:
-        return len(self._loaded())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._loaded())
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._loaded()
 
 
 def positive_float(text: str) -> float:

@@ -16,7 +16,7 @@ from dpfl.compression.covariance import InputMoments, collect_statistics
 from dpfl.compression.cpd import cpd_frobenius, cpd_sigma_als
 from dpfl.compression.ranks import factorised_count, weight_count
 from dpfl.compression.sigma_norm import ALSTrace, regularise
-from dpfl.compression.surgery import METHOD_LAYERS, load_factors, weight_shape
+from dpfl.compression.surgery import load_factors, weight_shape
 from dpfl.compression.svd import svd_frobenius, svd_sigma
 from dpfl.compression.tucker2 import tucker2_frobenius, tucker2_sigma_als
 from dpfl.progress import Progress, no_progress, tracked
@@ -24,8 +24,6 @@ from dpfl.task.evaluation import accuracy
 from dpfl.task.factorised import compression_record, factorised_structure, layer_record, replace_module
 from dpfl.task.models import count_parameters
 
-METHODS = tuple(METHOD_LAYERS)
-NORMS = ("sigma", "frobenius")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 
 from dpfl.compression.covariance import check_statistics, load_statistics, save_statistics
 from dpfl.compression.finetune import finetune
+from dpfl.compression.names import METHOD_LAYERS
 from dpfl.compression.pipeline import CompressionConfig, CompressionRun, compress_on_data
 from dpfl.compression.ranks import plan_ranks
-from dpfl.compression.surgery import METHOD_LAYERS, default_layers, eligible_layers, weight_shape
+from dpfl.compression.surgery import default_layers, eligible_layers, weight_shape
 from dpfl.errors import UsageError
 from dpfl.progress import Progress, no_progress
 from dpfl.task.attention import explicit_attention
@@ -34,8 +35,6 @@ from dpfl.task.models import count_parameters
 MODEL_FILE = "compressed_model.pt"
 REPORT_FILE = "compression_report.json"
 COVARIANCE_FILE = "covariance.pt"
-# model: the whole model keeps the ratio of its parameters; layer: each compressed layer does.
-SCOPES = ("model", "layer")
 
 
 @dataclass(frozen=True)
@@ -178,6 +177,6 @@ def compress_checkpoint(
 
 
 __all__ = [
-    "COVARIANCE_FILE", "MODEL_FILE", "REPORT_FILE", "SCOPES", "CompressionStudy", "StudyOptions", "choose_layers",
+    "COVARIANCE_FILE", "MODEL_FILE", "REPORT_FILE", "CompressionStudy", "StudyOptions", "choose_layers",
     "compress_checkpoint", "plan_layer_ranks",
 ]

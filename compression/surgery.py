@@ -7,13 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The layer types each method factorises.
-METHOD_LAYERS = {
-    "tucker2": "conv layers with kernels larger than 1x1",
-    "cpd": "conv layers with kernels larger than 1x1",
-    "svd": "linear layers and 1x1 conv layers",
-}
-
 
 def is_eligible(module: nn.Module, method: str, parent: nn.Module | None) -> bool:
     """Plain (ungrouped, zero-padded, explicitly padded) convs and linears only; a

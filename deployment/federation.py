@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.names import MAPPINGS
 from dpfl.deployment.node import CORRECTED, DEVICE_NAME_KEY, FAILED, REASON_KEY, STATUS_KEY, SUMMARY_KEYS
 from dpfl.task.files import write_atomically
 

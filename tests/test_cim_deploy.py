@@ -11,7 +11,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info
 
-from dpfl.cim.mapping import MAPPINGS
+from dpfl.cim.names import MAPPINGS
 from dpfl.cim.study import single_threaded
 from dpfl.cli.main import main
 from dpfl.task.checkpoint import Checkpoint, ModelSpec, save_checkpoint

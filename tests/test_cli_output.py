@@ -26,6 +26,9 @@ from dpfl.task.rendering import SyntheticConfig
 SMALL = ["--model", "cnn", "--width", "4", "--clients", "10", "--sample-rate", "0.5", "--rounds", "2", "--workers", "1"]
 
 
+COMMANDS = ["simulate", "audit", "compare", "privacy", "strategies", "compress", "deploy"]
+
+
 def test_parsing_any_command_line_imports_no_heavy_library(tmp_path):
     # What keeps `dpfl --help` and a mistyped option under a second (benchmarks/startup.py
     # prints the times): every parser is built without torch, Flower or Opacus.
@@ -35,6 +38,7 @@ def test_parsing_any_command_line_imports_no_heavy_library(tmp_path):
         ["compress", "--checkpoint", "x.pt", "--ratio", "0.5", "--out", "runs/x"],
         ["deploy", "--checkpoint", "x.pt", "--tile", "64", "--out", "runs/x"],
     ]
+    assert sorted({argv[0] for argv in command_lines}) == sorted(COMMANDS)
     code = (
         f"import sys; from dpfl.cli.main import build_parser; parser = build_parser(); "
         f"[parser.parse_args(argv) for argv in {command_lines!r}]; "
@@ -43,6 +47,23 @@ def test_parsing_any_command_line_imports_no_heavy_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_printing_a_commands_help_imports_no_heavy_library(tmp_path, command):
+    # argparse lists every option's choices in --help: the names a choice is checked against
+    # (data sets, methods, mappings, modes) must come without torch.
+    code = (
+        "import contextlib, io, sys; from dpfl.cli.main import build_parser; help = io.StringIO()\n"
+        f"with contextlib.redirect_stdout(help), contextlib.suppress(SystemExit): build_parser().parse_args([{command!r}, '--help'])\n"
+        "print(sorted(name for name in ('torch', 'flwr', 'opacus', 'dp_accounting', 'scipy') if name in sys.modules))\n"
+        "print(help.getvalue())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    heavy, _, help_text = result.stdout.partition("\n")
+    assert heavy == "[]"
+    assert f"usage: dpfl {command}" in help_text
 
 
 def test_a_log_gets_one_plain_line_per_stage():
