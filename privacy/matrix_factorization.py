@@ -17,8 +17,8 @@ banded matrix factorization", NeurIPS 2023). Two things follow:
 * Sensitivity: column i of C is nonzero in rows i … i+b−1 only, so the columns of
   two participations at least b rounds apart are orthogonal. Under (k, b)
   participation (at most k participations, each ≥ b rounds after the last) the
-  sensitivity is exactly √k·‖c‖₂ (:func:`banded_sensitivity`, tested against brute
-  force). The coefficients are normalised to ‖c‖₂ = 1, so one participation moves
+  sensitivity is at most √k·‖c‖₂, exactly that when b divides T
+  (:func:`banded_sensitivity`, tested against brute force). The coefficients are normalised to ‖c‖₂ = 1, so one participation moves
   the release C·x by at most C_clip, exactly as one Gaussian round does.
 
 The loss minimised (in float64, :func:`optimal_banded_coefficients`) is the expected
@@ -122,17 +122,23 @@ def max_participations(rounds: int, min_separation: int) -> int:
     return math.ceil(rounds / min_separation)
 
 
-def banded_sensitivity(coefficients: Sequence[float], participations: int, min_separation: int) -> float:
-    """The ℓ2 sensitivity of C·x under (k, b) participation for a Toeplitz C of band ≤ b: √k·‖c‖₂.
+def banded_sensitivity(coefficients: Sequence[float], rounds: int, min_separation: int) -> float:
+    """The ℓ2 sensitivity of C·x over T rounds under (k, b) participation, k = ⌈T/b⌉, for a Toeplitz C of
+    band ≤ b.
 
     Each participation moves C·x along its own column (by a vector of norm ≤ 1, the
     clipped update over C_clip); columns ≥ b apart have disjoint supports, so the
-    moves are orthogonal and their norms add in squares.
+    moves are orthogonal and their squared norms add. A column's norm only shrinks
+    towards the end (the last rows cut it), so rounds 1, 1 + b, 1 + 2b, … are the
+    worst pattern. At most √k·‖c‖₂, which is what the accountant is told.
     """
-    if len(coefficients) > min_separation:
-        raise ValueError(f"a band of {len(coefficients)} needs participations at least that many rounds apart, "
+    c = np.asarray(coefficients, dtype=np.float64)
+    if len(c) > min_separation:
+        raise ValueError(f"a band of {len(c)} needs participations at least that many rounds apart, "
                          f"got a minimum separation of {min_separation}")  # fmt: skip
-    return math.sqrt(participations) * float(np.linalg.norm(coefficients))
+    squares = np.cumsum(c * c)
+    starts = np.arange(0, rounds, min_separation)
+    return math.sqrt(float(sum(squares[min(len(c), rounds - start) - 1] for start in starts)))
 
 
 class BandedNoise:
