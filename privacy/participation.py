@@ -236,6 +236,14 @@ class CorrelatedMechanism:
         self.round = completed_round
 
 
+def accounted_shape(schema: ParticipationSchema | None, sample_rate: float, rounds: int) -> tuple[float, int]:
+    """(the sample rate the accountant is told, its number of steps) for ``rounds`` rounds: what calibration
+    and ``dpfl privacy`` compose."""
+    if schema is None:
+        return sample_rate, rounds
+    return schema.accounting_rate(sample_rate), schema.accounted_steps(rounds)
+
+
 def check_schema_supported(schema: ParticipationSchema, noise_placement: str, clipping: str, adaptive: bool,
                            min_replies: int) -> None:  # fmt: skip
     """Refuse (ValueError, one line) what a schema or correlated noise cannot run with, naming what can."""
