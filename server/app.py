@@ -26,7 +26,7 @@ from dpfl.server.checkpoint import (
     budget_change_warning,
     check_resumable,
     load_initial_state,
-    load_private_state,
+    correlated_resume_state,
     load_run_checkpoint,
     resumed_ledger,
     save_run_checkpoint,
@@ -76,10 +76,6 @@ def load_resume(settings: RunSettings) -> RunCheckpoint | None:
         return None
     checkpoint = load_run_checkpoint(settings.resume_from)
     check_resumable(checkpoint, settings.to_run_config(), Path(settings.resume_from))
-    saved_rounds = checkpoint.run_config["num-server-rounds"]
-    if settings.mechanism == "bandmf" and settings.num_server_rounds != saved_rounds:
-        raise UsageError(f"num-server-rounds cannot change from {saved_rounds} when resuming mechanism bandmf: its "
-                         "factorisation is optimised for the run's rounds")  # fmt: skip
     if warning := budget_change_warning(checkpoint.run_config, settings.to_run_config()):
         log(WARNING, "dpfl: %s", warning)
     return checkpoint
@@ -146,12 +142,10 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         raise UsageError(str(err)) from None
     if resume:
         strategy.load_state_dict({**resume.strategy_state, "accountant": resumed_ledger(resume, Path(settings.out_dir))})
-        if strategy.mechanism.has_private_state:
-            try:
-                strategy.mechanism.restore_private_state(load_private_state(Path(settings.out_dir)), resume.round)
-            except ValueError as err:
-                raise UsageError(f"cannot resume {settings.out_dir!r}: {err}; start a new run with --init-from "
-                                 f"{settings.out_dir!r}, which carries the privacy ledger") from None  # fmt: skip
+        private_state = correlated_resume_state(Path(settings.out_dir), resume.round, settings.participation_schema(),
+                                                resume.run_config["num-server-rounds"])  # fmt: skip
+        if private_state is not None:
+            strategy.mechanism.restore_private_state(private_state, resume.round)
     elif initial:
         strategy.accountant.continue_from(initial.history)
     recorder = RunRecorder(
@@ -225,8 +219,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "pretraining-seconds": pretraining_seconds,
             "final-validation-accuracy": recorder.rounds[-1].get("validation-accuracy") if recorder.rounds else None,
             # A heuristic for who sees only the final model, beside the accountant's ε (never instead of it).
+            # It assumes independent noise in every round a client may take part in: Poisson sampling only.
             "last-iterate-epsilon": last_iterate_epsilon(strategy.accountant.history, settings.delta)
-            if strategy.epsilon_valid else None,
+            if strategy.epsilon_valid and settings.participation_schema() is None else None,
         },  # fmt: skip
         ledger=strategy.accountant.state_dict() if strategy.epsilon_valid else None,
     )

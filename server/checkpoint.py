@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from dpfl.errors import UsageError
+from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema
 from dpfl.task.checkpoint import CHECKPOINT_FORMAT
 from dpfl.task.files import load_tagged, save_tagged, write_atomically
 
@@ -155,6 +156,25 @@ def load_private_state(run_dir: Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError):
         raise UsageError(f"cannot resume {str(run_dir)!r}: its correlated-noise state {str(path)!r} is unreadable") from None
+
+
+def correlated_resume_state(
+    run_dir: Path, completed_round: int, schema: ParticipationSchema | None, saved_rounds: int
+) -> dict[str, Any] | None:
+    """The secret state a resume after ``completed_round`` continues from under a participation schema, checked
+    (None without one); a one-line error when it is lost, is not this run's, or is ahead of the checkpoint."""
+    if schema is None or not schema.scheduled:
+        return None
+    if schema.mechanism == "bandmf" and schema.rounds != saved_rounds:
+        raise UsageError(f"num-server-rounds cannot change from {saved_rounds} when resuming mechanism bandmf: its "
+                         "factorisation is optimised for the run's rounds")  # fmt: skip
+    state = load_private_state(run_dir)
+    try:  # a throwaway mechanism runs the same checks the run's will
+        CorrelatedMechanism(schema, bytes(32)).restore(state, completed_round)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"cannot resume {str(run_dir)!r}: {err}; start a new run with --init-from "
+                         f"{str(run_dir)!r}, which carries the privacy ledger") from None  # fmt: skip
+    return state
 
 
 def rounds_in(ledger: Mapping[str, Any]) -> int:
