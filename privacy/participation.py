@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dpfl.errors import UsageError
 from dpfl.privacy.matrix_factorization import BandedNoise, max_participations, optimal_banded_coefficients
 from dpfl.privacy.randomness import RandomStream, derived_stream
 
@@ -158,9 +159,11 @@ class CorrelatedMechanism:
         """The nodes the schema lets take part in ``server_round``."""
         ordered = sorted(nodes)
         if self._nodes and tuple(ordered) != self._nodes:
-            raise ValueError(
+            raise UsageError(
                 f"the federation's nodes changed ({len(ordered)} now, {len(self._nodes)} before): the participation "
-                "schema's groups and past rounds are per node, so the run cannot go on with other nodes"
+                "schema's groups and past rounds are per node id, so the run cannot go on with other nodes (Flower's "
+                "simulation engine gives its nodes new ids in every process: a run under a schema that must be resumable "
+                "runs on the in-process engine)"
             )
         self._nodes = tuple(ordered)
         b = self.schema.min_separation

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import solve_triangular
 
+from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.matrix_factorization import (
     BandedNoise,
@@ -169,7 +170,7 @@ def test_the_sampler_never_violates_the_schema(participation, separation, num_cl
 def test_the_sampler_refuses_other_nodes():
     sampler = CorrelatedMechanism(ParticipationSchema("min-sep", 2, 4), bytes(32))
     sampler.sample([1, 2, 3], 1, 1.0, RandomStream(bytes(32)))
-    with pytest.raises(ValueError, match="nodes changed"):
+    with pytest.raises(UsageError, match="nodes changed"):
         sampler.sample([1, 2, 4], 2, 1.0, RandomStream(bytes(32)))
 
 
