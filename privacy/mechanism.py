@@ -197,8 +197,8 @@ class MechanismParams:
 
     @property
     def sample_size(self) -> int:
-        """The paper mode's fixed sample size, round(qN) and at least 1."""
-        return max(1, round(self.expected_clients))
+        """The paper mode's fixed sample size, round(qN) and at least 1 (what a node's policy checks)."""
+        return max(1, round(self.sample_rate * self.num_clients))
 
     @property
     def epsilon_valid(self) -> bool:
