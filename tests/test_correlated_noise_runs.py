@@ -118,3 +118,20 @@ def test_a_killed_bandmf_run_resumes_to_the_same_models_epsilon_and_ledger(tmp_p
             ledgers = [load_checkpoint(tmp_path / f"{name}-{run}" / "final_model.pt").extra["privacy-ledger"]
                        for run in ("killed", "whole")]  # fmt: skip
             assert ledgers[0] == ledgers[1] and ledgers[0]["history"] == [[1.0, 1.0, 2]]
+
+
+def test_privacy_cli_prints_each_mechanism_side_by_side(capsys):
+    from dpfl.cli.main import main
+
+    args = ["privacy", "--noise-multiplier", "2", "--sample-rate", "0.5", "--rounds", "20", "--accountant", "rdp",
+            "--mechanism", "all", "--participation", "min-sep", "--min-separation", "5", "--json"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["mechanism"], row["participation"]) for row in rows] == [
+        ("gaussian", "poisson"), ("gaussian", "min-sep"), ("bandmf", "min-sep")]  # fmt: skip
+    baseline, gaussian, bandmf = rows
+    assert baseline["epsilon"] == pytest.approx(epsilon_for(2.0, 0.5, 20, 1e-5)[0], rel=1e-12)
+    # min-sep: 4 blocks of 5 rounds, unamplified, whatever the noise's correlation
+    assert gaussian["epsilon"] == bandmf["epsilon"] == pytest.approx(epsilon_for(2.0, 1.0, 4, 1e-5)[0], rel=1e-12)
+    assert bandmf["accounted-steps"] == 4 and bandmf["last-iterate-epsilon"] is None
+    assert bandmf["model-noise"] < 0.7 * gaussian["model-noise"]  # 0.62 at T = 20, b = 5
