@@ -63,6 +63,14 @@ class RunSettings:
     accountant: str = "rdp"
     clipping: str = "flat"
     reproducible_noise: bool = False
+    # Noise and participation (dpfl.privacy.participation): mechanism "gaussian" (independent
+    # noise) or "bandmf" (correlated noise of a banded matrix factorisation, band = min-separation);
+    # participation "poisson" (every client, every round, with probability sample-rate), "cyclic"
+    # (min-separation fixed groups, one per round, Poisson within it) or "min-sep" (a client waits
+    # min-separation rounds between two participations)
+    mechanism: str = "gaussian"
+    participation: str = "poisson"
+    min_separation: int = 1
     # Adaptive clipping (Andrew et al. 2021): clip-mode "adaptive" moves C (from clip-norm)
     # towards the target-quantile of the update norms at rate clip-lr, from a count noised
     # with std clip-count-noise (0 = expected clients / 20, raised so sigma grows <= 5%)
@@ -188,6 +196,7 @@ class RunSettings:
         _one_of("clipping", self.clipping, CLIPPING_MODES)
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         self._validate_adaptive_clipping()
+        self._validate_participation()
         _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
         if self.server_optimizer != UNSET["server_optimizer"]:  # else the strategy's recipe step
             _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
@@ -257,6 +266,33 @@ class RunSettings:
             adaptive = self.adaptive_clipping(self.noise_multiplier)  # its own checks of the ranges
             if self.target_epsilon == 0:  # σ is known now; a calibrated σ is checked by the server
                 check_count_noise(self.noise_multiplier, adaptive.count_noise_std)
+
+    def _validate_participation(self) -> None:
+        from dpfl.privacy.participation import NOISE_MECHANISMS, PARTICIPATIONS, check_schema_supported
+
+        _one_of("mechanism", self.mechanism, NOISE_MECHANISMS)
+        _one_of("participation", self.participation, PARTICIPATIONS)
+        _at_least("min-separation", self.min_separation, 1)
+        schema = self.participation_schema()
+        if schema is None:
+            return
+        try:
+            schema.check_federation(self.num_clients)
+            check_schema_supported(schema, self.noise_placement, self.clipping, self.clip_mode == "adaptive",
+                                   self.min_replies)  # fmt: skip
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+    def participation_schema(self):
+        """The run's ParticipationSchema, or None for Poisson sampling with independent noise (the default)."""
+        from dpfl.privacy.participation import ParticipationSchema
+
+        if self.participation == "poisson" and self.mechanism == "gaussian":
+            return None
+        try:
+            return ParticipationSchema(self.participation, self.min_separation, self.num_server_rounds, self.mechanism)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
     def adaptive_clipping(self, noise_multiplier: float):
         """The run's AdaptiveClipping at the resolved σ, or None for a fixed clip norm."""

@@ -185,6 +185,12 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--clipping", "clipping", str, "flat (sound DP) or paper (the DP-FedPGN authors' clipping: NO DP guarantee)"),
         ("--reproducible-noise", "reproducible_noise", bool,
          "derive the privacy noise and client sampling from --seed (debugging): epsilon NOT valid"),
+        ("--mechanism", "mechanism", str, "gaussian (independent noise) or bandmf (correlated noise of a banded "
+         "matrix factorisation, band = --min-separation; needs --participation cyclic or min-sep)"),
+        ("--participation", "participation", str, "poisson (every round, rate q), cyclic (--min-separation groups, "
+         "one per round, Poisson within) or min-sep (a client waits --min-separation rounds between rounds)"),
+        ("--min-separation", "min_separation", positive_int, "b: rounds between two participations of a client "
+         "under --participation cyclic or min-sep (at most ceil(rounds/b) each)"),
         ("--clip-mode", "clip_mode", str, "fixed (C = --clip) or adaptive (C starts at --clip, tracks --target-quantile)"),
         ("--target-quantile", "target_quantile", probability, "adaptive clipping: fraction of updates left unclipped"),
         ("--clip-lr", "clip_lr", positive_float, "adaptive clipping: rate of the geometric update of C"),

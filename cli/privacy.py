@@ -8,6 +8,7 @@ import json
 from dpfl.cli.display import make_console
 from dpfl.cli.options import HelpFormatter, open_unit, positive_float, positive_int, probability
 from dpfl.privacy.accountants import ACCOUNTANTS
+from dpfl.privacy.participation import NOISE_MECHANISMS, PARTICIPATIONS
 
 ALL = "all"
 
@@ -31,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--accountant", choices=[*ACCOUNTANTS, ALL], default=ALL, help="accountant, or all of them side by side"
     )
+    parser.add_argument("--mechanism", choices=[*NOISE_MECHANISMS, ALL], default="gaussian",
+                        help="noise: independent gaussian, bandmf's correlated noise (needs a participation schema), "
+                        "or all of them side by side (with the Poisson gaussian as the baseline)")
+    parser.add_argument("--participation", choices=PARTICIPATIONS, default="poisson",
+                        help="who takes part when: poisson (rate q every round), cyclic or min-sep (--min-separation)")
+    parser.add_argument("--min-separation", type=positive_int, default=1,
+                        help="b: rounds between two participations of a client (cyclic, min-sep); bandmf's band")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list, for scripts")
     parser.set_defaults(func=run)
 
@@ -40,26 +48,48 @@ def run(args: argparse.Namespace) -> int:
 
     from dpfl.privacy.calibration import privacy_spent
 
+    from dpfl.errors import UsageError
+    from dpfl.privacy.participation import ParticipationSchema
+
     names = list(ACCOUNTANTS) if args.accountant == ALL else [args.accountant]
+    mechanisms = list(NOISE_MECHANISMS) if args.mechanism == ALL else [args.mechanism]
+    schemas = []
+    if args.mechanism == ALL and args.participation != "poisson":
+        schemas.append(None)  # the baseline: Poisson sampling, independent noise
+    for mechanism in mechanisms:
+        if args.participation == "poisson" and mechanism == "gaussian":
+            schemas.append(None)
+        elif args.participation != "poisson" or args.mechanism != ALL:
+            try:
+                schemas.append(ParticipationSchema(args.participation, args.min_separation, args.rounds, mechanism))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
     rows = [privacy_spent(name, args.sample_rate, args.rounds, args.delta, noise_multiplier=args.noise_multiplier,
-                          target_epsilon=args.target_epsilon) for name in names]  # fmt: skip
+                          target_epsilon=args.target_epsilon, schema=schema)
+            for schema in schemas for name in names]  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="client-level DP (Poisson-subsampled Gaussian)")
+    table = Table(title="client-level DP")
     for column in ("accountant", "noise multiplier", "sample rate", "rounds", "delta", "epsilon", "best RDP order",
-                   "last-iterate epsilon\n(heuristic)"):  # fmt: skip
+                   "last-iterate epsilon\n(heuristic)", "mechanism", "participation\n(min-separation)",
+                   "accounted\nsteps", "model noise\n(rms, C/N)"):  # fmt: skip
         table.add_column(column, justify="right")
     for row in rows:
-        order = row["best-rdp-order"]
+        order, last_iterate = row["best-rdp-order"], row["last-iterate-epsilon"]
+        participation = row["participation"] + ("" if row["participation"] == "poisson" else f" ({row['min-separation']})")
         table.add_row(
             row["accountant"], f"{row['noise-multiplier']:.4f}", f"{row['sample-rate']:g}", str(row["rounds"]),
             f"{row['delta']:g}", f"{row['epsilon']:.4f}", "" if order is None else f"{order:.3f}",
-            f"{row['last-iterate-epsilon']:.4f}",
+            "" if last_iterate is None else f"{last_iterate:.4f}", row["mechanism"], participation,
+            str(row["accounted-steps"]), f"{row['model-noise']:.4g}",
         )  # fmt: skip
     console = make_console()
     console.print(table)
     console.print("epsilon is the accountant's guarantee for anyone who sees every round's model. The last-iterate "
                   "epsilon (Steinke et al., ICLR 2025) is a heuristic, not a guarantee, for who sees only the final "
-                  "model: exact when every client's update is the same vector each round it is sampled.")  # fmt: skip
+                  "model: exact when every client's update is the same vector each round it is sampled. Under a "
+                  "participation schema the accountant composes one step per block of min-separation rounds "
+                  "(cyclic: Poisson-sampled, amplified; min-sep: not amplified); model noise is the RMS std of "
+                  "the noise in the model over the rounds, per coordinate, in units of C/N (docs/privacy.md).")  # fmt: skip
     return 0

@@ -26,7 +26,13 @@ from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.progress import Progress, no_progress
 from dpfl.server.app import app as server_app, resolve_noise_multiplier
-from dpfl.server.checkpoint import budget_change_warning, check_resumable, load_initial_state, load_run_checkpoint
+from dpfl.server.checkpoint import (
+    budget_change_warning,
+    check_resumable,
+    correlated_resume_state,
+    load_initial_state,
+    load_run_checkpoint,
+)
 from dpfl.server.public_records import pin_public_times
 from dpfl.server.recorder import lock_run_dir
 from dpfl.settings import RunSettings
@@ -57,6 +63,8 @@ def resumed_settings(run_dir: Path, changes: Mapping[str, Any]) -> RunSettings:
     settings = dataclasses.replace(saved, **changes, resume_from=str(run_dir), out_dir=str(run_dir))
     settings.validate()
     check_resumable(checkpoint, settings.to_run_config(), run_dir)
+    correlated_resume_state(run_dir, checkpoint.round, settings.participation_schema(),
+                            checkpoint.run_config["num-server-rounds"])  # fmt: skip
     lock_run_dir(run_dir).close()  # refused now, in one line, if another process writes it
     return settings
 

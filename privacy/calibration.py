@@ -7,6 +7,8 @@ import math
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import History, create_accountant
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
+from dpfl.privacy.matrix_factorization import total_squared_error
+from dpfl.privacy.participation import ParticipationSchema, accounted_shape
 
 # Noise multipliers searched by calibration.
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e3
@@ -70,11 +72,27 @@ def calibrate_noise_multiplier(
 def privacy_spent(
     accountant: str, sample_rate: float, rounds: int, delta: float, *,
     noise_multiplier: float | None = None, target_epsilon: float | None = None,
+    schema: ParticipationSchema | None = None,
 ) -> dict[str, float | int | str | None]:
-    """One accountant's row: σ (given, or calibrated to ``target_epsilon``) and the ε it spends."""
-    sigma = noise_multiplier or calibrate_noise_multiplier(target_epsilon, delta, sample_rate, rounds, accountant=accountant)
-    epsilon, order = create_accountant(accountant, delta).spent([(sigma, sample_rate, rounds)])
+    """One accountant's row for one mechanism: σ (given, or calibrated to ``target_epsilon``) and the ε it spends.
+
+    ``schema`` (None: Poisson sampling, independent noise) decides what the accountant
+    composes, one step per block of min-separation rounds (:func:`accounted_shape`),
+    and the noise the model carries: ``model-noise`` is the RMS over the rounds of the
+    noise std in the model (a sum of released means), per coordinate, in units of C/N.
+    """
+    rate, steps = accounted_shape(schema, sample_rate, rounds)
+    sigma = noise_multiplier or calibrate_noise_multiplier(target_epsilon, delta, rate, steps, accountant=accountant)
+    epsilon, order = create_accountant(accountant, delta).spent([(sigma, rate, steps)])
+    coefficients = schema.coefficients if schema is not None else (1.0,)
+    fraction = (schema.expected_clients(sample_rate, 1) if schema is not None else sample_rate)
+    model_noise = sigma * math.sqrt(total_squared_error(coefficients, rounds) / rounds) / fraction
     return {"accountant": accountant, "noise-multiplier": sigma, "sample-rate": sample_rate, "rounds": rounds,
             "delta": delta, "epsilon": epsilon, "best-rdp-order": None if math.isnan(order) else order,
-            # A heuristic for who sees only the final model (Steinke et al. 2025), not a guarantee.
-            "last-iterate-epsilon": last_iterate_epsilon([(sigma, sample_rate, rounds)], delta)}  # fmt: skip
+            # A heuristic for who sees only the final model (Steinke et al. 2025), not a guarantee; it
+            # assumes independent noise in every round a client may take part in (Poisson only).
+            "last-iterate-epsilon": last_iterate_epsilon([(sigma, sample_rate, rounds)], delta) if schema is None else None,
+            "mechanism": schema.mechanism if schema is not None else "gaussian",
+            "participation": schema.participation if schema is not None else "poisson",
+            "min-separation": schema.min_separation if schema is not None else 1,
+            "accounted-steps": steps, "accounted-sample-rate": rate, "model-noise": model_noise}  # fmt: skip

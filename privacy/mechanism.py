@@ -68,6 +68,7 @@ from dpfl.privacy.adaptive_clipping import (
 )
 from dpfl.privacy.clipping import clip_vector, per_tensor_median_clip
 from dpfl.privacy.flat import Layout
+from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
 
@@ -151,8 +152,14 @@ class MechanismParams:
     # Skip a round's update when fewer replies arrived (a noisy count; 0 = never skip).
     min_replies: int = 0
     reply_count_noise: float = 0.0
+    # Who may take part when, and the noise that relies on it (dpfl.privacy.participation);
+    # None: Poisson sampling and independent Gaussian noise.
+    schema: ParticipationSchema | None = None
 
     def __post_init__(self) -> None:
+        if self.schema is not None:
+            check_schema_supported(self.schema, self.noise_placement, self.clipping,
+                                   self.adaptive_clipping is not None, self.min_replies)  # fmt: skip
         if self.counts_replies and self.flat and not self.reply_count_noise > self.noise_multiplier:
             raise ValueError(
                 f"reply-count-noise must exceed the noise multiplier {self.noise_multiplier:g} when "
@@ -184,12 +191,14 @@ class MechanismParams:
 
     @property
     def expected_clients(self) -> float:
+        if self.schema is not None:
+            return self.schema.expected_clients(self.sample_rate, self.num_clients)
         return self.sample_rate * self.num_clients
 
     @property
     def sample_size(self) -> int:
-        """The paper mode's fixed sample size, round(qN) and at least 1."""
-        return max(1, round(self.expected_clients))
+        """The paper mode's fixed sample size, round(qN) and at least 1 (what a node's policy checks)."""
+        return max(1, round(self.sample_rate * self.num_clients))
 
     @property
     def epsilon_valid(self) -> bool:
@@ -241,7 +250,7 @@ class ClientLevelMechanism:
     folder exists); every other one is read-only.
     """
 
-    _SETTABLE = frozenset({"journal"})
+    _SETTABLE = frozenset({"journal", "private_journal"})
 
     def __init__(
         self,
@@ -258,6 +267,12 @@ class ClientLevelMechanism:
         set_attribute("_randomness", randomness)
         set_attribute("_state", _RoundState(clip_norm=params.clip_norm))
         set_attribute("journal", journal)
+        set_attribute("private_journal", None)
+        schema = params.schema
+        correlated = None
+        if schema is not None and schema.scheduled:
+            correlated = CorrelatedMechanism(schema, randomness.key("correlated-noise"))
+        set_attribute("_correlated", correlated)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in self._SETTABLE:
@@ -299,9 +314,10 @@ class ClientLevelMechanism:
 
     def budget_refusal(self, server_round: int, max_epsilon: float) -> str | None:
         """Why round ``server_round`` may not run under ``max_epsilon``, or None."""
-        if not self.params.epsilon_valid:
+        step = self._accounting_step(server_round)
+        if not self.params.epsilon_valid or step is None:
             return None
-        projected = self.accountant.epsilon_after_step(self.params.noise_multiplier, self.params.sample_rate)
+        projected = self.accountant.epsilon_after_step(*step)
         if projected <= max_epsilon:
             return None
         return (
@@ -314,6 +330,8 @@ class ClientLevelMechanism:
         stream = self.randomness.stream("sampling", server_round)
         if self.params.private and self.params.clipping == "paper":
             sampled = fixed_size_sample(nodes, self.params.sample_size, stream)
+        elif self._correlated is not None:
+            sampled = self._correlated.sample(nodes, server_round, self.params.sample_rate, stream)
         else:
             sampled = poisson_sample(nodes, self.params.sample_rate, stream)
         self._state.sampled = frozenset(sampled)
@@ -399,11 +417,13 @@ class ClientLevelMechanism:
         """
         p = self.params
         self._state.last_adaptive_release = None
-        if p.epsilon_valid:
+        step = self._accounting_step(server_round)
+        if p.epsilon_valid and step is not None:
             # Write-ahead: the round is spent (and journaled) before its noise exists.
-            self.accountant.step(p.noise_multiplier, p.sample_rate)
+            self.accountant.step(*step)
             if self.journal is not None:
                 self.journal(self.accountant.state_dict())
+        self._journal_correlated(server_round)
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
         # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end.
@@ -416,7 +436,9 @@ class ClientLevelMechanism:
                 vector, _ = clip_vector(vector, self.clip_norm, layout.cast)
             total += vector
         std = p.server_noise_std(len(updates), self.clip_norm)
-        if std > 0:
+        if std > 0 and self._correlated is not None:
+            total += self._correlated.noise(server_round, layout.sizes, std)
+        elif std > 0:
             total += self.randomness.stream("server-noise", server_round).gaussian_segments(layout.sizes, std)
         if p.private:
             denominator = p.expected_clients if p.clipping == "flat" else p.sample_size
@@ -458,6 +480,35 @@ class ClientLevelMechanism:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
         norm = float(torch.linalg.vector_norm(Layout(update).flatten(update).double()))
         return norm >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
+
+    # --- participation schemas and correlated noise (dpfl.privacy.participation) ------
+
+    def _accounting_step(self, server_round: int) -> tuple[float, float] | None:
+        """The (σ, q) the accountant records in ``server_round``: every round, or once per block of a schema."""
+        schema = self.params.schema
+        if schema is None:
+            return self.params.noise_multiplier, self.params.sample_rate
+        if not schema.records_step(server_round):
+            return None
+        return self.params.noise_multiplier, schema.accounting_rate(self.params.sample_rate)
+
+    def _journal_correlated(self, server_round: int) -> None:
+        """Write-ahead, like the ledger: the secret state goes to the server-private journal before the noise."""
+        if self._correlated is None:
+            return
+        self._correlated.begin_round(server_round)
+        if self.private_journal is not None:
+            self.private_journal(self._correlated.private_state())
+
+    @property
+    def has_private_state(self) -> bool:
+        """Whether the mechanism keeps a secret state a resume needs (a participation schema's)."""
+        return self._correlated is not None
+
+    def restore_private_state(self, state: Mapping[str, Any], completed_round: int) -> None:
+        """Continue the schema's sampler and correlated noise after ``completed_round`` (ValueError if it cannot)."""
+        assert self._correlated is not None, "restore_private_state without a participation schema"
+        self._correlated.restore(state, completed_round)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,22 @@ class Randomness:
 
     def stream(self, *label: str | int) -> RandomStream:
         """The stream for ``label``, e.g. ``("server-noise", round)``."""
+        return RandomStream(self.key(*label))
+
+    def key(self, *label: str | int) -> bytes:
+        """The 256-bit key of ``label``'s stream: fresh from the OS, or the seed's. A key that is kept
+        (correlated noise's master key, :mod:`dpfl.privacy.participation`) is as secret as its noise."""
         if self._seed is None:
-            return RandomStream(os.urandom(_KEY_BYTES))
-        material = repr(("dpfl-reproducible-noise", self._seed, *label)).encode()
-        return RandomStream(hashlib.sha256(material).digest())
+            return os.urandom(_KEY_BYTES)
+        return hashlib.sha256(repr(("dpfl-reproducible-noise", self._seed, *label)).encode()).digest()
+
+
+def derived_stream(master_key: bytes, *label: str | int) -> RandomStream:
+    """The stream of ``label`` under a kept ``master_key``: keyed by SHA-256(master key, label).
+
+    One master key regenerates many streams (correlated noise replays every past
+    round's z after a resume) while each stream still has a key of its own.
+    """
+    if len(master_key) != _KEY_BYTES:
+        raise ValueError(f"a master key has {_KEY_BYTES} bytes, got {len(master_key)}")
+    return RandomStream(hashlib.sha256(master_key + repr(label).encode()).digest())

@@ -18,6 +18,7 @@ from dpfl.errors import UsageError
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
 from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.calibration import calibrate_noise_multiplier
+from dpfl.privacy.participation import accounted_shape
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
 from dpfl.server.checkpoint import (
     InitialState,
@@ -25,10 +26,12 @@ from dpfl.server.checkpoint import (
     budget_change_warning,
     check_resumable,
     load_initial_state,
+    correlated_resume_state,
     load_run_checkpoint,
     resumed_ledger,
     save_run_checkpoint,
     write_ledger,
+    write_private_state,
 )
 from dpfl.server.deployment_round import run_deployment_round
 from dpfl.task.evaluation import evaluate
@@ -58,9 +61,11 @@ def resolve_noise_multiplier(settings: RunSettings, prior: Sequence[tuple[float,
     """σ as given, or calibrated so that the rounds of ``prior`` (an init-from ledger) and the
     planned rounds together end at ``target-epsilon``."""
     if settings.target_epsilon > 0:
+        # Under a participation schema: one step per block of min-separation rounds (dpfl.privacy.participation).
+        sample_rate, steps = accounted_shape(settings.participation_schema(), settings.sample_rate,
+                                             settings.num_server_rounds)  # fmt: skip
         return calibrate_noise_multiplier(
-            settings.target_epsilon, settings.delta, settings.sample_rate, settings.num_server_rounds,
-            accountant=settings.accountant, prior=prior,
+            settings.target_epsilon, settings.delta, sample_rate, steps, accountant=settings.accountant, prior=prior,
         )
     return settings.noise_multiplier
 
@@ -137,6 +142,10 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         raise UsageError(str(err)) from None
     if resume:
         strategy.load_state_dict({**resume.strategy_state, "accountant": resumed_ledger(resume, Path(settings.out_dir))})
+        private_state = correlated_resume_state(Path(settings.out_dir), resume.round, settings.participation_schema(),
+                                                resume.run_config["num-server-rounds"])  # fmt: skip
+        if private_state is not None:
+            strategy.mechanism.restore_private_state(private_state, resume.round)
     elif initial:
         strategy.accountant.continue_from(initial.history)
     recorder = RunRecorder(
@@ -153,6 +162,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     )
     # Write-ahead: the ledger reaches the disk before each round's noise is drawn.
     strategy.mechanism.journal = lambda ledger: write_ledger(recorder.out_dir, ledger)
+    # Likewise the secret state of correlated noise (server-private, never in checkpoint.pt).
+    strategy.mechanism.private_journal = lambda state: write_private_state(recorder.out_dir, state)
     log(INFO, "dpfl: writing run records to %s%s", recorder.out_dir, f" (resumed after round {resume.round})" if resume else "")
     log(WARNING, "dpfl: raw server-side diagnostics (not covered by epsilon, never to be shared) go to %s",
         recorder.out_dir / PRIVATE_DIAGNOSTICS_FILE)  # fmt: skip
@@ -208,8 +219,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "pretraining-seconds": pretraining_seconds,
             "final-validation-accuracy": recorder.rounds[-1].get("validation-accuracy") if recorder.rounds else None,
             # A heuristic for who sees only the final model, beside the accountant's ε (never instead of it).
+            # It assumes independent noise in every round a client may take part in: Poisson sampling only.
             "last-iterate-epsilon": last_iterate_epsilon(strategy.accountant.history, settings.delta)
-            if strategy.epsilon_valid else None,
+            if strategy.epsilon_valid and settings.participation_schema() is None else None,
         },  # fmt: skip
         ledger=strategy.accountant.state_dict() if strategy.epsilon_valid else None,
     )

@@ -12,6 +12,14 @@ writes the accountant's ledger to ``privacy_ledger.json`` (atomically too). A
 run that dies after a round was accounted but before its checkpoint therefore
 resumes with that round counted: a crash can over-count ε, never under-count it.
 
+Under a participation schema (:mod:`dpfl.privacy.participation`) the mechanism
+also keeps a secret state: the master key of its correlated noise and its
+sampler's past. It never enters ``checkpoint.pt`` (released state only); the
+mechanism hands it, before each round's noise and right after the ledger, to
+:func:`write_private_state`, which writes ``server_private_noise_state.json``
+atomically with permissions 0600. A resume restores it (:func:`load_private_state`)
+or, when it is missing or ahead of the checkpoint, refuses in one line.
+
 ``resume-from`` continues a run folder from its last checkpoint with the same
 run config (only :data:`RESUMABLE_KEYS` may change); ``init-from`` starts a new
 run from a checkpoint's weights and carries its privacy ledger.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +38,14 @@ from typing import Any
 import torch
 
 from dpfl.errors import UsageError
+from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema
 from dpfl.task.checkpoint import CHECKPOINT_FORMAT
 from dpfl.task.files import load_tagged, save_tagged, write_atomically
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGER_FILE = "privacy_ledger.json"
+# The mechanism's secret state under a participation schema: as secret as the noise.
+PRIVATE_STATE_FILE = "server_private_noise_state.json"
 RUN_CHECKPOINT_FORMAT = "dpfl-run-checkpoint-v1"
 # The key of a final model's (``final_model.pt``) privacy ledger in its extra fields.
 LEDGER_KEY = "privacy-ledger"
@@ -117,6 +129,52 @@ def budget_change_warning(saved: Mapping[str, Any], current: Mapping[str, Any]) 
 def write_ledger(run_dir: Path, ledger: Mapping[str, Any]) -> None:
     """The journal: the accountant's ledger, written before the round's noise is drawn."""
     write_atomically(run_dir / LEDGER_FILE, lambda tmp: tmp.write_text(json.dumps(ledger) + "\n"))
+
+
+def write_private_state(run_dir: Path, state: Mapping[str, Any]) -> None:
+    """The mechanism's secret state, written before the round's noise is drawn; readable by the owner only."""
+
+    def write(tmp: Path) -> None:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # also when a stale temporary file was there
+        with os.fdopen(descriptor, "w") as file:
+            file.write(json.dumps(dict(state)) + "\n")
+
+    write_atomically(run_dir / PRIVATE_STATE_FILE, write)
+
+
+def load_private_state(run_dir: Path) -> dict[str, Any]:
+    """The secret state a resume needs; a one-line error when it is lost or unreadable."""
+    path = run_dir / PRIVATE_STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"cannot resume {str(run_dir)!r}: its correlated-noise state {PRIVATE_STATE_FILE} is lost, and without it "
+            "the noise of the next rounds cannot continue the factorisation; start a new run with --init-from "
+            f"{str(run_dir)!r}, which carries the privacy ledger and restarts the factorisation"
+        ) from None
+    except (OSError, ValueError):
+        raise UsageError(f"cannot resume {str(run_dir)!r}: its correlated-noise state {str(path)!r} is unreadable") from None
+
+
+def correlated_resume_state(
+    run_dir: Path, completed_round: int, schema: ParticipationSchema | None, saved_rounds: int
+) -> dict[str, Any] | None:
+    """The secret state a resume after ``completed_round`` continues from under a participation schema, checked
+    (None without one); a one-line error when it is lost, is not this run's, or is ahead of the checkpoint."""
+    if schema is None or not schema.scheduled:
+        return None
+    if schema.mechanism == "bandmf" and schema.rounds != saved_rounds:
+        raise UsageError(f"num-server-rounds cannot change from {saved_rounds} when resuming mechanism bandmf: its "
+                         "factorisation is optimised for the run's rounds")  # fmt: skip
+    state = load_private_state(run_dir)
+    try:  # a throwaway mechanism runs the same checks the run's will
+        CorrelatedMechanism(schema, bytes(32)).restore(state, completed_round)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"cannot resume {str(run_dir)!r}: {err}; start a new run with --init-from "
+                         f"{str(run_dir)!r}, which carries the privacy ledger") from None  # fmt: skip
+    return state
 
 
 def rounds_in(ledger: Mapping[str, Any]) -> int:

@@ -71,6 +71,8 @@ SERVER_PRIVATE_FILES = {
     "server_private_flower.log": "every other line Flower logs: the SuperLink's own log (timestamped), "
     "Flower's and Ray's notices, the tracebacks of clients that failed or refused",
     "deployment.json": "the deployment round: what each node chose to share, outside epsilon",
+    "server_private_noise_state.json": "under a participation schema: the correlated noise's master key and the "
+    "sampler's past (who took part when); as secret as the noise, permissions 0600",
     ".dpfl-run.lock": "the lock that keeps a second process out of the run folder",
 }
 NODE_PRIVATE_FOLDERS = {"nodes": "one folder per simulated node: its private log and deployment reports"}

@@ -53,6 +53,7 @@ from dpfl.privacy.mechanism import (
     ClientLevelMechanism,
     MechanismParams,
 )
+from dpfl.privacy.participation import ParticipationSchema
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors
 from dpfl.settings import RunSettings
@@ -257,6 +258,7 @@ class ClientLevelDPStrategy(Strategy):
         option_values: Mapping[str, OptionValue] | None = None,
         server_optimizer: str = "sgd",
         server_lr: float = 1.0,
+        schema: ParticipationSchema | None = None,
     ) -> None:
         super().__init__()
         params = MechanismParams(
@@ -272,6 +274,7 @@ class ClientLevelDPStrategy(Strategy):
             adaptive_clipping=adaptive_clipping if self.private else None,
             min_replies=min_replies,
             reply_count_noise=reply_count_noise,
+            schema=schema,
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
@@ -327,6 +330,7 @@ class ClientLevelDPStrategy(Strategy):
             option_values=cls.parse_options(settings.strategy_options),
             server_optimizer=settings.server_optimizer,
             server_lr=settings.server_lr,
+            schema=settings.participation_schema(),
         )
         strategy.apply_settings(settings)
         return strategy
@@ -645,6 +649,10 @@ class ClientLevelDPStrategy(Strategy):
             params.delta, self.max_epsilon, "reproducible" if params.reproducible_noise else "secure",
             self.option_values,
         )  # fmt: skip
+        if schema := params.schema:
+            log(INFO, "dpfl strategy %s: %s noise, participation %s with min-separation %d (at most %d rounds per "
+                "client), expected %.1f clients per round", self.name, schema.mechanism, schema.participation,
+                schema.min_separation, schema.max_participations, params.expected_clients)  # fmt: skip
         if adaptive := params.adaptive_clipping:
             log(INFO, "dpfl strategy %s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
                 "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,

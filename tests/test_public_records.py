@@ -12,6 +12,7 @@ import pytest
 
 from dpfl.analysis.audit import AuditOptions, run_audit
 from dpfl.engines.simulation import FLOWER_LOG, run_simulation
+from dpfl.server.checkpoint import PRIVATE_STATE_FILE
 from dpfl.server.curves import plot_curves
 from dpfl.server.public_records import (
     AUDIT_FOLDER,
@@ -37,6 +38,8 @@ MODES = {
     "adaptive-clipping": dict(clip_mode="adaptive", clip_count_noise=5.0, noise_multiplier=3.0),
     "min-replies-client-noise": dict(min_replies=1, reply_count_noise=5.0, noise_placement="client"),
     "deployment-round": dict(deploy=True, deploy_sweep_tiles="64", deploy_ratio=0.8),
+    "bandmf-min-sep": dict(mechanism="bandmf", participation="min-sep", min_separation=2),
+    "bandmf-cyclic": dict(mechanism="bandmf", participation="cyclic", min_separation=2),
 }
 # Anything that looks like a clock time or a date: a public log must not time the rounds.
 TIMESTAMP = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
@@ -75,6 +78,7 @@ def check_public_files(out: Path, log_file: Path | None = None) -> None:
     if (out / "privacy_ledger.json").exists():
         assert set(json.loads((out / "privacy_ledger.json").read_text())) <= {"accountant", "delta", "history", "refine"}
     log = (log_file or out / FLOWER_LOG).read_text()
+    check_secret_noise_state(out)
     assert not TIMESTAMP.search(log), TIMESTAMP.search(log)
     assert not any(mark in log for mark in PER_CLIENT_MARKS)
     # Their times too: all that of config.json (the span between them grew with the realised sample).
@@ -84,6 +88,19 @@ def check_public_files(out: Path, log_file: Path | None = None) -> None:
     plot_curves(rows, out.parent / "again.png", f"{config['strategy']}, {config['model']} on {config['dataset']}: "
                 f"{summary['outcome']}")  # fmt: skip
     assert (out.parent / "again.png").read_bytes() == (out / "curves.png").read_bytes()
+
+
+def check_secret_noise_state(out: Path) -> None:
+    """Correlated noise's secret state: server-private (0600), and its key in no public file, raw or hex."""
+    path = out / PRIVATE_STATE_FILE
+    if not path.exists():
+        return
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = json.loads(path.read_text())["master-key"]
+    for name in PUBLIC_FILES:
+        if (out / name).exists():
+            content = (out / name).read_bytes()
+            assert key.encode() not in content and bytes.fromhex(key) not in content, name
 
 
 def normalised_log(out: Path) -> list[str]:
@@ -103,6 +120,8 @@ def test_every_public_file_of_every_mode_holds_only_what_the_inventory_declares(
     sampled = [[row["sampled"] for row in map(json.loads, (out / PRIVATE_DIAGNOSTICS_FILE).read_text().splitlines())]
                for out in outs]  # fmt: skip
     assert normalised_log(outs[0]) == normalised_log(outs[1]), sampled
+    if mode.startswith("bandmf"):
+        assert all((out / PRIVATE_STATE_FILE).exists() for out in outs)
     if mode == "local-dp":  # the clients' own sample-level ε: in their private logs only
         node_logs = list((outs[0] / "nodes").glob("*/node_private_log.jsonl"))
         assert node_logs and any("sample-level-epsilon" in path.read_text() for path in node_logs)
