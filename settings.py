@@ -268,7 +268,8 @@ class RunSettings:
                 check_count_noise(self.noise_multiplier, adaptive.count_noise_std)
 
     def _validate_participation(self) -> None:
-        from dpfl.privacy.participation import NOISE_MECHANISMS, PARTICIPATIONS, check_schema_supported
+        from dpfl.privacy.names import NOISE_MECHANISMS, PARTICIPATIONS
+        from dpfl.privacy.participation import check_schema_supported
 
         _one_of("mechanism", self.mechanism, NOISE_MECHANISMS)
         _one_of("participation", self.participation, PARTICIPATIONS)

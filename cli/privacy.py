@@ -8,7 +8,7 @@ import json
 from dpfl.cli.display import make_console
 from dpfl.cli.options import HelpFormatter, open_unit, positive_float, positive_int, probability
 from dpfl.privacy.accountants import ACCOUNTANTS
-from dpfl.privacy.participation import NOISE_MECHANISMS, PARTICIPATIONS
+from dpfl.privacy.names import NOISE_MECHANISMS, PARTICIPATIONS
 
 ALL = "all"
 

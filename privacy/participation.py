@@ -54,11 +54,9 @@ import torch
 
 from dpfl.errors import UsageError
 from dpfl.privacy.matrix_factorization import BandedNoise, max_participations, optimal_banded_coefficients
+from dpfl.privacy.names import NOISE_MECHANISMS, PARTICIPATIONS
 from dpfl.privacy.randomness import RandomStream, derived_stream
 
-PARTICIPATIONS = ("poisson", "cyclic", "min-sep")
-# The noise mechanisms built; tree aggregation and BLTs are not (docs/privacy.md).
-NOISE_MECHANISMS = ("gaussian", "bandmf")
 PRIVATE_STATE_FORMAT = "dpfl-correlated-noise-state-v1"
 
 

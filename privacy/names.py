@@ -1,0 +1,16 @@
+"""The noise mechanisms and participation schemas a run may name, without torch.
+
+Why this module exists: ``dpfl privacy --help`` and the check of a run's settings list
+these names, and importing them from :mod:`dpfl.privacy.participation` (which imports
+torch and the matrix factorisation) made printing help take seconds. That module reads
+them from here. It imports nothing.
+"""
+
+from __future__ import annotations
+
+# Who may take part when (dpfl.privacy.participation.ParticipationSchema).
+PARTICIPATIONS = ("poisson", "cyclic", "min-sep")
+# The noise mechanisms built; tree aggregation and BLTs are not (docs/privacy.md).
+NOISE_MECHANISMS = ("gaussian", "bandmf")
+
+__all__ = ["NOISE_MECHANISMS", "PARTICIPATIONS"]
