@@ -236,18 +236,27 @@ def test_control_api_is_reachable_neither_from_the_host_nor_from_another_contain
     assert probe["fleet-via-gateway"] not in (404, 502), probe
 
 
-def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others_train(federation):
-    fed = federation
-    policy = {"NODE_3_POLICY": "policy-min-noise-multiplier=1.0 policy-registered-strategies-only=true"}
-    fed.compose("up", "-d", "--no-deps", "--force-recreate", "supernode-3", env=policy, timeout=180)
+def recreate_supernode_3(fed, env: dict[str, str]) -> None:
+    """supernode-3 anew with ``env`` over the compose file's defaults, back online."""
+    fed.compose("up", "-d", "--no-deps", "--force-recreate", "supernode-3", env=env, timeout=180)
     deadline = time.monotonic() + 120
     while fed.online_nodes() < len(SUPERNODES):
         assert time.monotonic() < deadline, "supernode-3 did not reconnect"
         time.sleep(3)
 
-    out = fed.federation("run", "--name", "policy-check", "--run-config",
-                         "strategy='dp-fedavg' local-dp=false target-epsilon=0 noise-multiplier=0.5 max-epsilon=0 "
-                         "num-server-rounds=1 local-epochs=1 batch-size=32", timeout=900).stdout  # fmt: skip
+
+def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others_train(federation):
+    fed = federation
+    policy = {"NODE_3_POLICY": "policy-min-noise-multiplier=1.0 policy-registered-strategies-only=true"}
+    recreate_supernode_3(fed, policy)
+    try:
+        out = fed.federation("run", "--name", "policy-check", "--run-config",
+                             "strategy='dp-fedavg' local-dp=false target-epsilon=0 noise-multiplier=0.5 max-epsilon=0 "
+                             "num-server-rounds=1 local-epochs=1 batch-size=32", timeout=900).stdout  # fmt: skip
+    finally:
+        # The later tests' runs are for the compose file's own policies: this node's stricter one
+        # would refuse them (and, rightly, their deployment queries).
+        recreate_supernode_3(fed, {})
     shutil.rmtree(REPO / "runs" / "policy-check", ignore_errors=True)
     run_id = re.search(r"run (\d+) completed", out).group(1)
 
