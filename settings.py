@@ -322,27 +322,11 @@ class RunSettings:
 
     def bit_widths(self) -> tuple[int, ...]:
         """The weight bits of multi-precision training (``train-bit-widths``; "" = none)."""
-        if not self.train_bit_widths.strip():
-            return ()
-        try:
-            widths = tuple(int(bits) for bits in self.train_bit_widths.split(","))
-        except ValueError:
-            widths = ()
-        if not widths or min(widths) < 1 or max(widths) > 16:
-            raise UsageError(f"train-bit-widths must be comma-separated weight bits in 1..16, got {self.train_bit_widths!r}")
-        return widths
+        return _integer_list("train-bit-widths", self.train_bit_widths, "weight bits in 1..16", 1, 16)
 
     def sweep_tile_sizes(self) -> tuple[int, ...]:
         """The tile sizes of each node's NF sweep beside its own (``deploy-sweep-tiles``; "" = none)."""
-        if not self.deploy_sweep_tiles.strip():
-            return ()
-        try:
-            sizes = tuple(int(size) for size in self.deploy_sweep_tiles.split(","))
-        except ValueError:
-            sizes = ()
-        if not sizes or min(sizes) < 2:
-            raise UsageError(f"deploy-sweep-tiles must be comma-separated tile sizes >= 2, got {self.deploy_sweep_tiles!r}")
-        return sizes
+        return _integer_list("deploy-sweep-tiles", self.deploy_sweep_tiles, "tile sizes >= 2", 2)
 
     def nominal_client_size(self) -> int:
         """The public number of examples of a nominal client: ``client-size``, or the
@@ -441,6 +425,19 @@ def check_run_config_node_keys(configs: list[dict[str, str]]) -> None:
                     f"(only {', '.join(p + '*' for p in RUN_CONFIG_NODE_PREFIXES)}); in simulation, set it with "
                     "--node-config"
                 )
+
+
+def _integer_list(key: str, text: str, what: str, low: int, high: int | None = None) -> tuple[int, ...]:
+    """A comma-separated list of integers in [low, high] ("" = none), or a one-line UsageError naming ``key``."""
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(int(value) for value in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < low or (high is not None and max(values) > high):
+        raise UsageError(f"{key} must be comma-separated {what}, got {text!r}")
+    return values
 
 
 def describe_recipe(settings: RunSettings, public_part: bool | None = None) -> str:
