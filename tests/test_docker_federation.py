@@ -253,21 +253,21 @@ def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others
         out = fed.federation("run", "--name", "policy-check", "--run-config",
                              "strategy='dp-fedavg' local-dp=false target-epsilon=0 noise-multiplier=0.5 max-epsilon=0 "
                              "num-server-rounds=1 local-epochs=1 batch-size=32", timeout=900).stdout  # fmt: skip
+        shutil.rmtree(REPO / "runs" / "policy-check", ignore_errors=True)
+        run_id = re.search(r"run (\d+) completed", out).group(1)
+
+        refusal = f"this node's privacy policy refuses run {run_id}: noise multiplier 0.5 is below this node's minimum 1"
+        assert refusal in fed.logs("supernode-3")
+        for node in ("supernode-1", "supernode-2"):
+            # Each trained and replied in that run, with no error.
+            log = fed.logs(node)
+            this_run = log[log.index(f"[RUN {run_id}]"):]
+            assert "Receiving: train message" in this_run and "Sent successfully" in this_run, this_run
+            assert "privacy policy refuses" not in log and "Traceback" not in this_run, this_run
     finally:
         # The later tests' runs are for the compose file's own policies: this node's stricter one
-        # would refuse them (and, rightly, their deployment queries).
+        # would refuse them (and, rightly, their deployment queries). Its logs are read above, first.
         recreate_supernode_3(fed, {})
-    shutil.rmtree(REPO / "runs" / "policy-check", ignore_errors=True)
-    run_id = re.search(r"run (\d+) completed", out).group(1)
-
-    refusal = f"this node's privacy policy refuses run {run_id}: noise multiplier 0.5 is below this node's minimum 1"
-    assert refusal in fed.logs("supernode-3")
-    for node in ("supernode-1", "supernode-2"):
-        # Each trained and replied in that run, with no error.
-        log = fed.logs(node)
-        this_run = log[log.index(f"[RUN {run_id}]"):]
-        assert "Receiving: train message" in this_run and "Sent successfully" in this_run, this_run
-        assert "privacy policy refuses" not in log and "Traceback" not in this_run, this_run
 
 
 def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
