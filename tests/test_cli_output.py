@@ -136,7 +136,6 @@ def test_the_round_line_shows_the_guarantee_the_run_has():
 
 
 def test_tensorboard_receives_the_public_round_records_and_nothing_else(dpfl_quick, tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dpfl.server.tracking import TensorBoardTracker
