@@ -7,7 +7,6 @@ import math
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import History, create_accountant
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
-from dpfl.privacy.matrix_factorization import total_squared_error
 from dpfl.privacy.participation import ParticipationSchema, accounted_shape
 
 # Noise multipliers searched by calibration.
@@ -84,9 +83,9 @@ def privacy_spent(
     rate, steps = accounted_shape(schema, sample_rate, rounds)
     sigma = noise_multiplier or calibrate_noise_multiplier(target_epsilon, delta, rate, steps, accountant=accountant)
     epsilon, order = create_accountant(accountant, delta).spent([(sigma, rate, steps)])
-    coefficients = schema.coefficients if schema is not None else (1.0,)
+    error = schema.factorisation.total_squared_error() if schema is not None else rounds * (rounds + 1) / 2
     fraction = (schema.expected_clients(sample_rate, 1) if schema is not None else sample_rate)
-    model_noise = sigma * math.sqrt(total_squared_error(coefficients, rounds) / rounds) / fraction
+    model_noise = sigma * math.sqrt(error / rounds) / fraction
     return {"accountant": accountant, "noise-multiplier": sigma, "sample-rate": sample_rate, "rounds": rounds,
             "delta": delta, "epsilon": epsilon, "best-rdp-order": None if math.isnan(order) else order,
             # A heuristic for who sees only the final model (Steinke et al. 2025), not a guarantee; it

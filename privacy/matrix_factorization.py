@@ -40,7 +40,8 @@ No Flower, no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -141,7 +142,26 @@ def banded_sensitivity(coefficients: Sequence[float], rounds: int, min_separatio
     return math.sqrt(float(sum(squares[min(len(c), rounds - start) - 1] for start in starts)))
 
 
-class BandedNoise:
+# draw(*label): the fresh N(0, 1) vector (the model's layout) of ``label`` under the run's master key.
+Draw = Callable[..., np.ndarray]
+
+
+class NoiseStream(ABC):
+    """A factorisation's correlated noise (per unit noise std), round after round, from fresh Gaussians.
+
+    The fresh vectors come from ``draw`` (keyed by the run's master key), so the
+    stream can be regenerated; ``keeps_state`` says whether it has a state beyond the
+    key (past noise, buffers) that a resume rebuilds by replaying every past round.
+    """
+
+    keeps_state: bool
+
+    @abstractmethod
+    def round_noise(self, server_round: int, draw: Draw) -> np.ndarray:
+        """w_t/std for round ``server_round`` (1, 2, … in order)."""
+
+
+class BandedNoise(NoiseStream):
     """The correlated noise w = C⁻¹z of a banded Toeplitz C, one round at a time.
 
     ``history`` holds the last b−1 noise vectors (most recent last): the secret
@@ -160,6 +180,13 @@ class BandedNoise:
     @property
     def band(self) -> int:
         return len(self.coefficients)
+
+    @property
+    def keeps_state(self) -> bool:  # type: ignore[override]
+        return self.band > 1
+
+    def round_noise(self, server_round: int, draw: Draw) -> np.ndarray:
+        return self.next(draw("correlated-noise", server_round))
 
     def next(self, z: np.ndarray) -> np.ndarray:
         """w_t from the round's fresh Gaussian z_t: (z_t − Σ_j c_j w_{t−j}) / c_0; remembered for later rounds."""

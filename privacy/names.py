@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # Who may take part when (dpfl.privacy.participation.ParticipationSchema).
 PARTICIPATIONS = ("poisson", "cyclic", "min-sep")
-# The noise mechanisms built; tree aggregation and BLTs are not (docs/privacy.md).
-NOISE_MECHANISMS = ("gaussian", "bandmf")
+# The noise mechanisms (dpfl.privacy.factorizations): independent, banded MF, tree aggregation, buffered linear Toeplitz.
+NOISE_MECHANISMS = ("gaussian", "bandmf", "tree", "blt")
 
 __all__ = ["NOISE_MECHANISMS", "PARTICIPATIONS"]

@@ -11,34 +11,39 @@ probability q. Either way a client takes part at most k = ⌈T/b⌉ times in T r
 any two at least b apart, and the server's sampler (:class:`CorrelatedMechanism`)
 enforces it: it is the server's own state, never the clients'.
 
-Noise: ``gaussian`` (independent, C = I) or ``bandmf`` (the b-banded Toeplitz
+Noise: ``gaussian`` (independent, C = I), ``bandmf`` (the b-banded Toeplitz
 factorisation of :mod:`dpfl.privacy.matrix_factorization`, band = b, optimised
-for the run's T). Columns of a band-≤b C that are b apart are orthogonal, so one
-participation costs one Gaussian release of noise multiplier σ (the coefficients
-have unit norm) and, the rounds b apart, every block of b rounds
-[1 … b], [b+1 … 2b], … holds at most one participation per client. The accountant
-therefore records one step per block, at its first round, before that round's
-noise (write-ahead):
+for the run's T), ``tree`` (binary-tree aggregation) or ``blt`` (a buffered linear
+Toeplitz factorisation), the last two in :mod:`dpfl.privacy.factorizations`. Each
+is normalised so that the participations of one client in the first r rounds
+(at most ⌈r/b⌉, b apart) move the released C·x by at most √⌈r/b⌉·C_clip, at every r
+(for bandmf: columns b apart are orthogonal and have unit norm). The rounds b apart,
+every block of b rounds [1 … b], [b+1 … 2b], … holds at most one participation per
+client, so the accountant records one step per block, at its first round, before
+that round's noise (write-ahead):
 
 * ``cyclic``: the step is the Poisson-subsampled Gaussian (σ, q). This is amplified
   BandMF (Choquette-Choo et al., NeurIPS 2023, Thm. 4): with b-banded C and
   Poisson sampling within the b fixed groups, the mechanism is a post-processing of
   DP-SGD with ⌈T/b⌉ Poisson-sampled Gaussian steps, which every accountant
   composes (dp-accounting's PLD and Opacus's RDP and PRV alike).
+  Only for banded C (``gaussian``, ``bandmf``): ``tree`` and ``blt`` are not banded,
+  so under ``cyclic`` they are accounted as ``min-sep`` is (q = 1).
 * ``min-sep``: who is eligible depends on earlier samples, so no amplification is
-  claimed: the step is (σ, q = 1). ⌈T/b⌉ such steps compose to one Gaussian of
-  sensitivity √k·‖c‖ = √k at noise σ, the (k, b)-participation sensitivity of
-  Choquette-Choo et al. (ICML 2023), unamplified.
+  claimed: the step is (σ, q = 1). ⌈r/b⌉ such steps compose to one Gaussian of
+  sensitivity √⌈r/b⌉ at noise σ, the (k, b)-participation sensitivity of
+  Choquette-Choo et al. (ICML 2023), unamplified, which bounds every mechanism's.
 
 With the ``gaussian`` noise and a schema, the same holds with C = I (band 1).
 
 Secret state. The correlated noise of round t depends on every earlier z, so the
 mechanism keeps a master key (from the OS's CSPRNG, or the seed under
-``--reproducible-noise``) from which z_t is regenerated; with the ``min-sep``
+``--reproducible-noise``) from which z_t (the tree: every node's z) is regenerated; with the ``min-sep``
 sampler's last-participation rounds, that is :meth:`CorrelatedMechanism.private_state`,
 which the server keeps in a server-private file and never in a checkpoint. A resume
-regenerates z_1 … z_r from the key and replays the recursion, so it continues the
-same correlated stream.
+regenerates z_1 … z_r from the key and replays the recursion (bandmf's past noise,
+blt's buffers; the tree keeps nothing but the key), so it continues the same
+correlated stream.
 
 Pure math: no Flower, no I/O.
 """
@@ -53,7 +58,8 @@ import numpy as np
 import torch
 
 from dpfl.errors import UsageError
-from dpfl.privacy.matrix_factorization import BandedNoise, max_participations, optimal_banded_coefficients
+from dpfl.privacy.factorizations import NoiseFactorisation, factorisation_for
+from dpfl.privacy.matrix_factorization import max_participations
 from dpfl.privacy.names import NOISE_MECHANISMS, PARTICIPATIONS
 from dpfl.privacy.randomness import RandomStream, derived_stream
 
@@ -74,9 +80,9 @@ class ParticipationSchema:
             raise ValueError(f"participation must be one of {', '.join(PARTICIPATIONS)}, got {self.participation!r}")
         if self.mechanism not in NOISE_MECHANISMS:
             raise ValueError(f"mechanism must be one of {', '.join(NOISE_MECHANISMS)}, got {self.mechanism!r}")
-        if self.mechanism == "bandmf" and self.participation == "poisson":
-            raise ValueError("mechanism bandmf needs a participation schema: participation cyclic or min-sep "
-                             "with a min-separation (its band)")  # fmt: skip
+        if self.correlated and self.participation == "poisson":
+            raise ValueError(f"mechanism {self.mechanism} needs a participation schema: participation cyclic or "
+                             "min-sep with a min-separation")  # fmt: skip
         if self.participation != "poisson" and not 1 <= self.min_separation <= self.rounds:
             raise ValueError(f"min-separation must be between 1 and the {self.rounds} rounds of the run, "
                              f"got {self.min_separation}")  # fmt: skip
@@ -87,13 +93,19 @@ class ParticipationSchema:
         return self.participation != "poisson"
 
     @property
-    def band(self) -> int:
-        return self.min_separation if self.mechanism == "bandmf" else 1
+    def correlated(self) -> bool:
+        """Whether the noise is correlated across rounds (a factorisation other than C = I)."""
+        return self.mechanism != "gaussian"
 
     @property
-    def coefficients(self) -> tuple[float, ...]:
-        """C's coefficients (unit norm), optimised for this run's T and band."""
-        return optimal_banded_coefficients(self.rounds, self.band)
+    def amplified(self) -> bool:
+        """Whether a step may be accounted as Poisson-sampled: cyclic groups with a banded C (module doc)."""
+        return self.participation == "cyclic" and self.mechanism in ("gaussian", "bandmf")
+
+    @property
+    def factorisation(self) -> NoiseFactorisation:
+        """C, optimised for this run's T and min-separation, normalised for the accountant (cached)."""
+        return factorisation_for(self.mechanism, self.rounds, self.min_separation)
 
     @property
     def max_participations(self) -> int:
@@ -113,8 +125,9 @@ class ParticipationSchema:
         return sample_rate * num_clients
 
     def accounting_rate(self, sample_rate: float) -> float:
-        """The sample rate the accountant is told per step: q (Poisson, cyclic) or 1 (min-sep: no amplification)."""
-        return 1.0 if self.participation == "min-sep" else sample_rate
+        """The sample rate the accountant is told per step: q (Poisson; cyclic with a banded C) or 1 (min-sep,
+        and tree or blt under cyclic: no amplification)."""
+        return sample_rate if not self.scheduled or self.amplified else 1.0
 
     def accounted_steps(self, rounds: int) -> int:
         """How many steps ``rounds`` rounds record: one per round (Poisson), one per block of b (schemas)."""
@@ -142,7 +155,7 @@ class CorrelatedMechanism:
     def __init__(self, schema: ParticipationSchema, master_key: bytes) -> None:
         self.schema = schema
         self._master_key = master_key
-        self._noise = BandedNoise(schema.coefficients)
+        self._noise = schema.factorisation.stream()
         # min-sep: each node's last round (private: who took part when).
         self._last_round: dict[int, int] = {}
         self._nodes: tuple[int, ...] = ()
@@ -181,9 +194,12 @@ class CorrelatedMechanism:
     # --- noise -----------------------------------------------------------------------
 
     def _unit_noise(self, server_round: int, sizes: Sequence[int]) -> np.ndarray:
-        """w_t/std: the round's fresh z_t (std 1) through the recursion of C⁻¹."""
-        z = derived_stream(self._master_key, "correlated-noise", server_round).gaussian_segments(sizes, 1.0)
-        return self._noise.next(z.numpy())
+        """w_t/std: the factorisation's noise from fresh Gaussians (std 1) keyed by the master key."""
+
+        def draw(*label: str | int) -> np.ndarray:
+            return derived_stream(self._master_key, *label).gaussian_segments(sizes, 1.0).numpy()
+
+        return self._noise.round_noise(server_round, draw)
 
     def noise(self, server_round: int, sizes: Sequence[int], std: float) -> torch.Tensor:
         """The correlated noise of ``server_round`` (the next round), std·(C⁻¹z)_t, in float64."""
@@ -206,7 +222,7 @@ class CorrelatedMechanism:
         """What a resume needs, as secret as the noise: the master key, the round, the sampler's past."""
         return {"format": PRIVATE_STATE_FORMAT, "master-key": self._master_key.hex(), "round": self.round,
                 "nodes": list(self._nodes), "last-round": {str(n): r for n, r in self._last_round.items()},
-                "coefficients": list(self.schema.coefficients)}  # fmt: skip
+                "coefficients": list(self.schema.factorisation.parameters())}  # fmt: skip
 
     def restore(self, state: Mapping, completed_round: int) -> None:
         """Continue after ``completed_round`` (the last checkpoint) from the private ``state``.
@@ -217,7 +233,7 @@ class CorrelatedMechanism:
         line) when the state does not continue this checkpoint.
         """
         if state.get("format") != PRIVATE_STATE_FORMAT or [float(c) for c in state["coefficients"]] != list(
-            self.schema.coefficients
+            self.schema.factorisation.parameters()
         ):
             raise ValueError("the correlated-noise state is not this run's (another format or factorisation)")
         saved = int(state["round"])
@@ -231,9 +247,9 @@ class CorrelatedMechanism:
         self._master_key = bytes.fromhex(state["master-key"])
         self._nodes = tuple(int(n) for n in state["nodes"])
         self._last_round = {int(n): int(r) for n, r in state["last-round"].items()}
-        self._noise = BandedNoise(self.schema.coefficients)
+        self._noise = self.schema.factorisation.stream()
         # The replay needs the model's layout, which the first noise draw brings.
-        self._replay_through = completed_round if self.schema.band > 1 else 0
+        self._replay_through = completed_round if self._noise.keeps_state else 0
         self.round = completed_round
 
 
@@ -251,11 +267,12 @@ def check_schema_supported(schema: ParticipationSchema, noise_placement: str, cl
     if schema.scheduled and clipping != "flat":
         raise ValueError(f"participation {schema.participation} needs clipping flat (the paper mode has no guarantee "
                          "to schedule), got clipping " + clipping)  # fmt: skip
-    if schema.mechanism == "gaussian":
+    if not schema.correlated:
         return
+    name = schema.mechanism
     if noise_placement != "server":
-        raise ValueError("mechanism bandmf adds its correlated noise on the server (noise-placement server): a "
+        raise ValueError(f"mechanism {name} adds its correlated noise on the server (noise-placement server): a "
                          "client's share would need the past noise of every round, which no client keeps")  # fmt: skip
     if adaptive or min_replies:
-        raise ValueError("mechanism bandmf needs a fixed clip norm and no min-replies: adaptive clipping and the "
+        raise ValueError(f"mechanism {name} needs a fixed clip norm and no min-replies: adaptive clipping and the "
                          "noisy reply count are per-round releases outside the factorisation (use mechanism gaussian)")  # fmt: skip

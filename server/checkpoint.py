@@ -165,9 +165,9 @@ def correlated_resume_state(
     (None without one); a one-line error when it is lost, is not this run's, or is ahead of the checkpoint."""
     if schema is None or not schema.scheduled:
         return None
-    if schema.mechanism == "bandmf" and schema.rounds != saved_rounds:
-        raise UsageError(f"num-server-rounds cannot change from {saved_rounds} when resuming mechanism bandmf: its "
-                         "factorisation is optimised for the run's rounds")  # fmt: skip
+    if schema.correlated and schema.rounds != saved_rounds:
+        raise UsageError(f"num-server-rounds cannot change from {saved_rounds} when resuming mechanism "
+                         f"{schema.mechanism}: its factorisation is optimised and normalised for the run's rounds")  # fmt: skip
     state = load_private_state(run_dir)
     try:  # a throwaway mechanism runs the same checks the run's will
         CorrelatedMechanism(schema, bytes(32)).restore(state, completed_round)

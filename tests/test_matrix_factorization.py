@@ -1,5 +1,6 @@
-"""Banded matrix factorisation, participation schemas and correlated noise (dpfl.privacy.matrix_factorization,
-dpfl.privacy.participation): against closed forms, brute force and an independent accountant."""
+"""Matrix factorisations (banded, tree, BLT), participation schemas and correlated noise
+(dpfl.privacy.matrix_factorization, dpfl.privacy.factorizations, dpfl.privacy.participation): against closed forms,
+brute force and an independent accountant."""
 
 from __future__ import annotations
 
@@ -118,11 +119,13 @@ def test_banded_noise_is_the_inverse_of_the_strategy():
     assert np.allclose(w, solve_triangular(toeplitz_matrix(c, rounds), z, lower=True), atol=1e-12)
 
 
-@pytest.mark.parametrize(("participation", "band"), [("cyclic", 3), ("min-sep", 3)])
-def test_released_noise_has_the_claimed_covariance(participation, band):
-    """Zero updates over T rounds: the mechanism's released noise (times qN) has covariance σ²C²(CᵀC)⁻¹ per coordinate."""
+@pytest.mark.parametrize(("mechanism", "participation", "band"),
+                         [("bandmf", "cyclic", 3), ("bandmf", "min-sep", 3), ("tree", "min-sep", 2), ("blt", "cyclic", 2)])
+def test_released_noise_has_the_claimed_covariance(mechanism, participation, band):
+    """Zero updates over T rounds: the mechanism's released noise (times qN) has covariance σ²C² A⁻¹BBᵀA⁻ᵀ per
+    coordinate (the differences of the prefix noise B·z; (CᵀC)⁻¹ for a square C), from the factorisation's B alone."""
     rounds, d, sigma, clip = 6, 40_000, 1.5, 2.0
-    schema = ParticipationSchema(participation, band, rounds, "bandmf")
+    schema = ParticipationSchema(participation, band, rounds, mechanism)
     params = MechanismParams(noise_multiplier=sigma, clip_norm=clip, sample_rate=1.0, num_clients=band, delta=1e-5,
                              schema=schema)  # fmt: skip
     mechanism = ClientLevelMechanism(params, create_accountant("rdp", 1e-5), Randomness())
@@ -132,10 +135,10 @@ def test_released_noise_has_the_claimed_covariance(participation, band):
         mechanism.sample(list(range(band)), server_round)
         released.append(mechanism.release([], like, server_round)["w"].double().numpy() * params.expected_clients)
     empirical = np.cov(np.stack(released))
-    strategy = toeplitz_matrix(schema.coefficients, rounds)
-    claimed = (sigma * clip) ** 2 * np.linalg.inv(strategy.T @ strategy)
-    # Each entry is a mean over d coordinates: its standard error is below 2(σC)²√(2/d) ≈ 0.014(σC)².
-    assert np.max(np.abs(empirical - claimed)) < 0.1 * (sigma * clip) ** 2
+    per_round = np.linalg.inv(prefix_workload(rounds)) @ schema.factorisation.decoder()
+    claimed = (sigma * clip) ** 2 * per_round @ per_round.T
+    # Each entry is a mean over d coordinates: its standard error is below √(2/d)·max diag ≈ 0.007 max diag.
+    assert np.max(np.abs(empirical - claimed)) < 0.05 * np.max(np.diag(claimed))
     # and it is not the independent noise's covariance
     assert abs(claimed[1, 0]) > 0.2 * (sigma * clip) ** 2
 
@@ -195,7 +198,7 @@ def test_min_sep_accounting_is_one_gaussian_of_the_banded_sensitivity():
     assert k == max_participations(rounds, separation) == 8
     ours = create_accountant("pld", delta).spent([(sigma, schema.accounting_rate(0.3), k)])[0]
     sensitivity = math.sqrt(k)  # banded_sensitivity's bound (reached when b divides T)
-    assert banded_sensitivity(schema.coefficients, rounds, separation) <= sensitivity
+    assert banded_sensitivity(optimal_banded_coefficients(rounds, separation), rounds, separation) <= sensitivity
     single = PLDAccountant(value_discretization_interval=1e-3)
     single.compose(dp_accounting.GaussianDpEvent(sigma / sensitivity))
     assert ours == pytest.approx(single.get_epsilon(delta), rel=2e-3)
@@ -215,9 +218,10 @@ def test_cyclic_accounting_is_poisson_dp_sgd_over_the_blocks():
         assert mechanism.accountant.history == [(sigma, q, math.ceil(rounds / separation))]
 
 
-def test_restore_continues_the_same_stream():
+@pytest.mark.parametrize("mechanism", ["bandmf", "tree", "blt"])
+def test_restore_continues_the_same_stream(mechanism):
     rounds, like = 8, {"w": torch.zeros(50)}
-    schema = ParticipationSchema("min-sep", 3, rounds, "bandmf")
+    schema = ParticipationSchema("min-sep", 3, rounds, mechanism)
     params = MechanismParams(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, num_clients=6, delta=1e-5,
                              schema=schema)  # fmt: skip
 
