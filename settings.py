@@ -64,7 +64,9 @@ class RunSettings:
     clipping: str = "flat"
     reproducible_noise: bool = False
     # Noise and participation (dpfl.privacy.participation): mechanism "gaussian" (independent
-    # noise) or "bandmf" (correlated noise of a banded matrix factorisation, band = min-separation);
+    # noise), or correlated noise (dpfl.privacy.factorizations): "bandmf" (banded matrix
+    # factorisation, band = min-separation), "tree" (binary-tree aggregation) or "blt" (buffered
+    # linear Toeplitz; tree and blt are never amplified: q = 1 under cyclic too);
     # participation "poisson" (every client, every round, with probability sample-rate), "cyclic"
     # (min-separation fixed groups, one per round, Poisson within it) or "min-sep" (a client waits
     # min-separation rounds between two participations)

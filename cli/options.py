@@ -185,8 +185,10 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
         ("--clipping", "clipping", str, "flat (sound DP) or paper (the DP-FedPGN authors' clipping: NO DP guarantee)"),
         ("--reproducible-noise", "reproducible_noise", bool,
          "derive the privacy noise and client sampling from --seed (debugging): epsilon NOT valid"),
-        ("--mechanism", "mechanism", str, "gaussian (independent noise) or bandmf (correlated noise of a banded "
-         "matrix factorisation, band = --min-separation; needs --participation cyclic or min-sep)"),
+        ("--mechanism", "mechanism", str, "gaussian (independent noise), or correlated noise that needs "
+         "--participation cyclic or min-sep: bandmf (banded matrix factorisation, band = --min-separation), tree "
+         "(binary-tree aggregation) or blt (buffered linear Toeplitz); tree and blt are accounted without "
+         "amplification (q = 1)"),
         ("--participation", "participation", str, "poisson (every round, rate q), cyclic (--min-separation groups, "
          "one per round, Poisson within) or min-sep (a client waits --min-separation rounds between rounds)"),
         ("--min-separation", "min_separation", positive_int, "b: rounds between two participations of a client "

@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--accountant", choices=[*ACCOUNTANTS, ALL], default=ALL, help="accountant, or all of them side by side"
     )
     parser.add_argument("--mechanism", choices=[*NOISE_MECHANISMS, ALL], default="gaussian",
-                        help="noise: independent gaussian, bandmf's correlated noise (needs a participation schema), "
-                        "or all of them side by side (with the Poisson gaussian as the baseline)")
+                        help="noise: independent gaussian; correlated bandmf, tree or blt (need a participation schema; "
+                        "tree and blt are never amplified); or all of them side by side (with the Poisson gaussian as "
+                        "the baseline)")
     parser.add_argument("--participation", choices=PARTICIPATIONS, default="poisson",
                         help="who takes part when: poisson (rate q every round), cyclic or min-sep (--min-separation)")
     parser.add_argument("--min-separation", type=positive_int, default=1,
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
                   "epsilon (Steinke et al., ICLR 2025) is a heuristic, not a guarantee, for who sees only the final "
                   "model: exact when every client's update is the same vector each round it is sampled. Under a "
                   "participation schema the accountant composes one step per block of min-separation rounds "
-                  "(cyclic: Poisson-sampled, amplified; min-sep: not amplified); model noise is the RMS std of "
+                  "(cyclic: Poisson-sampled, amplified for gaussian and bandmf; min-sep, and tree or blt under "
+                  "cyclic: not amplified); model noise is the RMS std of "
                   "the noise in the model over the rounds, per coordinate, in units of C/N (docs/privacy.md).")  # fmt: skip
     return 0

@@ -27,7 +27,10 @@ BAD = [
     ([*BANDMF, "--noise", "client"], "mechanism bandmf adds its correlated noise on the server"),
     ([*MIN_SEP, "--clipping", "paper"], "participation min-sep needs clipping flat"),
     ([*BANDMF, "--clip-mode", "adaptive"], "mechanism bandmf needs a fixed clip norm and no min-replies"),
-    (["--mechanism", "tree"], "unknown mechanism 'tree'; choose one of gaussian, bandmf"),
+    (["--mechanism", "laplace"], "unknown mechanism 'laplace'; choose one of gaussian, bandmf, tree, blt"),
+    (["--mechanism", "blt"], "mechanism blt needs a participation schema"),
+    (["--mechanism", "tree", *MIN_SEP, "--noise", "client"], "mechanism tree adds its correlated noise on the server"),
+    (["--mechanism", "blt", *MIN_SEP, "--clip-mode", "adaptive"], "mechanism blt needs a fixed clip norm and no min-replies"),
     (["--participation", "shuffle"], "unknown participation 'shuffle'; choose one of poisson, cyclic, min-sep"),
 ]
 
@@ -40,9 +43,10 @@ def test_bad_input_is_one_line_and_exit_2(dpfl_quick, tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_bandmf_accounts_one_step_per_block_and_keeps_its_state_private(dpfl_quick, tmp_path):
+@pytest.mark.parametrize("mechanism", ["bandmf", "tree", "blt"])
+def test_correlated_noise_accounts_one_step_per_block_and_keeps_its_state_private(dpfl_quick, tmp_path, mechanism):
     out = tmp_path / "run"
-    result = dpfl_quick("simulate", *FAST, "--rounds", "3", *BANDMF, "--out", str(out))
+    result = dpfl_quick("simulate", *FAST, "--rounds", "3", "--mechanism", mechanism, *MIN_SEP, "--out", str(out))
     assert result.returncode == 0, result.stderr
     # Rounds 1-2 and 3 are two blocks of b = 2; min-sep is not amplified: q = 1 per step.
     ledger = load_checkpoint(out / "final_model.pt").extra["privacy-ledger"]
@@ -89,9 +93,11 @@ def test_a_resume_continues_the_schema_and_a_lost_or_ahead_state_is_refused(dpfl
     assert load_checkpoint(out / "final_model.pt").extra["privacy-ledger"]["history"] == [[1.0, 1.0, 2]]
 
 
-def test_bandmf_refuses_a_resume_with_other_rounds(dpfl_quick, tmp_path):
+@pytest.mark.parametrize("mechanism", ["bandmf", "blt"])
+def test_correlated_noise_refuses_a_resume_with_other_rounds(dpfl_quick, tmp_path, mechanism):
     out = tmp_path / "run"
-    assert dpfl_quick("simulate", *FAST, "--rounds", "2", *BANDMF, "--out", str(out)).returncode == 0
+    args = ["--mechanism", mechanism, *MIN_SEP]
+    assert dpfl_quick("simulate", *FAST, "--rounds", "2", *args, "--out", str(out)).returncode == 0
     refused = dpfl_quick("simulate", "--resume", str(out), "--rounds", "3", "--engine", "in-process")
     assert refused.returncode == 2 and "num-server-rounds cannot change from 2" in refused.stderr
 
@@ -124,14 +130,22 @@ def test_privacy_cli_prints_each_mechanism_side_by_side(capsys):
     from dpfl.cli.main import main
 
     args = ["privacy", "--noise-multiplier", "2", "--sample-rate", "0.5", "--rounds", "20", "--accountant", "rdp",
-            "--mechanism", "all", "--participation", "min-sep", "--min-separation", "5", "--json"]  # fmt: skip
-    assert main(args) == 0
+            "--mechanism", "all", "--min-separation", "5", "--json"]  # fmt: skip
+    assert main([*args, "--participation", "min-sep"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["mechanism"], row["participation"]) for row in rows] == [
-        ("gaussian", "poisson"), ("gaussian", "min-sep"), ("bandmf", "min-sep")]  # fmt: skip
-    baseline, gaussian, bandmf = rows
+        ("gaussian", "poisson"), ("gaussian", "min-sep"), ("bandmf", "min-sep"), ("tree", "min-sep"),
+        ("blt", "min-sep")]  # fmt: skip
+    baseline, gaussian, bandmf, tree, blt = rows
     assert baseline["epsilon"] == pytest.approx(epsilon_for(2.0, 0.5, 20, 1e-5)[0], rel=1e-12)
     # min-sep: 4 blocks of 5 rounds, unamplified, whatever the noise's correlation
-    assert gaussian["epsilon"] == bandmf["epsilon"] == pytest.approx(epsilon_for(2.0, 1.0, 4, 1e-5)[0], rel=1e-12)
-    assert bandmf["accounted-steps"] == 4 and bandmf["last-iterate-epsilon"] is None
+    unamplified = epsilon_for(2.0, 1.0, 4, 1e-5)[0]
+    for row in (gaussian, bandmf, tree, blt):
+        assert row["epsilon"] == pytest.approx(unamplified, rel=1e-12)
+        assert row["accounted-steps"] == 4 and row["last-iterate-epsilon"] is None
     assert bandmf["model-noise"] < 0.7 * gaussian["model-noise"]  # 0.62 at T = 20, b = 5
+    assert blt["model-noise"] < 0.75 * gaussian["model-noise"]
+    # cyclic: amplified for the banded C only
+    assert main([*args, "--participation", "cyclic"]) == 0
+    rates = {row["mechanism"]: row["accounted-sample-rate"] for row in json.loads(capsys.readouterr().out)[1:]}
+    assert rates == {"gaussian": 0.5, "bandmf": 0.5, "tree": 1.0, "blt": 1.0}

@@ -40,6 +40,8 @@ MODES = {
     "deployment-round": dict(deploy=True, deploy_sweep_tiles="64", deploy_ratio=0.8),
     "bandmf-min-sep": dict(mechanism="bandmf", participation="min-sep", min_separation=2),
     "bandmf-cyclic": dict(mechanism="bandmf", participation="cyclic", min_separation=2),
+    "tree-min-sep": dict(mechanism="tree", participation="min-sep", min_separation=2),
+    "blt-cyclic": dict(mechanism="blt", participation="cyclic", min_separation=2),
 }
 # Anything that looks like a clock time or a date: a public log must not time the rounds.
 TIMESTAMP = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
@@ -120,7 +122,7 @@ def test_every_public_file_of_every_mode_holds_only_what_the_inventory_declares(
     sampled = [[row["sampled"] for row in map(json.loads, (out / PRIVATE_DIAGNOSTICS_FILE).read_text().splitlines())]
                for out in outs]  # fmt: skip
     assert normalised_log(outs[0]) == normalised_log(outs[1]), sampled
-    if mode.startswith("bandmf"):
+    if mode.split("-")[0] in ("bandmf", "tree", "blt"):
         assert all((out / PRIVATE_STATE_FILE).exists() for out in outs)
     if mode == "local-dp":  # the clients' own sample-level ε: in their private logs only
         node_logs = list((outs[0] / "nodes").glob("*/node_private_log.jsonl"))
