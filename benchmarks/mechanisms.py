@@ -1,17 +1,16 @@
 """Test accuracy against ε for each noise mechanism and participation schema, at an equal expected cohort.
 
 Every configuration samples the same expected share of the clients per round (``--cohort``,
-default 10%): the Poisson Gaussian (today's mechanism) at q = cohort; BandMF and the
-Gaussian under ``cyclic`` b-groups at q = cohort·b within the group (b = ``--band``, so
-q = 1 is no sampling at all at b = 1/cohort). σ is calibrated for each to ε ∈ ``--epsilons``
+default 10%): the Poisson Gaussian (today's mechanism) at q = cohort; BandMF, tree
+aggregation, BLT and the Gaussian under ``cyclic`` b-groups at q = cohort·b within the group
+(b = ``--band``, so q = 1 is no sampling at all at b = 1/cohort; tree and BLT are accounted
+with q = 1 whatever q, as they are not banded). σ is calibrated for each to ε ∈ ``--epsilons``
 (δ = 1e-5, the run's accountant), with the DP-FedAvg and DP-FedPGN rules, ``--seeds`` seeds,
 on the in-process engine. Prints one table (final test accuracy, mean ± std over seeds) and
 writes one plot (accuracy against ε, one line per mechanism and rule) and the rows as JSON.
 
     .venv/bin/python benchmarks/mechanisms.py [--clients 400 --rounds 200] [--seeds 3] [--out DIR]
     .venv/bin/python benchmarks/mechanisms.py --tiny      # a smoke run of a few seconds per configuration
-
-Tree aggregation and BLTs are not built (docs/privacy.md), so they are not here.
 """
 
 from __future__ import annotations
@@ -35,6 +34,9 @@ def configurations(cohort: float, band: int) -> dict[str, dict]:
         "gaussian, poisson": dict(sample_rate=cohort),
         f"bandmf, cyclic b={band}": dict(mechanism="bandmf", participation="cyclic", min_separation=band,
                                          sample_rate=within),
+        f"tree, cyclic b={band}": dict(mechanism="tree", participation="cyclic", min_separation=band,
+                                       sample_rate=within),
+        f"blt, cyclic b={band}": dict(mechanism="blt", participation="cyclic", min_separation=band, sample_rate=within),
         f"gaussian, cyclic b={band}": dict(participation="cyclic", min_separation=band, sample_rate=within),
     }  # fmt: skip
 
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--cohort", type=float, default=0.1, help="expected share of the clients per round")
-    parser.add_argument("--band", type=int, default=10, help="min-separation b (BandMF's band)")
+    parser.add_argument("--band", type=int, default=10, help="min-separation b (BandMF's band, every schema's b)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
