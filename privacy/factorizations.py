@@ -115,7 +115,7 @@ class NoiseFactorisation(ABC):
 
     @abstractmethod
     def stream(self) -> NoiseStream:
-        """A fresh generator of the per-round noise w = B-differences of B·z, per unit std."""
+        """A fresh generator of the per-round noise w (the differences of the prefix noise B·z), per unit std."""
 
 
 class BandedFactorisation(NoiseFactorisation):
@@ -341,15 +341,15 @@ class BltFactorisation(NoiseFactorisation):
     def parameters(self) -> tuple[float, ...]:
         return (*self.thetas, *self.omegas, self.scale)
 
-    def coefficients(self) -> np.ndarray:
+    def normalised_coefficients(self) -> np.ndarray:
         """The normalised C's coefficients c_n/s."""
         return blt_coefficients(np.array(self.thetas), np.array(self.omegas), self.rounds) / self.scale
 
     def strategy_matrix(self) -> np.ndarray:
-        return toeplitz_matrix(self.coefficients(), self.rounds)
+        return toeplitz_matrix(self.normalised_coefficients(), self.rounds)
 
     def decoder(self) -> np.ndarray:
-        return toeplitz_matrix(np.cumsum(inverse_coefficients(self.coefficients(), self.rounds)), self.rounds)
+        return toeplitz_matrix(np.cumsum(inverse_coefficients(self.normalised_coefficients(), self.rounds)), self.rounds)
 
     def released_rows(self, rounds: int) -> int:
         return rounds
