@@ -258,6 +258,36 @@ def test_the_audit_flags_a_mechanism_that_adds_less_noise_than_it_accounts_for(t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["bandmf", "tree", "blt"])
+def test_each_correlated_mechanism_audits_below_its_epsilon_and_a_broken_one_is_flagged(tmp_path, mechanism):
+    """Every --mechanism under its schema (min-sep, b = 2: two accounted steps at q = 1) through the real ServerApp:
+    the white-box bound stays below the accountant's ε, and with its noise removed it is flagged."""
+    settings = RunSettings(**AUDITED, strategy="dp-fedavg", target_epsilon=8.0, mechanism=mechanism,
+                           participation="min-sep", min_separation=2)  # fmt: skip
+    report = run_audit(settings, AuditOptions(), tmp_path / "real")
+    assert report.accountant_epsilon == pytest.approx(8.0, rel=1e-3)
+    assert 0 < report.bound.epsilon_lower <= report.accountant_epsilon and not report.flagged
+    assert math.isnan(report.last_iterate_epsilon)  # not defined for correlated noise under a schema
+    with scaled_noise(0.0):  # the correlated noise is drawn from the secure streams too
+        broken = run_audit(settings, AuditOptions(), tmp_path / "broken")
+    assert broken.flagged and broken.bound.epsilon_lower > broken.accountant_epsilon
+
+
+@pytest.mark.slow
+def test_the_audit_runs_a_correlated_mechanism_from_the_command_line(dpfl_quick, tmp_path):
+    out = tmp_path / "audit"
+    result = dpfl_quick("audit", "--strategy", "dp-fedavg", "--mechanism", "blt", "--participation", "cyclic",
+                        "--min-separation", "2", "--model", "cnn", "--width", "16", "--clients", "20", "--sample-rate",
+                        "0.5", "--rounds", "4", "--target-epsilon", "8", "--max-epsilon", "0", "--canaries", "500",
+                        "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "audit.json").read_text())
+    ledger = json.loads((out / "run" / "privacy_ledger.json").read_text())
+    assert [step[1:] for step in ledger["history"]] == [[1.0, 2]]  # blt is not amplified under cyclic
+    assert 0 < report["bound"]["epsilon_lower"] <= report["accountant_epsilon"] and not report["flagged"]
+
+
+@pytest.mark.slow
 def test_the_final_model_audit_trains_input_canaries_through_the_real_client(dpfl_quick, tmp_path):
     out = tmp_path / "final"
     result = dpfl_quick("audit", "--threat", "final-model", "--statistic", "threshold", "--strategy", "dp-fedavg",
