@@ -103,11 +103,13 @@ def test_correlated_noise_refuses_a_resume_with_other_rounds(dpfl_quick, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_killed_bandmf_run_resumes_to_the_same_models_epsilon_and_ledger(tmp_path):
+@pytest.mark.parametrize("mechanism", ["bandmf", "blt"])
+def test_a_killed_correlated_run_resumes_to_the_same_models_epsilon_and_ledger(tmp_path, mechanism):
     """SIGKILL after round 2 of 4, --resume: with --reproducible-noise the final weights of an uninterrupted
-    run (the same correlated stream); with secure noise the same ε and ledger."""
+    run (the same correlated stream: bandmf's past noise, blt's buffers, replayed from the key); with secure noise
+    the same ε and ledger."""
     for name, extra in (("reproducible", ["--reproducible-noise"]), ("secure", [])):
-        args = [*KILLABLE, *BANDMF, *extra]
+        args = [*KILLABLE, "--mechanism", mechanism, *MIN_SEP, *extra]
         resumed = killed_and_resumed(tmp_path / f"{name}-killed", *args, engine="in-process")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         whole = subprocess.run([DPFL, "simulate", *args, "--engine", "in-process", "--out", str(tmp_path / f"{name}-whole")],
