@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -42,11 +43,24 @@ def configurations(cohort: float, band: int) -> dict[str, dict]:
 
 
 def final_accuracy(settings: RunSettings) -> float:
-    Path(settings.out_dir).mkdir(parents=True, exist_ok=False)
+    """The run's final test accuracy; a run folder that already holds a completed run is read, not run
+    again (so an interrupted benchmark continues where it stopped)."""
+    summary = Path(settings.out_dir) / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("outcome") == "completed":
+        return float(json.loads(summary.read_text())["final-accuracy"])
+    if Path(settings.out_dir).exists():
+        shutil.rmtree(settings.out_dir)  # an interrupted run of this configuration: start it again
+    Path(settings.out_dir).mkdir(parents=True)
     failure = run_simulation(settings, "in-process", 1, lambda running: _wait(running), ())
     if failure is not None:
         raise SystemExit(f"{settings.out_dir}: {failure}")
     return float(json.loads((Path(settings.out_dir) / "summary.json").read_text())["final-accuracy"])
+
+
+def _short_name(name: str) -> str:
+    """"bandmf, cyclic b=10" → "bandmf"; the Gaussian is "gaussian-poisson" or "gaussian-cyclic"."""
+    mechanism, schema = name.split(", ")
+    return f"{mechanism}-{schema.split()[0]}" if mechanism == "gaussian" else mechanism
 
 
 def _wait(running) -> None:
@@ -63,10 +77,14 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--mechanisms", nargs="+", default=None,
+                        help="only these configurations' mechanisms (gaussian-poisson, bandmf, tree, blt, gaussian-cyclic)")
+    parser.add_argument("--partition", default="iid", help="iid (the default federation's) or dirichlet (alpha 0.5)")
+    parser.add_argument("--model", default="resnet10", help="the model (its recipe; cnn for a quick longer regime)")
     parser.add_argument("--out", default="benchmarks/results/mechanisms")
     parser.add_argument("--tiny", action="store_true", help="cnn width 4, 20 clients, 4 rounds, b = 2, one seed")
     args = parser.parse_args()
-    base = dict(num_clients=args.clients, num_server_rounds=args.rounds, partition="dirichlet", dirichlet_alpha=0.3,
+    base = dict(model=args.model, num_clients=args.clients, num_server_rounds=args.rounds, partition=args.partition,
                 max_epsilon=0.0)  # fmt: skip
     if args.tiny:
         base.update(model="cnn", model_width=4, num_clients=20, num_server_rounds=4)
@@ -74,6 +92,8 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for name, keys in configurations(args.cohort, args.band).items():
+        if args.mechanisms and _short_name(name) not in args.mechanisms:
+            continue
         for strategy in args.strategies:
             for epsilon in args.epsilons:
                 accuracies = []
