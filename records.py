@@ -14,6 +14,10 @@ Either way each side gets its own copy, as a serialising transport would give it
 a record snapshots its tensors when it is built, and every reader gets fresh
 tensors, so no reader can change what the sender or another reader holds.
 Neither function knows or asks which engine carries the record.
+
+A flat update (:class:`dpfl.privacy.flat.FlatTensors`, named views of one vector) is
+snapshotted as one vector, its arrays views of that snapshot, and read back as one
+vector too: one copy each way, not one per tensor, while the record is as it was built.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
+from dpfl.privacy.flat import FlatTensors, Layout
+
 # Where a plain Array keeps its decoded tensor, beside the bytes it was decoded from.
 _DECODED = "_dpfl_decoded"
 
@@ -33,8 +39,9 @@ _DECODED = "_dpfl_decoded"
 class TensorArray(Array):
     """A Flower ``Array`` that holds its tensor and serialises it on first read of ``data``."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().cpu().clone()
+    def __init__(self, tensor: torch.Tensor, snapshot: bool = True) -> None:
+        # ``snapshot`` False: ``tensor`` is already a copy no one else holds (a view of a flat snapshot).
+        tensor = tensor.detach().cpu().clone() if snapshot else tensor
         # Set directly: Array's setter would mark the (not yet built) bytes as changed.
         self.__dict__.update(dtype=_numpy_dtype_name(tensor.dtype), shape=tuple(tensor.shape), stype=SType.NUMPY,
                              _tensor=tensor)  # fmt: skip
@@ -79,14 +86,41 @@ def _numpy_dtype_name(dtype: torch.dtype) -> str:
 def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """An ``ArrayRecord`` of ``tensors`` (snapshotted now), serialised only if a transport asks."""
     record = ArrayRecord()
+    if isinstance(tensors, FlatTensors):
+        snapshot = FlatTensors(tensors.layout, tensors.vector.detach().cpu().clone())
+        for name, tensor in snapshot.items():
+            record[name] = TensorArray(tensor, snapshot=False)
+        return record
     for name, tensor in tensors.items():
         record[name] = TensorArray(tensor)
     return record
 
 
-def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The record's arrays as tensors of the caller's own, like ``to_torch_state_dict``."""
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor] | FlatTensors:
+    """The record's arrays as tensors of the caller's own, like ``to_torch_state_dict``
+    (a flat update's as one copy of its vector, while its arrays are as they were built)."""
+    flat = _flat_snapshot(record)
+    if flat is not None:
+        return flat
     return {name: _tensor_of(array).clone() for name, array in record.items()}
+
+
+def _flat_snapshot(record: ArrayRecord) -> FlatTensors | None:
+    """A copy of the one vector whose consecutive views the record's arrays still hold, in
+    the record's order and covering all of it (a record :func:`tensor_record` built from a
+    flat update, no array replaced or given other bytes since); None for any other record."""
+    tensors = [array.__dict__.get("_tensor") for array in record.values()]
+    base = tensors[0]._base if tensors and tensors[0] is not None else None
+    if base is None or base.dim() != 1:
+        return None
+    offset = base.storage_offset()
+    for tensor in tensors:
+        if tensor is None or tensor._base is not base or tensor.storage_offset() != offset or not tensor.is_contiguous():
+            return None
+        offset += tensor.numel()
+    if offset != base.storage_offset() + base.numel():
+        return None
+    return FlatTensors(Layout(dict(zip(record.keys(), tensors))), base.clone())
 
 
 def _tensor_of(array: Array) -> torch.Tensor:

@@ -38,7 +38,7 @@ def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tenso
 def clip_vector(
     vector: torch.Tensor, clip_norm: float, cast: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, float]:
-    """``vector`` scaled by min(1, C/‖u‖), and ‖u‖ before clipping.
+    """``vector`` scaled by min(1, C/‖u‖), and ‖u‖ before clipping (:func:`clip_rows` on one row).
 
     The norm and the scale are computed in float64 and the result, rounded as it will
     be held (``cast``, by default to the vector's own dtype), is checked again:
@@ -46,16 +46,39 @@ def clip_vector(
     A non-finite update (NaN or Inf anywhere) is replaced by zeros: ``min(1, C/nan)``
     would be 1 and let it through unclipped.
     """
-    cast = cast or (lambda scaled: scaled.to(vector.dtype))
-    norm = float(torch.linalg.vector_norm(vector.double()))
-    if not math.isfinite(norm):
-        return torch.zeros_like(vector), norm
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    while True:
-        clipped = vector if scale == 1.0 else cast(vector.double() * scale)
-        if scale == 1.0 or float(torch.linalg.vector_norm(clipped.double())) <= clip_norm:
-            return clipped, norm
-        scale *= _SHRINK
+    clipped, norms = clip_rows(vector.unsqueeze(0), clip_norm, cast)
+    return clipped[0], float(norms[0])
+
+
+def clip_rows(
+    matrix: torch.Tensor, clip_norm: float, cast: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``matrix`` [n, d] clipped as :func:`clip_vector` clips one update, and the
+    rows' float64 norms before clipping: one norm per row, one scaling of the whole matrix
+    (a cohort's or a round's updates at once), each row on its own.
+
+    A row whose norm is within C is returned as it is; one that is not finite becomes
+    zeros; any other is scaled by C/‖u‖ in float64, rounded by ``cast`` (default: to the
+    matrix's dtype) and its norm checked again, shrinking its scale until it holds.
+    """
+    cast = cast or (lambda scaled: scaled.to(matrix.dtype))
+    wide = matrix.double()
+    norms = torch.linalg.vector_norm(wide, dim=1)
+    finite = torch.isfinite(norms)
+    over = finite & (norms > clip_norm)
+    if not over.any():
+        return (matrix if finite.all() else torch.where(finite[:, None], matrix, torch.zeros((), dtype=matrix.dtype))), norms
+    clipped = matrix.clone()
+    clipped[~finite] = 0
+    rows = over.nonzero().flatten()
+    scales = clip_norm / norms[rows]
+    while len(rows):
+        scaled = cast(wide[rows] * scales[:, None])
+        clipped[rows] = scaled
+        # Rounding back to the held dtype may land a hair above C: shrink those rows and retry.
+        still = torch.linalg.vector_norm(scaled.double(), dim=1) > clip_norm
+        rows, scales = rows[still], scales[still] * _SHRINK
+    return clipped, norms
 
 
 def per_tensor_median_clip(tensors: Tensors) -> tuple[dict[str, torch.Tensor], float, float]:

@@ -45,6 +45,7 @@ from torch.func import grad_and_value
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
+from dpfl.privacy.flat import Layout
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,
     PAPER_MODE_WARNING,
@@ -528,10 +529,11 @@ class ClientLevelDPStrategy(Strategy):
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = self.global_arrays.to_torch_state_dict()
         updates, unclipped, dropped, contributions, failed, arrived = [], [], [], 0, 0, 0
+        layout = Layout(x)  # the model's names, shapes and dtypes, taken once for all replies
         for reply in replies:
             arrived += 1
             failed += reply.has_error()
-            update, reason = self.screen_reply(reply, x)
+            update, reason = self.screen_reply(reply, layout)
             bit = None
             if update is not None and self.mechanism.adaptive:
                 bit, reason = read_unclipped(reply, self.mechanism)
@@ -560,8 +562,9 @@ class ClientLevelDPStrategy(Strategy):
         self.__platform.private_diagnostics.update(diagnostics)
         return ArrayRecord(new_x), MetricRecord(self.last_metrics)
 
-    def screen_reply(self, reply: Message, x: Tensors) -> tuple[Tensors | None, str]:
-        """The reply's update if it may be aggregated, else None and why it was dropped.
+    def screen_reply(self, reply: Message, x: Tensors | Layout) -> tuple[Tensors | None, str]:
+        """The reply's update if it may be aggregated, else None and why it was dropped
+        (``x``: the global weights, or their :class:`dpfl.privacy.flat.Layout`).
 
         Leaving a client out is safe for DP (the denominator is fixed), so anything
         malformed, non-finite or implausible is dropped rather than repaired.
