@@ -12,6 +12,9 @@ from dpfl.privacy.flat import Layout
 
 Tensors = Mapping[str, torch.Tensor]
 
+# How many float64 bytes of rows :func:`clip_rows` takes at once: a block that stays in the
+# cache is clipped several times faster than one large matrix streamed through memory.
+ROW_BLOCK_BYTES = 1 << 24
 # How much a scale is shrunk per try when rounding back to the update's dtype
 # lands a hair above the bound (float32 rounding: at most a few ulps).
 _SHRINK = 1 - 2.0**-22
@@ -62,23 +65,32 @@ def clip_rows(
     matrix's dtype) and its norm checked again, shrinking its scale until it holds.
     """
     cast = cast or (lambda scaled: scaled.to(matrix.dtype))
+    block = row_block(matrix.shape[1])
+    if len(matrix) > block:
+        parts = [clip_rows(matrix[first : first + block], clip_norm, cast) for first in range(0, len(matrix), block)]
+        return torch.cat([clipped for clipped, _ in parts]), torch.cat([norms for _, norms in parts])
     wide = matrix.double()
     norms = torch.linalg.vector_norm(wide, dim=1)
     finite = torch.isfinite(norms)
-    over = finite & (norms > clip_norm)
-    if not over.any():
-        return (matrix if finite.all() else torch.where(finite[:, None], matrix, torch.zeros((), dtype=matrix.dtype))), norms
-    clipped = matrix.clone()
-    clipped[~finite] = 0
-    rows = over.nonzero().flatten()
-    scales = clip_norm / norms[rows]
+    scales = torch.where(norms > clip_norm, clip_norm / norms, 1.0).masked_fill_(~finite, 0.0)
+    if bool((scales == 1.0).all()):
+        return matrix, norms
+    # Scale 1 leaves a row as it is (its values already round to themselves).
+    wide = wide.mul_(scales[:, None]) if wide is not matrix else wide * scales[:, None]
+    clipped = cast(wide).masked_fill_(~finite[:, None], 0.0)
+    # Rounding back to the held dtype may land a hair above C: shrink those rows and retry.
+    rows = ((torch.linalg.vector_norm(clipped.double(), dim=1) > clip_norm) & (scales < 1.0)).nonzero().flatten()
     while len(rows):
-        scaled = cast(wide[rows] * scales[:, None])
+        scales[rows] *= _SHRINK
+        scaled = cast(matrix[rows].double() * scales[rows, None])
         clipped[rows] = scaled
-        # Rounding back to the held dtype may land a hair above C: shrink those rows and retry.
-        still = torch.linalg.vector_norm(scaled.double(), dim=1) > clip_norm
-        rows, scales = rows[still], scales[still] * _SHRINK
+        rows = rows[torch.linalg.vector_norm(scaled.double(), dim=1) > clip_norm]
     return clipped, norms
+
+
+def row_block(size: int) -> int:
+    """How many rows of ``size`` values to clip (or sum) at once: :data:`ROW_BLOCK_BYTES` of float64."""
+    return max(1, ROW_BLOCK_BYTES // (8 * max(1, size)))
 
 
 def per_tensor_median_clip(tensors: Tensors) -> tuple[dict[str, torch.Tensor], float, float]:

@@ -91,16 +91,18 @@ class FlatTensors(Mapping[str, torch.Tensor]):
                              f"the layout's ({layout.size},) {layout.dtype}")  # fmt: skip
         self.layout = layout
         self.vector = vector
-        self._views = layout.views(vector)
+        self._views: dict[str, torch.Tensor] | None = None  # made on first read by name
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self._views is None:
+            self._views = self.layout.views(self.vector)
         return self._views[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._views)
+        return iter(self.layout.shapes)
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self.layout.shapes)
 
 
 def flat_tensors(layout: Layout, vector: torch.Tensor) -> Tensors:

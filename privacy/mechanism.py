@@ -66,7 +66,7 @@ from dpfl.privacy.adaptive_clipping import (
     count_noise_multiplier,
     unclipped_bit,
 )
-from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip
+from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip, row_block
 from dpfl.privacy.flat import FlatTensors, Layout, as_vector, flat_tensors
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
@@ -90,8 +90,6 @@ REPRODUCIBLE_NOISE_WARNING = (
 PLAUSIBLE_NOISE_TAIL = 10.0
 # Relative slack under which a received update counts as clipped (its norm is C).
 CLIPPED_TOLERANCE = 1e-6
-# How much of a round's updates the server re-clips and sums at once (float64 bytes).
-SUM_CHUNK_BYTES = 1 << 28
 
 
 def split_noise_multiplier(total: float, *others: float) -> float:
@@ -436,10 +434,10 @@ class ClientLevelMechanism:
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
         # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end;
-        # the updates re-clipped and summed as [rows, d] matrices, a bounded number of rows at once.
+        # the updates re-clipped and summed as [rows, d] matrices, a cache-sized block of rows at once.
         layout = Layout(like)
         total = torch.zeros(layout.size, dtype=torch.float64)
-        rows = max(1, SUM_CHUNK_BYTES // (8 * max(1, layout.size)))
+        rows = row_block(layout.size)
         for first in range(0, len(updates), rows):
             matrix = torch.stack([layout.flatten(update) for update in updates[first : first + rows]])
             if p.flat and p.noise_placement == "server":
