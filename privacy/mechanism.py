@@ -627,9 +627,8 @@ def privatise_rows(
         else:
             clipped, norms, std = part, torch.linalg.vector_norm(part.double(), dim=1), 0.0
         for index, row in enumerate(rows):
-            # Each row its own copy: a reply must not keep the whole cohort's matrix alive.
-            vector = clipped[index] if std > 0 else clipped[index].clone()
-            results[row] = flat_tensors(layout, _noised(vector, std, streams[row], layout)), float(norms[index])
+            # A row of the matrix (a reply's record snapshots it: dpfl.records.tensor_record).
+            results[row] = flat_tensors(layout, _noised(clipped[index], std, streams[row], layout)), float(norms[index])
     return results  # type: ignore[return-value]
 
 

@@ -79,8 +79,6 @@ def test_a_cohorts_privatisation_equals_each_clients_own():
         alone, alone_norm = privatise_update(
             private, instructions[client], Randomness(SEED).stream("client-noise", 1, client))
         assert torch.equal(layout.flatten(update), layout.flatten(alone))
-    # Each reply its own vector, not a row of the cohort's matrix.
-    assert len({update.vector.untyped_storage().data_ptr() for update, _ in rows}) == len(rows)
 
 
 @pytest.mark.parametrize("placement", ["server", "client"])
