@@ -92,6 +92,14 @@ class FlatTensors(Mapping[str, torch.Tensor]):
         self.layout = layout
         self.vector = vector
         self._views: dict[str, torch.Tensor] | None = None  # made on first read by name
+        self._norm: tuple[int, float] | None = None  # (the vector's version, its norm)
+
+    def norm(self) -> float:
+        """‖vector‖ in float64, computed once while the vector is unchanged: any in-place
+        write, through the vector or a view of it, moves its version counter."""
+        if self._norm is None or self._norm[0] != self.vector._version:
+            self._norm = (self.vector._version, float(torch.linalg.vector_norm(self.vector.double())))
+        return self._norm[1]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._views is None:
@@ -112,6 +120,9 @@ def flat_tensors(layout: Layout, vector: torch.Tensor) -> Tensors:
     return FlatTensors(layout, vector) if layout.uniform else layout.unflatten(vector)
 
 
-def as_vector(tensors: Tensors) -> torch.Tensor:
-    """``tensors`` as one vector in their own order: a flat update's vector as it is."""
-    return tensors.vector if isinstance(tensors, FlatTensors) else Layout(tensors).flatten(tensors)
+def float64_norm(tensors: Tensors, layout: Layout | None = None) -> float:
+    """The L2 norm of ``tensors`` as one vector (``layout``'s, default their own), in float64;
+    a flat update's computed once (:meth:`FlatTensors.norm`)."""
+    if isinstance(tensors, FlatTensors) and (layout is None or tensors.layout == layout):
+        return tensors.norm()
+    return float(torch.linalg.vector_norm((layout or Layout(tensors)).flatten(tensors).double()))

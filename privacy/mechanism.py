@@ -67,7 +67,7 @@ from dpfl.privacy.adaptive_clipping import (
     unclipped_bit,
 )
 from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip, row_block
-from dpfl.privacy.flat import FlatTensors, Layout, as_vector, flat_tensors
+from dpfl.privacy.flat import FlatTensors, Layout, flat_tensors, float64_norm
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -388,7 +388,7 @@ class ClientLevelMechanism:
                     return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {layout.dtypes[name]}"
         # One pass: the norm in float64 is finite exactly when every value is (a float32 or
         # smaller value squared cannot overflow it; a float64 update that does is dropped too).
-        norm = float(torch.linalg.vector_norm(layout.flatten(update).double()))
+        norm = float64_norm(update, layout)
         if not math.isfinite(norm):
             return "the update has NaN or Inf values"
         share = self.params.client_noise_std(self.clip_norm)
@@ -487,8 +487,7 @@ class ClientLevelMechanism:
 
     def is_clipped(self, update: Tensors) -> bool:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
-        norm = float(torch.linalg.vector_norm(as_vector(update).double()))
-        return norm >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
+        return float64_norm(update) >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
 
     # --- participation schemas and correlated noise (dpfl.privacy.participation) ------
 

@@ -152,3 +152,13 @@ def test_a_flat_record_is_one_copy_each_way_and_a_changed_one_is_read_array_by_a
     # To another process (the in-process engine's workers) and back: the same values.
     crossed = record_tensors(pickle.loads(pickle.dumps(tensor_record(FlatTensors(layout, expected.clone())))))
     assert torch.equal(layout.flatten(crossed), expected)
+
+
+def test_a_flat_updates_norm_is_computed_again_after_any_write_into_it():
+    layout = Layout({"a": torch.zeros(2, 2), "b": torch.zeros(3)})
+    update = FlatTensors(layout, torch.ones(7))
+    assert update.norm() == pytest.approx(math.sqrt(7), rel=1e-15)
+    update["b"][0] = 3.0  # through a view
+    assert update.norm() == pytest.approx(math.sqrt(15), rel=1e-15)
+    update.vector[0] = math.nan  # through the vector
+    assert math.isnan(update.norm())
