@@ -84,12 +84,19 @@ def _numpy_dtype_name(dtype: torch.dtype) -> str:
 
 
 def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``tensors`` (snapshotted now), serialised only if a transport asks."""
+    """An ``ArrayRecord`` of ``tensors`` (snapshotted now), serialised only if a transport asks.
+
+    Tensors of one dtype (a model's) are snapshotted as one vector, the arrays views of it,
+    so that :func:`record_tensors` reads them back as one copy too."""
     record = ArrayRecord()
-    if isinstance(tensors, FlatTensors):
-        snapshot = FlatTensors(tensors.layout, tensors.vector.detach().cpu().clone())
-        for name, tensor in snapshot.items():
-            record[name] = TensorArray(tensor, snapshot=False)
+    layout = tensors.layout if isinstance(tensors, FlatTensors) else Layout(tensors)
+    if layout.uniform and layout.shapes:
+        vector = tensors.vector.detach().cpu().clone() if isinstance(tensors, FlatTensors) else (
+            layout.flatten({name: t.detach() for name, t in tensors.items()}).cpu())  # a new tensor: torch.cat's
+        snapshot = FlatTensors(layout, vector)
+        # Straight into the record's dict: Flower's per-item type check (str key, Array value,
+        # both certain here) builds typing aliases on every call and cost more than the arrays.
+        record.__dict__["_data"].update((name, TensorArray(t, snapshot=False)) for name, t in snapshot.items())
         return record
     for name, tensor in tensors.items():
         record[name] = TensorArray(tensor)

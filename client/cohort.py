@@ -46,7 +46,7 @@ from dpfl.client.training import (
     privatise_local_updates,
     public_vector,
 )
-from dpfl.privacy.flat import Layout
+from dpfl.privacy.flat import FlatTensors, Layout
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors, defining_class
@@ -141,6 +141,8 @@ def _same_start(a: LocalTraining, b: LocalTraining) -> bool:
 
 
 def _equal(a: Tensors, b: Tensors) -> bool:
+    if isinstance(a, FlatTensors) and isinstance(b, FlatTensors) and a.layout == b.layout:
+        return torch.equal(a.vector, b.vector)  # one comparison, not one per tensor
     return a.keys() == b.keys() and all(a[name] is b[name] or torch.equal(a[name], b[name]) for name in a)
 
 
