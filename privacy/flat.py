@@ -36,6 +36,16 @@ class Layout:
         self.dtype = kinds.pop() if len(kinds) == 1 else torch.float64
         self.uniform = not kinds
 
+    @classmethod
+    def of(cls, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> Layout:
+        """The layout of tensors of ``shapes`` (in order), all of ``dtype``, without the tensors."""
+        layout = cls({})
+        layout.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        layout.dtypes = dict.fromkeys(layout.shapes, dtype)
+        layout.sizes = [math.prod(shape) for shape in layout.shapes.values()]
+        layout.size, layout.dtype, layout.uniform = sum(layout.sizes), dtype, True
+        return layout
+
     def __eq__(self, other: object) -> bool:
         """Same names, in the same order, with the same shapes and dtypes."""
         if not isinstance(other, Layout):

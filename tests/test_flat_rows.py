@@ -142,6 +142,8 @@ def test_a_flat_record_is_one_copy_each_way_and_a_changed_one_is_read_array_by_a
     assert torch.equal(record_tensors(record).vector, expected)
     # Flower's transport gets what Flower's own record of the snapshot would give it.
     assert record.object_id == ArrayRecord(dict(layout.views(expected))).object_id
+    # Its arrays made their tensors to give those bytes: still one vector, still the snapshot's.
+    assert isinstance(record_tensors(record), FlatTensors) and torch.equal(record_tensors(record).vector, expected)
     # A model's tensors of one dtype are snapshotted as one vector too.
     assert isinstance(record_tensors(tensor_record(dict(layout.views(expected)))), FlatTensors)
     # An array replaced, or given new bytes: no longer one vector, read array by array.
