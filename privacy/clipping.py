@@ -41,7 +41,8 @@ def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tenso
 def clip_vector(
     vector: torch.Tensor, clip_norm: float, cast: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, float]:
-    """``vector`` scaled by min(1, C/‖u‖), and ‖u‖ before clipping (:func:`clip_rows` on one row).
+    """``vector`` scaled by min(1, C/‖u‖) (just under C/‖u‖ when it clips), and ‖u‖ before
+    clipping (:func:`clip_rows` on one row).
 
     The norm and the scale are computed in float64 and the result, rounded as it will
     be held (``cast``, by default to the vector's own dtype), is checked again:
