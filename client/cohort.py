@@ -13,9 +13,10 @@ direction through its functional form
 (:meth:`dpfl.strategies.base.LocalUpdateRule.functional_gradient`), the stability
 clip uses each client's own gradient norm, and the SGD step with weight decay is the
 optimiser's. Each client's Δ then goes through the same privatisation as in the loop
-(:func:`dpfl.client.training.privatise_local_update`): its private part clipped to C
-on its own, its noise share from its own secure stream, on the CPU in float64. Per
-client, the result equals the loop's up to float rounding (tests/test_cohort.py).
+(:func:`dpfl.client.training.privatise_local_updates`, the chunk's rows at once): its
+private part clipped to C on its own (one float64 norm per row), its noise share from
+its own secure stream, on the CPU in float64. Per client, the result equals the loop's
+up to float rounding (tests/test_cohort.py).
 
 Memory grows with the cohort (parameters, gradients and activations of every client
 at once), so a large cohort is trained in chunks that fit :func:`memory_budget`.
@@ -42,10 +43,10 @@ from dpfl.client.training import (
     cycle_batches,
     load_weights,
     model_state,
-    privatise_local_update,
+    privatise_local_updates,
     public_vector,
 )
-from dpfl.privacy.flat import Layout
+from dpfl.privacy.flat import FlatTensors, Layout
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors, defining_class
@@ -140,6 +141,8 @@ def _same_start(a: LocalTraining, b: LocalTraining) -> bool:
 
 
 def _equal(a: Tensors, b: Tensors) -> bool:
+    if isinstance(a, FlatTensors) and isinstance(b, FlatTensors) and a.layout == b.layout:
+        return torch.equal(a.vector, b.vector)  # one comparison, not one per tensor
     return a.keys() == b.keys() and all(a[name] is b[name] or torch.equal(a[name], b[name]) for name in a)
 
 
@@ -211,9 +214,8 @@ def train_cohort(
             named = layout.views(deltas)
             deltas = state_layout.flatten({name: named[name] if name in named else t.expand(len(members), *t.shape) * 0
                                            for name, t in state.items()})  # fmt: skip
-        for index, client in enumerate(members):
-            updates.append(privatise_local_update(deltas[index], state_layout, public, client.instructions,
-                                                  client.noise_stream, losses[index], steps))  # fmt: skip
+        updates.extend(privatise_local_updates(deltas, state_layout, public, [c.instructions for c in members],
+                                               [c.noise_stream for c in members], losses, steps))  # fmt: skip
     return updates
 
 

@@ -15,7 +15,7 @@ from dpfl.cim.precision import multi_precision_gradient
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
 from dpfl.privacy.flat import Layout
-from dpfl.privacy.mechanism import ClientInstructions, privatise_vector
+from dpfl.privacy.mechanism import ClientInstructions, privatise_rows
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors
 
@@ -215,12 +215,29 @@ def privatise_local_update(
     steps: int,
 ) -> PrivateUpdate:
     """The client's half of the mechanism on its Δ = x − y, one vector in the model's state
+    ``layout`` (on any device): :func:`privatise_local_updates` of one client."""
+    [update] = privatise_local_updates(delta.unsqueeze(0), layout, public, [instructions], [noise_stream], [loss], steps)
+    return update
+
+
+def privatise_local_updates(
+    deltas: torch.Tensor,
+    layout: Layout,
+    public: torch.Tensor | None,
+    instructions: Sequence[ClientInstructions],
+    noise_streams: Sequence[RandomStream],
+    losses: Sequence[float],
+    steps: int,
+) -> list[PrivateUpdate]:
+    """Several clients' halves, one Δ = x − y a row of ``deltas`` [n, d] in the model's state
     ``layout`` (on any device): the rule's ``public`` part (the same layout) removed, the
-    rest brought to the CPU and privatised there (clipped to C in float64, its noise share
-    from the secure stream; :func:`dpfl.privacy.mechanism.privatise_vector`)."""
-    private = delta if public is None else delta - public
-    update, norm = privatise_vector(private.cpu(), layout, instructions, noise_stream)
-    return PrivateUpdate(update=update, norm_before_clip=norm, train_loss=loss, steps=steps)
+    rest brought to the CPU and privatised there, each row on its own (clipped to its C in
+    float64, its noise share from its own secure stream;
+    :func:`dpfl.privacy.mechanism.privatise_rows`)."""
+    private = deltas if public is None else deltas - public
+    privatised = privatise_rows(private.cpu(), layout, instructions, noise_streams)
+    return [PrivateUpdate(update=update, norm_before_clip=norm, train_loss=loss, steps=steps)
+            for (update, norm), loss in zip(privatised, losses, strict=True)]  # fmt: skip
 
 
 def public_vector(rule: LocalUpdateRule, layout: Layout, steps: int, lr: float) -> torch.Tensor | None:

@@ -66,8 +66,8 @@ from dpfl.privacy.adaptive_clipping import (
     count_noise_multiplier,
     unclipped_bit,
 )
-from dpfl.privacy.clipping import clip_vector, per_tensor_median_clip
-from dpfl.privacy.flat import Layout
+from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip, row_block
+from dpfl.privacy.flat import FlatTensors, Layout, flat_tensors, float64_norm
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -368,20 +368,27 @@ class ClientLevelMechanism:
 
     # --- after the replies ------------------------------------------------------------
 
-    def screen(self, update: Tensors, like: Tensors) -> str | None:
-        """Why ``update`` must be dropped before aggregation, or None if it may be used."""
-        if update.keys() != like.keys():
-            missing, extra = sorted(like.keys() - update.keys()), sorted(update.keys() - like.keys())
-            return f"tensor names differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
-        for name, tensor in like.items():
-            if update[name].shape != tensor.shape:
-                return f"tensor {name!r} has shape {tuple(update[name].shape)}, the model's is {tuple(tensor.shape)}"
-            if update[name].dtype != tensor.dtype:
-                return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {tensor.dtype}"
-        layout = Layout(like)
+    def screen(self, update: Tensors, like: Tensors | Layout) -> str | None:
+        """Why ``update`` must be dropped before aggregation, or None if it may be used.
+
+        ``like``: the model's tensors, or their :class:`Layout` (taken once for a round's
+        replies). An update that travelled as a flat vector of the same layout
+        (:class:`dpfl.privacy.flat.FlatTensors`) has the model's names, shapes and dtypes
+        by construction; any other is checked name by name.
+        """
+        layout = like if isinstance(like, Layout) else Layout(like)
+        if not (isinstance(update, FlatTensors) and update.layout == layout):
+            if update.keys() != layout.shapes.keys():
+                missing, extra = sorted(layout.shapes.keys() - update.keys()), sorted(update.keys() - layout.shapes.keys())
+                return f"tensor names differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+            for name, shape in layout.shapes.items():
+                if update[name].shape != shape:
+                    return f"tensor {name!r} has shape {tuple(update[name].shape)}, the model's is {shape}"
+                if update[name].dtype != layout.dtypes[name]:
+                    return f"tensor {name!r} has dtype {update[name].dtype}, the model's is {layout.dtypes[name]}"
         # One pass: the norm in float64 is finite exactly when every value is (a float32 or
         # smaller value squared cannot overflow it; a float64 update that does is dropped too).
-        norm = float(torch.linalg.vector_norm(layout.flatten(update).double()))
+        norm = float64_norm(update, layout)
         if not math.isfinite(norm):
             return "the update has NaN or Inf values"
         share = self.params.client_noise_std(self.clip_norm)
@@ -426,15 +433,17 @@ class ClientLevelMechanism:
         self._journal_correlated(server_round)
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
-        # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end.
+        # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end;
+        # the updates re-clipped and summed as [rows, d] matrices, a cache-sized block of rows at once.
         layout = Layout(like)
         total = torch.zeros(layout.size, dtype=torch.float64)
-        for update in updates:
-            vector = layout.flatten(update)
+        rows = row_block(layout.size)
+        for first in range(0, len(updates), rows):
+            matrix = torch.stack([layout.flatten(update) for update in updates[first : first + rows]])
             if p.flat and p.noise_placement == "server":
                 # Re-clip: the sensitivity bound holds, for what is summed, whatever a client sent.
-                vector, _ = clip_vector(vector, self.clip_norm, layout.cast)
-            total += vector
+                matrix, _ = clip_rows(matrix, self.clip_norm, layout.cast)
+            total += matrix.double().sum(dim=0)
         std = p.server_noise_std(len(updates), self.clip_norm)
         if std > 0 and self._correlated is not None:
             total += self._correlated.noise(server_round, layout.sizes, std)
@@ -478,8 +487,7 @@ class ClientLevelMechanism:
 
     def is_clipped(self, update: Tensors) -> bool:
         """Whether a received (server-placement) update sits at the clip bound: a server-side diagnostic."""
-        norm = float(torch.linalg.vector_norm(Layout(update).flatten(update).double()))
-        return norm >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
+        return float64_norm(update) >= self.clip_norm * (1 - CLIPPED_TOLERANCE)
 
     # --- participation schemas and correlated noise (dpfl.privacy.participation) ------
 
@@ -568,7 +576,7 @@ class ClientInstructions:
 
 def privatise_update(
     private: Tensors, instructions: ClientInstructions, stream: RandomStream
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> tuple[Tensors, float]:
     """The client's half: clip the private part and add its noise share; return it and ‖u‖
     (:func:`privatise_vector` on the update laid out as one vector)."""
     layout = Layout(private)
@@ -577,30 +585,57 @@ def privatise_update(
 
 def privatise_vector(
     vector: torch.Tensor, layout: Layout, instructions: ClientInstructions, stream: RandomStream
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> tuple[Tensors, float]:
     """The client's half on its private part as one vector (``layout``'s): one norm, one
-    scale, one noise draw; the result as named views for the reply, and ‖u‖.
+    scale, one noise draw; the result as named views for the reply, and ‖u‖
+    (:func:`privatise_rows` on one row).
 
     ``clip_norm`` 0 means no clipping (a strategy without DP). A non-finite update is
     sent as zeros plus the share (:func:`dpfl.privacy.clipping.clip_vector`).
     """
-    if instructions.clipping == "paper" and instructions.clip_norm > 0:
-        clipped, median_norm, norm = per_tensor_median_clip(layout.unflatten(vector))
-        std = instructions.noise_multiplier * median_norm / math.sqrt(instructions.sample_size)
-        return add_noise(clipped, std, stream), norm
-    if instructions.clip_norm > 0:
-        clipped, norm = clip_vector(vector, instructions.clip_norm, layout.cast)
-        std = instructions.client_noise_std
-    else:
-        clipped, norm, std = vector, float(torch.linalg.vector_norm(vector.double())), 0.0
-    return layout.unflatten(_noised(clipped, std, stream, layout)), norm
+    [(update, norm)] = privatise_rows(vector.unsqueeze(0), layout, [instructions], [stream])
+    return update, norm
 
 
-def noise_share(like: Tensors, instructions: ClientInstructions, stream: RandomStream) -> dict[str, torch.Tensor]:
+def privatise_rows(
+    matrix: torch.Tensor,
+    layout: Layout,
+    instructions: Sequence[ClientInstructions],
+    streams: Sequence[RandomStream],
+) -> list[tuple[Tensors, float]]:
+    """Several clients' halves at once, one client a row of ``matrix`` [n, d] (``layout``'s):
+    each row clipped to its client's C with one float64 norm per row
+    (:func:`dpfl.privacy.clipping.clip_rows`, all rows of one C as one matrix operation),
+    then its client's noise share from its own ``streams`` entry. Each row's result and ‖u‖
+    equal what that client alone would get."""
+    results: list[tuple[Tensors, float] | None] = [None] * len(matrix)
+    groups: dict[ClientInstructions, list[int]] = {}
+    for row, own in enumerate(instructions):
+        groups.setdefault(own, []).append(row)
+    for own, rows in groups.items():
+        if own.clipping == "paper" and own.clip_norm > 0:
+            for row in rows:
+                clipped, median_norm, norm = per_tensor_median_clip(layout.unflatten(matrix[row]))
+                std = own.noise_multiplier * median_norm / math.sqrt(own.sample_size)
+                results[row] = add_noise(clipped, std, streams[row]), norm
+            continue
+        part = matrix[rows] if len(rows) < len(matrix) else matrix
+        if own.clip_norm > 0:
+            clipped, norms = clip_rows(part, own.clip_norm, layout.cast)
+            std = own.client_noise_std
+        else:
+            clipped, norms, std = part, torch.linalg.vector_norm(part.double(), dim=1), 0.0
+        for index, row in enumerate(rows):
+            # A row of the matrix (a reply's record snapshots it: dpfl.records.tensor_record).
+            results[row] = flat_tensors(layout, _noised(clipped[index], std, streams[row], layout)), float(norms[index])
+    return results  # type: ignore[return-value]
+
+
+def noise_share(like: Tensors, instructions: ClientInstructions, stream: RandomStream) -> Tensors:
     """A client that was not sampled: its noise share on a zero update."""
     layout = Layout(like)
     zeros = torch.zeros(layout.size, dtype=layout.dtype)
-    return layout.unflatten(_noised(zeros, instructions.client_noise_std, stream, layout))
+    return flat_tensors(layout, _noised(zeros, instructions.client_noise_std, stream, layout))
 
 
 def add_noise(tensors: Tensors, std: float, stream: RandomStream) -> dict[str, torch.Tensor]:

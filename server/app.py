@@ -20,6 +20,7 @@ from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.calibration import calibrate_noise_multiplier
 from dpfl.privacy.participation import accounted_shape
 from dpfl.privacy.validation import ensure_client_level_dp_compatible
+from dpfl.records import record_tensors
 from dpfl.server.checkpoint import (
     InitialState,
     RunCheckpoint,
@@ -174,7 +175,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         latest["arrays"] = arrays
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(record_tensors(arrays))
         loss, accuracy = evaluate(model, data.test, device=device)
         if server_round > 0:
             train_metrics = dict(strategy.last_metrics)
@@ -187,7 +188,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             train_metrics["validation-accuracy"] = evaluate(model, data.validation, device=device)[1]
         row = recorder.record_round({"round": server_round, "accuracy": accuracy, "loss": loss, **train_metrics})
         save_run_checkpoint(recorder.out_dir, RunCheckpoint(
-            round=server_round, weights=arrays.to_torch_state_dict(), strategy_state=strategy.state_dict(),
+            round=server_round, weights=dict(record_tensors(arrays)), strategy_state=strategy.state_dict(),
             run_config=settings.to_run_config(), noise_multiplier=noise_multiplier, epsilon_valid=strategy.epsilon_valid,
             rounds=recorder.rounds, pretraining_seconds=pretraining_seconds,
         ))  # fmt: skip
@@ -212,7 +213,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     summary = recorder.finish(
         spec,
         settings.dataset,
-        latest["arrays"].to_torch_state_dict(),
+        dict(record_tensors(latest["arrays"])),
         outcome,
         {
             "noise-multiplier": strategy.noise_multiplier, "local-steps": local_steps, "strategy": settings.strategy,

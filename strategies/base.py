@@ -45,6 +45,7 @@ from torch.func import grad_and_value
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
+from dpfl.privacy.flat import Layout
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,
     PAPER_MODE_WARNING,
@@ -55,7 +56,7 @@ from dpfl.privacy.mechanism import (
 )
 from dpfl.privacy.participation import ParticipationSchema
 from dpfl.privacy.randomness import Randomness
-from dpfl.records import record_tensors
+from dpfl.records import record_tensors, tensor_record
 from dpfl.settings import RunSettings
 from dpfl.task.server_optimizer import ServerOptimizer
 
@@ -496,19 +497,23 @@ class ClientLevelDPStrategy(Strategy):
     ) -> list[Message]:
         records = checked_extra_records(self.extra_records(server_round))
         strategy_config = checked_round_config(self.round_config(server_round))
+        # A round's train config depends only on whether the node contributes: built once for
+        # each, shared by the messages as the round's arrays are (a reader gets its own values).
+        train_configs: dict[bool, ConfigRecord] = {}
         messages = []
         for node, contributes in recipients:
-            train_config = ConfigRecord(
-                {
-                    **dict(config),
-                    **strategy_config,
-                    SERVER_ROUND_KEY: server_round,
-                    LR_KEY: self.round_lr(server_round),
-                    LOCAL_STEPS_KEY: self.local_steps,
-                    **self.mechanism.instructions(contributes),
-                }
-            )
-            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, **records})
+            if contributes not in train_configs:
+                train_configs[contributes] = ConfigRecord(
+                    {
+                        **dict(config),
+                        **strategy_config,
+                        SERVER_ROUND_KEY: server_round,
+                        LR_KEY: self.round_lr(server_round),
+                        LOCAL_STEPS_KEY: self.local_steps,
+                        **self.mechanism.instructions(contributes),
+                    }
+                )
+            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_configs[contributes], **records})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
@@ -526,12 +531,13 @@ class ClientLevelDPStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
-        x = self.global_arrays.to_torch_state_dict()
+        x = record_tensors(self.global_arrays)
         updates, unclipped, dropped, contributions, failed, arrived = [], [], [], 0, 0, 0
+        layout = Layout(x)  # the model's names, shapes and dtypes, taken once for all replies
         for reply in replies:
             arrived += 1
             failed += reply.has_error()
-            update, reason = self.screen_reply(reply, x)
+            update, reason = self.screen_reply(reply, layout)
             bit = None
             if update is not None and self.mechanism.adaptive:
                 bit, reason = read_unclipped(reply, self.mechanism)
@@ -558,10 +564,11 @@ class ClientLevelDPStrategy(Strategy):
         if self.mechanism.params.flat and self.mechanism.params.noise_placement == "server":
             diagnostics["clipped-fraction"] = sum(clipped) / len(clipped) if clipped else None
         self.__platform.private_diagnostics.update(diagnostics)
-        return ArrayRecord(new_x), MetricRecord(self.last_metrics)
+        return tensor_record(new_x), MetricRecord(self.last_metrics)
 
-    def screen_reply(self, reply: Message, x: Tensors) -> tuple[Tensors | None, str]:
-        """The reply's update if it may be aggregated, else None and why it was dropped.
+    def screen_reply(self, reply: Message, x: Tensors | Layout) -> tuple[Tensors | None, str]:
+        """The reply's update if it may be aggregated, else None and why it was dropped
+        (``x``: the global weights, or their :class:`dpfl.privacy.flat.Layout`).
 
         Leaving a client out is safe for DP (the denominator is fixed), so anything
         malformed, non-finite or implausible is dropped rather than repaired.

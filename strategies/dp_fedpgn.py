@@ -25,6 +25,7 @@ from torch import nn
 
 from dpfl.privacy.clipping import global_l2_norm
 from dpfl.errors import UsageError
+from dpfl.records import record_tensors, tensor_record
 from dpfl.strategies.base import ClientLevelDPStrategy, LocalUpdateRule, Tensors, gradient_at_shift, shifted
 from dpfl.strategies.base import Batch, LossFunction  # the functional form's types
 
@@ -97,7 +98,7 @@ class DPFedPGN(ClientLevelDPStrategy):
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         assert self.global_arrays is not None
-        return {GLOBAL_DIRECTION_KEY: ArrayRecord(self._direction(self.global_arrays.to_torch_state_dict()))}
+        return {GLOBAL_DIRECTION_KEY: tensor_record(self._direction(record_tensors(self.global_arrays)))}
 
     def public_update(self, server_round: int, like: Tensors) -> Tensors:
         return public_part(self._direction(like), self.gamma, self.local_steps, self.round_lr(server_round))
