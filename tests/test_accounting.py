@@ -76,6 +76,19 @@ def test_the_refined_epsilon_is_never_negative_nor_above_the_grid(sigma, q, roun
     assert 0 <= epsilon_for(sigma, q, rounds, 1e-5)[0] <= grid
 
 
+def test_a_best_order_between_11_and_12_is_found_when_the_grid_picks_12():
+    # The grid's best order was 12 at 24 rounds and 10.9 at 36, and only the second bracket was
+    # searched continuously: ε fell from 0.81494 to 0.81449 with 12 more rounds (a hypothesis find).
+    sigma, q = 1.1328125, 0.01
+    eps_24, order_24 = epsilon_for(sigma, q, 24, 1e-5)
+    assert epsilon_for(sigma, q, 24, 1e-5, refine=False)[1] == 12.0
+    assert 11 < order_24 < 12
+    assert eps_24 <= epsilon_for(sigma, q, 36, 1e-5)[0]
+    rdp = 24 * exact_rdp(q, sigma, order_24)
+    independent = rdp - (math.log(1e-5) + math.log(order_24)) / (order_24 - 1) + math.log((order_24 - 1) / order_24)
+    assert eps_24 == pytest.approx(independent, rel=1e-6)
+
+
 @pytest.mark.parametrize("q,sigma,alpha", [(0.25, 0.8, 2.1), (0.1, 1.0, 3.2), (0.01, 2.0, 17.5)])
 def test_fractional_order_rdp_equals_the_exact_integral(q, sigma, alpha):
     assert opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0] == pytest.approx(

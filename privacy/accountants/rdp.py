@@ -97,16 +97,23 @@ def _epsilon_of_history(
         return eps, order
     best = int(np.flatnonzero(grid == order)[0])
     low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    if high <= FRACTIONAL_LIMIT:
+    # A bracket can straddle FRACTIONAL_LIMIT (the grid's best at 10.9 or 12): its part below is
+    # searched continuously and its part above over the integers, so that a best order between 11
+    # and 12 is found whichever of 10.9 and 12 the grid picked (else ε could fall with more rounds).
+    candidates = []
+    if low < FRACTIONAL_LIMIT:
         from scipy.optimize import minimize_scalar
 
         found = minimize_scalar(
-            lambda a: _epsilon_at(history, a, delta), bounds=(low, high), method="bounded", options={"xatol": 1e-4}
+            lambda a: _epsilon_at(history, a, delta),
+            bounds=(low, min(high, FRACTIONAL_LIMIT)),
+            method="bounded",
+            options={"xatol": 1e-4},
         )
-        candidates = [(float(found.fun), float(found.x))] if found.success else []
-    else:
-        integers = np.arange(math.floor(low) + 1, math.ceil(high), dtype=float)
-        candidates = [_to_dp(integers, _rdp(history, integers), delta)] if len(integers) else []
+        candidates += [(float(found.fun), float(found.x))] if found.success else []
+    integers = np.arange(max(math.floor(low), FRACTIONAL_LIMIT) + 1, math.ceil(high), dtype=float)
+    if len(integers):
+        candidates.append(_to_dp(integers, _rdp(history, integers), delta))
     for refined_eps, refined_order in candidates:
         if refined_eps < eps:
             eps, order = refined_eps, refined_order
