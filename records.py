@@ -15,7 +15,7 @@ a record snapshots its tensors when it is built, and every reader gets fresh
 tensors, so no reader can change what the sender or another reader holds.
 Neither function knows or asks which engine carries the record.
 
-A flat update (:class:`dpfl.privacy.flat.FlatTensors`, named views of one vector) is
+A flat update (:class:`dpfl.flat.FlatTensors`, named views of one vector) is
 snapshotted as one vector, its arrays views of that snapshot, and read back as one
 vector too: one copy each way, not one per tensor, while the record is as it was built.
 """
@@ -32,7 +32,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-from dpfl.privacy.flat import FlatTensors, Layout
+from dpfl.flat import FlatTensors, Layout
 
 # Where a plain Array keeps its decoded tensor, beside the bytes it was decoded from.
 _DECODED = "_dpfl_decoded"

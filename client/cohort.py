@@ -46,7 +46,7 @@ from dpfl.client.training import (
     privatise_local_updates,
     public_vector,
 )
-from dpfl.privacy.flat import FlatTensors, Layout
+from dpfl.flat import FlatTensors, Layout
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors, defining_class

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from dpfl.cim.precision import multi_precision_gradient
 from dpfl.client.local_dp import LocalDP, privatise_gradient
 from dpfl.errors import UsageError
-from dpfl.privacy.flat import Layout
+from dpfl.flat import Layout
 from dpfl.privacy.mechanism import ClientInstructions, privatise_rows
 from dpfl.privacy.randomness import RandomStream
 from dpfl.strategies.base import LocalUpdateRule, Tensors

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from dpfl.privacy.flat import Layout
+from dpfl.flat import Layout
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -31,7 +31,7 @@ def flat_clip(tensors: Tensors, clip_norm: float) -> tuple[dict[str, torch.Tenso
 
     One norm over the whole update (not per layer), so the update's L2 sensitivity
     is C: :func:`clip_vector` on the update laid out as one vector
-    (:class:`dpfl.privacy.flat.Layout`), returned as named views of it.
+    (:class:`dpfl.flat.Layout`), returned as named views of it.
     """
     layout = Layout(tensors)
     clipped, norm = clip_vector(layout.flatten(tensors), clip_norm, layout.cast)

@@ -67,7 +67,7 @@ from dpfl.privacy.adaptive_clipping import (
     unclipped_bit,
 )
 from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip, row_block
-from dpfl.privacy.flat import FlatTensors, Layout, flat_tensors, float64_norm
+from dpfl.flat import FlatTensors, Layout, flat_tensors, float64_norm
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
 from dpfl.privacy.sampling import fixed_size_sample, poisson_sample
@@ -373,7 +373,7 @@ class ClientLevelMechanism:
 
         ``like``: the model's tensors, or their :class:`Layout` (taken once for a round's
         replies). An update that travelled as a flat vector of the same layout
-        (:class:`dpfl.privacy.flat.FlatTensors`) has the model's names, shapes and dtypes
+        (:class:`dpfl.flat.FlatTensors`) has the model's names, shapes and dtypes
         by construction; any other is checked name by name.
         """
         layout = like if isinstance(like, Layout) else Layout(like)
@@ -433,7 +433,7 @@ class ClientLevelMechanism:
         self._journal_correlated(server_round)
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
-        # One float64 vector for the sum (dpfl.privacy.flat), named views of it only at the end;
+        # One float64 vector for the sum (dpfl.flat), named views of it only at the end;
         # the updates re-clipped and summed as [rows, d] matrices, a cache-sized block of rows at once.
         layout = Layout(like)
         total = torch.zeros(layout.size, dtype=torch.float64)

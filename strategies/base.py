@@ -45,7 +45,7 @@ from torch.func import grad_and_value
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
-from dpfl.privacy.flat import Layout
+from dpfl.flat import Layout
 from dpfl.privacy.mechanism import (
     INSTRUCTION_KEYS,
     PAPER_MODE_WARNING,
@@ -568,7 +568,7 @@ class ClientLevelDPStrategy(Strategy):
 
     def screen_reply(self, reply: Message, x: Tensors | Layout) -> tuple[Tensors | None, str]:
         """The reply's update if it may be aggregated, else None and why it was dropped
-        (``x``: the global weights, or their :class:`dpfl.privacy.flat.Layout`).
+        (``x``: the global weights, or their :class:`dpfl.flat.Layout`).
 
         Leaving a client out is safe for DP (the denominator is fixed), so anything
         malformed, non-finite or implausible is dropped rather than repaired.

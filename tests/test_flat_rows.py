@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import dpfl.privacy.clipping as clipping
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.clipping import clip_rows, clip_vector
-from dpfl.privacy.flat import FlatTensors, Layout
+from dpfl.flat import FlatTensors, Layout
 from dpfl.privacy.mechanism import (
     ClientInstructions,
     ClientLevelMechanism,

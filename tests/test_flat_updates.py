@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpfl.privacy.accountants import create_accountant
-from dpfl.privacy.flat import Layout
+from dpfl.flat import Layout
 from dpfl.privacy.mechanism import (
     ClientInstructions,
     ClientLevelMechanism,

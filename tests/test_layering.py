@@ -21,7 +21,8 @@ NOT_PACKAGE = {"tests", "benchmarks", "docker", "build", "docs", "runs", "deploy
 # Lowest first. A module may import from its own part and from parts of lower layers;
 # parts that share a layer are independent of each other.
 LAYERS: list[set[str]] = [
-    {"dpfl", "errors", "progress", "records"},  # the package itself and the vocabulary every layer shares
+    {"dpfl", "errors", "progress", "flat"},  # the package itself and the vocabulary every layer shares
+    {"records"},  # Flower records of flat tensors (no layer without Flower may import it: NO_FLOWER)
     {"privacy"},  # pure math: the DP mechanism and accounting
     {"task"},  # models, data sets, evaluation, recipes, im2col and layer hooks
     {"cim", "compression"},  # crossbar simulation of a task's models; decompositions of them
