@@ -54,7 +54,7 @@ class RunSettings:
     dirichlet_alpha: float = 0.5
     # Client-level DP
     noise_multiplier: float = 1.0
-    target_epsilon: float = 9.0
+    target_epsilon: float = 8.0
     max_epsilon: float = 10.0
     clip_norm: float = 0.0  # recipe
     sample_rate: float = 0.0  # recipe
