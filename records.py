@@ -63,11 +63,15 @@ class TensorArray(Array):
     def kept_tensor(self) -> torch.Tensor | None:
         """The tensor this array holds (made now from its stretch of a snapshot, if it has one
         and nothing has yet), or None once new bytes have replaced it."""
+        # Never a pop-then-set: one round's arrays record is shared by all its messages, and
+        # Flower's engine pickles them from several threads at once; a reader between the
+        # two steps found neither and sent None. Two threads here make equal views.
         held = self.__dict__
-        if "_part" in held:
-            vector, offset = held.pop("_part")
-            held["_tensor"] = vector[offset : offset + math.prod(self.shape)].view(self.shape)
-        return held.get("_tensor")
+        tensor = held.get("_tensor")
+        if tensor is None and "_part" in held:
+            vector, offset = held["_part"]
+            tensor = held["_tensor"] = vector[offset : offset + math.prod(self.shape)].view(self.shape)
+        return tensor
 
     @property
     def data(self) -> bytes:

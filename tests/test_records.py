@@ -60,3 +60,33 @@ def test_a_tensor_record_crosses_to_another_process_as_tensors_not_bytes():
     copy = pickle.loads(pickle.dumps(record))
     assert all(isinstance(array, TensorArray) and "_data" not in array.__dict__ for array in copy.values())
     assert_equal(record_tensors(copy), TENSORS)
+
+
+def test_one_record_pickled_from_many_threads_at_once_sends_every_array():
+    # Flower's engine pickles a round's shared arrays record for each message from several
+    # threads: a lazily made view must never be seen half made (it once arrived as None).
+    import threading
+
+    tensors = {f"layer{i}.weight": torch.randn(3, 5) for i in range(60)}
+    for _ in range(20):
+        record = tensor_record(tensors)
+        start = threading.Barrier(8)
+        sent: list[bytes] = []
+        failures: list[BaseException] = []
+
+        def send() -> None:
+            start.wait()
+            try:
+                sent.append(pickle.dumps(record))
+            except BaseException as error:  # noqa: BLE001 - the failure is the finding
+                failures.append(error)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures
+        for payload in sent:
+            received = record_tensors(pickle.loads(payload))
+            assert all(torch.equal(received[name], tensors[name]) for name in tensors)
