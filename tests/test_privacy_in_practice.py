@@ -274,9 +274,10 @@ def test_the_server_loads_no_training_data(monkeypatch, tmp_path):
 
 
 def test_local_steps_come_from_the_published_size_not_the_data():
-    assert RunSettings(num_clients=400, batch_size=16).local_steps() == 1  # ⌈1437/400⌉ = 4 examples
+    assert RunSettings(num_clients=400, batch_size=16, local_epochs=1).local_steps() == 1  # ⌈1437/400⌉ = 4 examples
+    assert RunSettings(num_clients=400, batch_size=16).local_steps() == 3  # the ResNet-10 recipe's 3 epochs
     assert RunSettings(num_clients=10, batch_size=16, local_epochs=2).local_steps() == 2 * math.ceil(144 / 16)
-    assert RunSettings(num_clients=10, client_size=100, batch_size=16).local_steps() == 7
+    assert RunSettings(num_clients=10, client_size=100, batch_size=16, local_epochs=1).local_steps() == 7
     from dpfl.task.data import PUBLISHED_TRAIN_SIZES, load_dataset
 
     assert PUBLISHED_TRAIN_SIZES["digits"] == len(load_dataset("digits").train)
