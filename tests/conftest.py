@@ -74,3 +74,19 @@ def fit_on_digits(model: nn.Module, epochs: int, lr: float, batch_size: int) -> 
             nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
             optimiser.step()
     return model.eval()
+
+
+def accounted_history(schema, sigma: float, sample_rate: float, delta: float = 1e-5) -> list:
+    """The accountant's history after every round of ``schema`` ran through the real mechanism
+    (10 nodes, sampled by the schema's own sampler, nothing replied)."""
+    from dpfl.privacy.accountants import create_accountant
+    from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
+    from dpfl.privacy.randomness import Randomness
+
+    params = MechanismParams(noise_multiplier=sigma, clip_norm=1.0, sample_rate=sample_rate, num_clients=10,
+                             delta=delta, schema=schema)  # fmt: skip
+    mechanism = ClientLevelMechanism(params, create_accountant("rdp", delta), Randomness())
+    for server_round in range(1, schema.rounds + 1):
+        mechanism.sample(list(range(10)), server_round)
+        mechanism.release([], {"w": torch.zeros(3)}, server_round)
+    return mechanism.accountant.history

@@ -30,6 +30,7 @@ from dpfl.privacy.matrix_factorization import (
 from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema
 from dpfl.privacy.randomness import Randomness, RandomStream
+from conftest import accounted_history
 
 
 @pytest.mark.parametrize(("rounds", "band"), [(8, 1), (8, 3), (20, 5), (64, 8), (100, 10)])
@@ -209,13 +210,7 @@ def test_cyclic_accounting_is_poisson_dp_sgd_over_the_blocks():
     sigma, q, delta = 1.2, 0.25, 1e-5
     for rounds, separation in [(20, 5), (21, 5), (10, 1)]:
         schema = ParticipationSchema("cyclic", separation, rounds, "bandmf" if separation > 1 else "gaussian")
-        params = MechanismParams(noise_multiplier=sigma, clip_norm=1.0, sample_rate=q, num_clients=10, delta=delta,
-                                 schema=schema)  # fmt: skip
-        mechanism = ClientLevelMechanism(params, create_accountant("rdp", delta), Randomness())
-        for server_round in range(1, rounds + 1):
-            mechanism.sample(list(range(10)), server_round)
-            mechanism.release([], {"w": torch.zeros(3)}, server_round)
-        assert mechanism.accountant.history == [(sigma, q, math.ceil(rounds / separation))]
+        assert accounted_history(schema, sigma, q, delta) == [(sigma, q, math.ceil(rounds / separation))]
 
 
 @pytest.mark.parametrize("mechanism", ["bandmf", "tree", "blt"])

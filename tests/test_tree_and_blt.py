@@ -8,12 +8,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import solve_triangular
 
-from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.factorizations import (
     BltNoise,
     blt_coefficients,
@@ -24,9 +22,8 @@ from dpfl.privacy.factorizations import (
     tree_nodes,
 )
 from dpfl.privacy.matrix_factorization import prefix_workload, toeplitz_matrix, total_squared_error
-from dpfl.privacy.mechanism import ClientLevelMechanism, MechanismParams
 from dpfl.privacy.participation import ParticipationSchema, check_schema_supported
-from dpfl.privacy.randomness import Randomness
+from conftest import accounted_history
 from test_matrix_factorization import brute_force_sensitivity
 
 SHAPES = [(8, 1), (8, 2), (9, 3), (12, 4), (16, 4), (13, 5)]
@@ -125,13 +122,7 @@ def test_tree_and_blt_are_never_amplified(mechanism):
     """Not banded: cyclic groups are accounted as min-sep (q = 1), one step per block of b rounds."""
     sigma, q, rounds, separation, delta = 1.2, 0.25, 10, 5, 1e-5
     schema = ParticipationSchema("cyclic", separation, rounds, mechanism)
-    params = MechanismParams(noise_multiplier=sigma, clip_norm=1.0, sample_rate=q, num_clients=10, delta=delta,
-                             schema=schema)  # fmt: skip
-    mechanism_ = ClientLevelMechanism(params, create_accountant("rdp", delta), Randomness())
-    for server_round in range(1, rounds + 1):
-        mechanism_.sample(list(range(10)), server_round)
-        mechanism_.release([], {"w": torch.zeros(3)}, server_round)
-    assert mechanism_.accountant.history == [(sigma, 1.0, 2)]
+    assert accounted_history(schema, sigma, q, delta) == [(sigma, 1.0, 2)]
     assert ParticipationSchema("cyclic", separation, rounds, "bandmf").accounting_rate(q) == q
 
 
