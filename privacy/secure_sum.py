@@ -17,24 +17,30 @@ def default_min_inputs(num_nodes: int) -> int:
 
 
 # The default neighbourhoods protect against a server colluding with up to this share of the
-# clients (chosen before the round's public random order), except with this probability a round.
+# clients (chosen before the round's public random order), and survive the dropouts the
+# default threshold allows (a third of the clients, at random), except with this probability
+# a round.
 COLLUDING_FRACTION = 0.2
-COLLUSION_FAILURE = 2.0**-20
+NEIGHBOURHOOD_FAILURE = 2.0**-20
 
 
 def default_degree(num_nodes: int) -> int:
-    """The smallest even k at which no neighbourhood of the Harary graph on a random order holds a
-    Shamir majority (⌊(k+1)/2⌋ + 1) of colluders when the server colludes with a fifth of the
-    clients, except with probability ≤ 2⁻²⁰ a round (hypergeometric tail, union over the n
-    neighbourhoods); the complete graph (classic SecAgg, secure against fewer than ⌊n/2⌋ + 1
-    colluders whatever the order) when that k is n − 1 or more. 4 at n = 10, 36 at 100, 60 at
-    400, 88 at 10,000: a client's masks and shares grow with log n, not n (Bell et al. 2020)."""
+    """The smallest even k of the Harary graph on a random order of the n clients at which, except
+    with probability ≤ 2⁻²⁰ a round (hypergeometric tails, union over the n neighbourhoods), no
+    neighbourhood holds a Shamir majority (⌊(k+1)/2⌋ + 1) of colluders when the server colludes
+    with a fifth of the clients, and none keeps fewer live holders than that majority when the
+    n − ⌈2n/3⌉ dropouts the default threshold allows fall at random; the complete graph (classic
+    SecAgg: secure against fewer than ⌊n/2⌋ + 1 colluders whatever the order) when that k is
+    n − 1 or more. 4 at n = 6, 64 at 100, 160 at 400, 328 at 10,000: it grows with log n
+    (Bell et al. 2020), not with n."""
     from scipy.stats import hypergeom
 
-    colluders = int(COLLUDING_FRACTION * num_nodes)
+    colluders, dropouts = int(COLLUDING_FRACTION * num_nodes), num_nodes - default_min_inputs(num_nodes)
     for degree in range(2, num_nodes - 1, 2):
         majority = (degree + 1) // 2 + 1
-        if num_nodes * hypergeom(num_nodes - 1, colluders, degree).sf(majority - 1) <= COLLUSION_FAILURE:
+        failure = (hypergeom(num_nodes - 1, colluders, degree).sf(majority - 1)
+                   + hypergeom(num_nodes - 1, dropouts, degree).sf(degree + 1 - majority))  # fmt: skip
+        if num_nodes * failure <= NEIGHBOURHOOD_FAILURE:
             return degree
     return num_nodes - 1
 
