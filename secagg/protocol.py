@@ -30,8 +30,13 @@ Reused from Flower (``flwr.common.secure_aggregation`` and ``flwr.supercore.prim
 because they are the audited pieces of its own SecAgg+ and fit as they are: key pairs on
 SECP384R1 (``generate_key_pairs``, ``public_key_to_bytes``), ECDH + HKDF-SHA256 key
 agreement (``generate_shared_key``), Fernet authenticated encryption of the shares
-(``encrypt``/``decrypt``), and Shamir sharing over GF(2^128) from pycryptodome
-(``create_shares``/``combine_shares``). Not reused: Flower's mask generator
+(``encrypt``/``decrypt``). Not reused: Flower's Shamir sharing (pycryptodome's, over
+GF(2^128) in 16-byte chunks in pure Python: 0.1 s a chunk with a neighbourhood of 160, and a
+PEM secret key is 20 chunks, so a 400-client round took minutes), replaced by sharing one
+element of the prime field GF(2^521 − 1) with Python's integers (:func:`split_secret`,
+milliseconds); each client's mask key is derived from a 32-byte secret, which is what is
+shared (Bell et al. share the key itself; the derivation changes nothing a share reveals).
+Not reused either: Flower's mask generator
 ``pseudo_rand_gen``, which folds the seed to 32 bits and draws from MT19937 in
 [0, range − 1), so its masks could be found by trying 2^32 seeds and are not uniform;
 masks here are the ChaCha20 keystream under the 256-bit seed, cut to b bits (exactly
@@ -56,9 +61,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from dpfl.privacy.secure_sum import setup_problem
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
     bytes_to_public_key,
@@ -67,7 +70,13 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from dpfl.privacy.secure_sum import setup_problem
+
 _NONCE = bytes(16)  # every mask key is used for one mask only
+# Shamir's field: the Mersenne prime 2^521 − 1 holds a 32-byte secret as one element.
+_FIELD = 2**521 - 1
+_ELEMENT_BYTES = 66
+_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
 _SEED_BYTES = 32
 _ID_BYTES = 8
 
@@ -111,6 +120,53 @@ class SecAggSetup:
         return self._graph[node]
 
 
+def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
+    """Shamir's shares of a 32-byte ``secret`` for holders 1..``holders``, any ``threshold`` of which
+    rebuild it: a random polynomial of degree threshold − 1 over GF(2^521 − 1) with the secret as
+    its constant term, evaluated at 1..holders (Horner). Each share is its 4-byte index and value."""
+    coefficients = [int.from_bytes(secret, "little")] + [_random_element() for _ in range(threshold - 1)]
+    shares = []
+    for x in range(1, holders + 1):
+        value = 0
+        for coefficient in reversed(coefficients):
+            value = (value * x + coefficient) % _FIELD
+        shares.append(x.to_bytes(4, "little") + value.to_bytes(_ELEMENT_BYTES, "little"))
+    return shares
+
+
+def combine_secret(shares: Sequence[bytes]) -> bytes:
+    """The 32-byte secret from ``threshold`` shares (Lagrange interpolation at 0); ValueError if the
+    shares are malformed or repeat an index, or rebuild no 32-byte secret."""
+    if any(len(share) != 4 + _ELEMENT_BYTES for share in shares):
+        raise ValueError("malformed Shamir shares")
+    points = [(int.from_bytes(share[:4], "little"), int.from_bytes(share[4:], "little")) for share in shares]
+    if len({x for x, _ in points}) != len(points):
+        raise ValueError("repeated Shamir share indices")
+    secret = 0
+    for i, (x_i, y_i) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (x_j, _) in enumerate(points):
+            if i != j:
+                numerator, denominator = numerator * x_j % _FIELD, denominator * (x_j - x_i) % _FIELD
+        secret = (secret + y_i * numerator * pow(denominator, -1, _FIELD)) % _FIELD
+    if secret >> (8 * _SEED_BYTES):
+        raise ValueError("the shares rebuild no secret")
+    return secret.to_bytes(_SEED_BYTES, "little")
+
+
+def _random_element() -> int:
+    while (value := int.from_bytes(os.urandom(_ELEMENT_BYTES), "little") & _FIELD) == _FIELD:
+        pass  # 521 random bits are below 2^521 − 1 except with probability 2^-520
+    return value
+
+
+def mask_key_from(secret: bytes) -> ec.EllipticCurvePrivateKey:
+    """The mask key pair's secret key derived from a 32-byte secret (SHAKE-256 to 64 bytes, reduced
+    to a non-zero scalar of SECP384R1): what is shared is the 32-byte secret."""
+    scalar = int.from_bytes(hashlib.shake_256(b"dpfl-secagg-mask-key" + secret).digest(64), "big")
+    return ec.derive_private_key(scalar % (_CURVE_ORDER - 1) + 1, ec.SECP384R1())
+
+
 def pack_nodes(nodes: Sequence[int]) -> bytes:
     """Node ids as bytes (Flower's node ids are unsigned 64-bit; a config record's ints are signed)."""
     return np.asarray(nodes, dtype="<u8").tobytes()
@@ -121,10 +177,12 @@ def unpack_nodes(packed: bytes) -> list[int]:
 
 
 def mask(seed: bytes, size: int, bits: int) -> np.ndarray:
-    """PRG(seed): ``size`` uniform residues mod 2^b, the ChaCha20 keystream under SHA-256(seed)."""
+    """PRG(seed): ``size`` uniform residues mod 2^b (uint64), the ChaCha20 keystream under SHA-256(seed),
+    one 32-bit word a residue when b ≤ 32 (half the keystream), else one 64-bit word."""
     key = hashlib.sha256(b"dpfl-secagg-mask" + seed).digest()
     stream = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
-    words = np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8")
+    word = "<u4" if bits <= 32 else "<u8"
+    words = np.frombuffer(stream.update(bytes(np.dtype(word).itemsize * size)), dtype=word).astype(np.uint64)
     return words & np.uint64((1 << bits) - 1)
 
 
@@ -154,9 +212,10 @@ class SecAggClient:
         self.node = node
         self.setup = setup
         self._neighbours = setup.neighbours(node)
-        self._mask_key, mask_public = generate_key_pairs()
+        self._mask_secret = os.urandom(_SEED_BYTES)
+        self._mask_key = mask_key_from(self._mask_secret)
         self._share_key, share_public = generate_key_pairs()
-        self.public_keys = (public_key_to_bytes(mask_public), public_key_to_bytes(share_public))
+        self.public_keys = (public_key_to_bytes(self._mask_key.public_key()), public_key_to_bytes(share_public))
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         # The shares this client holds: holder of (b_j, sk1_j) for each j that sent it some.
         self._held: dict[int, tuple[bytes, bytes]] = {}
@@ -171,7 +230,7 @@ class SecAggClient:
         SecAgg+ mod keeps the same in the node's ``context.state``): its secret keys, its
         self-mask seed, its neighbours' public keys and the shares it holds."""
         peers, held = sorted(self._peer_keys), sorted(self._held)
-        return {"mask-key": private_key_to_bytes(self._mask_key), "share-key": private_key_to_bytes(self._share_key),
+        return {"mask-secret": self._mask_secret, "share-key": private_key_to_bytes(self._share_key),
                 "self-seed": getattr(self, "_self_seed", b""), "peers": pack_nodes(peers),
                 "peer-mask-keys": [self._peer_keys[peer][0] for peer in peers],
                 "peer-share-keys": [self._peer_keys[peer][1] for peer in peers],
@@ -184,7 +243,8 @@ class SecAggClient:
         """The client of :meth:`secrets`, for the round's next exchange."""
         client = cls.__new__(cls)
         client.node, client.setup, client._neighbours = node, setup, setup.neighbours(node)
-        client._mask_key = bytes_to_private_key(bytes(secrets["mask-key"]))
+        client._mask_secret = bytes(secrets["mask-secret"])
+        client._mask_key = mask_key_from(client._mask_secret)
         client._share_key = bytes_to_private_key(bytes(secrets["share-key"]))
         client.public_keys = (public_key_to_bytes(client._mask_key.public_key()),
                               public_key_to_bytes(client._share_key.public_key()))  # fmt: skip
@@ -212,9 +272,8 @@ class SecAggClient:
             raise TooFewSurvivors(f"{len(holders)} share holders, fewer than the threshold {self.setup.share_threshold}")
         self._peer_keys = dict(peer_keys)
         self._self_seed = os.urandom(_SEED_BYTES)
-        secret_key = private_key_to_bytes(self._mask_key)
-        seed_shares = create_shares(self._self_seed, self.setup.share_threshold, len(holders))
-        key_shares = create_shares(secret_key, self.setup.share_threshold, len(holders))
+        seed_shares = split_secret(self._self_seed, self.setup.share_threshold, len(holders))
+        key_shares = split_secret(self._mask_secret, self.setup.share_threshold, len(holders))
         out = {}
         for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
             if holder == self.node:
@@ -321,7 +380,7 @@ class SecAggServer:
             if kind == "seed":
                 total = (total - mask(secret, size, bits)) & modulus_mask
                 continue
-            owner_key = bytes_to_private_key(secret)
+            owner_key = mask_key_from(secret)
             for peer in masked_neighbours:
                 pairwise = mask(_pairwise_seed(owner_key, self._public_keys[peer][0]), size, bits)
                 # The survivor added +mask if it is the smaller id, −mask otherwise: undo that.
@@ -333,7 +392,7 @@ class SecAggServer:
         threshold = self.setup.share_threshold
         if len(shares) < threshold:
             raise TooFewSurvivors(f"{len(shares)} shares of node {owner}'s {kind}, fewer than the threshold {threshold}")
-        return combine_shares(shares[:threshold])
+        return combine_secret(shares[:threshold])
 
 
 # Called after each client's answer with (stage, node, CPU seconds it took, bytes it sent).

@@ -17,6 +17,7 @@ The record layouts here are shared with the ClientApp's handlers
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,10 +47,16 @@ def setup_record(setup: SecAggSetup, rotation_seed: bytes, server_round: int, **
 
 def read_setup(record: Mapping[str, Any]) -> tuple[SecAggSetup, bytes, int]:
     """(the setting, the rotation seed, the round) of a stage's message; ValueError if malformed."""
-    setup = SecAggSetup(nodes=tuple(unpack_nodes(record["nodes"])), degree=int(record["degree"]),
-                        min_inputs=int(record["min-inputs"]), bits=int(record["bits"]),
-                        graph_seed=bytes(record["graph-seed"]))  # fmt: skip
+    setup = _setup(bytes(record["nodes"]), int(record["degree"]), int(record["min-inputs"]), int(record["bits"]),
+                   bytes(record["graph-seed"]))  # fmt: skip
     return setup, bytes(record["rotation-seed"]), int(record["round"])
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(nodes: bytes, degree: int, min_inputs: int, bits: int, graph_seed: bytes) -> SecAggSetup:
+    # One setting per round, read by every message of it: a process that serves many nodes (an
+    # engine's) builds its neighbourhood graph once, not once a message (O(n log n) hashes each).
+    return SecAggSetup(tuple(unpack_nodes(nodes)), degree, min_inputs, bits, graph_seed)
 
 
 def masked_dtype(bits: int) -> np.dtype:

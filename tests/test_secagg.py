@@ -171,7 +171,7 @@ def test_key_material_cannot_be_pickled_and_a_node_keeps_it_only_explicitly():
 def unmasked_views(inputs: dict[int, int], bits: int, rounds: int) -> list[tuple[int, int]]:
     """What the server can compute of one round: each survivor's masked input minus its self-mask
     (rebuilt from the revealed seed shares), for clients 1 and 2 of a 3-client round."""
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from dpfl.secagg.protocol import combine_secret
 
     views = []
     for _ in range(rounds):
@@ -186,7 +186,7 @@ def unmasked_views(inputs: dict[int, int], bits: int, rounds: int) -> list[tuple
         revealed = {node: clients[node].unmask(survivors) for node in survivors}
         view = []
         for owner in (1, 2):
-            seed = combine_shares([reply[owner][1] for reply in revealed.values()][: setup.share_threshold])
+            seed = combine_secret([reply[owner][1] for reply in revealed.values()][: setup.share_threshold])
             view.append(int((masked[owner] - mask(seed, 1, bits))[0] & np.uint64((1 << bits) - 1)))
         views.append(tuple(view))
     return views
@@ -214,3 +214,19 @@ def test_the_defaults_are_valid_settings(n):
 
     assert setup_problem(n, default_degree(n), default_min_inputs(n), 32) is None
     assert default_min_inputs(n) >= 2 * n / 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(threshold=st.integers(1, 12), extra=st.integers(0, 8), data=st.data())
+def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not(threshold, extra, data):
+    """Shamir over GF(2^521 − 1): any t of the n shares rebuild the secret; t − 1 of them do not
+    (they interpolate a polynomial of lower degree: another field element, almost never 32 bytes)."""
+    from dpfl.secagg.protocol import combine_secret, split_secret
+
+    secret = os.urandom(32)
+    shares = split_secret(secret, threshold, threshold + extra)
+    chosen = data.draw(st.permutations(shares))[:threshold]
+    assert combine_secret(chosen) == secret
+    if threshold > 1:
+        with pytest.raises(ValueError, match="rebuild no secret"):
+            combine_secret(chosen[:-1])
