@@ -13,19 +13,29 @@ client time, the server time, bytes sent per client (masked vector at b bits, ke
 shares) and their ratio to a plain float32 update, and the round's time against plain
 aggregation's (the server summing the float32 updates) on the same machine.
 
-Not measured here (left for the Message-API integration): accuracy at ε = 8 with
-distributed vs central DP, and Flower's transport.
+``--accuracy``: instead, the default federation (``make run``'s settings, ε = 8) with
+central DP (``aggregation=plain``) and with secure aggregation and distributed DP
+(``aggregation=secagg``), one run per seed, through the real ServerApp and ClientApp on the
+in-process engine: final test accuracy and the mean wall time of a round (from the
+server-private diagnostics). Results are kept in ``--out``/accuracy.json, so an interrupted
+benchmark resumes where it stopped. ``--neighbours`` sets k: the masks cancel exactly, so the
+released sum (hence accuracy) does not depend on k, only the cost does; a small k keeps the
+simulation of all 400 clients on one machine short.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/secagg.py [--clients 10 50 100] [--bits 32]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/secagg.py --accuracy [--seeds 0 1 2] [--neighbours 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +92,45 @@ def measure(clients: int, degree: int, size: int, bits: int, clip_norm: float, n
     }
 
 
+def accuracy(seeds: list[int], neighbours: int, out: Path, workers: int) -> None:
+    """Final accuracy and round time of the default federation at ε = 8, central vs distributed DP."""
+    from dpfl.engines.simulation import run_simulation
+    from dpfl.settings import RunSettings
+
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "accuracy.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for aggregation in ("plain", "secagg"):
+        for seed in seeds:
+            key = f"{aggregation}-{seed}"
+            if key not in results:
+                run_dir = out / key
+                settings = RunSettings(aggregation=aggregation, seed=seed, out_dir=str(run_dir),
+                                       secagg_neighbours=neighbours if aggregation == "secagg" else 0)  # fmt: skip
+                run_dir.mkdir(parents=True, exist_ok=True)
+                failure = run_simulation(settings, "in-process", workers, _wait)
+                if failure:
+                    raise SystemExit(f"{key}: {failure}")
+                summary = json.loads((run_dir / "summary.json").read_text())
+                rounds = [json.loads(line) for line in (run_dir / "server_private_diagnostics.jsonl").read_text().splitlines()]
+                results[key] = {"accuracy": summary["final-accuracy"], "epsilon": summary["epsilon"],
+                                "noise-multiplier": summary["noise-multiplier"],
+                                "round-seconds": statistics.mean(row["round-time"] for row in rounds)}  # fmt: skip
+                results_path.write_text(json.dumps(results, indent=1))
+            row = results[key]
+            print(f"{aggregation:>7} seed {seed}: accuracy {row['accuracy']:.4f}, epsilon {row['epsilon']:.3f}, "
+                  f"sigma {row['noise-multiplier']:.4f}, {row['round-seconds']:.2f} s a round", flush=True)  # fmt: skip
+    for aggregation in ("plain", "secagg"):
+        values = [results[f"{aggregation}-{seed}"]["accuracy"] for seed in seeds if f"{aggregation}-{seed}" in results]
+        if values:
+            print(f"{aggregation:>7}: mean accuracy {statistics.mean(values):.4f} over seeds {seeds}")
+
+
+def _wait(running) -> None:
+    while running():
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
@@ -89,7 +138,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=32)
     parser.add_argument("--clip-norm", type=float, default=0.2)
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
+    parser.add_argument("--accuracy", action="store_true", help="central vs distributed DP on the default federation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--neighbours", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark-secagg"))
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args.seeds, args.neighbours, args.out, args.workers)
+        return
     print(f"update of {args.size} parameters, C={args.clip_norm}, sigma={args.noise_multiplier}, b={args.bits}, "
           f"threshold t = ceil(2n/3)")  # fmt: skip
     header = ("n", "k", "client s", "server s", "plain s", "KB/client", "x plain", "noise/coord", "central")

@@ -45,7 +45,7 @@ from torch.func import grad_and_value
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
 from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
-from dpfl.privacy.distributed_dp import DistributedDPParams
+from dpfl.privacy.distributed_dp import DistributedDPParams, honest_sum_norm_bound
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
 from dpfl.flat import Layout
 from dpfl.privacy.mechanism import (
@@ -720,6 +720,16 @@ class ClientLevelDPStrategy(Strategy):
             log(INFO, "dpfl strategy %s: %s noise, participation %s with min-separation %d (at most %d rounds per "
                 "client), expected %.1f clients per round", self.name, schema.mechanism, schema.participation,
                 schema.min_separation, schema.max_participations, params.expected_clients)  # fmt: skip
+        if secure := params.secure_aggregation:
+            # What one hostile node can do to a released sum: its residues are unchecked, but the
+            # decoded sum's norm is bounded on release (dpfl.privacy.distributed_dp.bounded_sum).
+            cap = honest_sum_norm_bound(secure, secure.max_inputs)
+            log(INFO, "dpfl strategy %s: secure aggregation (SecAgg+) over every node, threshold t=%d of %d, %d "
+                "neighbours, sums mod 2^%d; distributed Skellam noise, each node's share mu=%.4g sized for t; the "
+                "server sees only the masked sum, and one hostile node can move a released sum by at most %.4g in "
+                "norm (an honest node: C=%g)", self.name, secure.threshold, secure.max_inputs,
+                min(self.__platform.secagg_degree, secure.max_inputs - 1), secure.bits, secure.mu_per_input,
+                2 * cap, secure.clip_norm)  # fmt: skip
         if adaptive := params.adaptive_clipping:
             log(INFO, "dpfl strategy %s: adaptive clipping from C=%g towards quantile %g at rate %g, count noise %.4g, "
                 "update noise multiplier %.4g", self.name, params.clip_norm, adaptive.target_quantile,

@@ -42,6 +42,7 @@ MODES = {
     "bandmf-cyclic": dict(mechanism="bandmf", participation="cyclic", min_separation=2),
     "tree-min-sep": dict(mechanism="tree", participation="min-sep", min_separation=2),
     "blt-cyclic": dict(mechanism="blt", participation="cyclic", min_separation=2),
+    "secure-aggregation": dict(aggregation="secagg"),
 }
 # Anything that looks like a clock time or a date: a public log must not time the rounds.
 TIMESTAMP = re.compile(r"\d{1,2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}")
