@@ -31,7 +31,8 @@ def smoke_test_strategy(cls: type[ClientLevelDPStrategy], settings: RunSettings,
     model = nn.Sequential(nn.Linear(4, 3))
     x = {name: t.detach().clone() for name, t in model.state_dict().items()}
     try:
-        strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2)
+        size = sum(t.numel() for t in x.values())
+        strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2, update_size=size)
         strategy.global_arrays = ArrayRecord(x)
         config = strategy.round_config(1)
         _expect(isinstance(config, dict) and all(isinstance(v, (bool, int, float, str)) for v in config.values()),

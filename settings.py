@@ -80,6 +80,15 @@ class RunSettings:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     clip_count_noise: float = 0.0
+    # Secure aggregation (dpfl.secagg, dpfl.privacy.distributed_dp): "plain" (the server sees each
+    # update) or "secagg" (SecAgg+ with distributed Skellam noise: the server learns only the noisy
+    # sum); secagg-threshold t (the fewest inputs a released sum holds; 0 = ceil(2n/3) of the n
+    # clients), secagg-neighbours k (0 = automatic: dpfl.privacy.secure_sum.default_degree), and
+    # secagg-bits b (the sum is taken mod 2^b)
+    aggregation: str = "plain"
+    secagg_threshold: int = 0
+    secagg_neighbours: int = 0
+    secagg_bits: int = 32
     # Client failures: per-round reply timeout; skip a round's update below min-replies
     # replies (a count released with Gaussian noise of std reply-count-noise; 0 = never skip)
     round_timeout: float = 3600.0
@@ -199,6 +208,7 @@ class RunSettings:
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         self._validate_adaptive_clipping()
         self._validate_participation()
+        self._validate_secure_aggregation()
         _one_of("pretraining", self.pretraining, PRETRAINING_CHOICES)
         if self.server_optimizer != UNSET["server_optimizer"]:  # else the strategy's recipe step
             _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
@@ -285,6 +295,37 @@ class RunSettings:
                                    self.min_replies)  # fmt: skip
         except ValueError as err:
             raise UsageError(str(err)) from None
+
+    def _validate_secure_aggregation(self) -> None:
+        from dpfl.privacy.names import AGGREGATIONS
+        from dpfl.privacy.secure_sum import setup_problem
+
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        _at_least("secagg-threshold", self.secagg_threshold, 0)
+        _at_least("secagg-neighbours", self.secagg_neighbours, 0)
+        if self.aggregation != "secagg":
+            return
+        clashes = {"noise-placement=client": self.noise_placement == "client",
+                   f"clipping={self.clipping}": self.clipping != "flat",
+                   "clip-mode=adaptive": self.clip_mode == "adaptive",
+                   f"min-replies={self.min_replies}": self.min_replies > 0,
+                   f"mechanism={self.mechanism}": self.mechanism != "gaussian",
+                   f"participation={self.participation}": self.participation != "poisson"}  # fmt: skip
+        if clash := next((name for name, applies in clashes.items() if applies), None):
+            raise UsageError(
+                f"aggregation=secagg cannot be combined with {clash}: its clients add distributed Skellam noise to "
+                "flat-clipped updates of a Poisson sample, and the server sees only their sum"
+            )
+        threshold, degree = self.secure_aggregation_shape()
+        if problem := setup_problem(self.num_clients, degree, threshold, self.secagg_bits):
+            raise UsageError(problem)
+
+    def secure_aggregation_shape(self) -> tuple[int, int]:
+        """(t, k) of the run's secure aggregation over its num-clients nodes, defaults resolved."""
+        from dpfl.privacy.secure_sum import default_degree, default_min_inputs
+
+        threshold = self.secagg_threshold or default_min_inputs(self.num_clients)
+        return threshold, self.secagg_neighbours or default_degree(self.num_clients)
 
     def participation_schema(self):
         """The run's ParticipationSchema, or None for Poisson sampling with independent noise (the default)."""

@@ -31,7 +31,8 @@ import numpy as np
 
 from dpfl.privacy.distributed_dp import DistributedDPParams, decode, encode
 from dpfl.privacy.randomness import RandomStream
-from dpfl.secagg.protocol import SecAggSetup, default_degree, default_min_inputs, run_round
+from dpfl.privacy.secure_sum import default_degree, default_min_inputs
+from dpfl.secagg.protocol import SecAggSetup, run_round
 
 DEFAULT_MODEL_PARAMETERS = 77_858  # resnet10, width 8, digits (dpfl.task.models.count_parameters)
 

@@ -193,6 +193,13 @@ RUN_OPTION_GROUPS: dict[str, list[tuple[str, str, Callable, str]]] = {
          "one per round, Poisson within) or min-sep (a client waits --min-separation rounds between rounds)"),
         ("--min-separation", "min_separation", positive_int, "b: rounds between two participations of a client "
          "under --participation cyclic or min-sep (at most ceil(rounds/b) each)"),
+        ("--aggregation", "aggregation", str, "plain (the server sees each update) or secagg (secure aggregation "
+         "with distributed Skellam noise: the server learns only the noisy sum)"),
+        ("--secagg-threshold", "secagg_threshold", non_negative_int,
+         "t: the fewest inputs a secure sum releases, each noise share sized for it (0: ceil(2n/3))"),
+        ("--secagg-neighbours", "secagg_neighbours", non_negative_int,
+         "k: SecAgg+ neighbours of each client, even (0: safe against a server colluding with a fifth of the clients)"),
+        ("--secagg-bits", "secagg_bits", positive_int, "b: the secure sum is taken mod 2^b (2-62)"),
         ("--clip-mode", "clip_mode", str, "fixed (C = --clip) or adaptive (C starts at --clip, tracks --target-quantile)"),
         ("--target-quantile", "target_quantile", probability, "adaptive clipping: fraction of updates left unclipped"),
         ("--clip-lr", "clip_lr", positive_float, "adaptive clipping: rate of the geometric update of C"),

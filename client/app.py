@@ -27,7 +27,10 @@ from dpfl.deployment.node import (
     ALREADY_DEPLOYED, DEPLOYMENT_KEY, NOT_LAST_WEIGHTS, POLICY_REFUSAL, failure_summary, run_node_deployment,
 )  # fmt: skip
 from dpfl.errors import UsageError
-from dpfl.privacy.mechanism import ClientInstructions, noise_share
+from dpfl.client.secure_aggregation import advertise_keys, masked_reply, round_setting, share_keys, unmask
+from dpfl.flat import Layout
+from dpfl.privacy.distributed_dp import node_epsilon
+from dpfl.privacy.mechanism import ClientInstructions, encode_secure_update, noise_share
 from dpfl.privacy.node_policy import NodePrivacyPolicy, PolicyRequest, amplified_epsilon, unamplified_epsilon
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors, tensor_record
@@ -67,6 +70,25 @@ def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUp
         raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
     instructions = ClientInstructions.from_config(config)
     global_weights = record_tensors(msg.content[ARRAYS_KEY])
+    secure = None
+    if instructions.secure_sum is not None:
+        # Secure aggregation: the node's ε from the threshold it is told, its own share and its own
+        # contributions (dpfl.privacy.node_policy), and a round setting that matches the mechanism's.
+        try:
+            setting = round_setting(msg)
+            secure = instructions.distributed_params(Layout(global_weights).size)
+        except ValueError as err:
+            raise UsageError(f"this node refuses secure-aggregation values that are no mechanism: {err}") from None
+        if setting is None or (setting[0].min_inputs, setting[0].bits) != instructions.secure_sum:
+            raise UsageError("this node refuses a secure-aggregation round whose threshold or modulus differs from "
+                             "its train message's")  # fmt: skip
+        delta = min(request.delta, policy.delta)
+        if refusal := policy.secure_aggregation_violation(secure, participation, request.rounds, request.sample_rate, delta):
+            log_privately(private_log, {"round": request.server_round, "refused": refusal})
+            raise UsageError(f"this node's privacy policy refuses run {context.run_id}: {refusal}")
+        log_privately(private_log, {"round": request.server_round, "contributions": participation.contributions,
+                                    "secagg-threshold": secure.threshold, "delta": delta,
+                                    "epsilon-own-contributions": node_epsilon(secure, participation.contributions, delta)})  # fmt: skip
     # Counted before training: a node that fails mid-round has still been asked. The weights
     # are remembered only for a run that announces a deployment round: without one, a query
     # finds nothing to match and is refused.
@@ -79,9 +101,11 @@ def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUp
     # Secure by default; seeded from --seed only when the run asked for reproducible noise.
     randomness = Randomness(settings.seed if instructions.reproducible_noise else None)
     noise_stream = randomness.stream("client-noise", server_round, identity)
+    if secure is not None and not instructions.contribute_update:  # not sampled: a zero update and its share
+        return masked_reply(msg, context, encode_secure_update(None, global_weights, secure, setting[1], noise_stream))
     if not instructions.contribute_update:  # not sampled: only this client's noise share
         return update_reply(msg, noise_share(global_weights, instructions, noise_stream))
-    if request.epsilon_valid:
+    if request.epsilon_valid and secure is None:
         delta = min(request.delta, policy.delta)
         log_privately(private_log, {
             "round": server_round, "contributions": participation.contributions, "rounds-seen": participation.rounds,
@@ -129,9 +153,27 @@ def _train(msg: Message, context: Context) -> Generator[LocalTraining, PrivateUp
         # Depends on the client's data size and how often it was sampled: the node's alone.
         log_privately(private_log, {"round": server_round, "sample-level-epsilon": local_dp.epsilon(),
                                     "local-delta": settings.local_delta})  # fmt: skip
+    if secure is not None:  # only its masked noisy encoding leaves the node
+        return masked_reply(msg, context, encode_secure_update(result.update, global_weights, secure, setting[1],
+                                                               noise_stream))  # fmt: skip
     # Only the privatised update leaves the client (with adaptive clipping, also the bit
     # [norm <= C] the server noises): no loss, norm or data size.
     return update_reply(msg, result.update, instructions.unclipped_report(result.norm_before_clip))
+
+
+@app.query("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    return advertise_keys(msg, context)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return share_keys(msg, context)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return unmask(msg, context)
 
 
 @app.query()

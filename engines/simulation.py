@@ -25,7 +25,7 @@ from dpfl.errors import UsageError
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.progress import Progress, no_progress
-from dpfl.server.app import app as server_app, resolve_noise_multiplier
+from dpfl.server.app import app as server_app, resolve_noise_multiplier, update_size
 from dpfl.server.checkpoint import (
     budget_change_warning,
     check_resumable,
@@ -76,16 +76,17 @@ def prepare_run(settings: RunSettings, download: bool = False, progress: Progres
     device_name(settings.device)  # a device that is not here is refused now, in one line
     if settings.init_from and not settings.resume_from:
         initial = load_initial_state(settings.init_from, settings.init_new_data)
-    if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
-        resolve_noise_multiplier(settings, initial.history if initial else ())
     smoke_test_strategy(get_strategy_class(settings.strategy), settings, settings.strategy)
     if download:
         load_dataset(settings.dataset, settings.data_dir, settings.image_size, download=True)
     data = cached_dataset(settings.dataset, settings.data_dir, settings.image_size)
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
+    spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
+    if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
+        size = update_size(spec.build()) if settings.aggregation == "secagg" else 0
+        resolve_noise_multiplier(settings, initial.history if initial else (), size)
     if settings.pretraining in GENERATORS and not (settings.resume_from or settings.init_from):
         # The ServerApp reads the cache (in whatever process it runs), so it starts at once.
-        spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
         pretrained_weights(spec, settings.pretraining, progress=progress)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from dpfl.errors import UsageError
-from dpfl.privacy.accountants import History, create_accountant
+from dpfl.privacy.accountants import Accountant, History, create_accountant
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
 from dpfl.privacy.participation import ParticipationSchema, accounted_shape
 
@@ -14,10 +14,13 @@ MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e3
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp",
+    target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str | Accountant = "rdp",
     prior: History = (),
 ) -> float:
     """Smallest σ (to 1e-4 relative) whose ε after ``rounds`` rounds is ≤ ``target_epsilon``.
+
+    ``accountant``: a name from ``ACCOUNTANTS``, or an accountant of a mechanism that needs
+    more than a name (secure aggregation's Skellam), searched like RDP.
 
     ``prior``: rounds already spent on the same clients (an earlier run's ledger),
     which the target includes. A target that even σ = :data:`MAX_NOISE_MULTIPLIER`
@@ -25,7 +28,8 @@ def calibrate_noise_multiplier(
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise UsageError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
-    spent = create_accountant(accountant, delta).spent
+    spent = (accountant if isinstance(accountant, Accountant) else create_accountant(accountant, delta)).spent
+    name = accountant.mechanism if isinstance(accountant, Accountant) else accountant
     already = spent(prior)[0]
     if already >= target_epsilon:
         raise UsageError(
@@ -39,10 +43,10 @@ def calibrate_noise_multiplier(
     if smallest > target_epsilon:
         raise UsageError(
             f"target epsilon {target_epsilon:g} cannot be reached in {rounds} rounds at sample rate {sample_rate:g}: "
-            f"the smallest epsilon ({accountant}, delta {delta:g}) with a noise multiplier up to "
+            f"the smallest epsilon ({name}, delta {delta:g}) with a noise multiplier up to "
             f"{MAX_NOISE_MULTIPLIER:g} is {smallest:.4g}"
         )
-    if accountant == "rdp":
+    if not isinstance(accountant, str) or accountant == "rdp":
         low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
     else:
         # PRV and PLD bound ε more tightly than RDP, so RDP's σ (where RDP reaches the

@@ -56,6 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpfl.privacy.accountants import Accountant
@@ -67,6 +68,7 @@ from dpfl.privacy.adaptive_clipping import (
     unclipped_bit,
 )
 from dpfl.privacy.clipping import clip_rows, per_tensor_median_clip, row_block
+from dpfl.privacy.distributed_dp import DistributedDPParams, bounded_sum, decode, encode
 from dpfl.flat import FlatTensors, Layout, flat_tensors, float64_norm
 from dpfl.privacy.participation import CorrelatedMechanism, ParticipationSchema, check_schema_supported
 from dpfl.privacy.randomness import Randomness, RandomStream
@@ -127,9 +129,14 @@ SAMPLE_SIZE = "sample-size"
 DELTA = "delta"
 REPRODUCIBLE_NOISE = "reproducible-noise"
 REPORT_UNCLIPPED = "report-unclipped"
+# Secure aggregation: the node's distributed noise share is sized from t, N, b and the values above.
+AGGREGATION = "aggregation"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_BITS = "secagg-bits"
 INSTRUCTION_KEYS = frozenset(
     {CLIP_NORM, CONTRIBUTE_UPDATE, CLIPPING, NOISE_MULTIPLIER, UPDATE_NOISE_MULTIPLIER, NOISE_PLACEMENT,
-     NUM_CLIENTS, SAMPLE_RATE, SAMPLE_SIZE, DELTA, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED}
+     NUM_CLIENTS, SAMPLE_RATE, SAMPLE_SIZE, DELTA, REPRODUCIBLE_NOISE, REPORT_UNCLIPPED, AGGREGATION,
+     SECAGG_THRESHOLD, SECAGG_BITS}
 )  # fmt: skip
 # The reply's entry holding an adaptive-clipping client's bit [‖u‖ ≤ C].
 UNCLIPPED = "unclipped"
@@ -155,8 +162,16 @@ class MechanismParams:
     # Who may take part when, and the noise that relies on it (dpfl.privacy.participation);
     # None: Poisson sampling and independent Gaussian noise.
     schema: ParticipationSchema | None = None
+    # Secure aggregation with distributed Skellam noise (dpfl.privacy.distributed_dp); None: plain sums.
+    secure_aggregation: DistributedDPParams | None = None
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation is not None and not (
+            self.flat and self.noise_placement == "server" and self.adaptive_clipping is None
+            and self.schema is None and not self.counts_replies
+        ):  # fmt: skip
+            raise ValueError("secure aggregation needs flat clipping at a fixed clip norm, Poisson sampling, no "
+                             "min-replies and no client noise shares (its clients add Skellam noise instead)")  # fmt: skip
         if self.schema is not None:
             check_schema_supported(self.schema, self.noise_placement, self.clipping,
                                    self.adaptive_clipping is not None, self.min_replies)  # fmt: skip
@@ -208,6 +223,11 @@ class MechanismParams:
     @property
     def flat(self) -> bool:
         return self.private and self.clipping == "flat"
+
+    @property
+    def every_node_asked(self) -> bool:
+        """Whether every node gets a message each round (its noise share is in every release)."""
+        return self.secure_aggregation is not None or self.client_noise_std() > 0
 
     def client_noise_std(self, clip_norm: float | None = None) -> float:
         """Each client's share: σ_ΔC/√N (every client adds one each round, sampled or not).
@@ -344,7 +364,7 @@ class ClientLevelMechanism:
         asked; only the sampled ones contribute their update.
         """
         chosen = set(sampled)
-        if self.params.client_noise_std(self.clip_norm) > 0:
+        if self.params.every_node_asked:
             return [(node, node in chosen) for node in nodes]
         return [(node, True) for node in nodes if node in chosen]
 
@@ -364,7 +384,17 @@ class ClientLevelMechanism:
             DELTA: p.delta,
             REPRODUCIBLE_NOISE: p.reproducible_noise,
             REPORT_UNCLIPPED: self.adaptive,
+            AGGREGATION: "secagg" if p.secure_aggregation else "plain",
+            SECAGG_THRESHOLD: p.secure_aggregation.threshold if p.secure_aggregation else 0,
+            SECAGG_BITS: p.secure_aggregation.bits if p.secure_aggregation else 0,
         }
+
+    def secure_round_seeds(self, server_round: int) -> tuple[bytes, bytes]:
+        """The round's public seeds of secure aggregation: (the rotation's, the neighbourhood graph's).
+
+        Public by design (every client needs them), drawn from the secure randomness so
+        that no party chooses them: the rotation protects only against wrap-around."""
+        return self.randomness.key("secagg-rotation", server_round), self.randomness.key("secagg-graph", server_round)
 
     # --- after the replies ------------------------------------------------------------
 
@@ -424,12 +454,7 @@ class ClientLevelMechanism:
         """
         p = self.params
         self._state.last_adaptive_release = None
-        step = self._accounting_step(server_round)
-        if p.epsilon_valid and step is not None:
-            # Write-ahead: the round is spent (and journaled) before its noise exists.
-            self.accountant.step(*step)
-            if self.journal is not None:
-                self.journal(self.accountant.state_dict())
+        self.account_round(server_round)
         self._journal_correlated(server_round)
         if p.counts_replies and self.too_few_replies(len(updates) if contributions is None else contributions, server_round):
             return None
@@ -456,6 +481,35 @@ class ClientLevelMechanism:
         if self.adaptive:
             self._adapt_clip_norm(unclipped, server_round)
         return layout.unflatten(total / denominator)
+
+    def account_round(self, server_round: int) -> None:
+        """Spend the round in the accountant (and journal it): write-ahead, before its noise is
+        drawn or, under secure aggregation, before the sum is unmasked. A crash can only over-count."""
+        step = self._accounting_step(server_round)
+        if self.params.epsilon_valid and step is not None:
+            self.accountant.step(*step)
+            if self.journal is not None:
+                self.journal(self.accountant.state_dict())
+
+    def release_secure_sum(
+        self, total: np.ndarray | None, like: Tensors, rotation_seed: bytes, inputs: int
+    ) -> dict[str, torch.Tensor] | None:
+        """The released mean from secure aggregation's unmasked sum mod 2^b of ``inputs`` encoded
+        updates (the round already accounted by :meth:`account_round`), or None when the round
+        released no sum (too few survivors).
+
+        Decoded, its norm bounded by what ``inputs`` honest clients can give
+        (:func:`dpfl.privacy.distributed_dp.bounded_sum`: post-processing that caps what one
+        hostile client's residues can do), and divided by the fixed qN. The noise is the
+        clients' (at least t threshold-sized shares): the server adds none.
+        """
+        secure = self.params.secure_aggregation
+        assert secure is not None, "release_secure_sum without secure aggregation"
+        if total is None:
+            return None
+        layout = Layout(like)
+        decoded = bounded_sum(decode(total, secure, rotation_seed), secure, inputs)
+        return layout.unflatten(torch.from_numpy(decoded) / self.params.expected_clients)
 
     def _adapt_clip_norm(self, unclipped: Sequence[float], server_round: int) -> None:
         adaptive = self.params.adaptive_clipping
@@ -536,6 +590,9 @@ class ClientInstructions:
     sample_size: int
     reproducible_noise: bool
     report_unclipped: bool = False
+    # Secure aggregation: (t, b), from which the node sizes its Skellam share; None: a plain sum.
+    secure_sum: tuple[int, int] | None = None
+    num_clients: int = 1
 
     @classmethod
     def flat(cls, clip_norm: float, client_noise_std: float = 0.0) -> ClientInstructions:
@@ -571,7 +628,19 @@ class ClientInstructions:
             sample_size=int(config[SAMPLE_SIZE]),
             reproducible_noise=bool(config[REPRODUCIBLE_NOISE]),
             report_unclipped=bool(config[REPORT_UNCLIPPED]),
+            secure_sum=(int(config[SECAGG_THRESHOLD]), int(config[SECAGG_BITS]))
+            if str(config[AGGREGATION]) == "secagg" else None,
+            num_clients=num_clients,
         )
+
+    def distributed_params(self, size: int) -> DistributedDPParams:
+        """Secure aggregation's mechanism for an update of ``size`` coordinates, from the checked values:
+        the share is sized for t inputs at σ (never below the σ a node's policy checked); ValueError if
+        the values are no mechanism."""
+        assert self.secure_sum is not None, "distributed_params without secure aggregation"
+        threshold, bits = self.secure_sum
+        return DistributedDPParams(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, size=size,
+                                   threshold=threshold, max_inputs=self.num_clients, bits=bits)  # fmt: skip
 
 
 def privatise_update(
@@ -629,6 +698,19 @@ def privatise_rows(
             # A row of the matrix (a reply's record snapshots it: dpfl.records.tensor_record).
             results[row] = flat_tensors(layout, _noised(clipped[index], std, streams[row], layout)), float(norms[index])
     return results  # type: ignore[return-value]
+
+
+def encode_secure_update(
+    update: Tensors | None, like: Tensors, params: DistributedDPParams, rotation_seed: bytes, stream: RandomStream
+) -> np.ndarray:
+    """The client's half under secure aggregation: its clipped private part (None: a node that was
+    not sampled, a zero update) re-clipped to C in float64 (the reply's dtype may have rounded its
+    norm up), rotated, rounded and noised with its Skellam share, as residues mod 2^b."""
+    layout = Layout(like)
+    vector = torch.zeros((1, layout.size), dtype=torch.float64)
+    if update is not None:
+        vector, _ = clip_rows(layout.flatten(update).double().unsqueeze(0), params.clip_norm)
+    return encode(vector[0].numpy(), params, rotation_seed, stream)
 
 
 def noise_share(like: Tensors, instructions: ClientInstructions, stream: RandomStream) -> Tensors:

@@ -12,5 +12,7 @@ from __future__ import annotations
 PARTICIPATIONS = ("poisson", "cyclic", "min-sep")
 # The noise mechanisms (dpfl.privacy.factorizations): independent, banded MF, tree aggregation, buffered linear Toeplitz.
 NOISE_MECHANISMS = ("gaussian", "bandmf", "tree", "blt")
+# How the server gets the sum of the updates: it sees each ("plain") or only their masked sum ("secagg").
+AGGREGATIONS = ("plain", "secagg")
 
-__all__ = ["NOISE_MECHANISMS", "PARTICIPATIONS"]
+__all__ = ["AGGREGATIONS", "NOISE_MECHANISMS", "PARTICIPATIONS"]

@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from dpfl.privacy.secure_sum import setup_problem
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
     bytes_to_public_key,
@@ -110,31 +111,13 @@ class SecAggSetup:
         return self._graph[node]
 
 
-def default_min_inputs(num_nodes: int) -> int:
-    """t = ⌈2n/3⌉: a round survives a third of its clients dropping out, and the noise (each share
-    sized for t) is √(n/t) ≈ 1.22 times what n shares sized for n would give."""
-    return math.ceil(2 * num_nodes / 3)
+def pack_nodes(nodes: Sequence[int]) -> bytes:
+    """Node ids as bytes (Flower's node ids are unsigned 64-bit; a config record's ints are signed)."""
+    return np.asarray(nodes, dtype="<u8").tobytes()
 
 
-def default_degree(num_nodes: int) -> int:
-    """k = n − 1, the complete graph (classic SecAgg): no input is revealed to an honest-but-curious
-    server colluding with fewer than ⌊n/2⌋ + 1 clients, whatever the graph's randomness; a
-    smaller even k (SecAgg+) is cheaper but protects only against fewer than ⌊(k+1)/2⌋ + 1
-    colluders in a neighbourhood."""
-    return num_nodes - 1
-
-
-def setup_problem(num_nodes: int, degree: int, min_inputs: int, bits: int) -> str | None:
-    """Why these SecAgg settings cannot work (one line naming the value and what is allowed), or None."""
-    if num_nodes < 2:
-        return f"secure aggregation needs at least 2 clients a round, got {num_nodes}"
-    if not 1 <= min_inputs <= num_nodes:
-        return f"secagg-threshold {min_inputs} must be between 1 and the number of clients {num_nodes}"
-    if degree < num_nodes - 1 and (degree < 2 or degree % 2):
-        return f"secagg-neighbours {degree} must be an even number >= 2 (or at least the number of clients - 1)"
-    if not 2 <= bits <= 62:
-        return f"secagg-bits {bits} must be between 2 and 62"
-    return None
+def unpack_nodes(packed: bytes) -> list[int]:
+    return [int(node) for node in np.frombuffer(bytes(packed), dtype="<u8")]
 
 
 def mask(seed: bytes, size: int, bits: int) -> np.ndarray:
@@ -180,8 +163,39 @@ class SecAggClient:
         self._masked_with: frozenset[int] = frozenset()
 
     def __getstate__(self) -> None:
-        raise TypeError("a SecAgg client holds the round's secret keys and seeds: it is never serialised "
-                        "(no checkpoint, node state or log may carry them)")
+        raise TypeError("a SecAgg client holds the round's secret keys and seeds: it is never pickled "
+                        "(no checkpoint or log may carry them; the node keeps them with secrets())")
+
+    def secrets(self) -> dict[str, bytes | list[bytes]]:
+        """What the node keeps between the round's exchanges, in its own memory only (Flower's
+        SecAgg+ mod keeps the same in the node's ``context.state``): its secret keys, its
+        self-mask seed, its neighbours' public keys and the shares it holds."""
+        peers, held = sorted(self._peer_keys), sorted(self._held)
+        return {"mask-key": private_key_to_bytes(self._mask_key), "share-key": private_key_to_bytes(self._share_key),
+                "self-seed": getattr(self, "_self_seed", b""), "peers": pack_nodes(peers),
+                "peer-mask-keys": [self._peer_keys[peer][0] for peer in peers],
+                "peer-share-keys": [self._peer_keys[peer][1] for peer in peers],
+                "holders": pack_nodes(held), "seed-shares": [self._held[owner][0] for owner in held],
+                "key-shares": [self._held[owner][1] for owner in held],
+                "masked-with": pack_nodes(sorted(self._masked_with))}  # fmt: skip
+
+    @classmethod
+    def from_secrets(cls, node: int, setup: SecAggSetup, secrets: Mapping[str, Any]) -> SecAggClient:
+        """The client of :meth:`secrets`, for the round's next exchange."""
+        client = cls.__new__(cls)
+        client.node, client.setup, client._neighbours = node, setup, setup.neighbours(node)
+        client._mask_key = bytes_to_private_key(bytes(secrets["mask-key"]))
+        client._share_key = bytes_to_private_key(bytes(secrets["share-key"]))
+        client.public_keys = (public_key_to_bytes(client._mask_key.public_key()),
+                              public_key_to_bytes(client._share_key.public_key()))  # fmt: skip
+        if secrets["self-seed"]:
+            client._self_seed = bytes(secrets["self-seed"])
+        client._peer_keys = {peer: (bytes(mask_key), bytes(share_key)) for peer, mask_key, share_key in
+                             zip(unpack_nodes(secrets["peers"]), secrets["peer-mask-keys"], secrets["peer-share-keys"])}  # fmt: skip
+        client._held = {owner: (bytes(seed), bytes(key)) for owner, seed, key in
+                        zip(unpack_nodes(secrets["holders"]), secrets["seed-shares"], secrets["key-shares"])}  # fmt: skip
+        client._masked_with = frozenset(unpack_nodes(secrets["masked-with"]))
+        return client
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 0: (pk1, pk2)."""

@@ -16,6 +16,7 @@ from flwr.supercore import log
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
+from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
 from dpfl.privacy.accountants.rdp import epsilon_for
 from dpfl.privacy.calibration import calibrate_noise_multiplier
 from dpfl.privacy.participation import accounted_shape
@@ -40,7 +41,7 @@ from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE, RunRecorder
 from dpfl.server.round_line import round_line
 from dpfl.settings import RunSettings
 from dpfl.strategies import get_strategy_class
-from dpfl.strategies.base import BudgetExhausted, not_valid_reasons
+from dpfl.strategies.base import BudgetExhausted, distributed_params, not_valid_reasons
 from dpfl.task.checkpoint import ModelSpec
 from dpfl.task.data import cached_dataset
 from dpfl.task.devices import resolve_device
@@ -58,17 +59,31 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunSettings.from_run_config(context.run_config))
 
 
-def resolve_noise_multiplier(settings: RunSettings, prior: Sequence[tuple[float, float, int]] = ()) -> float:
+def resolve_noise_multiplier(
+    settings: RunSettings, prior: Sequence[tuple[float, float, int]] = (), update_size: int = 0
+) -> float:
     """σ as given, or calibrated so that the rounds of ``prior`` (an init-from ledger) and the
-    planned rounds together end at ``target-epsilon``."""
+    planned rounds together end at ``target-epsilon`` (under secure aggregation, with its
+    Skellam accountant for an update of ``update_size`` values)."""
     if settings.target_epsilon > 0:
+        accountant = settings.accountant
+        if settings.aggregation == "secagg":
+            try:  # the accountant needs only C and the size: any σ builds it
+                accountant = DistributedSkellamAccountant(settings.delta, distributed_params(settings, 1.0, update_size))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
         # Under a participation schema: one step per block of min-separation rounds (dpfl.privacy.participation).
         sample_rate, steps = accounted_shape(settings.participation_schema(), settings.sample_rate,
                                              settings.num_server_rounds)  # fmt: skip
         return calibrate_noise_multiplier(
-            settings.target_epsilon, settings.delta, sample_rate, steps, accountant=settings.accountant, prior=prior,
+            settings.target_epsilon, settings.delta, sample_rate, steps, accountant=accountant, prior=prior,
         )
     return settings.noise_multiplier
+
+
+def update_size(model: torch.nn.Module) -> int:
+    """How many values an update of ``model`` has (what secure aggregation's shares are sized for)."""
+    return sum(tensor.numel() for tensor in model.state_dict().values())
 
 
 def load_resume(settings: RunSettings) -> RunCheckpoint | None:
@@ -124,6 +139,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
     device = resolve_device(settings.device)  # where the server evaluates (the model stays on the CPU)
+    size = update_size(model)
     initial: InitialState | None = None
     if resume:
         load_weights(model, resume.weights, f"resume-from {settings.resume_from!r}")
@@ -135,10 +151,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             pretraining_seconds = 0.0
         else:
             pretraining_seconds = initialise(model, spec, settings.pretraining)
-        noise_multiplier = resolve_noise_multiplier(settings, initial.history if initial else ())
+        noise_multiplier = resolve_noise_multiplier(settings, initial.history if initial else (), size)
     local_steps = settings.local_steps()
     try:
-        strategy = strategy_class.from_settings(settings, noise_multiplier=noise_multiplier, local_steps=local_steps)
+        strategy = strategy_class.from_settings(settings, noise_multiplier=noise_multiplier, local_steps=local_steps,
+                                                update_size=size)  # fmt: skip
     except ValueError as err:  # the mechanism's parameters do not fit together
         raise UsageError(str(err)) from None
     if resume:

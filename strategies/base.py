@@ -44,6 +44,8 @@ from torch.func import grad_and_value
 
 from dpfl.errors import UsageError
 from dpfl.privacy.accountants import create_accountant
+from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
+from dpfl.privacy.distributed_dp import DistributedDPParams
 from dpfl.privacy.adaptive_clipping import AdaptiveClipping
 from dpfl.flat import Layout
 from dpfl.privacy.mechanism import (
@@ -58,6 +60,7 @@ from dpfl.privacy.participation import ParticipationSchema
 from dpfl.privacy.randomness import Randomness
 from dpfl.records import record_tensors, tensor_record
 from dpfl.settings import RunSettings
+from dpfl.strategies.secure_aggregation import SECAGG_KEY, SecureRound
 from dpfl.task.server_optimizer import ServerOptimizer
 
 Tensors = dict[str, torch.Tensor]
@@ -77,7 +80,7 @@ LOCAL_STEPS_KEY = "local-steps"
 # Keys a strategy's options, round_config or extra_records may not use: the platform's
 # always win, and a collision is refused when the strategy is loaded.
 PLATFORM_CONFIG_KEYS = INSTRUCTION_KEYS | {SERVER_ROUND_KEY, LR_KEY, LOCAL_STEPS_KEY}
-PLATFORM_RECORD_KEYS = frozenset({ARRAYS_KEY, CONFIG_KEY, UPDATE_KEY, METRICS_KEY})
+PLATFORM_RECORD_KEYS = frozenset({ARRAYS_KEY, CONFIG_KEY, UPDATE_KEY, METRICS_KEY, SECAGG_KEY})
 
 # Methods that implement the privacy mechanism or what it relies on (sampling,
 # screening of replies, the learning-rate schedule, whether ε is valid, the
@@ -260,6 +263,8 @@ class ClientLevelDPStrategy(Strategy):
         server_optimizer: str = "sgd",
         server_lr: float = 1.0,
         schema: ParticipationSchema | None = None,
+        secure_aggregation: DistributedDPParams | None = None,
+        secagg_degree: int = 0,
     ) -> None:
         super().__init__()
         params = MechanismParams(
@@ -276,12 +281,16 @@ class ClientLevelDPStrategy(Strategy):
             min_replies=min_replies,
             reply_count_noise=reply_count_noise,
             schema=schema,
+            secure_aggregation=secure_aggregation if self.private else None,
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
+        # Secure aggregation's distributed Skellam mechanism has its own accountant.
+        ledger = (DistributedSkellamAccountant(delta, params.secure_aggregation) if params.secure_aggregation
+                  else create_accountant(accountant, delta))  # fmt: skip
         self.__platform = _PlatformState(
-            mechanism=ClientLevelMechanism(params, create_accountant(accountant, delta), randomness),
-            max_epsilon=max_epsilon,
+            mechanism=ClientLevelMechanism(params, ledger, randomness), max_epsilon=max_epsilon,
+            secagg_degree=secagg_degree,
         )
         self.local_steps = local_steps
         self.lr = lr
@@ -307,8 +316,11 @@ class ClientLevelDPStrategy(Strategy):
         return settings.with_server_step(cls.has_public_part()).with_strategy_option_defaults(cls.options)
 
     @classmethod
-    def from_settings(cls, settings: RunSettings, *, noise_multiplier: float, local_steps: int) -> ClientLevelDPStrategy:
-        """Build from the run's ``RunSettings`` (server step resolved) and its ``strategy-options``."""
+    def from_settings(
+        cls, settings: RunSettings, *, noise_multiplier: float, local_steps: int, update_size: int = 0
+    ) -> ClientLevelDPStrategy:
+        """Build from the run's ``RunSettings`` (server step resolved) and its ``strategy-options``;
+        ``update_size`` (the model's number of values) is needed under secure aggregation."""
         settings = cls.resolved_settings(settings)
         strategy = cls(
             noise_multiplier=noise_multiplier,
@@ -332,6 +344,8 @@ class ClientLevelDPStrategy(Strategy):
             server_optimizer=settings.server_optimizer,
             server_lr=settings.server_lr,
             schema=settings.participation_schema(),
+            secure_aggregation=distributed_params(settings, noise_multiplier, update_size),
+            secagg_degree=settings.secure_aggregation_shape()[1],
         )
         strategy.apply_settings(settings)
         return strategy
@@ -453,6 +467,7 @@ class ClientLevelDPStrategy(Strategy):
         is no client-side evaluation: the server evaluates on its own data.
         """
         self.summary()
+        self.__platform.round_timeout = timeout
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result()
         arrays = initial_arrays
@@ -487,7 +502,22 @@ class ClientLevelDPStrategy(Strategy):
         self.global_arrays = arrays
         nodes = sorted(grid.get_node_ids())
         sampled = self.mechanism.sample(nodes, server_round)
-        messages = self._train_messages(server_round, arrays, config, self.mechanism.recipients(nodes, sampled))
+        recipients = self.mechanism.recipients(nodes, sampled)
+        secure_records: dict[int, ConfigRecord] = {}
+        if secure := self.mechanism.params.secure_aggregation:
+            # SecAgg+'s first two exchanges; the train messages go to the nodes still in the round.
+            self.__platform.secure_round = SecureRound.begin(
+                nodes, self.__platform.secagg_degree, secure.threshold, secure.bits,
+                self.mechanism.secure_round_seeds(server_round), server_round, secure.padded_size,
+            )  # fmt: skip
+            if self.__platform.secure_round is not None:
+                secure_records = self.__platform.secure_round.exchange_keys(grid, self.__platform.round_timeout)
+            self.__platform.secure_grid = grid
+            recipients = [(node, contributes) for node, contributes in recipients if node in secure_records]
+        messages = self._train_messages(server_round, arrays, config, recipients)
+        for message in messages:
+            if message.metadata.dst_node_id in secure_records:
+                message.content[SECAGG_KEY] = secure_records[message.metadata.dst_node_id]
         # The realised sample is private: only the server-private diagnostics hold its size.
         self.__platform.private_diagnostics = {"round": server_round, "sampled": len(sampled), "messages": len(messages)}
         return messages
@@ -532,6 +562,8 @@ class ClientLevelDPStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.global_arrays is not None, "aggregate_train before configure_train"
         x = record_tensors(self.global_arrays)
+        if self.mechanism.params.secure_aggregation:
+            return self.__aggregate_secure(server_round, x, list(replies))
         updates, unclipped, dropped, contributions, failed, arrived = [], [], [], 0, 0, 0
         layout = Layout(x)  # the model's names, shapes and dtypes, taken once for all replies
         for reply in replies:
@@ -566,6 +598,30 @@ class ClientLevelDPStrategy(Strategy):
         self.__platform.private_diagnostics.update(diagnostics)
         return tensor_record(new_x), MetricRecord(self.last_metrics)
 
+    def __aggregate_secure(
+        self, server_round: int, x: Tensors, replies: list[Message]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Secure aggregation's end of the round: the round is accounted before the sum is
+        unmasked (write-ahead), then released from the sum alone; no single update is seen,
+        so none is screened (the release bounds the sum's norm instead)."""
+        secure_round = self.__platform.secure_round
+        self.mechanism.account_round(server_round)
+        total = None
+        if secure_round is not None:
+            total = secure_round.unmasked_sum(replies, self.__platform.secure_grid, self.__platform.round_timeout)
+        rotation_seed = secure_round.rotation_seed if secure_round else b""
+        survivors = len(secure_round.survivors) if secure_round else 0
+        mean_delta = self.mechanism.release_secure_sum(total, x, rotation_seed, survivors)
+        new_x = self.__apply_release(server_round, x, mean_delta)
+        self.__platform.private_diagnostics.update({
+            "failed": sum(reply.has_error() for reply in replies), "no-reply": self.private_diagnostics["messages"] - len(replies),
+            "secagg-survivors": survivors if total is not None else 0,
+            "secagg-failed-stage": secure_round.failed_stage if secure_round else "too few nodes",
+            "update-skipped": mean_delta is None,
+        })  # fmt: skip
+        self.__platform.secure_round = self.__platform.secure_grid = None
+        return tensor_record(new_x), MetricRecord(self.last_metrics)
+
     def screen_reply(self, reply: Message, x: Tensors | Layout) -> tuple[Tensors | None, str]:
         """The reply's update if it may be aggregated, else None and why it was dropped
         (``x``: the global weights, or their :class:`dpfl.flat.Layout`).
@@ -597,6 +653,10 @@ class ClientLevelDPStrategy(Strategy):
         ``unclipped``: the replies' bits under adaptive clipping.
         """
         mean_delta = self.mechanism.release(updates, x, server_round, contributions, unclipped)
+        return self.__apply_release(server_round, x, mean_delta)
+
+    def __apply_release(self, server_round: int, x: Tensors, mean_delta: Tensors | None) -> Tensors:
+        """The new global weights from the released mean Δ̄ (None: the round's update is skipped)."""
         self.current_round = server_round
         if mean_delta is None:
             self.__platform.last_metrics = {**self.public_metrics(server_round), UPDATE_SKIPPED: 1.0}
@@ -607,7 +667,7 @@ class ClientLevelDPStrategy(Strategy):
         mean_delta = self.transform_update(server_round, mean_delta)
         self.after_aggregate(server_round, mean_delta)
         self.__platform.last_metrics = self.public_metrics(server_round)
-        if self.mechanism.params.counts_replies:
+        if self.mechanism.params.counts_replies or self.mechanism.params.secure_aggregation:
             self.__platform.last_metrics[UPDATE_SKIPPED] = 0.0
         if public is None:
             return self.server_optimizer.step(x, mean_delta)
@@ -688,6 +748,12 @@ class _PlatformState:
     max_epsilon: float
     last_metrics: dict[str, float] = field(default_factory=dict)
     private_diagnostics: dict[str, Any] = field(default_factory=dict)
+    # Secure aggregation: the neighbourhood degree, and the round in progress with its grid
+    # (server memory only: never in a checkpoint).
+    secagg_degree: int = 0
+    round_timeout: float = 3600.0
+    secure_round: SecureRound | None = None
+    secure_grid: Grid | None = None
 
 
 def platform_state_references(cls: type) -> list[str]:
@@ -711,6 +777,18 @@ def platform_state_references(cls: type) -> list[str]:
             and isinstance(node.value, ast.Name) and node.value.id == "self"
         }  # fmt: skip
     return sorted(named)
+
+
+def distributed_params(settings: RunSettings, noise_multiplier: float, update_size: int) -> DistributedDPParams | None:
+    """The run's distributed Skellam mechanism under ``aggregation=secagg`` (else None); a one-line
+    ValueError when its values do not fit (the modulus too small for the sum, naming the fewest bits)."""
+    if settings.aggregation != "secagg":
+        return None
+    if update_size < 1:
+        raise ValueError("secure aggregation needs the model's size to size its noise shares (update_size)")
+    threshold, _ = settings.secure_aggregation_shape()
+    return DistributedDPParams(clip_norm=settings.clip_norm, noise_multiplier=noise_multiplier, size=update_size,
+                               threshold=threshold, max_inputs=settings.num_clients, bits=settings.secagg_bits)  # fmt: skip
 
 
 def not_valid_reasons(params: MechanismParams) -> list[str]:

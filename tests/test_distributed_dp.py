@@ -22,6 +22,7 @@ from dpfl.privacy.distributed_dp import (
     decode,
     encode,
     epsilon,
+    ledger_epsilon,
     minimum_bits,
     node_epsilon,
     poisson_subsampled_rdp,
@@ -262,6 +263,9 @@ def test_the_skellam_accountant_tells_the_mechanisms_epsilon():
     resumed = DistributedSkellamAccountant(1e-5, params)
     resumed.load_state_dict(accountant.state_dict())
     assert resumed.epsilon() == accountant.epsilon()
+    # Another sigma (what calibration searches over) is the same mechanism with other noise.
+    other = DistributedDPParams(clip_norm=1.0, noise_multiplier=0.8, size=1000, threshold=5, max_inputs=10)
     accountant.step(0.8, 0.2)
-    with pytest.raises(ValueError, match="Skellam mechanism at 1.2 only"):
-        accountant.epsilon()
+    exact = ledger_epsilon(params, [(1.2, 0.2, 30), (0.8, 0.2, 1)], 1e-5)[0]
+    assert accountant.epsilon() == pytest.approx(exact)
+    assert epsilon(params, [(0.2, 31)], 1e-5)[0] < exact < epsilon(other, [(0.2, 32)], 1e-5)[0]

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from dpfl.privacy.secure_sum import setup_problem
 from dpfl.secagg.protocol import (
     SecAggClient,
     SecAggServer,
@@ -17,7 +18,6 @@ from dpfl.secagg.protocol import (
     TooFewSurvivors,
     mask,
     run_round,
-    setup_problem,
 )
 
 SIZE = 6
@@ -141,14 +141,31 @@ def test_bad_settings_are_one_line_errors(n, degree, min_inputs, bits, message):
         SecAggSetup(tuple(range(n)), degree, min_inputs, bits, bytes(32))
 
 
-def test_key_material_cannot_be_serialised():
-    """Nothing of a round's secrets can reach a checkpoint, a node's state or a log by pickling."""
+def test_key_material_cannot_be_pickled_and_a_node_keeps_it_only_explicitly():
+    """Nothing of a round's secrets can reach a checkpoint or a log by pickling; a node keeps
+    its client between exchanges only through secrets()/from_secrets(), and the kept client
+    completes the round exactly."""
     import pickle
 
     setup = SecAggSetup((1, 2, 3), 2, 2, 16, os.urandom(32))
     for party in (SecAggClient(1, setup), SecAggServer(setup)):
-        with pytest.raises(TypeError, match="never serialised"):
+        with pytest.raises(TypeError, match="never (pickled|serialised)"):
             pickle.dumps(party)
+
+    def kept(clients):
+        return {node: SecAggClient.from_secrets(node, setup, client.secrets()) for node, client in clients.items()}
+
+    clients = {node: SecAggClient(node, setup) for node in setup.nodes}
+    server = SecAggServer(setup)
+    keys_for = server.public_keys_for({node: client.advertise() for node, client in kept(clients).items()})
+    clients = kept(clients)
+    routed = server.route_shares({node: client.share_keys(keys_for[node]) for node, client in clients.items()})
+    clients = kept(clients)
+    inputs = {node: np.arange(6, dtype=np.uint64) * node for node in setup.nodes}
+    survivors = server.survivors({node: clients[node].masked_input(routed[node], inputs[node]) for node in (1, 3)})
+    clients = kept(clients)
+    total = server.unmasked_sum({node: clients[node].unmask(survivors) for node in survivors})
+    assert np.array_equal(total, (inputs[1] + inputs[3]) % 2**16)
 
 
 def unmasked_views(inputs: dict[int, int], bits: int, rounds: int) -> list[tuple[int, int]]:
@@ -193,7 +210,7 @@ def test_the_servers_view_depends_on_the_inputs_only_through_their_sum():
 
 @pytest.mark.parametrize("n", [2, 3, 10, 100])
 def test_the_defaults_are_valid_settings(n):
-    from dpfl.secagg.protocol import default_degree, default_min_inputs
+    from dpfl.privacy.secure_sum import default_degree, default_min_inputs
 
     assert setup_problem(n, default_degree(n), default_min_inputs(n), 32) is None
     assert default_min_inputs(n) >= 2 * n / 3

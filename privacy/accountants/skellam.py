@@ -2,18 +2,18 @@
 
 The accountant interface of :mod:`.base` (a ledger of (σ, q, rounds), ε at a fixed δ,
 JSON state) for rounds of :mod:`dpfl.privacy.distributed_dp`: each round's RDP is the
-Skellam bound at the run's rounded sensitivity and threshold-sized noise, amplified by
-Poisson(q) with Zhu and Wang's general bound. The mechanism's values other than σ and q
-(clip norm, dimension, threshold, clients, bits) are fixed for the run and given at
-construction; a ledger entry with another σ is refused rather than accounted as if it
-were this mechanism. It takes the mechanism's parameters, so it is built by whoever
-builds the run's secure aggregation, not by name from ``ACCOUNTANTS``.
+Skellam bound at the run's rounded sensitivity with released noise μ = (σΔ₂)²/2 (what
+any t threshold-sized shares carry), amplified by Poisson(q) with Zhu and Wang's
+general bound. The mechanism's values other than σ and q (clip norm, dimension, bits)
+are fixed for the run and given at construction, so noise calibration can search σ with
+this accountant as with any other. It takes the mechanism's parameters, so it is built by
+whoever builds the run's secure aggregation, not by name from ``ACCOUNTANTS``.
 """
 
 from __future__ import annotations
 
 from dpfl.privacy.accountants.base import Accountant, HistoryKey
-from dpfl.privacy.distributed_dp import DistributedDPParams, epsilon
+from dpfl.privacy.distributed_dp import DistributedDPParams, ledger_epsilon
 
 
 class DistributedSkellamAccountant(Accountant):
@@ -24,10 +24,4 @@ class DistributedSkellamAccountant(Accountant):
         self.params = params
 
     def _privacy_spent(self, history: HistoryKey) -> tuple[float, float]:
-        others = sorted({sigma for sigma, _, _ in history} - {self.params.noise_multiplier})
-        if others:
-            raise ValueError(
-                f"the ledger holds rounds at noise multipliers {others}, but this accountant covers the distributed "
-                f"Skellam mechanism at {self.params.noise_multiplier:g} only"
-            )
-        return epsilon(self.params, [(q, steps) for _, q, steps in history], self.delta)
+        return ledger_epsilon(self.params, history, self.delta)
