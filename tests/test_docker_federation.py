@@ -8,7 +8,9 @@ a SuperNode whose privacy policy requires sigma >= 1 refuses a run with sigma = 
 and says why in its log while the others train; the run records survive a SuperLink
 restart; a deployment round writes each node's report into that node's volume, for
 the two device types of compose.yml; a run whose SuperLink is killed mid-run resumes from its last checkpoint once the
-SuperLink is back; an unregistered SuperNode is refused; bad input makes a container exit with
+SuperLink is back; a run under secure aggregation (SecAgg+) in which a SuperNode is killed mid-run completes
+every round, each released from the masked inputs of the two nodes left (t = 2 of 3), with no key material in
+its public files; an unregistered SuperNode is refused; bad input makes a container exit with
 one line.
 
 Needs a Docker engine. As root (CI) `make federation` installs and starts one when
@@ -35,6 +37,9 @@ from pathlib import Path
 import pytest
 
 from dpfl.privacy.accountants.rdp import epsilon_for
+from dpfl.server.checkpoint import load_run_checkpoint
+from dpfl.server.public_records import PUBLIC_FILES
+from dpfl.server.recorder import PRIVATE_DIAGNOSTICS_FILE
 
 pytestmark = pytest.mark.docker
 
@@ -270,22 +275,31 @@ def test_supernode_policy_refuses_a_run_below_its_minimum_sigma_while_the_others
         recreate_supernode_3(fed, {})
 
 
+def start_job(fed, name: str, config: str) -> subprocess.Popen:
+    """`federation.py run` of the example job with ``config`` over it, in the background (outputs to runs/<name>)."""
+    return subprocess.Popen(
+        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", config],
+        env={**os.environ, **fed.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_until_recorded(fed, job: subprocess.Popen, name: str, rounds: int, timeout: float = 900) -> None:
+    """Until the running ``job`` has recorded ``rounds`` rounds (each round's checkpoint follows its record within milliseconds)."""
+    recorded = (f"import os; p = '/var/lib/dpfl/runs/{name}/metrics.jsonl'; "
+                "print(len(open(p).readlines()) - 1 if os.path.exists(p) else -1)")  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while int(fed.exec_python("superlink", recorded).strip()) < rounds:
+        assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "timeout"
+        time.sleep(1)
+
+
 def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
     fed = federation
     # The example job, lighter: 4 rounds of 2 DP-SGD steps per silo.
     name, rounds, steps = "resume-check", 4, 2
     config = f"num-server-rounds={rounds} local-epochs={steps}"
-    job = subprocess.Popen(
-        [sys.executable, str(DOCKER_DIR / "federation.py"), "run", "--name", name, "--run-config", config],
-        env={**os.environ, **fed.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    # Rounds recorded so far (each round's checkpoint follows its record within milliseconds).
-    recorded = (f"import os; p = '/var/lib/dpfl/runs/{name}/metrics.jsonl'; "
-                "print(len(open(p).readlines()) - 1 if os.path.exists(p) else -1)")  # fmt: skip
-    deadline = time.monotonic() + 900
-    while int(fed.exec_python("superlink", recorded).strip()) < 1:
-        assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "timeout"
-        time.sleep(1)
+    job = start_job(fed, name, config)
+    wait_until_recorded(fed, job, name, 1)
     fed.compose("kill", "superlink", timeout=120)  # the SuperLink and the ServerApp in it die mid-run
     job.communicate(timeout=300)
     assert job.returncode != 0
@@ -307,6 +321,75 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     assert seen == list(range(rounds + 1))  # each round once, the first ones from before the kill
     # Each silo's sample-level epsilon counts every round, those before the kill included.
     assert last["local-epsilon-nominal"] == pytest.approx(epsilon_for(4.0, 1.0, steps * rounds, 1e-5)[0])
+
+
+# A key name that would hold key material (the SecAgg+ objects themselves refuse to be pickled).
+SECRET_KEY_NAME = re.compile(r"secret|private.?key", re.I)
+
+
+def mapping_keys(value) -> list[str]:
+    """Every key of every mapping nested in ``value`` (dicts inside dicts and lists)."""
+    if isinstance(value, dict):
+        return [str(k) for k in value] + [k for v in value.values() for k in mapping_keys(v)]
+    if isinstance(value, (list, tuple)):
+        return [k for v in value for k in mapping_keys(v)]
+    return []
+
+
+def test_secure_aggregation_survives_a_supernode_killed_mid_round(federation):
+    fed = federation
+    # The example job under SecAgg+ with client-level DP (distributed noise needs a private strategy:
+    # plain FedAvg has none), 4 rounds of one local epoch. The default threshold is t = ceil(2n/3) = 2
+    # of the 3 nodes: the two left after the kill still release every round's sum.
+    name, rounds = "secagg-check", 4
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    job = start_job(fed, name, f"aggregation='secagg' strategy='dp-fedavg' local-dp=false target-epsilon=0 "
+                    f"noise-multiplier=1.0 max-epsilon=0 num-server-rounds={rounds} local-epochs=1")  # fmt: skip
+    try:
+        wait_until_recorded(fed, job, name, 1)
+        fed.compose("kill", "supernode-3", timeout=120)  # it and its ClientApp die in the middle of the run
+        assert job.poll() is None, "the run ended before supernode-3 was killed"
+        out = job.communicate(timeout=1800)[0]
+        # Read before supernode-3 comes back: every node's log since this test began.
+        logs = {s: fed.compose("logs", "--no-color", "--since", since, s).stdout for s in ("superlink", *SUPERNODES)}
+    finally:
+        if job.poll() is None:
+            job.kill()
+        # The later tests expect three nodes.
+        recreate_supernode_3(fed, {})
+    assert job.returncode == 0, out
+    local = REPO / "runs" / name
+    try:
+        summary = json.loads((local / "summary.json").read_text())
+        rows = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        private = [json.loads(line) for line in (local / PRIVATE_DIAGNOSTICS_FILE).read_text().splitlines() if line.strip()]
+        config = json.loads((local / "config.json").read_text())
+        checkpoint = load_run_checkpoint(local)
+        public_bytes = {f: (local / f).read_bytes() for f in PUBLIC_FILES if (local / f).exists()}
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+    assert summary["outcome"] == "completed" and summary["rounds-completed"] == rounds, out
+    assert [row["round"] for row in rows] == list(range(rounds + 1))
+    assert config["aggregation"] == "secagg"
+    # Every round is released: t = 2 masked inputs are left after the kill (and 3 before it).
+    assert all(row["update-skipped"] == 0 for row in rows[1:]), rows
+    survivors = {row["round"]: row["secagg-survivors"] for row in private}
+    assert survivors[1] == 3 and survivors[rounds] == 2, private
+    assert all(row.get("secagg-failed-stage") is None for row in private), private
+    # The client-level guarantee of the distributed noise is reported, growing with each round.
+    assert summary["epsilon-valid"] and 0 < summary["epsilon"] < float("inf"), summary
+    assert 0 < rows[1]["epsilon"] < rows[-1]["epsilon"] == pytest.approx(summary["epsilon"]), rows
+    for service, log in logs.items():
+        assert "Traceback" not in log, (service, log)
+    assert "Traceback" not in out, out  # the ServerApp's log, streamed by `flwr log`
+
+    # No key material in what the run publishes: no key named for a secret in the checkpoint's
+    # strategy state or the config, and no PEM private key (how Flower's primitives serialise one) in any public file.
+    named = [k for k in mapping_keys(checkpoint.strategy_state) + mapping_keys(config) if SECRET_KEY_NAME.search(k)]
+    assert not named, named
+    assert "checkpoint.pt" in public_bytes and "config.json" in public_bytes
+    assert not [f for f, data in public_bytes.items() if b"PRIVATE KEY" in data]
 
 
 def test_a_deployment_round_writes_one_report_per_node_volume_for_two_device_types(federation):
