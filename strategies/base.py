@@ -267,6 +267,9 @@ class ClientLevelDPStrategy(Strategy):
         secagg_degree: int = 0,
     ) -> None:
         super().__init__()
+        if secure_aggregation is not None and not self.private:
+            raise ValueError(f"aggregation=secagg needs a private strategy: {self.name} adds no noise and "
+                             "keeps no clip norm; use dp-fedavg or another private strategy")  # fmt: skip
         params = MechanismParams(
             noise_multiplier=noise_multiplier if self.private else 0.0,
             clip_norm=clip_norm if self.private else math.inf,

@@ -55,6 +55,8 @@ CASES = [
      ["secagg-neighbours 3", "even number >= 2"]),
     ("secagg-bits-too-few-for-the-sum", ["simulate", *SMALL, "--aggregation", "secagg", "--secagg-bits", "8"],
      ["secagg-bits 8 is too small", "use at least"]),
+    ("secagg-without-dp", ["simulate", *SMALL, "--aggregation", "secagg", "--strategy", "fedavg"],
+     ["aggregation=secagg needs a private strategy", "fedavg"]),
     ("secagg-with-client-noise", ["simulate", *SMALL, "--aggregation", "secagg", "--noise", "client"],
      ["aggregation=secagg cannot be combined with noise-placement=client"]),
     ("validation-fraction-one", ["simulate", "--validation-fraction", "1"], ["--validation-fraction", "must be in [0, 1), got 1"]),

@@ -338,13 +338,17 @@ def mapping_keys(value) -> list[str]:
 
 def test_secure_aggregation_survives_a_supernode_killed_mid_round(federation):
     fed = federation
-    # The example job under SecAgg+ with client-level DP (distributed noise needs a private strategy:
-    # plain FedAvg has none), 4 rounds of one local epoch. The default threshold is t = ceil(2n/3) = 2
-    # of the 3 nodes: the two left after the kill still release every round's sum.
+    # README's secure-aggregation job: DP-FedPGN under SecAgg+ with distributed DP, 4 rounds of one
+    # local epoch. The default threshold is t = ceil(2n/3) = 2 of the 3 nodes: the two left after the
+    # kill still release every round's sum.
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- docker-secagg:start -->\n```bash\n(.*?)```\n<!-- docker-secagg:end -->", text, re.S)
+    assert block, "README.md has no docker-secagg block"
+    config = re.search(r'--run-config "([^"]*)"', block.group(1)).group(1)
     name, rounds = "secagg-check", 4
+    assert f"num-server-rounds={rounds}" in config and "aggregation='secagg'" in config
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
-    job = start_job(fed, name, f"aggregation='secagg' strategy='dp-fedavg' local-dp=false target-epsilon=0 "
-                    f"noise-multiplier=1.0 max-epsilon=0 num-server-rounds={rounds} local-epochs=1")  # fmt: skip
+    job = start_job(fed, name, config)
     try:
         wait_until_recorded(fed, job, name, 1)
         fed.compose("kill", "supernode-3", timeout=120)  # it and its ClientApp die in the middle of the run
