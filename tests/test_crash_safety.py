@@ -307,3 +307,22 @@ def test_a_supernode_dying_mid_round_does_not_stop_the_federation(tmp_path):
     public = (out / "metrics.jsonl").read_text() + (out / "summary.json").read_text()
     assert "failed" not in public and "no-reply" not in public
     assert not math.isnan(summary["epsilon"])
+
+
+@pytest.mark.slow
+def test_a_secure_aggregation_run_killed_mid_round_resumes_and_counts_that_round(tmp_path):
+    """Under aggregation=secagg the round is accounted before its sum is unmasked: a run killed
+    during round 2 or 3 resumes to the end with each round released once, and its ledger holds at
+    least the four rounds (a fifth when the kill fell between accounting and the checkpoint).
+    The round's secrets were in the killed processes' memory only: nothing to clean up, none
+    in the checkpoint."""
+    resumed = killed_and_resumed(tmp_path / "killed", *KILLABLE, "--aggregation", "secagg", engine="in-process")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary, _ = final_state(tmp_path / "killed")
+    assert summary["rounds-completed"] == 4 and summary["outcome"] == "completed"
+    assert read_rounds(tmp_path / "killed") == [0, 1, 2, 3, 4]
+    ledger = load_checkpoint(tmp_path / "killed" / "final_model.pt").extra["privacy-ledger"]
+    steps = sum(entry[2] for entry in ledger["history"])
+    assert {tuple(entry[:2]) for entry in ledger["history"]} == {(1.0, 0.5)} and steps in (4, 5), ledger
+    state = load_run_checkpoint(tmp_path / "killed").strategy_state
+    assert "secagg" not in json.dumps(state, default=str).lower()
