@@ -69,7 +69,8 @@ def mechanism(placement="server", sigma=1.3, clip=0.7, q=0.5, n=8, reproducible=
 def test_flat_instructions_are_what_the_mechanism_tells_a_sampled_client_under_flat_clipping():
     told = ClientInstructions.from_config(mechanism(placement="client").instructions(contribute_update=True))
     flat = ClientInstructions.flat(told.clip_norm, told.client_noise_std)
-    assert flat == dataclasses.replace(told, noise_multiplier=0.0, sample_size=1)  # only the paper mode reads those
+    # only the paper mode (sigma, sample size) and secure aggregation (N) read the others
+    assert flat == dataclasses.replace(told, noise_multiplier=0.0, sample_size=1, num_clients=1)
     assert (flat.contribute_update, flat.clipping, flat.reproducible_noise, flat.report_unclipped) == (
         True, "flat", False, False)
 
