@@ -4,8 +4,8 @@ For each number of clients a round (``--clients``), every client clips a random 
 the default model's size (ResNet-10 of width 8 on digits: 77,858 parameters), encodes it
 with the distributed Skellam mechanism (:mod:`dpfl.privacy.distributed_dp`: rotation,
 conditional rounding, noise, mod 2^b) and runs SecAgg+ (:mod:`dpfl.secagg.protocol`)
-with the complete graph (SecAgg, the default) and a SecAgg+ graph of degree
-2⌈log₂ n⌉; the server unmasks and decodes. All in one process, one client after
+with the default neighbourhood degree (:func:`dpfl.privacy.secure_sum.default_degree`) and a
+SecAgg+ graph of degree 2⌈log₂ n⌉; the server unmasks and decodes. All in one process, one client after
 another: times are CPU seconds of this process (robust on a shared machine), a client's
 its own computation (encoding and its four answers), the server's routing, unmasking and
 decoding; no network. Printed per setting: the mean
