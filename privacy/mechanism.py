@@ -26,6 +26,13 @@ shares of clients that did not reply. The released noise is then N(0, σ²C²)
 whatever the number of sampled or replying clients, so its level reveals neither;
 it assumes every client adds its share honestly.
 
+Secure aggregation (``MechanismParams.secure_aggregation``): every node encodes its
+clipped update (a zero one if not sampled) with its distributed Skellam share
+(:func:`encode_secure_update`, :mod:`dpfl.privacy.distributed_dp`), the server learns
+only the sum mod 2^b, and :meth:`ClientLevelMechanism.release_secure_sum` decodes it,
+bounds its norm and divides by qN; the round is accounted (:meth:`account_round`) before
+the sum is unmasked, with the Skellam accountant.
+
 A minimum number of replies (``min_replies`` > 0): whether a round's update is
 applied depends on how many sampled clients replied, a private count. The server
 therefore releases that count only with Gaussian noise (std ``reply_count_noise``,
