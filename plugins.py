@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from dpfl.client.local_dp import LocalDP
 from dpfl.client.training import train_private_update
 from dpfl.errors import UsageError
+from dpfl.flat import Layout
 from dpfl.privacy.mechanism import ClientInstructions
 from dpfl.privacy.randomness import Randomness
 from dpfl.settings import RunSettings
@@ -31,8 +32,7 @@ def smoke_test_strategy(cls: type[ClientLevelDPStrategy], settings: RunSettings,
     model = nn.Sequential(nn.Linear(4, 3))
     x = {name: t.detach().clone() for name, t in model.state_dict().items()}
     try:
-        size = sum(t.numel() for t in x.values())
-        strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2, update_size=size)
+        strategy = cls.from_settings(settings, noise_multiplier=1.0, local_steps=2, update_size=Layout(x).size)
         strategy.global_arrays = ArrayRecord(x)
         config = strategy.round_config(1)
         _expect(isinstance(config, dict) and all(isinstance(v, (bool, int, float, str)) for v in config.values()),

@@ -22,10 +22,11 @@ from dpfl.client.app import app as client_app, train_cohort
 from dpfl.engines.inprocess import CohortHandler, flower_log_to, run_in_process
 from dpfl.engines.local_federation import FederationError, simulation
 from dpfl.errors import UsageError
+from dpfl.flat import Layout
 from dpfl.plugins import smoke_test_strategy
 from dpfl.privacy.mechanism import MechanismParams
 from dpfl.progress import Progress, no_progress
-from dpfl.server.app import app as server_app, resolve_noise_multiplier, update_size
+from dpfl.server.app import app as server_app, resolve_noise_multiplier
 from dpfl.server.checkpoint import (
     budget_change_warning,
     check_resumable,
@@ -83,7 +84,7 @@ def prepare_run(settings: RunSettings, download: bool = False, progress: Progres
     partition_indices(data.train_labels, settings.num_clients, settings.partition, settings.dirichlet_alpha, settings.seed)
     spec = ModelSpec.for_data(settings.model, settings.model_width, data, settings.model_depth)
     if not settings.resume_from:  # the ServerApp calibrates σ the same way: an unreachable target is refused now
-        size = update_size(spec.build()) if settings.aggregation == "secagg" else 0
+        size = Layout(spec.build().state_dict()).size if settings.aggregation == "secagg" else 0
         resolve_noise_multiplier(settings, initial.history if initial else (), size)
     if settings.pretraining in GENERATORS and not (settings.resume_from or settings.init_from):
         # The ServerApp reads the cache (in whatever process it runs), so it starts at once.

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from dpfl.errors import UsageError
+from dpfl.flat import Layout
 from dpfl.privacy.accountants.last_iterate import last_iterate_epsilon
 from dpfl.privacy.accountants.skellam import DistributedSkellamAccountant
 from dpfl.privacy.accountants.rdp import epsilon_for
@@ -81,11 +82,6 @@ def resolve_noise_multiplier(
     return settings.noise_multiplier
 
 
-def update_size(model: torch.nn.Module) -> int:
-    """How many values an update of ``model`` has (what secure aggregation's shares are sized for)."""
-    return sum(tensor.numel() for tensor in model.state_dict().values())
-
-
 def load_resume(settings: RunSettings) -> RunCheckpoint | None:
     """The checkpoint ``resume-from`` names, checked against this run's config; None for a new run."""
     if not settings.resume_from:
@@ -139,7 +135,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     torch.manual_seed(settings.seed)
     model = ensure_client_level_dp_compatible(spec.build(), convert=False)
     device = resolve_device(settings.device)  # where the server evaluates (the model stays on the CPU)
-    size = update_size(model)
+    size = Layout(model.state_dict()).size  # an update's values: what secure aggregation's shares are sized for
     initial: InitialState | None = None
     if resume:
         load_weights(model, resume.weights, f"resume-from {settings.resume_from!r}")

@@ -284,7 +284,7 @@ class ClientLevelDPStrategy(Strategy):
             min_replies=min_replies,
             reply_count_noise=reply_count_noise,
             schema=schema,
-            secure_aggregation=secure_aggregation if self.private else None,
+            secure_aggregation=secure_aggregation,
         )
         # The seed reaches the privacy randomness only when the user asked for reproducible noise.
         randomness = Randomness(seed if reproducible_noise else None)
