@@ -5,10 +5,14 @@ Differentially Private Federated Learning", NeurIPS 2021), on the pipeline of th
 distributed discrete Gaussian (Kairouz, Liu, Steinke, ICML 2021). Each client, with its
 update x already clipped to ‖x‖₂ ≤ C:
 
-1. pads x to D = 2^k coordinates and rotates it, y = H·diag(ξ)·x / √D (H the Walsh–Hadamard
-   matrix, ξ ∈ {±1}^D from the round's *public* seed): the rotation is orthonormal, so
-   ‖y‖ = ‖x‖, and it spreads the mass evenly over the coordinates, so that no one
-   coordinate comes near the modulus;
+1. pads x to an even number D of coordinates and rotates it with a randomised discrete Fourier
+   transform: the D reals as D/2 complex numbers, each multiplied by a sign ξ_k ∈ {±1} from
+   the round's *public* seed, then the unitary DFT of length D/2, its real and imaginary
+   parts the D rotated coordinates (TFF's ``rotation_type='dft'``). The rotation is
+   orthonormal, so ‖y‖ = ‖x‖, and it spreads the mass evenly over the coordinates, so that
+   no one coordinate comes near the modulus. A randomised Hadamard transform spreads the
+   mass as well but needs D a power of two: the default model's 77,858 coordinates would
+   travel as 131,072 (1.68× the bytes); the DFT pads by at most one;
 2. scales to z = y/γ (γ the granularity) and rounds each coordinate at random to ⌊z⌋ or
    ⌈z⌉ (unbiased), repeating the whole rounding until ‖ẑ‖₂ ≤ Δ₂ (conditional randomised
    rounding, Kairouz et al.; Δ₂ is their bound, which one rounding meets with probability
@@ -70,8 +74,8 @@ MAX_BITS = 62
 
 
 def padded_size(size: int) -> int:
-    """D: the smallest power of two ≥ ``size`` (the Walsh–Hadamard transform's length)."""
-    return 1 << max(0, (size - 1).bit_length())
+    """D: the smallest even number ≥ ``size`` (D/2 complex numbers for the DFT)."""
+    return size + size % 2
 
 
 def rotation_signs(seed: bytes, size: int) -> np.ndarray:
@@ -79,32 +83,22 @@ def rotation_signs(seed: bytes, size: int) -> np.ndarray:
     return np.where(RandomStream(seed).bernoulli(size, 0.5), 1.0, -1.0)
 
 
-def walsh_hadamard(vector: np.ndarray) -> np.ndarray:
-    """H·v for the (unnormalised, Sylvester-ordered) Walsh–Hadamard matrix H; len(v) a power of two.
-
-    By hand: SciPy's ``hadamard`` builds the D×D matrix; this is the O(D log D) butterfly.
-    """
-    size = vector.shape[-1]
-    out = np.array(vector, dtype=np.float64)
-    half = 1
-    while half < size:
-        blocks = out.reshape(-1, 2, half)
-        out = np.stack((blocks[:, 0] + blocks[:, 1], blocks[:, 0] - blocks[:, 1]), axis=1).reshape(size)
-        half *= 2
-    return out
-
-
 def rotate(vector: np.ndarray, seed: bytes) -> np.ndarray:
-    """H·diag(ξ)·x/√D of ``vector`` padded with zeros to D (orthonormal: norms are kept)."""
+    """The randomised DFT of ``vector`` padded with a zero to even length D (orthonormal: norms
+    are kept): z = x[:D/2] + i·x[D/2:], w = F·diag(ξ)·z with F the unitary DFT, y = (Re w, Im w)."""
     size = padded_size(vector.size)
     padded = np.zeros(size)
     padded[: vector.size] = vector
-    return walsh_hadamard(rotation_signs(seed, size) * padded) / math.sqrt(size)
+    half = size // 2
+    spread = np.fft.fft(rotation_signs(seed, half) * (padded[:half] + 1j * padded[half:]), norm="ortho")
+    return np.concatenate((spread.real, spread.imag))
 
 
 def unrotate(rotated: np.ndarray, seed: bytes, size: int) -> np.ndarray:
-    """The inverse of :func:`rotate` (H² = D·I), truncated to the first ``size`` coordinates."""
-    return (rotation_signs(seed, rotated.size) * walsh_hadamard(rotated) / math.sqrt(rotated.size))[:size]
+    """The inverse of :func:`rotate` (F⁻¹ = F*, ξ² = 1), truncated to the first ``size`` coordinates."""
+    half = rotated.size // 2
+    complex_ = rotation_signs(seed, half) * np.fft.ifft(rotated[:half] + 1j * rotated[half:], norm="ortho")
+    return np.concatenate((complex_.real, complex_.imag))[:size]
 
 
 def rounding_bound(scaled_norm: float, size: int, beta: float = ROUNDING_BETA) -> float:
@@ -166,8 +160,10 @@ def wrap_probability(
     """An upper bound on the probability that some coordinate of the sum of ``inputs`` encoded
     updates (each of norm ≤ C, chosen independently of the round's seed) leaves [−2^(b−1), 2^(b−1)).
 
-    Per coordinate the sum is (a) the rotated sum of updates over γ, Σ_l ±H_kl s_l/(γ√D) with
-    ‖s‖ ≤ nC: Hoeffding over ξ gives P(|·| ≥ h) ≤ 2·exp(−h²γ²D/(2n²C²)); (b) the rounding
+    Per coordinate the sum is (a) the rotated sum of updates over γ: with s = Σ updates as D/2
+    complex numbers s_k (‖s‖ ≤ nC), the real part of the j-th DFT output is Σ_k ξ_k·Re(F_jk s_k)/γ,
+    a sum of independent signs times terms of size ≤ |s_k|/(γ√(D/2)) (|F_jk| = 1/√(D/2)), and
+    so is the imaginary part: Hoeffding over ξ gives P(|·| ≥ h) ≤ 2·exp(−h²γ²(D/2)/(2n²C²)); (b) the rounding
     errors, each in (−1, 1): at most n; (c) Sk(nμ, nμ): Bernstein (each centred Poisson has
     variance μ and jumps of 1) gives P(|·| ≥ h) ≤ 2·exp(−h²/(2(2nμ + h/3))). The room left
     after (b) is split evenly between (a) and (c), and the D coordinates are a union bound.
@@ -177,7 +173,7 @@ def wrap_probability(
         return 1.0
     h = room / 2
     total_mu = inputs * mu_per_input
-    signal = 2 * math.exp(-(h**2) * granularity**2 * size / (2 * inputs**2 * clip_norm**2))
+    signal = 2 * math.exp(-(h**2) * granularity**2 * (size / 2) / (2 * inputs**2 * clip_norm**2))
     noise = 2 * math.exp(-(h**2) / (2 * (2 * total_mu + h / 3)))
     return min(1.0, size * (signal + noise))
 

@@ -47,9 +47,26 @@ vectors = st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=7
 @given(vectors, st.binary(min_size=32, max_size=32))
 def test_rotation_is_orthonormal_and_inverted(vector, seed):
     rotated = rotate(vector, seed)
-    assert rotated.size >= vector.size and rotated.size & (rotated.size - 1) == 0
+    assert rotated.size in (vector.size, vector.size + 1) and rotated.size % 2 == 0  # at most one zero of padding
     assert np.linalg.norm(rotated) == pytest.approx(np.linalg.norm(vector), rel=1e-9, abs=1e-9)
     np.testing.assert_allclose(unrotate(rotated, seed, vector.size), vector, atol=1e-9 * (1 + np.abs(vector).max()))
+
+
+def test_the_rotation_spreads_the_mass_as_the_wrap_bound_assumes():
+    """Each rotated coordinate of a fixed x, over the public seed, has the sub-Gaussian tail
+    P(|y_j| ≥ h) ≤ 2·exp(−h²(D/2)/(2‖x‖²)) that :func:`wrap_probability` uses, for a spike, a
+    random vector and the flat vector that makes one coordinate a sum of signs (the tightest
+    case); and for that one the tail with D in place of D/2 would be broken."""
+    size, draws = 30, 20_000
+    flat = np.concatenate((np.ones(size // 2), np.zeros(size // 2)))  # z_k = 1: y_0 = Σ ξ_k/√(D/2)
+    for vector in (np.eye(size)[3], np.random.default_rng(3).normal(size=size), flat):
+        rotated = np.array([rotate(vector, os.urandom(32)) for _ in range(draws)])
+        for h in (1.0, 2.0, 3.0):
+            bound = 2 * math.exp(-(h**2) / 2)
+            observed = np.mean(np.abs(rotated) >= h * np.linalg.norm(vector) / math.sqrt(size / 2), axis=0)
+            assert observed.max() <= min(1.0, bound) + 4 * math.sqrt(bound / draws)
+    # 2·P(Binomial(15, ½) ≥ 12) = 0.035 > 2e^(−4.5) = 0.022: the halved spread is needed.
+    assert np.mean(np.abs(rotated[:, 0]) >= 3 * np.linalg.norm(flat) / math.sqrt(size)) > 2 * math.exp(-4.5) + 0.005
 
 
 @settings(max_examples=40, deadline=None)
