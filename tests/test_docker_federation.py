@@ -293,14 +293,12 @@ def wait_until_recorded(fed, job: subprocess.Popen, name: str, rounds: int, time
         time.sleep(1)
 
 
-def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
-    fed = federation
-    # The example job, lighter: 4 rounds of 2 DP-SGD steps per silo.
-    name, rounds, steps = "resume-check", 4, 2
-    config = f"num-server-rounds={rounds} local-epochs={steps}"
+def killed_after_round_one_and_resumed(fed, name: str, config: str) -> str:
+    """Start job ``name``, kill the SuperLink (and the ServerApp in it) once round 1 is recorded,
+    start it again, wait for the SuperNodes to reconnect and resume the run: its output."""
     job = start_job(fed, name, config)
     wait_until_recorded(fed, job, name, 1)
-    fed.compose("kill", "superlink", timeout=120)  # the SuperLink and the ServerApp in it die mid-run
+    fed.compose("kill", "superlink", timeout=120)
     job.communicate(timeout=300)
     assert job.returncode != 0
     fed.compose("start", "superlink", timeout=120)
@@ -309,7 +307,15 @@ def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(fede
     while fed.online_nodes() < len(SUPERNODES):
         assert time.monotonic() < deadline, "the SuperNodes did not reconnect"
         time.sleep(3)
-    out = fed.federation("run", "--resume", name, "--run-config", config, timeout=1800).stdout
+    return fed.federation("run", "--resume", name, "--run-config", config, timeout=1800).stdout
+
+
+def test_a_killed_superlink_comes_back_and_the_run_resumes_where_it_stopped(federation):
+    fed = federation
+    # The example job, lighter: 4 rounds of 2 DP-SGD steps per silo.
+    name, rounds, steps = "resume-check", 4, 2
+    config = f"num-server-rounds={rounds} local-epochs={steps}"
+    out = killed_after_round_one_and_resumed(fed, name, config)
     local = REPO / "runs" / name
     try:
         summary = json.loads((local / "summary.json").read_text())
@@ -336,15 +342,20 @@ def mapping_keys(value) -> list[str]:
     return []
 
 
+def readme_secagg_config() -> str:
+    """The run config of README's secure-aggregation job (its docker-secagg block)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- docker-secagg:start -->\n```bash\n(.*?)```\n<!-- docker-secagg:end -->", text, re.S)
+    assert block, "README.md has no docker-secagg block"
+    return re.search(r'--run-config "([^"]*)"', block.group(1)).group(1)
+
+
 def test_secure_aggregation_survives_a_supernode_killed_mid_round(federation):
     fed = federation
     # README's secure-aggregation job: DP-FedPGN under SecAgg+ with distributed DP, 4 rounds of one
     # local epoch. The default threshold is t = ceil(2n/3) = 2 of the 3 nodes: the two left after the
     # kill still release every round's sum.
-    text = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- docker-secagg:start -->\n```bash\n(.*?)```\n<!-- docker-secagg:end -->", text, re.S)
-    assert block, "README.md has no docker-secagg block"
-    config = re.search(r'--run-config "([^"]*)"', block.group(1)).group(1)
+    config = readme_secagg_config()
     name, rounds = "secagg-check", 4
     assert f"num-server-rounds={rounds}" in config and "aggregation='secagg'" in config
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
@@ -394,6 +405,33 @@ def test_secure_aggregation_survives_a_supernode_killed_mid_round(federation):
     assert not named, named
     assert "checkpoint.pt" in public_bytes and "config.json" in public_bytes
     assert not [f for f, data in public_bytes.items() if b"PRIVATE KEY" in data]
+
+
+def test_secure_aggregation_resumes_after_a_superlink_killed_mid_round(federation):
+    """A SuperLink restart under aggregation=secagg: the round it cut is accounted (the journal is
+    written before the unmask) and never released, the resumed run releases each round once, and
+    the round's secrets died with the processes that held them (none in any public file)."""
+    fed = federation
+    config = readme_secagg_config()
+    name, rounds = "secagg-resume-check", 4
+    out = killed_after_round_one_and_resumed(fed, name, config)
+    local = REPO / "runs" / name
+    try:
+        summary = json.loads((local / "summary.json").read_text())
+        rows = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ledger = json.loads((local / "privacy_ledger.json").read_text())
+        public_bytes = {f: (local / f).read_bytes() for f in PUBLIC_FILES if (local / f).exists()}
+        named = [k for k in mapping_keys(load_run_checkpoint(local).strategy_state) if SECRET_KEY_NAME.search(k)]
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    assert summary["outcome"] == "completed" and summary["rounds-completed"] == rounds, out
+    assert [row["round"] for row in rows] == list(range(rounds + 1))  # each round released once
+    assert all(row["update-skipped"] == 0 for row in rows[1:]), rows
+    # Four released rounds, and a fifth accounted when the kill fell between the journal and the checkpoint.
+    assert sum(entry[2] for entry in ledger["history"]) in (rounds, rounds + 1), ledger
+    assert summary["epsilon-valid"] and rows[-1]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert not named, named
+    assert "checkpoint.pt" in public_bytes and not [f for f, data in public_bytes.items() if b"PRIVATE KEY" in data]
 
 
 def test_a_deployment_round_writes_one_report_per_node_volume_for_two_device_types(federation):
