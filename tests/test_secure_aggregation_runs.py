@@ -82,6 +82,22 @@ def test_a_secure_run_releases_every_nodes_sum_and_spends_the_skellam_accountant
     assert len(logs) == 6 and all("epsilon-own-contributions" in log[-1] for log in logs)
 
 
+def test_local_dp_inside_each_node_composes_with_secure_aggregation(tmp_path):
+    """local-dp (DP-SGD within each node) beside secure aggregation: the client-level ε is still the
+    Skellam mechanism's (DP-SGD only changes what each node clips), every node's input is summed,
+    and each round reports the sample-level ε of a nominal node, growing as it trains."""
+    settings = RunSettings(**SMALL, local_dp=True, out_dir=str(tmp_path / "run"))
+    assert run_simulation(settings, "in-process", 1, wait) is None
+    out = Path(settings.out_dir)
+    assert [row["secagg-survivors"] for row in rows(out, PRIVATE_DIAGNOSTICS_FILE)] == [6, 6, 6]
+    metrics = rows(out, "metrics.jsonl")
+    params = DistributedDPParams(clip_norm=settings.clip_norm, noise_multiplier=1.5, size=update_size_of(out),
+                                 threshold=4, max_inputs=6)  # fmt: skip
+    assert metrics[-1]["epsilon"] == pytest.approx(epsilon(params, [(0.5, 3)], settings.delta)[0], rel=1e-9)
+    local = [row["local-epsilon-nominal"] for row in metrics]
+    assert local[0] == 0 < local[1] < local[2] < local[3]
+
+
 def update_size_of(out: Path) -> int:
     from dpfl.task.checkpoint import load_checkpoint
 
