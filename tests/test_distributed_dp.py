@@ -139,27 +139,77 @@ def test_skellam_rdp_bounds_the_exact_divergence(mu, shift):
             assert bound < 1.5 * exact + 0.05
 
 
-@pytest.mark.parametrize("q", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("q", [0.01, 0.1, 0.25, 0.5])
 def test_subsampling_bound_against_opacus_and_the_exact_mixture(q):
     from opacus.accountants.analysis.rdp import compute_rdp
 
     orders = list(range(2, 33))
     sigma = 1.5
-    # On the Gaussian's curve, the general bound is no tighter than Opacus's exact one, and within
-    # its known looseness (the factor 3 on the terms l ≥ 3 of Zhu and Wang's sum).
-    general = poisson_subsampled_rdp(np.array(orders, dtype=float) / (2 * sigma**2), orders, q)
-    exact = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
-    assert np.all(general >= exact * (1 - 1e-9))
-    assert np.all(general <= 3 * exact + 1e-6)
-    # On a 1-D Skellam, the bound holds for both directions of the sampled mixture.
-    mu, shift = 8.0, 2
+    # On the Gaussian's curve the formula is Opacus's exact sampled-Gaussian RDP (an independent code).
+    ours = poisson_subsampled_rdp(np.array(orders, dtype=float) / (2 * sigma**2), orders, q)
+    assert ours == pytest.approx(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders), rel=1e-9)
+    # On Skellam noise, 1-D and 2-D (a shift vector with Δ₂ = √5, Δ₁ = 3), the bound holds for both
+    # directions of the sampled mixture, computed exactly from SciPy's pmf.
+    mu = 8.0
     support = np.arange(-120, 121)  # ±30 stds: SciPy's log-pmf underflows far beyond
-    plain, moved = log_pmf(support, mu), log_pmf(support - shift, mu)
-    mixture = np.logaddexp(math.log1p(-q) + plain, math.log(q) + moved)
-    bound = poisson_subsampled_rdp(skellam_rdp(np.arange(2, 33), shift, shift, mu), orders, q)
-    for order, order_bound in zip(orders, bound):
-        assert renyi(mixture, plain, order) <= order_bound * (1 + 1e-9)
-        assert renyi(plain, mixture, order) <= order_bound * (1 + 1e-9)
+    for shift in ((2,), (2, 1)):
+        grids = np.meshgrid(*[support] * len(shift), indexing="ij")
+        plain = sum(log_pmf(grid, mu) for grid in grids).ravel()
+        moved = sum(log_pmf(grid - s, mu) for grid, s in zip(grids, shift)).ravel()
+        mixture = np.logaddexp(math.log1p(-q) + plain, math.log(q) + moved)
+        l2, l1 = math.hypot(*shift), float(sum(shift))
+        bound = poisson_subsampled_rdp(skellam_rdp(np.arange(2, 33), l2, l1, mu), orders, q)
+        for order, order_bound in zip(orders, bound):
+            assert renyi(mixture, plain, order) <= order_bound * (1 + 1e-9)
+            assert renyi(plain, mixture, order) <= order_bound * (1 + 1e-9)
+
+
+def _log_moments_gap(log_r: np.ndarray, q: float, order: float) -> np.ndarray:
+    """log of the two sides of the sampling lemma's pointwise inequality k(r) ≥ 0 at r = e^log_r
+    (docs/privacy.md): u^α + r^(1−α)v^α against r^α v^(1−α) + u^(1−α), u = 1−q+qr, v = (1−q)r+q."""
+    log_u, log_v = np.logaddexp(math.log1p(-q), math.log(q) + log_r), np.logaddexp(math.log1p(-q) + log_r, math.log(q))
+    larger = np.logaddexp(order * log_u, (1 - order) * log_r + order * log_v)
+    smaller = np.logaddexp(order * log_r + (1 - order) * log_v, (1 - order) * log_u)
+    return larger - smaller
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(-30, 30), st.floats(1e-4, 1 - 1e-4), st.floats(1.001, 512))
+def test_the_sampling_lemma_holds_pointwise(log_r, q, order):
+    """k(r) ≥ 0 for every r > 0, q and α > 1: what the removal direction's bound rests on."""
+    assert _log_moments_gap(np.array([log_r]), q, order)[0] >= -1e-12
+
+
+def _mixture_divergences(log_p: np.ndarray, log_q: np.ndarray, q: float, order: float) -> tuple[float, float]:
+    """(D_α(mixture‖P), D_α(P‖mixture)) for the Poisson(q)-sampled pair (P, Q) on a finite support."""
+    mixture = np.logaddexp(math.log1p(-q) + log_p, math.log(q) + log_q)
+    return renyi(mixture, log_p, order), renyi(log_p, mixture, order)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=12), st.integers(1, 12), st.floats(0.001, 0.999),
+       st.sampled_from([2, 3, 5, 10, 32, 128]))  # fmt: skip
+def test_removing_a_client_costs_no_more_than_adding_one_for_symmetric_noise(half, shift, q, order):
+    """Any noise symmetric about 0 (here an arbitrary one on a finite support) added to 0 and to a
+    shift: D_α(P‖(1−q)P+qQ) ≤ D_α((1−q)P+qQ‖P), so the binomial formula bounds both directions."""
+    weights = np.array(half[:0:-1] + half)  # f(−i) = f(i) on −(m−1)..m−1
+    width = len(half) - 1
+    support = np.arange(-width - shift, width + shift + 1)
+    noise = np.full(support.size, 1e-300)  # full support, so both divergences are finite
+    noise[shift : shift + weights.size] += weights
+    noise /= noise.sum()
+    log_p = np.log(noise)
+    log_q = np.log(np.roll(noise, shift))  # the same noise shifted by `shift` (inside the padded support)
+    adding, removing = _mixture_divergences(log_p, log_q, q, order)
+    assert removing <= adding * (1 + 1e-9) + 1e-12
+
+
+def test_removing_can_cost_more_than_adding_without_symmetry():
+    """The symmetry is needed: for an asymmetric pair the removal direction is the larger one,
+    so the binomial formula alone would be no bound (Zhu and Wang's factor 3 covers it)."""
+    log_p, log_q = np.log([0.5, 0.5]), np.log([0.999, 0.001])
+    adding, removing = _mixture_divergences(log_p, log_q, 0.9, 10)
+    assert removing > 2 * adding
 
 
 def test_unsampled_epsilon_approaches_the_gaussian_one():

@@ -3,10 +3,11 @@
 The accountant interface of :mod:`.base` (a ledger of (σ, q, rounds), ε at a fixed δ,
 JSON state) for rounds of :mod:`dpfl.privacy.distributed_dp`: each round's RDP is the
 Skellam bound at the run's rounded sensitivity with released noise μ = (σΔ₂)²/2 (what
-any t threshold-sized shares carry), amplified by Poisson(q) with Zhu and Wang's
-general bound. The mechanism's values other than σ and q (clip norm, dimension, bits)
-are fixed for the run and given at construction, so noise calibration can search σ with
-this accountant as with any other. It takes the mechanism's parameters, so it is built by
+any t threshold-sized shares carry), amplified by Poisson(q) with the sampled Gaussian's
+binomial formula (a bound in both directions because Skellam noise is symmetric:
+:func:`~dpfl.privacy.distributed_dp.poisson_subsampled_rdp`). The mechanism's values other
+than σ and q (clip norm, dimension, bits) are fixed for the run and given at construction,
+so noise calibration can search σ with this accountant as with any other. It takes the mechanism's parameters, so it is built by
 whoever builds the run's secure aggregation, not by name from ``ACCOUNTANTS``.
 """
 
