@@ -36,9 +36,10 @@ Accounting (:func:`skellam_rdp`, :func:`poisson_subsampled_rdp`, :func:`epsilon`
 Skellam mechanism's RDP (Agarwal et al., Thm. 3.5), amplified by Poisson sampling with the
 sampled Gaussian's binomial formula (exact for adding a client for any mechanism, and a bound
 for removing one whenever the noise is symmetric, as Skellam noise is), composed over rounds
-and converted to (ε, δ) by Opacus's conversion (Balle et al. 2020). Wrapping mod 2^b is a post-processing of the noisy sum (the sum of residues is the
-residue of the sum), so it costs no privacy; it costs accuracy with a probability bounded
-by :func:`wrap_probability`, which settings are refused above.
+and converted to (ε, δ) by Opacus's conversion (Balle et al. 2020). Wrapping mod 2^b is a
+post-processing of the noisy sum (the sum of residues is the residue of the sum), so it
+costs no privacy; it costs accuracy with a probability bounded by :func:`wrap_probability`,
+which settings are refused above.
 
 Pure math: no Flower, no I/O. Randomness comes from :mod:`dpfl.privacy.randomness`.
 """

@@ -7,8 +7,9 @@ any t threshold-sized shares carry), amplified by Poisson(q) with the sampled Ga
 binomial formula (a bound in both directions because Skellam noise is symmetric:
 :func:`~dpfl.privacy.distributed_dp.poisson_subsampled_rdp`). The mechanism's values other
 than σ and q (clip norm, dimension, bits) are fixed for the run and given at construction,
-so noise calibration can search σ with this accountant as with any other. It takes the mechanism's parameters, so it is built by
-whoever builds the run's secure aggregation, not by name from ``ACCOUNTANTS``.
+so noise calibration can search σ with this accountant as with any other. It takes the
+mechanism's parameters, so it is built by whoever builds the run's secure aggregation, not
+by name from ``ACCOUNTANTS``.
 """
 
 from __future__ import annotations
