@@ -96,7 +96,7 @@ class AuditOptions:
 
     def validate(self) -> None:
         if self.canaries is not None and self.canaries < 4:
-            raise UsageError(f"canaries must be >= 4 (at least 2 included and 2 excluded are needed), got {self.canaries}")
+            raise UsageError(f"canaries must be >= 4 (the Gaussian statistic fits at least 2 included and 2 excluded), got {self.canaries}")
         if not 0 < self.confidence < 1:
             raise UsageError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.threat not in THREATS:

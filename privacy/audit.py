@@ -59,6 +59,8 @@ from scipy.special import ndtr, ndtri
 from scipy.stats import binom, norm
 
 STATISTICS = ("threshold", "gaussian", "fdp")
+# How a Gaussian bound reads when the draw left too few canaries on a side to fit μ.
+NO_GAUSSIAN_FIT = "no fit: fewer than 2 included or excluded canaries"
 # Guess counts tried, as fractions of the canaries: k₊ alone (an included canary that
 # was never sampled looks excluded, so "excluded" guesses are weaker) and k₊ = k₋.
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -162,13 +164,14 @@ class AuditBound:
     negative_guesses: int = 0
     correct: int = 0
     choices_tried: int = 1
-    # gaussian: the lower confidence limit of μ.
+    # gaussian: the lower confidence limit of μ; None when the inclusion draw left fewer
+    # than 2 canaries on a side (then the bound is the trivial ε ≥ 0).
     mu_lower: float | None = None
 
     def describe(self) -> str:
         """How the bound was reached, in a few words."""
         if self.statistic == "gaussian":
-            return f"mu >= {self.mu_lower:.3f}"
+            return NO_GAUSSIAN_FIT if self.mu_lower is None else f"mu >= {self.mu_lower:.3f}"
         guesses = self.positive_guesses + self.negative_guesses
         return f"{self.correct} of {guesses} right (+{self.positive_guesses}/-{self.negative_guesses})"
 
@@ -208,8 +211,10 @@ def audit_scores(
 def one_shot_estimate(scores: Sequence[float], included: Sequence[bool], delta: float) -> OneShotEstimate:
     """Andrew et al.'s estimate of ε at ``delta`` (no confidence: an estimate, not a bound)."""
     scores, included = _checked(scores, included, 0.5)
-    mu, _ = _gaussian_mu_and_error(scores, included)
-    return OneShotEstimate(gdp_epsilon(mu, delta), mu)
+    fit = _gaussian_mu_and_error(scores, included)
+    if fit is None:
+        return OneShotEstimate(math.nan, math.nan)
+    return OneShotEstimate(gdp_epsilon(fit[0], delta), fit[0])
 
 
 def _guessing_bound(
@@ -235,12 +240,16 @@ def _guessing_bound(
     return best
 
 
-def _gaussian_mu_and_error(scores: np.ndarray, included: np.ndarray) -> tuple[float, float]:
-    """μ̂ = (mean₁ − mean₀)/s₀ and its standard error by the delta method."""
+def _gaussian_mu_and_error(scores: np.ndarray, included: np.ndarray) -> tuple[float, float] | None:
+    """μ̂ = (mean₁ − mean₀)/s₀ and its standard error by the delta method.
+
+    None when fewer than 2 canaries are included or excluded: inclusion is a fair coin per
+    canary (the one-run bounds need independent coins), so a small audit can draw that,
+    and with one score on a side there is no spread to measure.
+    """
     present, absent = scores[included], scores[~included]
     if len(present) < 2 or len(absent) < 2:
-        raise ValueError(f"the Gaussian statistic needs at least 2 included and 2 excluded canaries, "
-                         f"got {len(present)} and {len(absent)}")  # fmt: skip
+        return None
     spread = float(np.std(absent, ddof=1))
     shift = float(np.mean(present) - np.mean(absent))
     if spread == 0:
@@ -252,7 +261,10 @@ def _gaussian_mu_and_error(scores: np.ndarray, included: np.ndarray) -> tuple[fl
 
 
 def _gaussian_bound(scores: np.ndarray, included: np.ndarray, delta: float, confidence: float) -> AuditBound:
-    mu, error = _gaussian_mu_and_error(scores, included)
+    fit = _gaussian_mu_and_error(scores, included)
+    if fit is None:
+        return AuditBound("gaussian", 0.0, confidence, len(scores), int(included.sum()))
+    mu, error = fit
     mu_lower = mu - float(norm.ppf(confidence)) * error
     return AuditBound("gaussian", gdp_epsilon(mu_lower, delta), confidence, len(scores), int(included.sum()),
                       mu_lower=mu_lower)  # fmt: skip

@@ -138,8 +138,21 @@ def test_guess_choices_and_bad_inputs():
         audit_scores([1.0, math.nan], [True, False], DELTA, 0.95)
     with pytest.raises(ValueError, match="unknown statistic 'bayes'; known: threshold, gaussian, fdp"):
         audit_scores([1.0, 2.0], [True, False], DELTA, 0.95, "bayes")
-    with pytest.raises(ValueError, match="at least 2 included and 2 excluded canaries, got 1 and 2"):
-        audit_scores([1.0, 2.0, 3.0], [True, False, False], DELTA, 0.95, "gaussian")
+
+
+def test_a_draw_with_one_canary_on_a_side_gives_the_trivial_gaussian_bound_and_no_estimate():
+    # The fair coins can leave 1 of 8 canaries excluded (CI drew exactly that): the
+    # threshold bound still counts guesses, the Gaussian one has no spread to fit.
+    scores = [1.9, 2.7, 3.0, 3.4, 2.2, -0.7, -0.4, -0.2]
+    included = [True, True, True, True, True, False, True, True]
+    for flags in (included, [not flag for flag in included]):
+        bound = audit_scores(scores, flags, DELTA, 0.95, "gaussian")
+        assert bound.epsilon_lower == 0.0 and bound.mu_lower is None and "fewer than 2" in bound.describe()
+        estimate = one_shot_estimate(scores, flags, DELTA)
+        assert math.isnan(estimate.epsilon) and math.isnan(estimate.mu)
+        assert audit_scores(scores, flags, DELTA, 0.95, "threshold").epsilon_lower >= 0.0
+    assert audit_scores(scores[:4] + scores[5:], [True, True, False, False, True, True, True], DELTA, 0.95,
+                        "gaussian").mu_lower is not None  # fmt: skip
 
 
 def test_a_perfect_separation_is_scored_on_both_ends_and_its_reverse_gives_nothing():
